@@ -1,0 +1,11 @@
+//! lockhub: a home-hub gateway for Bluetooth LE smart locks.
+//!
+//! The crate holds the gateway and everything an integration run needs beside it. See
+//! `ARCHITECTURE.md` for the bird's-eye view and the code map.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod firmware;
+pub mod memlink;
+pub mod protocol;
