@@ -7,5 +7,6 @@
 #![warn(missing_docs)]
 
 pub mod firmware;
+pub mod fuzz_harness;
 pub mod memlink;
 pub mod protocol;

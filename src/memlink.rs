@@ -186,7 +186,7 @@ impl MemoryLink {
 
     /// Lets `ms` of virtual time pass, delivering whatever happens meanwhile.
     pub fn advance(&mut self, ms: u64) -> Result<(), LinkError> {
-        let end = self.now_ms + ms;
+        let end = self.now_ms.saturating_add(ms);
         loop {
             self.exchange(&mut |_| false)?;
             match self.next_deadline() {

@@ -575,3 +575,31 @@ fn requests_naming_the_keypad_are_refused() {
         Err(LockError::BadActor)
     );
 }
+
+#[test]
+fn the_same_seeds_and_inputs_give_the_same_bytes() {
+    let run = || {
+        let (mut link, _code) = link(23, 250);
+        let seen = recorder(&mut link);
+        link.connect().unwrap();
+        let code = link.firmware().persistent().identity.setup_code.clone();
+        let key = link.pair(&code).unwrap();
+        link.open_session(&key).unwrap();
+        link.call(ALICE, Op::Unlock).unwrap();
+        link.call(Actor::Hub, Op::ReadEvents { after: 0, max: 16 }).unwrap();
+        let bytes = seen.lock().unwrap().clone();
+        (bytes, link.now_ms())
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn extreme_clock_values_do_not_break_the_lock() {
+    let (mut link, _key) = paired(247, 10);
+    let r = link.call(Actor::Hub, Op::SetTime { unix_secs: u64::MAX }).unwrap();
+    assert_eq!(r.result, Ok(Reply::ClockSet));
+    link.advance(5_000).unwrap();
+    let r = link.call(ALICE, Op::Unlock).unwrap();
+    assert!(r.result.is_ok());
+    assert_eq!(link.firmware().status(link.now_ms()).clock, Some(u64::MAX));
+}

@@ -318,7 +318,8 @@ impl Firmware {
     }
 
     fn clock_now(&self, now_ms: u64) -> Option<u64> {
-        self.clock.map(|(unix, at)| unix + now_ms.saturating_sub(at) / 1000)
+        self.clock
+            .map(|(unix, at)| unix.saturating_add(now_ms.saturating_sub(at) / 1000))
     }
 
     fn rng(&mut self) -> &mut (dyn CryptoRngCore + Send) {
@@ -434,7 +435,7 @@ impl Firmware {
                 self.record(Event::KeypadRejected, None, now_ms);
                 if self.keypad_failures >= KEYPAD_MAX_FAILURES {
                     self.keypad_failures = 0;
-                    self.keypad_locked_until = Some(now_ms + KEYPAD_LOCKOUT_MS);
+                    self.keypad_locked_until = Some(now_ms.saturating_add(KEYPAD_LOCKOUT_MS));
                     self.record(Event::KeypadLockout, None, now_ms);
                 }
                 false
@@ -742,7 +743,7 @@ impl Firmware {
             from: self.state.bolt,
             target,
             unlatch,
-            done_at: now_ms + self.state.mechanics.motor_ms,
+            done_at: now_ms.saturating_add(self.state.mechanics.motor_ms),
             cause,
             actor,
             request,
@@ -802,7 +803,7 @@ impl Firmware {
     }
 
     fn arm_auto_lock(&mut self, now_ms: u64) {
-        self.auto_lock_at = self.state.mechanics.auto_lock_ms.map(|ms| now_ms + ms);
+        self.auto_lock_at = self.state.mechanics.auto_lock_ms.map(|ms| now_ms.saturating_add(ms));
     }
 
     fn report_battery(&mut self, before: u16, now_ms: u64) {
@@ -863,7 +864,9 @@ impl Firmware {
 
     fn queue_output(&mut self, output: Output, now_ms: u64) {
         // Delayed outputs keep their order: nothing overtakes what was queued before it.
-        let at = (now_ms + self.faults.response_delay_ms).max(self.outbox.back().map_or(0, |(at, _)| *at));
+        let at = now_ms
+            .saturating_add(self.faults.response_delay_ms)
+            .max(self.outbox.back().map_or(0, |(at, _)| *at));
         self.outbox.push_back((at, output));
     }
 
