@@ -5,6 +5,27 @@
 //! are waiting. That makes protocol tests deterministic and benchmarks measure the protocol
 //! alone. A [`Tap`] sees (and may drop, repeat, reorder or alter) every fragment in flight,
 //! which is how tests play the attacker on the radio.
+//!
+//! ```
+//! use lockhub::firmware::{Firmware, Mechanics, PersistentState};
+//! use lockhub::memlink::MemoryLink;
+//! use lockhub::protocol::gatt::Capabilities;
+//! use lockhub::protocol::ids::{GatewayId, LockId};
+//! use lockhub::protocol::message::{Actor, LockState, Op, Reply};
+//! use rand_core::OsRng;
+//!
+//! // A lock fresh from the factory; its setup code is printed inside the battery cover.
+//! let lock = PersistentState::factory_new(LockId([1; 8]), Capabilities::default(), Mechanics::default(), &mut OsRng);
+//! let code = lock.identity.setup_code.clone();
+//! let mut link = MemoryLink::new(Firmware::boot(lock, Box::new(OsRng)), GatewayId::new("hub")?, 23, Box::new(OsRng));
+//!
+//! link.connect()?;
+//! let key = link.pair(&code)?; // the gateway seals this away
+//! link.open_session(&key)?;
+//! let response = link.call(Actor::Hub, Op::Unlock)?;
+//! assert!(matches!(response.result, Ok(Reply::Done(status)) if status.state == LockState::Unlocked));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use rand_core::CryptoRngCore;
 use thiserror::Error;
