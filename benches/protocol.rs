@@ -111,7 +111,7 @@ fn bench_pieces(c: &mut Criterion) {
         let mut r = Reassembler::default();
         b.iter(|| {
             let mut out = None;
-            for f in fragment(&frame, 23).unwrap() {
+            for f in fragment(&frame, 20).unwrap() {
                 out = r.push(&f, 0).unwrap();
             }
             out.unwrap()

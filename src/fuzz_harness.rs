@@ -124,7 +124,7 @@ pub fn firmware_requests(data: &[u8]) {
     let mut fw = fuzz_firmware(true);
     fw.connect(247, 0);
     let gw_nonce = [9u8; 16];
-    for f in fragment::fragment(&Frame::Hello { nonce: gw_nonce }.encode(), 247).expect("hello fits") {
+    for f in fragment::fragment(&Frame::Hello { nonce: gw_nonce }.encode(), 244).expect("hello fits") {
         fw.write(&f, 0);
     }
     let mut reply = Reassembler::default();
@@ -140,7 +140,7 @@ pub fn firmware_requests(data: &[u8]) {
     for (i, plaintext) in chunks(data).enumerate() {
         let now = i as u64 * 40;
         let Ok(sealed) = channel.seal(plaintext) else { return };
-        for f in fragment::fragment(&sealed, 247).expect("sealed chunk fits a frame") {
+        for f in fragment::fragment(&sealed, 244).expect("sealed chunk fits a frame") {
             fw.write(&f, now);
         }
         fw.on_timeout(now);
@@ -157,7 +157,7 @@ pub fn firmware_requests(data: &[u8]) {
 pub fn hub_radio(data: &[u8]) {
     let mut rng = ChaCha20Rng::seed_from_u64(3);
     for pairing in [true, false] {
-        let Ok(mut hub) = HubConnection::new(gateway(), LOCK, 23) else {
+        let Ok(mut hub) = HubConnection::new(gateway(), LOCK, 20) else {
             return;
         };
         let started = if pairing {

@@ -149,10 +149,11 @@ impl MemoryLink {
 
     /// Connects (a fresh BLE connection: new protocol state on both sides).
     pub fn connect(&mut self) -> Result<(), LinkError> {
+        let max_fragment = crate::protocol::fragment::max_fragment_len(self.mtu).map_err(ProtocolError::from)?;
         self.conn = Some(HubConnection::new(
             self.gateway_id.clone(),
             self.firmware.lock_id(),
-            self.mtu,
+            max_fragment,
         )?);
         self.firmware.connect(self.mtu, self.now_ms);
         Ok(())

@@ -284,7 +284,7 @@ fn plaintext_after_pairing_ends_the_session() {
     lock_refuses_on(link, move |dir, f| match dir {
         Direction::ToLock if !sent => {
             sent = true;
-            lockhub::protocol::fragment::fragment(&plain, 23).unwrap()
+            lockhub::protocol::fragment::fragment(&plain, 20).unwrap()
         }
         Direction::ToLock => vec![],
         Direction::ToGateway => vec![f],

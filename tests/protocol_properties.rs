@@ -2,7 +2,7 @@
 //! panics, whatever it is fed.
 
 use lockhub::firmware::{Firmware, Mechanics, PersistentState};
-use lockhub::protocol::fragment::{MAX_FRAME_LEN, MAX_MTU, MIN_MTU, Reassembler, fragment};
+use lockhub::protocol::fragment::{MAX_FRAME_LEN, MAX_MTU, MIN_MTU, Reassembler, fragment, max_fragment_len};
 use lockhub::protocol::frame::Frame;
 use lockhub::protocol::gatt::{Capabilities, LockInfo, ManufacturerData};
 use lockhub::protocol::hub::HubConnection;
@@ -19,12 +19,28 @@ proptest! {
 
     #[test]
     fn fragmentation_round_trips_at_every_mtu(mtu in MIN_MTU..=MAX_MTU, frame in prop::collection::vec(any::<u8>(), 1..=MAX_FRAME_LEN)) {
-        let frags = fragment(&frame, mtu).unwrap();
+        let frags = fragment(&frame, max_fragment_len(mtu).unwrap()).unwrap();
         let mut r = Reassembler::default();
         let mut out = None;
         for (i, f) in frags.iter().enumerate() {
             prop_assert!(f.len() <= usize::from(mtu) - 3);
             prop_assert!(out.is_none(), "completed before fragment {}", i);
+            out = r.push(f, 0).unwrap();
+        }
+        prop_assert_eq!(out.unwrap(), frame);
+    }
+
+    #[test]
+    fn fragmentation_round_trips_at_every_fragment_size(
+        max in lockhub::protocol::fragment::MIN_FRAGMENT_LEN..=lockhub::protocol::fragment::MAX_FRAGMENT_LEN,
+        frame in prop::collection::vec(any::<u8>(), 1..=MAX_FRAME_LEN),
+    ) {
+        let frags = fragment(&frame, max).unwrap();
+        prop_assert!(frags.len() <= 64);
+        let mut r = Reassembler::default();
+        let mut out = None;
+        for f in &frags {
+            prop_assert!(f.len() <= max);
             out = r.push(f, 0).unwrap();
         }
         prop_assert_eq!(out.unwrap(), frame);
@@ -67,7 +83,7 @@ proptest! {
         let state = PersistentState::factory_new(LockId([7; 8]), Capabilities::default(), Mechanics::default(), &mut rng);
         let mut fw = Firmware::boot(state, Box::new(rng));
         fw.connect(23, 0);
-        let mut hub = HubConnection::new(GatewayId::new("gw").unwrap(), LockId([7; 8]), 23).unwrap();
+        let mut hub = HubConnection::new(GatewayId::new("gw").unwrap(), LockId([7; 8]), 20).unwrap();
         for (i, f) in frags.iter().enumerate() {
             fw.write(f, i as u64);
             while fw.poll_output(u64::MAX).is_some() {}

@@ -119,7 +119,7 @@ fn vectors() -> Vec<(String, String)> {
     );
     out.push(("unlock_request_sealed", hex(&sealed)));
     let mut out: Vec<(String, String)> = out.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    for (i, f) in fragment(&sealed, 23).unwrap().into_iter().enumerate() {
+    for (i, f) in fragment(&sealed, 20).unwrap().into_iter().enumerate() {
         out.push((format!("mtu23_fragment_{i}"), hex(f)));
     }
     out

@@ -176,7 +176,7 @@ enum Phase {
 }
 
 struct Link {
-    mtu: u16,
+    max_fragment: usize,
     reassembler: Reassembler,
     phase: Phase,
 }
@@ -336,7 +336,7 @@ impl Firmware {
         self.outbox.clear();
         let mtu = mtu.clamp(fragment::MIN_MTU, fragment::MAX_MTU);
         self.link = Some(Link {
-            mtu,
+            max_fragment: usize::from(mtu) - 3,
             reassembler: Reassembler::default(),
             phase: Phase::Idle,
         });
@@ -854,7 +854,7 @@ impl Firmware {
 
     fn send_bytes(&mut self, frame: &[u8], now_ms: u64) {
         let Some(link) = self.link.as_ref() else { return };
-        match fragment::fragment(frame, link.mtu) {
+        match fragment::fragment(frame, link.max_fragment) {
             Ok(frags) => frags
                 .into_iter()
                 .for_each(|f| self.queue_output(Output::Notify(f), now_ms)),

@@ -1,7 +1,8 @@
 //! Fragmentation and reassembly of LHP/1 frames over ATT writes and notifications.
 //!
 //! A frame is at most [`MAX_FRAME_LEN`] bytes; one ATT write or notification carries at most
-//! `MTU - 3` bytes. Every fragment starts with one header byte:
+//! `MTU - 3` bytes ([`max_fragment_len`]), or less where the stack says so (bluer's
+//! `AcquireWrite` writer allows `MTU - 5`). Every fragment starts with one header byte:
 //!
 //! ```text
 //! bit 7  FIRST   set on the first fragment of a frame, which then carries the frame length
@@ -23,6 +24,11 @@ pub const MAX_FRAME_LEN: usize = 1024;
 pub const MIN_MTU: u16 = 23;
 /// Largest ATT MTU BlueZ negotiates.
 pub const MAX_MTU: u16 = 517;
+/// Smallest fragment size accepted for sending: `MIN_MTU - 5`, what bluer's write socket
+/// allows at the smallest MTU. A maximal frame still fits in 64 fragments at this size.
+pub const MIN_FRAGMENT_LEN: usize = MIN_MTU as usize - 5;
+/// Largest fragment: one notification at the largest MTU.
+pub const MAX_FRAGMENT_LEN: usize = MAX_MTU as usize - 3;
 /// A partial frame older than this is dropped with [`FragmentError::Timeout`].
 pub const REASSEMBLY_TIMEOUT_MS: u64 = 3_000;
 
@@ -80,12 +86,23 @@ pub enum FragmentError {
     /// The ATT MTU is outside 23..=517.
     #[error("ATT MTU {0} outside {MIN_MTU}..={MAX_MTU}")]
     BadMtu(u16),
+    /// The fragment size is outside the range LHP/1 supports.
+    #[error("fragment size {0} outside {MIN_FRAGMENT_LEN}..={MAX_FRAGMENT_LEN}")]
+    BadFragmentLen(usize),
 }
 
-/// Cuts `frame` into fragments for an ATT MTU of `mtu`.
-pub fn fragment(frame: &[u8], mtu: u16) -> Result<Vec<Vec<u8>>, FragmentError> {
+/// The largest fragment one write or notification carries at ATT MTU `mtu`: `mtu - 3`.
+pub fn max_fragment_len(mtu: u16) -> Result<usize, FragmentError> {
     if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
         return Err(FragmentError::BadMtu(mtu));
+    }
+    Ok(usize::from(mtu) - 3)
+}
+
+/// Cuts `frame` into fragments of at most `max_len` bytes (see [`max_fragment_len`]).
+pub fn fragment(frame: &[u8], max_len: usize) -> Result<Vec<Vec<u8>>, FragmentError> {
+    if !(MIN_FRAGMENT_LEN..=MAX_FRAGMENT_LEN).contains(&max_len) {
+        return Err(FragmentError::BadFragmentLen(max_len));
     }
     if frame.is_empty() {
         return Err(FragmentError::Empty);
@@ -96,7 +113,7 @@ pub fn fragment(frame: &[u8], mtu: u16) -> Result<Vec<Vec<u8>>, FragmentError> {
             max: MAX_FRAME_LEN,
         });
     }
-    let payload = usize::from(mtu) - 3;
+    let payload = max_len;
     let mut out = Vec::with_capacity(frame.len() / (payload - 1) + 1);
     let first_take = frame.len().min(payload - 3);
     let mut first = Vec::with_capacity(first_take + 3);
@@ -115,7 +132,7 @@ pub fn fragment(frame: &[u8], mtu: u16) -> Result<Vec<Vec<u8>>, FragmentError> {
         rest = &rest[take..];
         index += 1;
     }
-    // MAX_FRAME_LEN fits in MAX_FRAGMENTS fragments even at the smallest MTU.
+    // MAX_FRAME_LEN fits in MAX_FRAGMENTS fragments even at the smallest fragment size.
     debug_assert!(out.len() <= MAX_FRAGMENTS);
     if let Some(last) = out.last_mut() {
         last[0] |= LAST;
@@ -295,11 +312,11 @@ mod tests {
 
     #[test]
     fn round_trip_at_smallest_and_largest_mtu() {
-        for mtu in [MIN_MTU, 247, MAX_MTU] {
+        for max in [MIN_FRAGMENT_LEN, 20, 244, MAX_FRAGMENT_LEN] {
             for len in [1, 17, 18, 19, 100, MAX_FRAME_LEN] {
                 let f = frame(len);
-                let frags = fragment(&f, mtu).unwrap();
-                assert!(frags.iter().all(|x| x.len() <= usize::from(mtu) - 3));
+                let frags = fragment(&f, max).unwrap();
+                assert!(frags.iter().all(|x| x.len() <= max));
                 assert_eq!(reassemble(&frags).unwrap(), f);
             }
         }
@@ -308,7 +325,7 @@ mod tests {
     #[test]
     fn refuses_oversize_frames() {
         assert_eq!(
-            fragment(&frame(MAX_FRAME_LEN + 1), 23),
+            fragment(&frame(MAX_FRAME_LEN + 1), 20),
             Err(FragmentError::Oversize {
                 len: MAX_FRAME_LEN + 1,
                 max: MAX_FRAME_LEN
@@ -323,7 +340,7 @@ mod tests {
 
     #[test]
     fn typed_errors_for_order_duplicates_and_truncation() {
-        let frags = fragment(&frame(60), 23).unwrap();
+        let frags = fragment(&frame(60), 20).unwrap();
         assert_eq!(frags.len(), 4);
         let mut r = Reassembler::default();
         r.push(&frags[0], 0).unwrap();
@@ -356,7 +373,7 @@ mod tests {
 
     #[test]
     fn partial_frames_time_out_and_the_next_frame_still_works() {
-        let frags = fragment(&frame(60), 23).unwrap();
+        let frags = fragment(&frame(60), 20).unwrap();
         let mut r = Reassembler::new(100);
         r.push(&frags[0], 1_000).unwrap();
         assert_eq!(r.deadline(), Some(1_100));

@@ -113,7 +113,7 @@ impl State {
 pub struct HubConnection {
     gateway_id: GatewayId,
     lock_id: LockId,
-    mtu: u16,
+    max_fragment: usize,
     state: State,
     reassembler: Reassembler,
     transmit: VecDeque<Vec<u8>>,
@@ -124,22 +124,23 @@ impl std::fmt::Debug for HubConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubConnection")
             .field("lock_id", &self.lock_id)
-            .field("mtu", &self.mtu)
+            .field("max_fragment", &self.max_fragment)
             .field("state", &self.state.name())
             .finish_non_exhaustive()
     }
 }
 
 impl HubConnection {
-    /// A fresh connection at the given ATT MTU (as BlueZ reports it).
-    pub fn new(gateway_id: GatewayId, lock_id: LockId, mtu: u16) -> Result<Self, ProtocolError> {
-        if !(fragment::MIN_MTU..=fragment::MAX_MTU).contains(&mtu) {
-            return Err(FragmentError::BadMtu(mtu).into());
+    /// A fresh connection whose writes carry at most `max_fragment` bytes (ATT MTU − 3 on a
+    /// plain link, see [`fragment::max_fragment_len`]; less if the stack says so).
+    pub fn new(gateway_id: GatewayId, lock_id: LockId, max_fragment: usize) -> Result<Self, ProtocolError> {
+        if !(fragment::MIN_FRAGMENT_LEN..=fragment::MAX_FRAGMENT_LEN).contains(&max_fragment) {
+            return Err(FragmentError::BadFragmentLen(max_fragment).into());
         }
         Ok(HubConnection {
             gateway_id,
             lock_id,
-            mtu,
+            max_fragment,
             state: State::Idle,
             reassembler: Reassembler::default(),
             transmit: VecDeque::new(),
@@ -297,7 +298,7 @@ impl HubConnection {
     }
 
     fn queue(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
-        let frags = fragment::fragment(frame, self.mtu);
+        let frags = fragment::fragment(frame, self.max_fragment);
         let frags = self.fail_on_err(frags.map_err(ProtocolError::from))?;
         self.transmit.extend(frags);
         Ok(())
