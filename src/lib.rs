@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ble;
 pub mod firmware;
 pub mod fuzz_harness;
 pub mod memlink;

@@ -11,8 +11,11 @@
 //! does, sends whatever [`Firmware::poll_output`] yields, and calls [`Firmware::on_timeout`]
 //! at [`Firmware::deadline`]. [`Faults`] makes the firmware misbehave on purpose.
 
+pub mod bluez;
 mod event_log;
+pub mod host;
 mod passcodes;
+pub mod peripheral;
 
 pub use event_log::{EventLog, LOG_CAPACITY};
 pub use passcodes::PasscodeTable;
@@ -148,6 +151,7 @@ impl PersistentState {
 
 /// Misbehaviour on demand, for fault-injection tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Faults {
     /// Drop the link on receiving the n-th complete frame from now (1: the next one), before
     /// acting on it.
@@ -255,6 +259,11 @@ impl Firmware {
     /// The lock's id.
     pub fn lock_id(&self) -> LockId {
         self.state.identity.lock_id
+    }
+
+    /// The fault knobs' current settings.
+    pub fn faults(&self) -> Faults {
+        self.faults
     }
 
     /// The fault knobs.

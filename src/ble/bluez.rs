@@ -1,0 +1,308 @@
+//! The BLE transport over BlueZ, through bluer.
+//!
+//! Everything the gateway does on the radio goes through here: adapter choice, LE discovery
+//! filtered by the LHP/1 service, connection, service resolution, the characteristics found
+//! by UUID, `AcquireWrite` / `AcquireNotify` sockets, and disconnect detection. bluer's own
+//! waits are long (120 s for service resolution), so every step here has its own bound.
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::time::Duration;
+
+use bluer::gatt::remote::Characteristic;
+use bluer::gatt::{CharacteristicReader, CharacteristicWriter};
+use bluer::{
+    Adapter, AdapterEvent, Address, DeviceEvent, DeviceProperty, DiscoveryFilter, DiscoveryTransport, ErrorKind,
+};
+use futures::{Stream, StreamExt};
+
+use super::{Advertisement, BleError, LockLink, LockTransport};
+use crate::protocol::fragment::{MAX_FRAGMENT_LEN, MIN_FRAGMENT_LEN};
+use crate::protocol::gatt::{COMPANY_ID, INFO_CHAR_UUID, LockInfo, NOTIFY_CHAR_UUID, SERVICE_UUID, WRITE_CHAR_UUID};
+
+/// Bound on GATT service resolution after connecting.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn bus_error(e: bluer::Error) -> BleError {
+    match e.kind {
+        ErrorKind::NotReady => BleError::AdapterOff(e.message),
+        _ => BleError::Bus(e.to_string()),
+    }
+}
+
+/// BlueZ through bluer.
+pub struct BluezTransport {
+    _session: bluer::Session,
+    adapter: Adapter,
+}
+
+impl std::fmt::Debug for BluezTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BluezTransport")
+            .field("adapter", &self.adapter.name())
+            .finish()
+    }
+}
+
+impl BluezTransport {
+    /// Connects to BlueZ on the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set) and picks the
+    /// adapter: the named one, or the first powered one.
+    pub async fn open(adapter: Option<&str>) -> Result<Self, BleError> {
+        let session = bluer::Session::new()
+            .await
+            .map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
+        let names = session.adapter_names().await.map_err(bus_error)?;
+        let adapter = match adapter {
+            Some(name) => {
+                if !names.iter().any(|n| n == name) {
+                    return Err(BleError::NoAdapter(format!(
+                        " named {name} (found: {})",
+                        names.join(", ")
+                    )));
+                }
+                let a = session.adapter(name).map_err(bus_error)?;
+                if !a.is_powered().await.map_err(bus_error)? {
+                    return Err(BleError::AdapterOff(name.to_owned()));
+                }
+                a
+            }
+            None => {
+                let mut chosen = None;
+                for name in &names {
+                    let a = session.adapter(name).map_err(bus_error)?;
+                    if a.is_powered().await.map_err(bus_error)? {
+                        chosen = Some(a);
+                        break;
+                    }
+                }
+                match chosen {
+                    Some(a) => a,
+                    None if names.is_empty() => return Err(BleError::NoAdapter(String::new())),
+                    None => return Err(BleError::AdapterOff(names.join(", "))),
+                }
+            }
+        };
+        Ok(BluezTransport {
+            _session: session,
+            adapter,
+        })
+    }
+
+    /// The adapter in use.
+    pub fn adapter_name(&self) -> &str {
+        self.adapter.name()
+    }
+
+    /// Starts LE discovery filtered by the LHP/1 service and yields every advertisement as it
+    /// is seen (a lock appears again whenever its RSSI or flags change). Discovery stops when
+    /// the stream is dropped.
+    pub async fn discover(&self) -> Result<impl Stream<Item = Advertisement> + Send + '_, BleError> {
+        let filter = DiscoveryFilter {
+            uuids: HashSet::from([bluer::Uuid::from_u128(SERVICE_UUID)]),
+            transport: DiscoveryTransport::Le,
+            duplicate_data: true,
+            ..DiscoveryFilter::default()
+        };
+        match self.adapter.set_discovery_filter(filter).await {
+            // Another discovery of this process runs, under this same filter: join it.
+            Err(e) if e.kind == ErrorKind::DiscoveryActive => {}
+            r => r.map_err(bus_error)?,
+        }
+        let events = self.adapter.discover_devices_with_changes().await.map_err(bus_error)?;
+        Ok(events.filter_map(move |ev| async move {
+            match ev {
+                AdapterEvent::DeviceAdded(address) => self.advertisement(address).await,
+                _ => None,
+            }
+        }))
+    }
+
+    async fn advertisement(&self, address: Address) -> Option<Advertisement> {
+        let device = self.adapter.device(address).ok()?;
+        let rssi = device.rssi().await.ok()??;
+        let data = device.manufacturer_data().await.ok()??;
+        let payload = data.get(&COMPANY_ID).or_else(|| data.values().next())?;
+        Advertisement::from_scan(address.to_string(), rssi, payload)
+    }
+
+    async fn find_characteristics(&self, device: &bluer::Device) -> Result<[Characteristic; 3], BleError> {
+        let services = tokio::time::timeout(RESOLVE_TIMEOUT, device.services())
+            .await
+            .map_err(|_| BleError::Timeout {
+                during: "resolving GATT services",
+                after: RESOLVE_TIMEOUT,
+            })?
+            .map_err(|e| match e.kind {
+                ErrorKind::ServicesUnresolved => BleError::LinkLost,
+                _ => bus_error(e),
+            })?;
+        let service_uuid = bluer::Uuid::from_u128(SERVICE_UUID);
+        let mut service = None;
+        for s in services {
+            if s.uuid().await.map_err(bus_error)? == service_uuid {
+                service = Some(s);
+                break;
+            }
+        }
+        let service = service.ok_or_else(|| BleError::NotALock("no LHP/1 service".into()))?;
+        let mut found: [Option<Characteristic>; 3] = [None, None, None];
+        for c in service.characteristics().await.map_err(bus_error)? {
+            let uuid = c.uuid().await.map_err(bus_error)?.as_u128();
+            let slot = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID]
+                .iter()
+                .position(|u| *u == uuid);
+            if let Some(i) = slot {
+                found[i] = Some(c);
+            }
+        }
+        match found {
+            [Some(w), Some(n), Some(i)] => Ok([w, n, i]),
+            _ => Err(BleError::NotALock("LHP/1 service lacks a characteristic".into())),
+        }
+    }
+}
+
+impl LockTransport for BluezTransport {
+    type Link = BluezLink;
+
+    async fn scan(&self, duration: Duration) -> Result<Vec<Advertisement>, BleError> {
+        let mut seen = BTreeMap::new();
+        let events = self.discover().await?;
+        let mut events = std::pin::pin!(events);
+        let until = tokio::time::Instant::now() + duration;
+        while let Ok(Some(ad)) = tokio::time::timeout_at(until, events.next()).await {
+            seen.insert(ad.address.clone(), ad);
+        }
+        let mut found: Vec<Advertisement> = seen.into_values().collect();
+        found.sort_by(|a, b| b.rssi.cmp(&a.rssi).then_with(|| a.address.cmp(&b.address)));
+        Ok(found)
+    }
+
+    async fn connect(&self, address: &str) -> Result<BluezLink, BleError> {
+        let addr: Address = address
+            .parse()
+            .map_err(|_| BleError::NotFound(format!("{address} (not an address)")))?;
+        let device = self.adapter.device(addr).map_err(bus_error)?;
+        match device.connect().await {
+            Ok(()) => {}
+            Err(e) => {
+                return Err(match e.kind {
+                    ErrorKind::NotFound | ErrorKind::DoesNotExist => BleError::NotFound(address.to_owned()),
+                    ErrorKind::NotReady => BleError::AdapterOff(self.adapter.name().to_owned()),
+                    ErrorKind::Failed | ErrorKind::ConnectionAttemptFailed | ErrorKind::NotAvailable => {
+                        BleError::Unreachable {
+                            address: address.to_owned(),
+                            detail: e.message,
+                        }
+                    }
+                    _ => bus_error(e),
+                });
+            }
+        }
+        let ready = async {
+            // Subscribe after the connection is up (an earlier subscription can still receive
+            // the previous connection's `Connected: false`), then check it is still up.
+            let events = device.events().await.map_err(bus_error)?;
+            if !device.is_connected().await.map_err(bus_error)? {
+                return Err(BleError::LinkLost);
+            }
+            let [write, notify, info] = self.find_characteristics(&device).await?;
+            let info = LockInfo::parse(&info.read().await.map_err(bus_error)?)
+                .map_err(|e| BleError::NotALock(format!("info record: {e}")))?;
+            // bluer reports both sizes already reduced to what one write may carry.
+            let char_mtu = write.mtu().await.map_err(bus_error)?;
+            let writer = write.write_io().await.map_err(bus_error)?;
+            let reader = notify.notify_io().await.map_err(bus_error)?;
+            let max_fragment = writer.mtu().min(char_mtu);
+            if max_fragment < MIN_FRAGMENT_LEN {
+                return Err(BleError::NotALock(format!(
+                    "write size {max_fragment} below {MIN_FRAGMENT_LEN}"
+                )));
+            }
+            Ok((events, info, writer, reader, max_fragment.min(MAX_FRAGMENT_LEN)))
+        };
+        match ready.await {
+            Ok((events, info, writer, reader, max_fragment)) => Ok(BluezLink {
+                device,
+                writer,
+                reader,
+                events: Box::pin(events),
+                max_fragment,
+                info,
+            }),
+            Err(e) => {
+                let _ = device.disconnect().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One BlueZ connection to a lock.
+pub struct BluezLink {
+    device: bluer::Device,
+    writer: CharacteristicWriter,
+    reader: CharacteristicReader,
+    events: Pin<Box<dyn Stream<Item = DeviceEvent> + Send>>,
+    max_fragment: usize,
+    info: LockInfo,
+}
+
+impl std::fmt::Debug for BluezLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BluezLink")
+            .field("device", &self.device.address())
+            .field("max_fragment", &self.max_fragment)
+            .finish()
+    }
+}
+
+impl BluezLink {
+    /// The lock's info record, read on connect.
+    pub fn info(&self) -> &LockInfo {
+        &self.info
+    }
+}
+
+impl LockLink for BluezLink {
+    fn max_fragment(&self) -> usize {
+        self.max_fragment
+    }
+
+    async fn write(&mut self, fragment: &[u8]) -> Result<(), BleError> {
+        self.writer.send(fragment).await.map_err(|_| BleError::LinkLost)
+    }
+
+    async fn recv(&mut self) -> Result<Vec<u8>, BleError> {
+        loop {
+            tokio::select! {
+                r = self.reader.recv() => {
+                    return match r {
+                        // A closed notification socket reads as an empty datagram.
+                        Ok(v) if !v.is_empty() => Ok(v),
+                        _ => Err(BleError::LinkLost),
+                    };
+                }
+                ev = self.events.next() => match ev {
+                    None | Some(DeviceEvent::PropertyChanged(DeviceProperty::Connected(false))) => {
+                        return Err(BleError::LinkLost);
+                    }
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+
+    async fn close(self) {
+        let BluezLink {
+            device,
+            writer,
+            reader,
+            events,
+            ..
+        } = self;
+        drop((writer, reader, events));
+        // Disconnecting an already-gone device fails harmlessly.
+        let _ = device.disconnect().await;
+    }
+}

@@ -1,0 +1,210 @@
+//! The gateway's transport to locks over Bluetooth LE.
+//!
+//! [`LockTransport`] finds locks and connects to them; a [`LockLink`] carries raw LHP/1
+//! fragments over one connection. [`bluez::BluezTransport`] implements both over BlueZ with
+//! bluer. Above the transport, [`session::LockSession`] runs the protocol over one link, and
+//! [`client::LockClient`] keeps one lock's session: it connects on demand within the
+//! [`budget::ConnectionBudget`], retries what is worth retrying, bounds every wait and drops
+//! the link when idle.
+
+pub mod bluez;
+pub mod budget;
+pub mod client;
+pub mod session;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::protocol::gatt::ManufacturerData;
+use crate::protocol::hub::ProtocolError;
+use crate::protocol::ids::LockId;
+
+/// A lock seen in a scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Advertisement {
+    /// Its Bluetooth address, `AA:BB:CC:DD:EE:FF`.
+    pub address: String,
+    /// Its lock id.
+    pub lock_id: LockId,
+    /// Signal strength, dBm.
+    pub rssi: i16,
+    /// Whether it accepts pairing now.
+    pub pairing_mode: bool,
+    /// Whether it has logged events the gateway has not read.
+    pub new_events: bool,
+}
+
+impl Advertisement {
+    /// Builds an advertisement from what a scan reports; `None` unless the manufacturer data
+    /// is an LHP/1 record.
+    pub fn from_scan(address: String, rssi: i16, manufacturer_data: &[u8]) -> Option<Self> {
+        let m = ManufacturerData::parse(manufacturer_data).ok()?;
+        Some(Advertisement {
+            address,
+            lock_id: m.lock_id,
+            rssi,
+            pairing_mode: m.pairing_mode,
+            new_events: m.new_events,
+        })
+    }
+}
+
+/// Why talking to a lock failed. [`BleError::code`] is the stable name used in replies,
+/// audit records and logs.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BleError {
+    /// The adapter is powered off (or blocked).
+    #[error("Bluetooth adapter {0} is powered off: power it on (`bluetoothctl power on`) and check `rfkill list`")]
+    AdapterOff(String),
+    /// No adapter at all, or not the one configured.
+    #[error("no Bluetooth adapter{0}: check that BlueZ runs (`systemctl status bluetooth`) and the adapter is present")]
+    NoAdapter(String),
+    /// BlueZ does not know the lock: it has not been seen in a scan.
+    #[error("lock at {0} not found: it has not been seen in a scan (is it in range, with batteries?)")]
+    NotFound(String),
+    /// The lock did not answer a connection attempt.
+    #[error("lock at {address} unreachable: {detail}")]
+    Unreachable {
+        /// The lock's address.
+        address: String,
+        /// What the last attempt reported.
+        detail: String,
+    },
+    /// A bounded wait ran out.
+    #[error("timed out after {after:?} while {during}")]
+    Timeout {
+        /// What was being waited for.
+        during: &'static str,
+        /// The bound.
+        after: Duration,
+    },
+    /// The connection dropped.
+    #[error("the link to the lock was lost")]
+    LinkLost,
+    /// The lock broke the protocol, or refused it.
+    #[error("lock protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The lock is not what it should be (wrong service, wrong id, wrong version).
+    #[error("not an LHP/1 lock: {0}")]
+    NotALock(String),
+    /// BlueZ or D-Bus failed in a way the others do not cover.
+    #[error("BlueZ: {0}")]
+    Bus(String),
+}
+
+impl BleError {
+    /// The stable, machine-readable name of the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BleError::AdapterOff(_) | BleError::NoAdapter(_) => "adapter_off",
+            BleError::NotFound(_) => "not_found",
+            BleError::Unreachable { .. } => "unreachable",
+            BleError::Timeout { .. } => "timeout",
+            BleError::LinkLost => "link_lost",
+            BleError::Protocol(_) | BleError::NotALock(_) => "protocol",
+            BleError::Bus(_) => "bus",
+        }
+    }
+
+    /// Whether trying again soon may succeed (while connecting; a command is never retried
+    /// once sent, because it may have run).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            BleError::Timeout { .. } | BleError::LinkLost | BleError::Bus(_) | BleError::Unreachable { .. }
+        )
+    }
+}
+
+/// One connection to one lock, carrying raw LHP/1 fragments.
+pub trait LockLink: Send + 'static {
+    /// The largest fragment one write may carry.
+    fn max_fragment(&self) -> usize;
+    /// Writes one fragment to the lock's write characteristic.
+    fn write(&mut self, fragment: &[u8]) -> impl Future<Output = Result<(), BleError>> + Send;
+    /// The next notification fragment; [`BleError::LinkLost`] once the link is down.
+    /// Cancel-safe: dropping the future loses nothing.
+    fn recv(&mut self) -> impl Future<Output = Result<Vec<u8>, BleError>> + Send;
+    /// Disconnects.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Finds locks and connects to them.
+pub trait LockTransport: Send + Sync + 'static {
+    /// The link type.
+    type Link: LockLink;
+    /// Scans for `duration`; returns every LHP/1 lock in range, strongest first.
+    fn scan(&self, duration: Duration) -> impl Future<Output = Result<Vec<Advertisement>, BleError>> + Send;
+    /// Connects to the lock at `address` and readies its characteristics.
+    fn connect(&self, address: &str) -> impl Future<Output = Result<Self::Link, BleError>> + Send;
+}
+
+/// Transport settings, from the `[ble]` section of the configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BleConfig {
+    /// Adapter name (`hci0`); the first powered adapter when absent.
+    pub adapter: Option<String>,
+    /// Most links up at once (BLE controllers handle few; 3 is safe on a Pi).
+    pub max_links: usize,
+    /// Bound on establishing a session, retries included, in ms.
+    pub connect_timeout_ms: u64,
+    /// Bound on one command, motor time included, in ms.
+    pub command_timeout_ms: u64,
+    /// Bound on waiting for a free link slot, in ms.
+    pub slot_timeout_ms: u64,
+    /// An idle link is dropped after this many ms.
+    pub keep_alive_ms: u64,
+    /// First retry delay in ms; doubles per attempt, with jitter.
+    pub retry_backoff_ms: u64,
+    /// Connection attempts per session, at most.
+    pub connect_attempts: u32,
+}
+
+impl Default for BleConfig {
+    fn default() -> Self {
+        BleConfig {
+            adapter: None,
+            max_links: 3,
+            connect_timeout_ms: 10_000,
+            command_timeout_ms: 10_000,
+            slot_timeout_ms: 30_000,
+            keep_alive_ms: 20_000,
+            retry_backoff_ms: 200,
+            connect_attempts: 4,
+        }
+    }
+}
+
+impl BleConfig {
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    /// [`BleConfig::connect_timeout_ms`] as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Self::ms(self.connect_timeout_ms)
+    }
+
+    /// [`BleConfig::command_timeout_ms`] as a duration.
+    pub fn command_timeout(&self) -> Duration {
+        Self::ms(self.command_timeout_ms)
+    }
+
+    /// [`BleConfig::slot_timeout_ms`] as a duration.
+    pub fn slot_timeout(&self) -> Duration {
+        Self::ms(self.slot_timeout_ms)
+    }
+
+    /// [`BleConfig::keep_alive_ms`] as a duration.
+    pub fn keep_alive(&self) -> Duration {
+        Self::ms(self.keep_alive_ms)
+    }
+
+    /// [`BleConfig::retry_backoff_ms`] as a duration.
+    pub fn retry_backoff(&self) -> Duration {
+        Self::ms(self.retry_backoff_ms)
+    }
+}

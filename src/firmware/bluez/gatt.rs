@@ -1,0 +1,311 @@
+//! `org.bluez.GattService1` and `org.bluez.GattCharacteristic1` of a connected lock: the
+//! LHP/1 service with its write, notify and info characteristics, exported while connected.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use zbus::object_server::SignalEmitter;
+use zbus::{ObjectServer, OwnedFd, OwnedObjectPath, OwnedVariant, interface};
+
+use super::{BluezError, EmulatedLock, seqpacket_pair};
+use crate::protocol::gatt::{INFO_CHAR_UUID, NOTIFY_CHAR_UUID, SERVICE_UUID, WRITE_CHAR_UUID, uuid_string};
+
+/// Which characteristic an object is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Write,
+    Notify,
+    Info,
+}
+
+impl Role {
+    const ALL: [Role; 3] = [Role::Write, Role::Notify, Role::Info];
+
+    fn handle(self) -> u16 {
+        match self {
+            Role::Write => 0x000b,
+            Role::Notify => 0x000d,
+            Role::Info => 0x000f,
+        }
+    }
+
+    fn uuid(self) -> u128 {
+        match self {
+            Role::Write => WRITE_CHAR_UUID,
+            Role::Notify => NOTIFY_CHAR_UUID,
+            Role::Info => INFO_CHAR_UUID,
+        }
+    }
+}
+
+fn service_path(lock: &EmulatedLock) -> String {
+    format!("{}/service000a", lock.path.as_str())
+}
+
+fn char_path(lock: &EmulatedLock, role: Role) -> String {
+    format!("{}/char{:04x}", service_path(lock), role.handle())
+}
+
+/// Exports the service and its characteristics (on connect).
+pub(super) async fn export(server: &ObjectServer, lock: &Arc<EmulatedLock>) -> zbus::Result<()> {
+    server.at(service_path(lock), Service { lock: lock.clone() }).await?;
+    for role in Role::ALL {
+        let ch = Characteristic {
+            lock: lock.clone(),
+            role,
+            value: Mutex::new(Vec::new()),
+        };
+        server.at(char_path(lock, role), ch).await?;
+    }
+    Ok(())
+}
+
+/// Removes them again (on disconnect).
+pub(super) async fn unexport(server: &ObjectServer, lock: &Arc<EmulatedLock>) {
+    for role in Role::ALL {
+        let _ = server.remove::<Characteristic, _>(char_path(lock, role)).await;
+    }
+    let _ = server.remove::<Service, _>(service_path(lock)).await;
+}
+
+/// Sends a notification as BlueZ does for `StartNotify` subscribers: the characteristic's
+/// Value changes and `PropertiesChanged` carries it.
+pub(super) async fn notify_value(lock: &Arc<EmulatedLock>, fragment: Vec<u8>) {
+    let Some(shared) = lock.emulator.upgrade() else { return };
+    let server = shared.conn.object_server();
+    let Ok(iface) = server
+        .interface::<_, Characteristic>(char_path(lock, Role::Notify))
+        .await
+    else {
+        return;
+    };
+    let ch = iface.get().await;
+    *ch.value.lock().expect("value poisoned") = fragment;
+    let _ = ch.value_changed(iface.signal_emitter()).await;
+}
+
+/// The LHP/1 primary service.
+pub(super) struct Service {
+    lock: Arc<EmulatedLock>,
+}
+
+#[interface(name = "org.bluez.GattService1")]
+impl Service {
+    #[zbus(property, name = "UUID")]
+    fn uuid(&self) -> String {
+        uuid_string(SERVICE_UUID)
+    }
+
+    #[zbus(property)]
+    fn primary(&self) -> bool {
+        true
+    }
+
+    #[zbus(property)]
+    fn device(&self) -> OwnedObjectPath {
+        self.lock.path.clone()
+    }
+
+    #[zbus(property)]
+    fn includes(&self) -> Vec<OwnedObjectPath> {
+        Vec::new()
+    }
+
+    #[zbus(property)]
+    fn handle(&self) -> u16 {
+        0x000a
+    }
+}
+
+/// One of the three characteristics.
+pub(super) struct Characteristic {
+    lock: Arc<EmulatedLock>,
+    role: Role,
+    value: Mutex<Vec<u8>>,
+}
+
+impl Characteristic {
+    fn mtu(&self) -> u16 {
+        self.lock.spec.mtu
+    }
+
+    fn connected(&self) -> Result<(), BluezError> {
+        if self.lock.radio().connected {
+            Ok(())
+        } else {
+            Err(BluezError::NotConnected("Not Connected".into()))
+        }
+    }
+}
+
+#[interface(name = "org.bluez.GattCharacteristic1")]
+impl Characteristic {
+    async fn read_value(&self, _options: HashMap<String, OwnedVariant>) -> Result<Vec<u8>, BluezError> {
+        self.connected()?;
+        match self.role {
+            Role::Info => Ok(self.lock.host.inspect(|fw, _| fw.info().encode().to_vec())),
+            _ => Err(BluezError::NotPermitted("Read not permitted".into())),
+        }
+    }
+
+    async fn write_value(&self, value: Vec<u8>, _options: HashMap<String, OwnedVariant>) -> Result<(), BluezError> {
+        self.connected()?;
+        if self.role != Role::Write {
+            return Err(BluezError::NotPermitted("Write not permitted".into()));
+        }
+        if self.lock.radio().write_acquired {
+            return Err(BluezError::NotPermitted("Write acquired".into()));
+        }
+        if value.len() > usize::from(self.mtu()) - 3 {
+            return Err(BluezError::Failed("Invalid length".into()));
+        }
+        self.lock.host.input(|fw, now| fw.write(&value, now));
+        Ok(())
+    }
+
+    async fn acquire_write(
+        &self,
+        _options: HashMap<String, OwnedVariant>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(OwnedFd, u16), BluezError> {
+        self.connected()?;
+        if self.role != Role::Write {
+            return Err(BluezError::NotSupported("Operation is not supported".into()));
+        }
+        if std::mem::replace(&mut self.lock.radio().write_acquired, true) {
+            return Err(BluezError::NotPermitted("Write acquired".into()));
+        }
+        let (ours, theirs) = seqpacket_pair().map_err(|e| BluezError::Failed(e.to_string()))?;
+        let lock = self.lock.clone();
+        let max = usize::from(self.mtu());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; max];
+            loop {
+                match ours.recv(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => lock.host.input(|fw, now| fw.write(&buf[..n], now)),
+                }
+            }
+            lock.radio().write_acquired = false;
+        });
+        self.write_acquired_changed(&emitter).await?;
+        Ok((OwnedFd::from(theirs), self.mtu()))
+    }
+
+    async fn acquire_notify(
+        &self,
+        _options: HashMap<String, OwnedVariant>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(OwnedFd, u16), BluezError> {
+        self.connected()?;
+        if self.role != Role::Notify {
+            return Err(BluezError::NotSupported("Operation is not supported".into()));
+        }
+        let (ours, theirs) = seqpacket_pair().map_err(|e| BluezError::Failed(e.to_string()))?;
+        let ours = Arc::new(ours);
+        {
+            let mut r = self.lock.radio();
+            if r.notify_socket.is_some() || r.notify_subscribers > 0 {
+                return Err(BluezError::NotPermitted("Notify acquired".into()));
+            }
+            r.notify_socket = Some(ours.clone());
+        }
+        // The central releases the notification by closing its end.
+        let lock = self.lock.clone();
+        tokio::spawn(async move {
+            let mut probe = [0u8; 1];
+            let _ = ours.recv(&mut probe).await;
+            let mut r = lock.radio();
+            if r.notify_socket.as_ref().is_some_and(|s| Arc::ptr_eq(s, &ours)) {
+                r.notify_socket = None;
+            }
+        });
+        self.notify_acquired_changed(&emitter).await?;
+        Ok((OwnedFd::from(theirs), self.mtu()))
+    }
+
+    async fn start_notify(&self) -> Result<(), BluezError> {
+        self.connected()?;
+        if self.role != Role::Notify {
+            return Err(BluezError::NotSupported("Operation is not supported".into()));
+        }
+        let mut r = self.lock.radio();
+        if r.notify_socket.is_some() {
+            return Err(BluezError::NotPermitted("Notify acquired".into()));
+        }
+        r.notify_subscribers += 1;
+        Ok(())
+    }
+
+    async fn stop_notify(&self) -> Result<(), BluezError> {
+        let mut r = self.lock.radio();
+        if r.notify_subscribers == 0 {
+            return Err(BluezError::Failed("No notify session started".into()));
+        }
+        r.notify_subscribers -= 1;
+        Ok(())
+    }
+
+    #[zbus(property, name = "UUID")]
+    fn uuid(&self) -> String {
+        uuid_string(self.role.uuid())
+    }
+
+    #[zbus(property)]
+    fn service(&self) -> OwnedObjectPath {
+        OwnedObjectPath::try_from(service_path(&self.lock)).expect("service path is valid")
+    }
+
+    #[zbus(property)]
+    fn value(&self) -> Vec<u8> {
+        self.value.lock().expect("value poisoned").clone()
+    }
+
+    #[zbus(property)]
+    fn flags(&self) -> Vec<String> {
+        match self.role {
+            Role::Write => vec!["write-without-response".into(), "write".into()],
+            Role::Notify => vec!["notify".into()],
+            Role::Info => vec!["read".into()],
+        }
+    }
+
+    #[zbus(property, name = "MTU")]
+    fn mtu_property(&self) -> u16 {
+        self.mtu()
+    }
+
+    #[zbus(property)]
+    fn notifying(&self) -> zbus::fdo::Result<bool> {
+        match self.role {
+            Role::Notify => {
+                let r = self.lock.radio();
+                Ok(r.notify_subscribers > 0 || r.notify_socket.is_some())
+            }
+            _ => Err(zbus::fdo::Error::InvalidArgs("No such property 'Notifying'".into())),
+        }
+    }
+
+    #[zbus(property)]
+    fn write_acquired(&self) -> zbus::fdo::Result<bool> {
+        match self.role {
+            Role::Write => Ok(self.lock.radio().write_acquired),
+            _ => Err(zbus::fdo::Error::InvalidArgs("No such property 'WriteAcquired'".into())),
+        }
+    }
+
+    #[zbus(property)]
+    fn notify_acquired(&self) -> zbus::fdo::Result<bool> {
+        match self.role {
+            Role::Notify => Ok(self.lock.radio().notify_socket.is_some()),
+            _ => Err(zbus::fdo::Error::InvalidArgs(
+                "No such property 'NotifyAcquired'".into(),
+            )),
+        }
+    }
+
+    #[zbus(property)]
+    fn handle(&self) -> u16 {
+        self.role.handle()
+    }
+}

@@ -1,0 +1,110 @@
+//! The connection budget over the real D-Bus path, and the adapter switched off. In a binary
+//! of its own: it reads the emulator's global link counters and powers the adapter off.
+
+mod support;
+
+use std::sync::Arc;
+
+use lockhub::ble::bluez::BluezTransport;
+use lockhub::ble::budget::ConnectionBudget;
+use lockhub::ble::client::{LockClient, pair};
+use lockhub::ble::{BleConfig, BleError};
+use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::protocol::message::{Actor, LockState, Op, Reply, UserRef};
+use lockhub::protocol::pairing::SetupCode;
+use serde::Deserialize;
+use support::*;
+
+/// The tests of this binary share one adapter and its counters: they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Deserialize)]
+struct Counters {
+    peak_active_links: usize,
+    active_links: usize,
+}
+
+#[tokio::test]
+async fn ten_locks_commanded_at_once_stay_within_the_budget_and_all_complete() {
+    let _serial = SERIAL.lock().await;
+    let ctl = control().await;
+    let mut locks = Vec::new();
+    for _ in 0..10 {
+        locks.push(add_lock(&ctl, r#"{"motor_ms": 150}"#).await);
+    }
+    let transport = Arc::new(transport().await);
+    let ids: Vec<String> = locks.iter().map(|l| l.lock_id.clone()).collect();
+    scan_until_seen(&transport, &ids).await;
+
+    let config = BleConfig::default();
+    let budget = ConnectionBudget::new(config.max_links);
+    let gateway = GatewayId::new("hub-budget").unwrap();
+    let mut clients = Vec::new();
+    for lock in &locks {
+        let id = LockId::parse(&lock.lock_id).unwrap();
+        let code = SetupCode::parse(&lock.setup_code).unwrap();
+        let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code)
+            .await
+            .unwrap();
+        clients.push(LockClient::new(
+            transport.clone(),
+            budget.clone(),
+            config.clone(),
+            gateway.clone(),
+            id,
+            lock.address.clone(),
+            key,
+        ));
+    }
+    ctl.reset_peak().await.unwrap();
+
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let r = client.call(Actor::Cloud(UserRef([1; 8])), Op::Unlock).await;
+                client.disconnect().await;
+                r
+            })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        assert!(
+            matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked),
+            "{r:?}"
+        );
+    }
+    let counters: Counters = serde_json::from_str(&ctl.counters().await.unwrap()).unwrap();
+    assert!(
+        budget.peak() <= config.max_links,
+        "gateway held {} slots",
+        budget.peak()
+    );
+    assert!(
+        counters.peak_active_links <= config.max_links,
+        "the emulator saw {} links at once",
+        counters.peak_active_links
+    );
+    assert_eq!(budget.peak(), config.max_links, "the budget was used in full");
+    assert_eq!(counters.active_links, 0);
+    for lock in &locks {
+        assert_eq!(report(&ctl, &lock.lock_id).await.status.state, LockState::Unlocked);
+    }
+}
+
+#[tokio::test]
+async fn a_powered_off_adapter_is_reported_as_such() {
+    let _serial = SERIAL.lock().await;
+    let ctl = control().await;
+    let _ = transport().await;
+    ctl.set_powered(false).await.unwrap();
+    let err = BluezTransport::open(None).await.unwrap_err();
+    ctl.set_powered(true).await.unwrap();
+    assert!(matches!(err, BleError::AdapterOff(_)), "{err}");
+    assert_eq!(err.code(), "adapter_off");
+    assert!(
+        err.to_string().contains("power it on"),
+        "the message says what to do: {err}"
+    );
+}

@@ -1,0 +1,165 @@
+//! The gateway's BLE transport over the real D-Bus path: bluer → private dbus-daemon →
+//! `lockhub-lock serve` (the emulated lock, serving org.bluez).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockhub::ble::budget::ConnectionBudget;
+use lockhub::ble::client::{LockClient, pair};
+use lockhub::ble::{BleConfig, BleError, LockTransport};
+use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::protocol::message::{Actor, LockState, Op, Reply, UserRef};
+use lockhub::protocol::pairing::{PairingKey, SetupCode};
+use support::*;
+
+const USER: Actor = Actor::Cloud(UserRef([0x0b; 8]));
+
+fn gateway() -> GatewayId {
+    GatewayId::new("hub-ble-test").unwrap()
+}
+
+async fn paired_client(
+    transport: Arc<lockhub::ble::bluez::BluezTransport>,
+    lock: &LockReport,
+    config: BleConfig,
+) -> (LockClient<lockhub::ble::bluez::BluezTransport>, PairingKey) {
+    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
+    let budget = ConnectionBudget::new(config.max_links);
+    let lock_id = LockId::parse(&lock.lock_id).unwrap();
+    let code = SetupCode::parse(&lock.setup_code).unwrap();
+    let key = pair(&*transport, &budget, &config, &gateway(), lock_id, &lock.address, &code)
+        .await
+        .unwrap();
+    let client = LockClient::new(
+        transport,
+        budget,
+        config,
+        gateway(),
+        lock_id,
+        lock.address.clone(),
+        key.clone(),
+    );
+    (client, key)
+}
+
+#[tokio::test]
+async fn discovers_five_locks_with_their_ids_and_rssi() {
+    let ctl = control().await;
+    let mut expected = Vec::new();
+    for i in 0..5i16 {
+        let rssi = -40 - 7 * i;
+        let lock = add_lock(&ctl, &format!(r#"{{"rssi": {rssi}}}"#)).await;
+        expected.push((lock.lock_id, lock.address, rssi));
+    }
+    let transport = transport().await;
+    let ids: Vec<String> = expected.iter().map(|e| e.0.clone()).collect();
+    let seen = scan_until_seen(&transport, &ids).await;
+    for (id, address, rssi) in &expected {
+        let ad = &seen[id];
+        assert_eq!(&ad.address, address);
+        assert_eq!(ad.rssi, *rssi, "RSSI of {id}");
+        assert!(ad.pairing_mode, "a factory-new lock advertises pairing mode");
+    }
+    // The one-shot scan reports the same, strongest first.
+    let scanned = transport.scan(Duration::from_millis(800)).await.unwrap();
+    let ours: Vec<_> = scanned
+        .iter()
+        .filter(|a| ids.contains(&a.lock_id.to_string()))
+        .collect();
+    assert!(ours.windows(2).all(|w| w[0].rssi >= w[1].rssi));
+}
+
+#[tokio::test]
+async fn pairs_and_unlocks_a_lock_whose_mtu_is_23() {
+    let ctl = control().await;
+    let lock = add_lock(&ctl, r#"{"mtu": 23, "motor_ms": 50}"#).await;
+    let transport = Arc::new(transport().await);
+    let (mut client, _key) = paired_client(transport, &lock, BleConfig::default()).await;
+    let r = client.call(USER, Op::Unlock).await.unwrap();
+    assert!(
+        matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked),
+        "{r:?}"
+    );
+    let events = client.take_events();
+    assert!(
+        events.iter().any(|e| e.actor == Some(USER)),
+        "the lock pushed its state changes"
+    );
+    let after = report(&ctl, &lock.lock_id).await;
+    assert_eq!(after.status.state, LockState::Unlocked);
+    assert!(!after.pairing_mode);
+    // Everything a request can carry also fits through 20-byte writes.
+    let r = client
+        .call(Actor::Hub, Op::ReadEvents { after: 0, max: 16 })
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.result, Ok(Reply::Events { ref entries, .. }) if entries.len() >= 3),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_link_dropped_mid_command_is_link_lost_and_the_next_command_reconnects() {
+    let ctl = control().await;
+    let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let transport = Arc::new(transport().await);
+    let (mut client, _key) = paired_client(transport, &lock, BleConfig::default()).await;
+    client.call(USER, Op::Status).await.unwrap();
+    ctl.set_faults(&lock.lock_id, r#"{"drop_link_after_frames": 1}"#)
+        .await
+        .unwrap();
+    let err = client.call(USER, Op::Unlock).await.unwrap_err();
+    assert_eq!(err, BleError::LinkLost);
+    assert_eq!(err.code(), "link_lost");
+    assert!(!client.is_connected());
+    assert_eq!(
+        report(&ctl, &lock.lock_id).await.status.state,
+        LockState::Locked,
+        "the lost command did not run"
+    );
+    let r = client.call(USER, Op::Unlock).await.unwrap();
+    assert!(matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked));
+}
+
+#[tokio::test]
+async fn a_lock_out_of_range_is_unreachable_within_the_configured_timeout() {
+    let ctl = control().await;
+    let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let transport = Arc::new(transport().await);
+    let config = BleConfig {
+        connect_timeout_ms: 1_500,
+        ..BleConfig::default()
+    };
+    let (mut client, _key) = paired_client(transport, &lock, config.clone()).await;
+    client.call(USER, Op::Status).await.unwrap();
+    ctl.set_in_range(&lock.lock_id, false).await.unwrap();
+    let started = Instant::now();
+    let err = client.call(USER, Op::Status).await.unwrap_err();
+    let took = started.elapsed();
+    // The link was up when the lock left: that command fails as a lost link or, if the drop
+    // was seen first, as unreachable. The next one must be unreachable.
+    if err != BleError::LinkLost {
+        assert_eq!(err.code(), "unreachable", "{err}");
+    }
+    let started = Instant::now();
+    let err = client.call(USER, Op::Status).await.unwrap_err();
+    let took_next = started.elapsed();
+    assert_eq!(err.code(), "unreachable", "{err}");
+    let bound = config.connect_timeout() + Duration::from_millis(500);
+    assert!(
+        took.min(took_next) <= bound && took_next <= bound,
+        "took {took_next:?}, bound {bound:?}"
+    );
+    ctl.set_in_range(&lock.lock_id, true).await.unwrap();
+    client.call(USER, Op::Status).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_address_is_not_found() {
+    let transport = transport().await;
+    let err = transport.connect("C0:DE:AD:00:00:01").await.unwrap_err();
+    assert_eq!(err.code(), "not_found", "{err}");
+}

@@ -1,0 +1,265 @@
+//! Test support for the real D-Bus path: one private `dbus-daemon` (config in
+//! `tests/dbus/bus.conf`) and one `lockhub-lock serve` per test binary, and bluer pointed at
+//! them through `DBUS_SYSTEM_BUS_ADDRESS`.
+//!
+//! libdbus reads that variable once per process, so the bus is shared by the tests of one
+//! binary; each test adds its own locks through the emulator's control interface, so tests do
+//! not see each other's state. Both processes are started by a thread that lives as long as
+//! the test process, under `setpriv --pdeathsig KILL`: they die with the test process, however
+//! it ends. Tests that need the bus to themselves live in their own binary.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lockhub::ble::bluez::BluezTransport;
+use serde::Deserialize;
+
+/// The shared bus and emulator of this test binary.
+pub struct Bed {
+    /// The bus address.
+    pub bus: String,
+    /// The temporary directory holding the bus socket and the locks' state.
+    pub dir: PathBuf,
+    commands: std::sync::Mutex<std::sync::mpsc::Sender<BedCommand>>,
+}
+
+/// What the thread owning the processes can be asked to do.
+enum BedCommand {
+    /// Stop the emulator with SIGTERM (it saves its locks), start it again, then answer.
+    RestartEmulator(std::sync::mpsc::Sender<()>),
+}
+
+impl Bed {
+    /// Restarts `lockhub-lock serve` on the same bus and state directory, as a lock's power
+    /// cycle or a crashed org.bluez service would; returns once the new one is ready.
+    pub fn restart_emulator(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commands
+            .lock()
+            .unwrap()
+            .send(BedCommand::RestartEmulator(tx))
+            .expect("test bed thread");
+        rx.recv().expect("emulator restarted");
+    }
+}
+
+static BED: OnceLock<Bed> = OnceLock::new();
+
+fn spawn_reaped(program: &str, args: &[&str], stderr: Stdio) -> std::process::Child {
+    Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--", program])
+        .args(args)
+        .env("LOCKHUB_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {program}: {e} (is dbus installed? .ci/run installs it)"))
+}
+
+fn first_line(child: &mut std::process::Child, what: &str) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("piped stdout"))
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("reading {what}'s first line: {e}"));
+    assert!(!line.is_empty(), "{what} exited before it was ready");
+    line.trim().to_owned()
+}
+
+/// Removes the directories of earlier test processes that are gone (a process cannot remove
+/// its own: the bed lives until the process exits).
+fn sweep_stale_beds() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("lockhub-test-")) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Starts the bus and the emulator on first use.
+pub fn bed() -> &'static Bed {
+    BED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("dbus-test-bed".into())
+            .spawn(move || {
+                sweep_stale_beds();
+                let dir = std::env::temp_dir().join(format!("lockhub-test-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).expect("temporary directory");
+                let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dbus/bus.conf");
+                let listen = format!("unix:path={}", dir.join("bus").display());
+                let mut dbus = spawn_reaped(
+                    "dbus-daemon",
+                    &[
+                        "--config-file",
+                        conf,
+                        "--address",
+                        &listen,
+                        "--nofork",
+                        "--nopidfile",
+                        "--print-address=1",
+                    ],
+                    // It warns that it cannot raise its fd limit when not run as a system service.
+                    Stdio::null(),
+                );
+                let bus = first_line(&mut dbus, "dbus-daemon");
+                let state = dir.join("locks");
+                let start_emulator = || {
+                    let mut emulator = spawn_reaped(
+                        env!("CARGO_BIN_EXE_lockhub-lock"),
+                        &[
+                            "serve",
+                            "--bus",
+                            &bus,
+                            "--state-dir",
+                            state.to_str().unwrap(),
+                            "--locks",
+                            "0",
+                            "--exit-with-stdin",
+                        ],
+                        Stdio::inherit(),
+                    );
+                    let ready = first_line(&mut emulator, "lockhub-lock");
+                    assert!(
+                        ready.starts_with("READY"),
+                        "unexpected first line from lockhub-lock: {ready}"
+                    );
+                    emulator
+                };
+                let mut emulator = start_emulator();
+                let (commands, requests) = std::sync::mpsc::channel();
+                tx.send((bus.clone(), dir.clone(), commands))
+                    .expect("test bed receiver");
+                // This thread holds the children (and the emulator's stdin) for the life of
+                // the process; the bed's sender is never dropped, so this waits forever.
+                while let Ok(command) = requests.recv() {
+                    match command {
+                        BedCommand::RestartEmulator(done) => {
+                            let pid = emulator.id().to_string();
+                            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+                            let _ = emulator.wait();
+                            emulator = start_emulator();
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                // Only if the bed itself went away: take the processes down with it.
+                for mut child in [emulator, dbus] {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            })
+            .expect("test bed thread");
+        let (bus, dir, commands) = rx.recv().expect("the test bed failed to start");
+        // SAFETY: set once, while the bed is being created and before any bluer session exists
+        // in this process; libdbus reads it when the first session connects.
+        unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
+        Bed {
+            bus,
+            dir,
+            commands: std::sync::Mutex::new(commands),
+        }
+    })
+}
+
+#[zbus::proxy(
+    interface = "io.lockhub.Emulator1",
+    default_service = "io.lockhub.Emulator",
+    default_path = "/io/lockhub/Emulator"
+)]
+pub trait Emulator {
+    fn add_lock(&self, spec_json: &str) -> zbus::Result<String>;
+    fn remove_lock(&self, lock_id: &str) -> zbus::Result<()>;
+    fn lock_state(&self, lock_id: &str) -> zbus::Result<String>;
+    fn set_in_range(&self, lock_id: &str, in_range: bool) -> zbus::Result<()>;
+    fn set_rssi(&self, lock_id: &str, rssi: i16) -> zbus::Result<()>;
+    fn set_faults(&self, lock_id: &str, faults_json: &str) -> zbus::Result<()>;
+    fn drop_link(&self, lock_id: &str) -> zbus::Result<()>;
+    fn reboot(&self, lock_id: &str) -> zbus::Result<()>;
+    fn factory_reset(&self, lock_id: &str) -> zbus::Result<()>;
+    fn press_pairing_button(&self, lock_id: &str) -> zbus::Result<()>;
+    fn enter_keypad_code(&self, lock_id: &str, code: &str) -> zbus::Result<bool>;
+    fn turn_knob(&self, lock_id: &str) -> zbus::Result<()>;
+    fn set_door(&self, lock_id: &str, open: bool) -> zbus::Result<()>;
+    fn set_powered(&self, powered: bool) -> zbus::Result<()>;
+    fn counters(&self) -> zbus::Result<String>;
+    fn reset_peak(&self) -> zbus::Result<()>;
+}
+
+/// A connection to the bed's bus (one per test: each test has its own runtime).
+pub async fn bus() -> zbus::Connection {
+    zbus::connection::Builder::address(bed().bus.as_str())
+        .build()
+        .await
+        .expect("connecting to the test bus")
+}
+
+/// The emulator's control interface.
+pub async fn control() -> EmulatorProxy<'static> {
+    EmulatorProxy::new(&bus().await).await.expect("emulator proxy")
+}
+
+/// What the emulator reports about a lock (the parts tests read).
+#[derive(Debug, Deserialize)]
+pub struct LockReport {
+    pub lock_id: String,
+    pub address: String,
+    pub setup_code: String,
+    pub connected: bool,
+    pub pairing_mode: bool,
+    pub status: lockhub::protocol::message::LockStatus,
+}
+
+pub async fn report(ctl: &EmulatorProxy<'_>, lock_id: &str) -> LockReport {
+    serde_json::from_str(&ctl.lock_state(lock_id).await.expect("lock state")).expect("lock state JSON")
+}
+
+/// Adds a lock from a JSON spec and returns what the emulator reports about it.
+pub async fn add_lock(ctl: &EmulatorProxy<'_>, spec_json: &str) -> LockReport {
+    let id = ctl.add_lock(spec_json).await.expect("adding a lock");
+    report(ctl, &id).await
+}
+
+/// Opens the BlueZ transport (on the bed's bus).
+pub async fn transport() -> BluezTransport {
+    bed();
+    BluezTransport::open(None).await.expect("opening the BlueZ transport")
+}
+
+/// Scans until every id in `ids` has been seen (bounded: a missing lock fails the test).
+pub async fn scan_until_seen(
+    transport: &BluezTransport,
+    ids: &[String],
+) -> std::collections::BTreeMap<String, lockhub::ble::Advertisement> {
+    let mut seen = std::collections::BTreeMap::new();
+    let stream = transport.discover().await.expect("discovery");
+    let mut stream = std::pin::pin!(stream);
+    let wait = async {
+        while let Some(ad) = stream.next().await {
+            let id = ad.lock_id.to_string();
+            if ids.contains(&id) {
+                seen.insert(id, ad);
+                if seen.len() == ids.len() {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .expect("locks not seen within 60 s");
+    seen
+}
