@@ -21,11 +21,7 @@ const USER: Actor = Actor::Cloud(UserRef([7; 8]));
 
 fn factory_lock() -> PersistentState {
     // No motor time and no battery drain: the figures are the protocol alone, for any number of runs.
-    let mechanics = Mechanics {
-        motor_ms: 0,
-        drain_per_op_permille: 0,
-        ..Mechanics::default()
-    };
+    let mechanics = Mechanics { motor_ms: 0, drain_per_op_permille: 0, ..Mechanics::default() };
     PersistentState::factory_new(LockId([1; 8]), Capabilities::default(), mechanics, &mut OsRng)
 }
 
@@ -94,13 +90,7 @@ fn bench_pieces(c: &mut Criterion) {
         b.iter(|| SessionKeys::derive(&key, LockId([1; 8]), &[2; 16], &[3; 16]))
     });
     let keys = SessionKeys::derive(&key, LockId([1; 8]), &[2; 16], &[3; 16]);
-    let request = Request {
-        id: 1,
-        actor: USER,
-        op: Op::Unlock,
-    }
-    .encode()
-    .unwrap();
+    let request = Request { id: 1, actor: USER, op: Op::Unlock }.encode().unwrap();
     c.bench_function("seal + open one request", |b| {
         let mut gw = SecureChannel::new(&keys, Role::Gateway);
         let mut lock = SecureChannel::new(&keys, Role::Lock);

@@ -58,16 +58,10 @@ pub fn frame(data: &[u8]) {
 /// fixed records read before any key is involved.
 pub fn message(data: &[u8]) {
     if let Ok(r) = Request::decode(data) {
-        assert_eq!(
-            Request::decode(&r.encode().expect("decoded request re-encodes")).ok(),
-            Some(r)
-        );
+        assert_eq!(Request::decode(&r.encode().expect("decoded request re-encodes")).ok(), Some(r));
     }
     if let Ok(m) = LockMessage::decode(data) {
-        assert_eq!(
-            LockMessage::decode(&m.encode().expect("decoded message re-encodes")).ok(),
-            Some(m)
-        );
+        assert_eq!(LockMessage::decode(&m.encode().expect("decoded message re-encodes")).ok(), Some(m));
     }
     let _ = LockInfo::parse(data);
     let _ = ManufacturerData::parse(data);
@@ -80,22 +74,11 @@ pub fn message(data: &[u8]) {
 
 fn fuzz_firmware(paired: bool) -> Firmware {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let caps = Capabilities {
-        unlatch: true,
-        keypad: true,
-        door_sensor: true,
-    };
-    let mechanics = Mechanics {
-        motor_ms: 50,
-        auto_lock_ms: Some(500),
-        drain_per_op_permille: 1,
-    };
+    let caps = Capabilities { unlatch: true, keypad: true, door_sensor: true };
+    let mechanics = Mechanics { motor_ms: 50, auto_lock_ms: Some(500), drain_per_op_permille: 1 };
     let mut state = PersistentState::factory_new(LOCK, caps, mechanics, &mut rng);
     if paired {
-        state.pairing = Some(Pairing {
-            gateway_id: gateway(),
-            key: PairingKey::from_bytes([7; 32]),
-        });
+        state.pairing = Some(Pairing { gateway_id: gateway(), key: PairingKey::from_bytes([7; 32]) });
     }
     Firmware::boot(state, Box::new(ChaCha20Rng::seed_from_u64(2)))
 }

@@ -97,16 +97,7 @@ impl std::fmt::Debug for MemoryLink {
 impl MemoryLink {
     /// Joins a gateway named `gateway_id` to `firmware` at ATT MTU `mtu` (not yet connected).
     pub fn new(firmware: Firmware, gateway_id: GatewayId, mtu: u16, rng: Box<dyn CryptoRngCore + Send>) -> Self {
-        MemoryLink {
-            firmware,
-            conn: None,
-            gateway_id,
-            mtu,
-            now_ms: 0,
-            events: Vec::new(),
-            rng,
-            tap: None,
-        }
+        MemoryLink { firmware, conn: None, gateway_id, mtu, now_ms: 0, events: Vec::new(), rng, tap: None }
     }
 
     /// Installs a tap on the radio.
@@ -150,11 +141,7 @@ impl MemoryLink {
     /// Connects (a fresh BLE connection: new protocol state on both sides).
     pub fn connect(&mut self) -> Result<(), LinkError> {
         let max_fragment = crate::protocol::fragment::max_fragment_len(self.mtu).map_err(ProtocolError::from)?;
-        self.conn = Some(HubConnection::new(
-            self.gateway_id.clone(),
-            self.firmware.lock_id(),
-            max_fragment,
-        )?);
+        self.conn = Some(HubConnection::new(self.gateway_id.clone(), self.firmware.lock_id(), max_fragment)?);
         self.firmware.connect(self.mtu, self.now_ms);
         Ok(())
     }
@@ -168,9 +155,7 @@ impl MemoryLink {
     /// Pairs with the lock's setup code; the connection stays up for a session.
     pub fn pair(&mut self, code: &SetupCode) -> Result<PairingKey, LinkError> {
         let MemoryLink { conn, rng, .. } = self;
-        conn.as_mut()
-            .ok_or(LinkError::NotConnected)?
-            .begin_pairing(code, &mut rng.as_mut())?;
+        conn.as_mut().ok_or(LinkError::NotConnected)?.begin_pairing(code, &mut rng.as_mut())?;
         match self.run_until(|e| matches!(e, HubEvent::Paired(_)))? {
             HubEvent::Paired(key) => Ok(key),
             _ => unreachable!("run_until returns the awaited event"),
@@ -180,9 +165,7 @@ impl MemoryLink {
     /// Opens a session with the pairing key.
     pub fn open_session(&mut self, key: &PairingKey) -> Result<(), LinkError> {
         let MemoryLink { conn, rng, .. } = self;
-        conn.as_mut()
-            .ok_or(LinkError::NotConnected)?
-            .begin_session(key.clone(), &mut rng.as_mut())?;
+        conn.as_mut().ok_or(LinkError::NotConnected)?.begin_session(key.clone(), &mut rng.as_mut())?;
         self.run_until(|e| matches!(e, HubEvent::SessionOpened)).map(drop)
     }
 

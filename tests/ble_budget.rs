@@ -43,9 +43,7 @@ async fn ten_locks_commanded_at_once_stay_within_the_budget_and_all_complete() {
     for lock in &locks {
         let id = LockId::parse(&lock.lock_id).unwrap();
         let code = SetupCode::parse(&lock.setup_code).unwrap();
-        let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code)
-            .await
-            .unwrap();
+        let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
         clients.push(LockClient::new(
             transport.clone(),
             budget.clone(),
@@ -70,17 +68,10 @@ async fn ten_locks_commanded_at_once_stay_within_the_budget_and_all_complete() {
         .collect();
     for t in tasks {
         let r = t.await.unwrap().unwrap();
-        assert!(
-            matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked),
-            "{r:?}"
-        );
+        assert!(matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked), "{r:?}");
     }
     let counters: Counters = serde_json::from_str(&ctl.counters().await.unwrap()).unwrap();
-    assert!(
-        budget.peak() <= config.max_links,
-        "gateway held {} slots",
-        budget.peak()
-    );
+    assert!(budget.peak() <= config.max_links, "gateway held {} slots", budget.peak());
     assert!(
         counters.peak_active_links <= config.max_links,
         "the emulator saw {} links at once",
@@ -99,12 +90,9 @@ async fn a_powered_off_adapter_is_reported_as_such() {
     let ctl = control().await;
     let _ = transport().await;
     ctl.set_powered(false).await.unwrap();
-    let err = BluezTransport::open(None).await.unwrap_err();
+    let err = BluezTransport::open(&lockhub::ble::BleConfig::default()).await.unwrap_err();
     ctl.set_powered(true).await.unwrap();
     assert!(matches!(err, BleError::AdapterOff(_)), "{err}");
     assert_eq!(err.code(), "adapter_off");
-    assert!(
-        err.to_string().contains("power it on"),
-        "the message says what to do: {err}"
-    );
+    assert!(err.to_string().contains("power it on"), "the message says what to do: {err}");
 }

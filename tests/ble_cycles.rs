@@ -66,9 +66,7 @@ async fn two_hundred_connect_disconnect_cycles_leave_no_growth() {
     let gateway = GatewayId::new("hub-cycles").unwrap();
     let id = LockId::parse(&lock.lock_id).unwrap();
     let code = SetupCode::parse(&lock.setup_code).unwrap();
-    let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code)
-        .await
-        .unwrap();
+    let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
     let mut client = LockClient::new(transport, budget, config, gateway, id, lock.address.clone(), key);
     let bus = bus().await;
 
@@ -86,14 +84,8 @@ async fn two_hundred_connect_disconnect_cycles_leave_no_growth() {
     let after = settled(&bus, before).await;
     println!("footprint before: {before:?}, after 200 cycles: {after:?}");
     assert!(after.tasks <= before.tasks, "tasks grew: {before:?} -> {after:?}");
-    assert!(
-        after.match_rules <= before.match_rules,
-        "match rules grew: {before:?} -> {after:?}"
-    );
-    assert!(
-        after.fds <= before.fds,
-        "file descriptors grew: {before:?} -> {after:?}"
-    );
+    assert!(after.match_rules <= before.match_rules, "match rules grew: {before:?} -> {after:?}");
+    assert!(after.fds <= before.fds, "file descriptors grew: {before:?} -> {after:?}");
     let counters = ctl.counters().await.unwrap();
     assert!(counters.contains(r#""active_links":0"#), "{counters}");
 }

@@ -29,18 +29,8 @@ async fn paired_client(
     let budget = ConnectionBudget::new(config.max_links);
     let lock_id = LockId::parse(&lock.lock_id).unwrap();
     let code = SetupCode::parse(&lock.setup_code).unwrap();
-    let key = pair(&*transport, &budget, &config, &gateway(), lock_id, &lock.address, &code)
-        .await
-        .unwrap();
-    let client = LockClient::new(
-        transport,
-        budget,
-        config,
-        gateway(),
-        lock_id,
-        lock.address.clone(),
-        key.clone(),
-    );
+    let key = pair(&*transport, &budget, &config, &gateway(), lock_id, &lock.address, &code).await.unwrap();
+    let client = LockClient::new(transport, budget, config, gateway(), lock_id, lock.address.clone(), key.clone());
     (client, key)
 }
 
@@ -64,10 +54,7 @@ async fn discovers_five_locks_with_their_ids_and_rssi() {
     }
     // The one-shot scan reports the same, strongest first.
     let scanned = transport.scan(Duration::from_millis(800)).await.unwrap();
-    let ours: Vec<_> = scanned
-        .iter()
-        .filter(|a| ids.contains(&a.lock_id.to_string()))
-        .collect();
+    let ours: Vec<_> = scanned.iter().filter(|a| ids.contains(&a.lock_id.to_string())).collect();
     assert!(ours.windows(2).all(|w| w[0].rssi >= w[1].rssi));
 }
 
@@ -78,27 +65,15 @@ async fn pairs_and_unlocks_a_lock_whose_mtu_is_23() {
     let transport = Arc::new(transport().await);
     let (mut client, _key) = paired_client(transport, &lock, BleConfig::default()).await;
     let r = client.call(USER, Op::Unlock).await.unwrap();
-    assert!(
-        matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked),
-        "{r:?}"
-    );
+    assert!(matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked), "{r:?}");
     let events = client.take_events();
-    assert!(
-        events.iter().any(|e| e.actor == Some(USER)),
-        "the lock pushed its state changes"
-    );
+    assert!(events.iter().any(|e| e.actor == Some(USER)), "the lock pushed its state changes");
     let after = report(&ctl, &lock.lock_id).await;
     assert_eq!(after.status.state, LockState::Unlocked);
     assert!(!after.pairing_mode);
     // Everything a request can carry also fits through 20-byte writes.
-    let r = client
-        .call(Actor::Hub, Op::ReadEvents { after: 0, max: 16 })
-        .await
-        .unwrap();
-    assert!(
-        matches!(r.result, Ok(Reply::Events { ref entries, .. }) if entries.len() >= 3),
-        "{r:?}"
-    );
+    let r = client.call(Actor::Hub, Op::ReadEvents { after: 0, max: 16 }).await.unwrap();
+    assert!(matches!(r.result, Ok(Reply::Events { ref entries, .. }) if entries.len() >= 3), "{r:?}");
 }
 
 #[tokio::test]
@@ -108,18 +83,12 @@ async fn a_link_dropped_mid_command_is_link_lost_and_the_next_command_reconnects
     let transport = Arc::new(transport().await);
     let (mut client, _key) = paired_client(transport, &lock, BleConfig::default()).await;
     client.call(USER, Op::Status).await.unwrap();
-    ctl.set_faults(&lock.lock_id, r#"{"drop_link_after_frames": 1}"#)
-        .await
-        .unwrap();
+    ctl.set_faults(&lock.lock_id, r#"{"drop_link_after_frames": 1}"#).await.unwrap();
     let err = client.call(USER, Op::Unlock).await.unwrap_err();
     assert_eq!(err, BleError::LinkLost);
     assert_eq!(err.code(), "link_lost");
     assert!(!client.is_connected());
-    assert_eq!(
-        report(&ctl, &lock.lock_id).await.status.state,
-        LockState::Locked,
-        "the lost command did not run"
-    );
+    assert_eq!(report(&ctl, &lock.lock_id).await.status.state, LockState::Locked, "the lost command did not run");
     let r = client.call(USER, Op::Unlock).await.unwrap();
     assert!(matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked));
 }
@@ -129,10 +98,7 @@ async fn a_lock_out_of_range_is_unreachable_within_the_configured_timeout() {
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
-    let config = BleConfig {
-        connect_timeout_ms: 1_500,
-        ..BleConfig::default()
-    };
+    let config = BleConfig { connect_timeout_ms: 1_500, ..BleConfig::default() };
     let (mut client, _key) = paired_client(transport, &lock, config.clone()).await;
     client.call(USER, Op::Status).await.unwrap();
     ctl.set_in_range(&lock.lock_id, false).await.unwrap();
@@ -149,11 +115,26 @@ async fn a_lock_out_of_range_is_unreachable_within_the_configured_timeout() {
     let took_next = started.elapsed();
     assert_eq!(err.code(), "unreachable", "{err}");
     let bound = config.connect_timeout() + Duration::from_millis(500);
-    assert!(
-        took.min(took_next) <= bound && took_next <= bound,
-        "took {took_next:?}, bound {bound:?}"
-    );
+    assert!(took.min(took_next) <= bound && took_next <= bound, "took {took_next:?}, bound {bound:?}");
     ctl.set_in_range(&lock.lock_id, true).await.unwrap();
+    client.call(USER, Op::Status).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_link_is_dropped_after_the_keep_alive_window() {
+    let ctl = control().await;
+    let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let transport = Arc::new(transport().await);
+    let config = BleConfig { keep_alive_ms: 200, ..BleConfig::default() };
+    let (mut client, _key) = paired_client(transport, &lock, config).await;
+    client.call(USER, Op::Status).await.unwrap();
+    let deadline = client.idle_deadline().expect("a link is up");
+    assert!(!client.disconnect_if_idle().await, "not idle yet");
+    // The gateway's lock task sleeps until this deadline; so does the test.
+    tokio::time::sleep_until(deadline).await;
+    assert!(client.disconnect_if_idle().await);
+    assert!(!client.is_connected());
+    assert!(!report(&ctl, &lock.lock_id).await.connected, "the lock saw the link go");
     client.call(USER, Op::Status).await.unwrap();
 }
 

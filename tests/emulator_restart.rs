@@ -25,18 +25,8 @@ async fn pairings_and_lock_state_survive_an_emulator_restart() {
     let gateway = GatewayId::new("hub-restart").unwrap();
     let id = LockId::parse(&lock.lock_id).unwrap();
     let code = SetupCode::parse(&lock.setup_code).unwrap();
-    let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code)
-        .await
-        .unwrap();
-    let mut client = LockClient::new(
-        transport.clone(),
-        budget,
-        config,
-        gateway,
-        id,
-        lock.address.clone(),
-        key,
-    );
+    let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
+    let mut client = LockClient::new(transport.clone(), budget, config, gateway, id, lock.address.clone(), key);
     client.call(Actor::Hub, Op::Unlock).await.unwrap();
     let seq_before = report(&ctl, &lock.lock_id).await.status.last_seq;
 
@@ -53,9 +43,7 @@ async fn pairings_and_lock_state_survive_an_emulator_restart() {
     // The restarted BlueZ knows no devices until it sees them again, as after a real restart.
     scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
     let r = client.call(Actor::Hub, Op::Status).await.unwrap();
-    let Ok(Reply::Status(status)) = r.result else {
-        panic!("{r:?}")
-    };
+    let Ok(Reply::Status(status)) = r.result else { panic!("{r:?}") };
     assert_eq!(status.state, LockState::Unlocked);
     assert!(status.last_seq >= seq_before, "sequence numbers carry on");
 }

@@ -22,18 +22,11 @@ fn rng(seed: u64) -> Box<ChaCha20Rng> {
 }
 
 fn caps() -> Capabilities {
-    Capabilities {
-        unlatch: true,
-        keypad: true,
-        door_sensor: true,
-    }
+    Capabilities { unlatch: true, keypad: true, door_sensor: true }
 }
 
 fn new_lock(motor_ms: u64) -> Firmware {
-    let mechanics = Mechanics {
-        motor_ms,
-        ..Mechanics::default()
-    };
+    let mechanics = Mechanics { motor_ms, ..Mechanics::default() };
     let state = PersistentState::factory_new(LockId([0x10, 0, 0, 0, 0, 0, 0, 1]), caps(), mechanics, &mut *rng(1));
     Firmware::boot(state, rng(2))
 }
@@ -41,10 +34,7 @@ fn new_lock(motor_ms: u64) -> Firmware {
 fn link(mtu: u16, motor_ms: u64) -> (MemoryLink, SetupCode) {
     let fw = new_lock(motor_ms);
     let code = fw.persistent().identity.setup_code.clone();
-    (
-        MemoryLink::new(fw, GatewayId::new("hub-test").unwrap(), mtu, rng(3)),
-        code,
-    )
+    (MemoryLink::new(fw, GatewayId::new("hub-test").unwrap(), mtu, rng(3)), code)
 }
 
 fn paired(mtu: u16, motor_ms: u64) -> (MemoryLink, PairingKey) {
@@ -81,26 +71,18 @@ fn pair_then_unlock_at_mtu_23_and_247() {
         let (mut link, _key) = paired(mtu, 400);
         let seen = recorder(&mut link);
         let r = link.call(ALICE, Op::Unlock).unwrap();
-        let Ok(Reply::Done(status)) = r.result else {
-            panic!("unlock failed: {r:?}")
-        };
+        let Ok(Reply::Done(status)) = r.result else { panic!("unlock failed: {r:?}") };
         assert_eq!(status.state, LockState::Unlocked);
         assert!(link.now_ms() >= 400, "the motor takes its time");
         let events = link.take_events().unwrap();
         let states: Vec<_> = events
             .iter()
             .filter_map(|e| match e.event {
-                Event::StateChanged {
-                    state,
-                    cause: Cause::Remote,
-                } => Some((state, e.actor)),
+                Event::StateChanged { state, cause: Cause::Remote } => Some((state, e.actor)),
                 _ => None,
             })
             .collect();
-        assert_eq!(
-            states,
-            vec![(LockState::Unlocking, Some(ALICE)), (LockState::Unlocked, Some(ALICE))]
-        );
+        assert_eq!(states, vec![(LockState::Unlocking, Some(ALICE)), (LockState::Unlocked, Some(ALICE))]);
         let max = seen.lock().unwrap().iter().map(|(_, f)| f.len()).max().unwrap();
         assert!(max <= usize::from(mtu) - 3, "fragment of {max} bytes at MTU {mtu}");
     }
@@ -112,17 +94,12 @@ fn wrong_setup_code_fails_without_leaking_and_five_failures_close_pairing_mode()
     let bad = wrong_code(&code);
     let seen = recorder(&mut link);
     for attempt in 1..=MAX_PAIRING_ATTEMPTS {
-        assert!(
-            link.firmware().info().pairing_mode,
-            "still in pairing mode before attempt {attempt}"
-        );
+        assert!(link.firmware().info().pairing_mode, "still in pairing mode before attempt {attempt}");
         link.connect().unwrap();
         let err = link.pair(&bad).unwrap_err();
         assert_eq!(
             err,
-            LinkError::Protocol(ProtocolError::Pairing(
-                lockhub::protocol::pairing::PairingError::ConfirmationFailed
-            ))
+            LinkError::Protocol(ProtocolError::Pairing(lockhub::protocol::pairing::PairingError::ConfirmationFailed))
         );
         assert!(!err.to_string().contains(code.expose()) && !err.to_string().contains(bad.expose()));
         link.disconnect();
@@ -163,13 +140,7 @@ fn session_keys_differ_for_every_connection() {
         link.disconnect();
         let seen = seen.lock().unwrap();
         // The request: first fragment to the lock after the hello.
-        let req = seen
-            .iter()
-            .filter(|(d, _)| *d == Direction::ToLock)
-            .nth(1)
-            .unwrap()
-            .1
-            .clone();
+        let req = seen.iter().filter(|(d, _)| *d == Direction::ToLock).nth(1).unwrap().1.clone();
         first_requests.push(req);
     }
     // Same counter (0), same request id (1), same plaintext: only the keys differ.
@@ -197,13 +168,8 @@ fn replayed_frame_ends_the_session() {
     let (mut link, _key) = paired(23, 0);
     let seen = recorder(&mut link);
     link.call(ALICE, Op::Unlock).unwrap();
-    let request: Vec<Vec<u8>> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(d, _)| *d == Direction::ToLock)
-        .map(|(_, f)| f.clone())
-        .collect();
+    let request: Vec<Vec<u8>> =
+        seen.lock().unwrap().iter().filter(|(d, _)| *d == Direction::ToLock).map(|(_, f)| f.clone()).collect();
     link.clear_tap();
     // Replay the recorded unlock request in place of the next one.
     let mut replay = Some(request);
@@ -246,10 +212,7 @@ fn reordered_frames_end_the_session() {
     for f in swapped {
         link.firmware_mut().write(&f, 10);
     }
-    assert!(
-        !link.firmware().is_connected(),
-        "a reordered frame must end the session"
-    );
+    assert!(!link.firmware().is_connected(), "a reordered frame must end the session");
 }
 
 #[test]
@@ -320,23 +283,14 @@ fn a_lock_paired_elsewhere_cannot_fake_our_session() {
     link.disconnect();
     let impostor_key = PairingKey::from_bytes([0x55; 32]);
     link.connect().unwrap();
-    assert_eq!(
-        link.open_session(&impostor_key).unwrap_err(),
-        LinkError::Protocol(ProtocolError::LockNotAuthenticated)
-    );
+    assert_eq!(link.open_session(&impostor_key).unwrap_err(), LinkError::Protocol(ProtocolError::LockNotAuthenticated));
 }
 
 #[test]
 fn unpair_clears_the_lock_and_returns_to_pairing_mode() {
     let (mut link, key) = paired(247, 0);
-    let r = link.call(
-        ALICE,
-        Op::AddPasscode {
-            code: Passcode::new("4711").unwrap(),
-            valid_from: None,
-            valid_until: None,
-        },
-    );
+    let r =
+        link.call(ALICE, Op::AddPasscode { code: Passcode::new("4711").unwrap(), valid_from: None, valid_until: None });
     assert!(matches!(r.unwrap().result, Ok(Reply::PasscodeAdded { .. })));
     let r = link.call(Actor::Admin, Op::Unpair).unwrap();
     assert_eq!(r.result, Ok(Reply::Unpaired));
@@ -363,9 +317,7 @@ fn log_paging_returns_every_event_exactly_once() {
     let mut after = 0;
     loop {
         let r = link.call(Actor::Hub, Op::ReadEvents { after, max: 7 }).unwrap();
-        let Ok(Reply::Events { entries, more }) = r.result else {
-            panic!("{r:?}")
-        };
+        let Ok(Reply::Events { entries, more }) = r.result else { panic!("{r:?}") };
         assert!(entries.len() <= 7);
         if let Some(last) = entries.last() {
             after = last.seq;
@@ -404,25 +356,11 @@ fn sequence_numbers_survive_a_restart_from_flash() {
 #[test]
 fn stored_passcode_hashes_never_contain_the_code() {
     let (mut link, _key) = paired(247, 0);
-    link.call(
-        Actor::Hub,
-        Op::SetTime {
-            unix_secs: 1_700_000_000,
-        },
-    )
-    .unwrap();
+    link.call(Actor::Hub, Op::SetTime { unix_secs: 1_700_000_000 }).unwrap();
     let code = "80417263";
-    let r = link.call(
-        ALICE,
-        Op::AddPasscode {
-            code: Passcode::new(code).unwrap(),
-            valid_from: None,
-            valid_until: None,
-        },
-    );
-    let Ok(Reply::PasscodeAdded { slot }) = r.unwrap().result else {
-        panic!()
-    };
+    let r =
+        link.call(ALICE, Op::AddPasscode { code: Passcode::new(code).unwrap(), valid_from: None, valid_until: None });
+    let Ok(Reply::PasscodeAdded { slot }) = r.unwrap().result else { panic!() };
     let flash = postcard::to_stdvec(link.firmware().persistent()).unwrap();
     assert!(!flash.windows(code.len()).any(|w| w == code.as_bytes()));
     let debug = format!("{:?}", link.firmware().persistent());
@@ -432,11 +370,7 @@ fn stored_passcode_hashes_never_contain_the_code() {
     let now = link.now_ms();
     assert!(link.firmware_mut().enter_keypad_code(code, now));
     let events = link.take_events().unwrap();
-    assert!(events.iter().any(|e| e.event
-        == Event::StateChanged {
-            state: LockState::Unlocked,
-            cause: Cause::Keypad
-        }
+    assert!(events.iter().any(|e| e.event == Event::StateChanged { state: LockState::Unlocked, cause: Cause::Keypad }
         && e.actor == Some(Actor::Keypad(slot))));
 }
 
@@ -444,11 +378,8 @@ fn stored_passcode_hashes_never_contain_the_code() {
 fn passcode_windows_and_keypad_lockout() {
     let (mut link, _key) = paired(247, 0);
     link.call(Actor::Hub, Op::SetTime { unix_secs: 1_000 }).unwrap();
-    let add = |from, until| Op::AddPasscode {
-        code: Passcode::new("1357").unwrap(),
-        valid_from: from,
-        valid_until: until,
-    };
+    let add =
+        |from, until| Op::AddPasscode { code: Passcode::new("1357").unwrap(), valid_from: from, valid_until: until };
     link.call(ALICE, add(Some(2_000), Some(3_000))).unwrap();
     let now = link.now_ms();
     assert!(!link.firmware_mut().enter_keypad_code("1357", now), "not yet valid");
@@ -460,12 +391,7 @@ fn passcode_windows_and_keypad_lockout() {
     // The fifth wrong entry (counting the not-yet-valid one) locks the keypad.
     assert!(!link.firmware_mut().enter_keypad_code("9999", now));
     assert!(!link.firmware_mut().enter_keypad_code("1357", now), "locked out");
-    assert!(
-        link.take_events()
-            .unwrap()
-            .iter()
-            .any(|e| e.event == Event::KeypadLockout)
-    );
+    assert!(link.take_events().unwrap().iter().any(|e| e.event == Event::KeypadLockout));
     link.advance(lockhub::firmware::KEYPAD_LOCKOUT_MS).unwrap();
     let now = link.now_ms();
     assert!(link.firmware_mut().enter_keypad_code("1357", now));
@@ -491,18 +417,9 @@ fn jam_door_battery_and_manual_turns_are_reported() {
     let events = link.take_events().unwrap();
     assert!(events.iter().any(|e| e.event == Event::Jammed));
     assert!(events.iter().any(|e| e.event == Event::Door(DoorState::Open)));
-    assert!(events.iter().any(|e| e.event
-        == Event::StateChanged {
-            state: LockState::Locked,
-            cause: Cause::Manual
-        }));
+    assert!(events.iter().any(|e| e.event == Event::StateChanged { state: LockState::Locked, cause: Cause::Manual }));
     link.call(ALICE, Op::Unlock).unwrap();
-    assert!(
-        link.take_events()
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e.event, Event::BatteryLow { pct: 14 }))
-    );
+    assert!(link.take_events().unwrap().iter().any(|e| matches!(e.event, Event::BatteryLow { pct: 14 })));
     let now = link.now_ms();
     link.firmware_mut().set_battery(0, now);
     assert_eq!(link.call(ALICE, Op::Lock).unwrap().result, Err(LockError::BatteryEmpty));
@@ -523,11 +440,7 @@ fn auto_lock_fires_after_its_delay() {
     link.take_events().unwrap();
     link.advance(5_200).unwrap();
     let events = link.take_events().unwrap();
-    assert!(events.iter().any(|e| e.event
-        == Event::StateChanged {
-            state: LockState::Locked,
-            cause: Cause::AutoLock
-        }));
+    assert!(events.iter().any(|e| e.event == Event::StateChanged { state: LockState::Locked, cause: Cause::AutoLock }));
 }
 
 #[test]
@@ -535,11 +448,7 @@ fn link_dropped_mid_command_and_reboot_mid_session() {
     let (mut link, key) = paired(23, 0);
     link.firmware_mut().faults_mut().drop_link_after_frames = Some(1);
     assert_eq!(link.call(ALICE, Op::Unlock).unwrap_err(), LinkError::LinkLost);
-    assert_eq!(
-        link.firmware().status(0).state,
-        LockState::Locked,
-        "the dropped command did not run"
-    );
+    assert_eq!(link.firmware().status(0).state, LockState::Locked, "the dropped command did not run");
     link.connect_session(&key).unwrap();
     assert!(link.call(ALICE, Op::Unlock).unwrap().result.is_ok());
 
@@ -570,10 +479,7 @@ fn delayed_responses_still_arrive_in_order() {
 #[test]
 fn requests_naming_the_keypad_are_refused() {
     let (mut link, _key) = paired(247, 0);
-    assert_eq!(
-        link.call(Actor::Keypad(1), Op::Unlock).unwrap().result,
-        Err(LockError::BadActor)
-    );
+    assert_eq!(link.call(Actor::Keypad(1), Op::Unlock).unwrap().result, Err(LockError::BadActor));
 }
 
 #[test]

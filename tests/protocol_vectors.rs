@@ -35,10 +35,7 @@ impl RngCore for ScriptedRng {
     }
     fn fill_bytes(&mut self, dest: &mut [u8]) {
         for d in dest {
-            *d = self
-                .0
-                .next()
-                .expect("the script holds every random byte the vectors use");
+            *d = self.0.next().expect("the script holds every random byte the vectors use");
         }
     }
     fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Error> {
@@ -72,51 +69,29 @@ fn vectors() -> Vec<(String, String)> {
 
     let (init, request) = PairingInitiator::start(&code, gateway_id.clone(), lock_id, &mut ScriptedRng::new(gw_scalar));
     out.push(("pair_request", hex(request.encode())));
-    let Frame::PairRequest { spake: spake_a, .. } = request else {
-        unreachable!()
-    };
+    let Frame::PairRequest { spake: spake_a, .. } = request else { unreachable!() };
     let (responder, response) =
         PairingResponder::respond(&code, lock_id, gateway_id, &spake_a, &mut ScriptedRng::new(lock_scalar)).unwrap();
     out.push(("pair_response", hex(response.encode())));
-    let Frame::PairResponse {
-        spake: spake_b,
-        confirm,
-    } = response
-    else {
-        unreachable!()
-    };
+    let Frame::PairResponse { spake: spake_b, confirm } = response else { unreachable!() };
     let (gw_key, confirm_frame) = init.on_response(&spake_b, &confirm).unwrap();
     out.push(("pair_confirm", hex(confirm_frame.encode())));
-    let Frame::PairConfirm { confirm } = confirm_frame else {
-        unreachable!()
-    };
+    let Frame::PairConfirm { confirm } = confirm_frame else { unreachable!() };
     let (_, lock_key) = responder.on_confirm(&confirm).unwrap();
     assert_eq!(gw_key, lock_key);
     out.push(("pairing_key", hex(gw_key.as_bytes())));
 
     out.push(("hello", hex(Frame::Hello { nonce: gw_nonce }.encode())));
     let keys = SessionKeys::derive(&gw_key, lock_id, &gw_nonce, &lock_nonce);
-    let reply = Frame::HelloReply {
-        nonce: lock_nonce,
-        confirm: keys.hello_tag(&gw_nonce, &lock_nonce),
-    };
+    let reply = Frame::HelloReply { nonce: lock_nonce, confirm: keys.hello_tag(&gw_nonce, &lock_nonce) };
     out.push(("hello_reply", hex(reply.encode())));
     out.push(("key_gateway_to_lock", hex(keys.gateway_to_lock())));
     out.push(("key_lock_to_gateway", hex(keys.lock_to_gateway())));
 
-    let request = Request {
-        id: 1,
-        actor: Actor::Hub,
-        op: Op::Unlock,
-    }
-    .encode()
-    .unwrap();
+    let request = Request { id: 1, actor: Actor::Hub, op: Op::Unlock }.encode().unwrap();
     out.push(("unlock_request_plaintext", hex(&request)));
     let sealed = SecureChannel::new(&keys, Role::Gateway).seal(&request).unwrap();
-    assert_eq!(
-        &SecureChannel::new(&keys, Role::Lock).open(&sealed).unwrap()[..],
-        &request[..]
-    );
+    assert_eq!(&SecureChannel::new(&keys, Role::Lock).open(&sealed).unwrap()[..], &request[..]);
     out.push(("unlock_request_sealed", hex(&sealed)));
     let mut out: Vec<(String, String)> = out.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     for (i, f) in fragment(&sealed, 20).unwrap().into_iter().enumerate() {

@@ -59,18 +59,11 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve {
-            bus,
-            state_dir,
-            locks,
-            mtu,
-            motor_ms,
-            exit_with_stdin,
-        } => serve(bus, state_dir, locks, mtu, motor_ms, exit_with_stdin).await,
+        Command::Serve { bus, state_dir, locks, mtu, motor_ms, exit_with_stdin } => {
+            serve(bus, state_dir, locks, mtu, motor_ms, exit_with_stdin).await
+        }
         Command::Peripheral { adapter, state_dir } => {
-            lockhub::firmware::peripheral::run(adapter.as_deref(), &state_dir)
-                .await
-                .context("peripheral")
+            lockhub::firmware::peripheral::run(adapter.as_deref(), &state_dir).await.context("peripheral")
         }
     }
 }
@@ -90,19 +83,12 @@ async fn serve(
     if let Some(bad) = mtu.iter().find(|m| !(23..=517).contains(*m)) {
         bail!("--mtu {bad}: an ATT MTU is 23 to 517");
     }
-    let emulator = BluezEmulator::serve(&bus, state_dir)
-        .await
-        .with_context(|| format!("serving on {bus}"))?;
+    let emulator = BluezEmulator::serve(&bus, state_dir).await.with_context(|| format!("serving on {bus}"))?;
     let mut ids = emulator.restore().await.context("restoring locks")?;
     if ids.is_empty() {
         for i in 0..locks {
             let lock_id = format!("4c48{:012x}", u64::from(i) + 1);
-            let spec = LockSpec {
-                lock_id,
-                mtu: mtu[usize::from(i) % mtu.len()],
-                motor_ms,
-                ..LockSpec::default()
-            };
+            let spec = LockSpec { lock_id, mtu: mtu[usize::from(i) % mtu.len()], motor_ms, ..LockSpec::default() };
             ids.push(emulator.add_lock(spec).await?);
         }
     }

@@ -16,12 +16,9 @@ use bluer::{
 };
 use futures::{Stream, StreamExt};
 
-use super::{Advertisement, BleError, LockLink, LockTransport};
+use super::{Advertisement, BleConfig, BleError, LockLink, LockTransport};
 use crate::protocol::fragment::{MAX_FRAGMENT_LEN, MIN_FRAGMENT_LEN};
 use crate::protocol::gatt::{COMPANY_ID, INFO_CHAR_UUID, LockInfo, NOTIFY_CHAR_UUID, SERVICE_UUID, WRITE_CHAR_UUID};
-
-/// Bound on GATT service resolution after connecting.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn bus_error(e: bluer::Error) -> BleError {
     match e.kind {
@@ -34,31 +31,26 @@ fn bus_error(e: bluer::Error) -> BleError {
 pub struct BluezTransport {
     _session: bluer::Session,
     adapter: Adapter,
+    resolve_timeout: Duration,
 }
 
 impl std::fmt::Debug for BluezTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BluezTransport")
-            .field("adapter", &self.adapter.name())
-            .finish()
+        f.debug_struct("BluezTransport").field("adapter", &self.adapter.name()).finish()
     }
 }
 
 impl BluezTransport {
     /// Connects to BlueZ on the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set) and picks the
-    /// adapter: the named one, or the first powered one.
-    pub async fn open(adapter: Option<&str>) -> Result<Self, BleError> {
-        let session = bluer::Session::new()
-            .await
-            .map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
+    /// adapter: `config.adapter`, or the first powered one.
+    pub async fn open(config: &BleConfig) -> Result<Self, BleError> {
+        let adapter = config.adapter.as_deref();
+        let session = bluer::Session::new().await.map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
         let names = session.adapter_names().await.map_err(bus_error)?;
         let adapter = match adapter {
             Some(name) => {
                 if !names.iter().any(|n| n == name) {
-                    return Err(BleError::NoAdapter(format!(
-                        " named {name} (found: {})",
-                        names.join(", ")
-                    )));
+                    return Err(BleError::NoAdapter(format!(" named {name} (found: {})", names.join(", "))));
                 }
                 let a = session.adapter(name).map_err(bus_error)?;
                 if !a.is_powered().await.map_err(bus_error)? {
@@ -82,10 +74,7 @@ impl BluezTransport {
                 }
             }
         };
-        Ok(BluezTransport {
-            _session: session,
-            adapter,
-        })
+        Ok(BluezTransport { _session: session, adapter, resolve_timeout: config.resolve_timeout() })
     }
 
     /// The adapter in use.
@@ -126,12 +115,10 @@ impl BluezTransport {
     }
 
     async fn find_characteristics(&self, device: &bluer::Device) -> Result<[Characteristic; 3], BleError> {
-        let services = tokio::time::timeout(RESOLVE_TIMEOUT, device.services())
+        let bound = self.resolve_timeout;
+        let services = tokio::time::timeout(bound, device.services())
             .await
-            .map_err(|_| BleError::Timeout {
-                during: "resolving GATT services",
-                after: RESOLVE_TIMEOUT,
-            })?
+            .map_err(|_| BleError::Timeout { during: "resolving GATT services", after: bound })?
             .map_err(|e| match e.kind {
                 ErrorKind::ServicesUnresolved => BleError::LinkLost,
                 _ => bus_error(e),
@@ -148,9 +135,7 @@ impl BluezTransport {
         let mut found: [Option<Characteristic>; 3] = [None, None, None];
         for c in service.characteristics().await.map_err(bus_error)? {
             let uuid = c.uuid().await.map_err(bus_error)?.as_u128();
-            let slot = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID]
-                .iter()
-                .position(|u| *u == uuid);
+            let slot = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID].iter().position(|u| *u == uuid);
             if let Some(i) = slot {
                 found[i] = Some(c);
             }
@@ -179,9 +164,7 @@ impl LockTransport for BluezTransport {
     }
 
     async fn connect(&self, address: &str) -> Result<BluezLink, BleError> {
-        let addr: Address = address
-            .parse()
-            .map_err(|_| BleError::NotFound(format!("{address} (not an address)")))?;
+        let addr: Address = address.parse().map_err(|_| BleError::NotFound(format!("{address} (not an address)")))?;
         let device = self.adapter.device(addr).map_err(bus_error)?;
         match device.connect().await {
             Ok(()) => {}
@@ -190,10 +173,7 @@ impl LockTransport for BluezTransport {
                     ErrorKind::NotFound | ErrorKind::DoesNotExist => BleError::NotFound(address.to_owned()),
                     ErrorKind::NotReady => BleError::AdapterOff(self.adapter.name().to_owned()),
                     ErrorKind::Failed | ErrorKind::ConnectionAttemptFailed | ErrorKind::NotAvailable => {
-                        BleError::Unreachable {
-                            address: address.to_owned(),
-                            detail: e.message,
-                        }
+                        BleError::Unreachable { address: address.to_owned(), detail: e.message }
                     }
                     _ => bus_error(e),
                 });
@@ -215,21 +195,14 @@ impl LockTransport for BluezTransport {
             let reader = notify.notify_io().await.map_err(bus_error)?;
             let max_fragment = writer.mtu().min(char_mtu);
             if max_fragment < MIN_FRAGMENT_LEN {
-                return Err(BleError::NotALock(format!(
-                    "write size {max_fragment} below {MIN_FRAGMENT_LEN}"
-                )));
+                return Err(BleError::NotALock(format!("write size {max_fragment} below {MIN_FRAGMENT_LEN}")));
             }
             Ok((events, info, writer, reader, max_fragment.min(MAX_FRAGMENT_LEN)))
         };
         match ready.await {
-            Ok((events, info, writer, reader, max_fragment)) => Ok(BluezLink {
-                device,
-                writer,
-                reader,
-                events: Box::pin(events),
-                max_fragment,
-                info,
-            }),
+            Ok((events, info, writer, reader, max_fragment)) => {
+                Ok(BluezLink { device, writer, reader, events: Box::pin(events), max_fragment, info })
+            }
             Err(e) => {
                 let _ = device.disconnect().await;
                 Err(e)
@@ -294,13 +267,7 @@ impl LockLink for BluezLink {
     }
 
     async fn close(self) {
-        let BluezLink {
-            device,
-            writer,
-            reader,
-            events,
-            ..
-        } = self;
+        let BluezLink { device, writer, reader, events, .. } = self;
         drop((writer, reader, events));
         // Disconnecting an already-gone device fails harmlessly.
         let _ = device.disconnect().await;

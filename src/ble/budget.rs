@@ -42,10 +42,7 @@ impl Drop for Slot {
 impl ConnectionBudget {
     /// A budget of `max_links` slots (at least one).
     pub fn new(max_links: usize) -> Self {
-        ConnectionBudget {
-            slots: Arc::new(Semaphore::new(max_links.max(1))),
-            counts: Arc::default(),
-        }
+        ConnectionBudget { slots: Arc::new(Semaphore::new(max_links.max(1))), counts: Arc::default() }
     }
 
     /// Waits (in arrival order) for a slot, at most `timeout`.
@@ -54,17 +51,11 @@ impl ConnectionBudget {
         let permit = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
         self.counts.waiting.fetch_sub(1, Ordering::AcqRel);
         let permit = permit
-            .map_err(|_| BleError::Timeout {
-                during: "waiting for a free link slot",
-                after: timeout,
-            })?
+            .map_err(|_| BleError::Timeout { during: "waiting for a free link slot", after: timeout })?
             .expect("the budget's semaphore is never closed");
         let in_use = self.counts.in_use.fetch_add(1, Ordering::AcqRel) + 1;
         self.counts.peak.fetch_max(in_use, Ordering::AcqRel);
-        Ok(Slot {
-            _permit: permit,
-            counts: self.counts.clone(),
-        })
+        Ok(Slot { _permit: permit, counts: self.counts.clone() })
     }
 
     /// Slots held now.

@@ -87,10 +87,7 @@ async fn connect_with_retries<T: LockTransport>(
             break;
         }
         let result = match tokio::time::timeout(remaining, transport.connect(address)).await {
-            Err(_) => Err(BleError::Timeout {
-                during: "connecting",
-                after: timeout,
-            }),
+            Err(_) => Err(BleError::Timeout { during: "connecting", after: timeout }),
             Ok(Err(e)) => Err(e),
             Ok(Ok(link)) => {
                 let remaining = deadline.saturating_duration_since(Instant::now());
@@ -134,10 +131,7 @@ async fn connect_with_retries<T: LockTransport>(
         Some(e) => format!("no session within {timeout:?} (last attempt: {e})"),
         None => format!("no session within {timeout:?}"),
     };
-    Err(BleError::Unreachable {
-        address: address.to_owned(),
-        detail,
-    })
+    Err(BleError::Unreachable { address: address.to_owned(), detail })
 }
 
 /// Pairs with the lock at `address` using its setup code; returns the key to keep sealed.
@@ -151,11 +145,7 @@ pub async fn pair<T: LockTransport>(
     code: &SetupCode,
 ) -> Result<PairingKey, BleError> {
     let _slot = budget.acquire(config.slot_timeout()).await?;
-    let peer = Peer {
-        gateway_id,
-        lock_id,
-        address,
-    };
+    let peer = Peer { gateway_id, lock_id, address };
     match connect_with_retries(transport, config, &peer, Purpose::Pair(code)).await? {
         Established::Paired(key) => Ok(key),
         Established::Session(_) => unreachable!("pairing yields a key"),
@@ -173,16 +163,7 @@ impl<T: LockTransport> LockClient<T> {
         address: String,
         key: PairingKey,
     ) -> Self {
-        LockClient {
-            transport,
-            budget,
-            config,
-            gateway_id,
-            lock_id,
-            address,
-            key,
-            live: None,
-        }
+        LockClient { transport, budget, config, gateway_id, lock_id, address, key, live: None }
     }
 
     /// The lock's id.
@@ -250,21 +231,13 @@ impl<T: LockTransport> LockClient<T> {
             return Ok(());
         }
         let slot = self.budget.acquire(self.config.slot_timeout()).await?;
-        let peer = Peer {
-            gateway_id: &self.gateway_id,
-            lock_id: self.lock_id,
-            address: &self.address,
-        };
+        let peer = Peer { gateway_id: &self.gateway_id, lock_id: self.lock_id, address: &self.address };
         let session =
             match connect_with_retries(&*self.transport, &self.config, &peer, Purpose::Session(&self.key)).await? {
                 Established::Session(session) => *session,
                 Established::Paired(_) => unreachable!("a session purpose yields a session"),
             };
-        self.live = Some(Live {
-            session,
-            _slot: slot,
-            last_used: Instant::now(),
-        });
+        self.live = Some(Live { session, _slot: slot, last_used: Instant::now() });
         Ok(())
     }
 }

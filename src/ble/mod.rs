@@ -111,10 +111,7 @@ impl BleError {
     /// Whether trying again soon may succeed (while connecting; a command is never retried
     /// once sent, because it may have run).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            BleError::Timeout { .. } | BleError::LinkLost | BleError::Bus(_) | BleError::Unreachable { .. }
-        )
+        matches!(self, BleError::Timeout { .. } | BleError::LinkLost | BleError::Bus(_) | BleError::Unreachable { .. })
     }
 }
 
@@ -153,6 +150,8 @@ pub struct BleConfig {
     pub connect_timeout_ms: u64,
     /// Bound on one command, motor time included, in ms.
     pub command_timeout_ms: u64,
+    /// Bound on GATT service resolution after a connection, in ms (bluer's own is 120 s).
+    pub resolve_timeout_ms: u64,
     /// Bound on waiting for a free link slot, in ms.
     pub slot_timeout_ms: u64,
     /// An idle link is dropped after this many ms.
@@ -170,6 +169,7 @@ impl Default for BleConfig {
             max_links: 3,
             connect_timeout_ms: 10_000,
             command_timeout_ms: 10_000,
+            resolve_timeout_ms: 5_000,
             slot_timeout_ms: 30_000,
             keep_alive_ms: 20_000,
             retry_backoff_ms: 200,
@@ -191,6 +191,11 @@ impl BleConfig {
     /// [`BleConfig::command_timeout_ms`] as a duration.
     pub fn command_timeout(&self) -> Duration {
         Self::ms(self.command_timeout_ms)
+    }
+
+    /// [`BleConfig::resolve_timeout_ms`] as a duration.
+    pub fn resolve_timeout(&self) -> Duration {
+        Self::ms(self.resolve_timeout_ms)
     }
 
     /// [`BleConfig::slot_timeout_ms`] as a duration.

@@ -26,21 +26,14 @@ pub struct LockSession<L: LockLink> {
 
 impl<L: LockLink> std::fmt::Debug for LockSession<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LockSession")
-            .field("conn", &self.conn)
-            .finish_non_exhaustive()
+        f.debug_struct("LockSession").field("conn", &self.conn).finish_non_exhaustive()
     }
 }
 
 impl<L: LockLink> LockSession<L> {
     fn new(link: L, gateway_id: GatewayId, lock_id: LockId) -> Result<Self, BleError> {
         let conn = HubConnection::new(gateway_id, lock_id, link.max_fragment())?;
-        Ok(LockSession {
-            link,
-            conn,
-            epoch: Instant::now(),
-            events: VecDeque::new(),
-        })
+        Ok(LockSession { link, conn, epoch: Instant::now(), events: VecDeque::new() })
     }
 
     /// Pairs over `link` with the lock's setup code; returns the pairing key. The link stays
@@ -55,10 +48,7 @@ impl<L: LockLink> LockSession<L> {
     ) -> Result<(PairingKey, Self), BleError> {
         let mut s = Self::new(link, gateway_id, lock_id)?;
         s.conn.begin_pairing(code, &mut OsRng)?;
-        match s
-            .run_until(timeout, "pairing", |e| matches!(e, HubEvent::Paired(_)))
-            .await
-        {
+        match s.run_until(timeout, "pairing", |e| matches!(e, HubEvent::Paired(_))).await {
             Ok(HubEvent::Paired(key)) => Ok((key, s)),
             Ok(_) => unreachable!("run_until returns the awaited event"),
             Err(e) => {
@@ -78,10 +68,7 @@ impl<L: LockLink> LockSession<L> {
     ) -> Result<Self, BleError> {
         let mut s = Self::new(link, gateway_id, lock_id)?;
         s.conn.begin_session(key.clone(), &mut OsRng)?;
-        match s
-            .run_until(timeout, "opening a session", |e| matches!(e, HubEvent::SessionOpened))
-            .await
-        {
+        match s.run_until(timeout, "opening a session", |e| matches!(e, HubEvent::SessionOpened)).await {
             Ok(_) => Ok(s),
             Err(e) => {
                 s.link.close().await;
@@ -94,11 +81,7 @@ impl<L: LockLink> LockSession<L> {
     pub async fn call(&mut self, actor: Actor, op: Op, timeout: Duration) -> Result<Response, BleError> {
         let id = self.conn.request(actor, op)?;
         match self
-            .run_until(
-                timeout,
-                "waiting for the lock's answer",
-                |e| matches!(e, HubEvent::Response(r) if r.id == id),
-            )
+            .run_until(timeout, "waiting for the lock's answer", |e| matches!(e, HubEvent::Response(r) if r.id == id))
             .await?
         {
             HubEvent::Response(r) => Ok(r),
@@ -111,10 +94,7 @@ impl<L: LockLink> LockSession<L> {
         if let Some(e) = self.events.pop_front() {
             return Ok(e);
         }
-        match self
-            .run_until(timeout, "waiting for an event", |e| matches!(e, HubEvent::Event(_)))
-            .await?
-        {
+        match self.run_until(timeout, "waiting for an event", |e| matches!(e, HubEvent::Event(_))).await? {
             HubEvent::Event(e) => Ok(e),
             _ => unreachable!("run_until returns the awaited event"),
         }

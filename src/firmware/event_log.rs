@@ -25,12 +25,7 @@ impl EventLog {
     /// Appends an entry and returns it with its sequence number.
     pub fn append(&mut self, time: Option<u64>, event: Event, actor: Option<Actor>) -> LogEntry {
         self.last_seq += 1;
-        let entry = LogEntry {
-            seq: self.last_seq,
-            time,
-            event,
-            actor,
-        };
+        let entry = LogEntry { seq: self.last_seq, time, event, actor };
         if self.entries.len() == LOG_CAPACITY {
             self.entries.pop_front();
         }

@@ -59,9 +59,7 @@ pub struct HostedLock {
 
 impl std::fmt::Debug for HostedLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostedLock")
-            .field("flash", &self.flash)
-            .finish_non_exhaustive()
+        f.debug_struct("HostedLock").field("flash", &self.flash).finish_non_exhaustive()
     }
 }
 
@@ -80,14 +78,8 @@ impl HostedLock {
 
     /// Loads a lock's state from its flash file.
     pub fn load(path: &Path) -> Result<PersistentState, FlashError> {
-        let bytes = std::fs::read(path).map_err(|source| FlashError::Io {
-            path: path.into(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|source| FlashError::Corrupt {
-            path: path.into(),
-            source,
-        })
+        let bytes = std::fs::read(path).map_err(|source| FlashError::Io { path: path.into(), source })?;
+        serde_json::from_slice(&bytes).map_err(|source| FlashError::Corrupt { path: path.into(), source })
     }
 
     /// Milliseconds since this lock was hosted (the firmware's monotonic clock).
@@ -120,10 +112,7 @@ impl HostedLock {
             let fw = self.firmware.lock().expect("firmware lock poisoned");
             serde_json::to_vec_pretty(fw.persistent()).expect("lock state serialises")
         };
-        write_private(path, &json).map_err(|source| FlashError::Io {
-            path: path.clone(),
-            source,
-        })
+        write_private(path, &json).map_err(|source| FlashError::Io { path: path.clone(), source })
     }
 
     /// Fires timers and delivers outputs until the task is dropped. Saves the flash file a
@@ -151,10 +140,7 @@ impl HostedLock {
                 save_at = Some(tokio::time::Instant::now() + SAVE_DEBOUNCE);
             }
             let timer = deadline.map(|d| self.epoch + Duration::from_millis(d));
-            let sleep_until = [timer.map(tokio::time::Instant::from_std), save_at]
-                .into_iter()
-                .flatten()
-                .min();
+            let sleep_until = [timer.map(tokio::time::Instant::from_std), save_at].into_iter().flatten().min();
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = sleep_or_forever(sleep_until) => {}
@@ -181,12 +167,7 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)

@@ -72,11 +72,7 @@ pub struct Mechanics {
 
 impl Default for Mechanics {
     fn default() -> Self {
-        Mechanics {
-            motor_ms: 400,
-            auto_lock_ms: None,
-            drain_per_op_permille: 1,
-        }
+        Mechanics { motor_ms: 400, auto_lock_ms: None, drain_per_op_permille: 1 }
     }
 }
 
@@ -139,11 +135,7 @@ impl PersistentState {
             log: EventLog::default(),
             reported_seq: 0,
             bolt: LockState::Locked,
-            door: if capabilities.door_sensor {
-                DoorState::Closed
-            } else {
-                DoorState::Unknown
-            },
+            door: if capabilities.door_sensor { DoorState::Closed } else { DoorState::Unknown },
             battery_permille: 1000,
         }
     }
@@ -309,13 +301,7 @@ impl Firmware {
 
     /// Whether a session is established on the current connection.
     pub fn in_session(&self) -> bool {
-        matches!(
-            self.link,
-            Some(Link {
-                phase: Phase::Session(_),
-                ..
-            })
-        )
+        matches!(self.link, Some(Link { phase: Phase::Session(_), .. }))
     }
 
     fn bolt_state(&self) -> LockState {
@@ -327,8 +313,7 @@ impl Firmware {
     }
 
     fn clock_now(&self, now_ms: u64) -> Option<u64> {
-        self.clock
-            .map(|(unix, at)| unix.saturating_add(now_ms.saturating_sub(at) / 1000))
+        self.clock.map(|(unix, at)| unix.saturating_add(now_ms.saturating_sub(at) / 1000))
     }
 
     fn rng(&mut self) -> &mut (dyn CryptoRngCore + Send) {
@@ -344,11 +329,8 @@ impl Firmware {
         // Whatever was queued belonged to the previous connection.
         self.outbox.clear();
         let mtu = mtu.clamp(fragment::MIN_MTU, fragment::MAX_MTU);
-        self.link = Some(Link {
-            max_fragment: usize::from(mtu) - 3,
-            reassembler: Reassembler::default(),
-            phase: Phase::Idle,
-        });
+        self.link =
+            Some(Link { max_fragment: usize::from(mtu) - 3, reassembler: Reassembler::default(), phase: Phase::Idle });
     }
 
     /// The central went away.
@@ -436,8 +418,7 @@ impl Firmware {
         match self.state.passcodes.verify(code, self.clock_now(now_ms)) {
             Some(slot) => {
                 self.keypad_failures = 0;
-                self.start_motion(Movement::Unlock, Cause::Keypad, Some(Actor::Keypad(slot)), None, now_ms)
-                    .is_ok()
+                self.start_motion(Movement::Unlock, Cause::Keypad, Some(Actor::Keypad(slot)), None, now_ms).is_ok()
             }
             None => {
                 self.keypad_failures += 1;
@@ -457,11 +438,7 @@ impl Firmware {
         if self.motion.is_some() {
             return;
         }
-        let target = if self.state.bolt == LockState::Locked {
-            LockState::Unlocked
-        } else {
-            LockState::Locked
-        };
+        let target = if self.state.bolt == LockState::Locked { LockState::Unlocked } else { LockState::Locked };
         self.settle(target, Cause::Manual, None, now_ms);
     }
 
@@ -555,12 +532,7 @@ impl Firmware {
                 Ok(Frame::PairRequest { gateway_id, spake }) => self.on_pair_request(gateway_id, &spake, now_ms),
                 Ok(Frame::Hello { nonce }) => self.on_hello(&nonce, now_ms),
                 _ => {
-                    self.send_frame(
-                        &Frame::HelloReject {
-                            reason: HelloRejectReason::Unexpected,
-                        },
-                        now_ms,
-                    );
+                    self.send_frame(&Frame::HelloReject { reason: HelloRejectReason::Unexpected }, now_ms);
                     self.drop_link();
                 }
             },
@@ -569,10 +541,7 @@ impl Firmware {
 
     fn on_pair_request(&mut self, gateway_id: GatewayId, spake: &[u8; 33], now_ms: u64) {
         if !self.state.pairing_mode {
-            let reject = Frame::PairReject {
-                reason: PairRejectReason::NotInPairingMode,
-                attempts_left: 0,
-            };
+            let reject = Frame::PairReject { reason: PairRejectReason::NotInPairingMode, attempts_left: 0 };
             return self.send_frame(&reject, now_ms);
         }
         self.state.failed_pairing_attempts += 1;
@@ -592,10 +561,7 @@ impl Firmware {
     fn pairing_failed(&mut self, now_ms: u64) {
         let reject = if self.state.failed_pairing_attempts >= MAX_PAIRING_ATTEMPTS {
             self.leave_pairing_mode();
-            Frame::PairReject {
-                reason: PairRejectReason::AttemptsExhausted,
-                attempts_left: 0,
-            }
+            Frame::PairReject { reason: PairRejectReason::AttemptsExhausted, attempts_left: 0 }
         } else {
             Frame::PairReject {
                 reason: PairRejectReason::ConfirmationFailed,
@@ -612,25 +578,14 @@ impl Firmware {
 
     fn on_hello(&mut self, gateway_nonce: &[u8; NONCE_LEN], now_ms: u64) {
         let Some(pairing) = &self.state.pairing else {
-            return self.send_frame(
-                &Frame::HelloReject {
-                    reason: HelloRejectReason::NotPaired,
-                },
-                now_ms,
-            );
+            return self.send_frame(&Frame::HelloReject { reason: HelloRejectReason::NotPaired }, now_ms);
         };
         let key = pairing.key.clone();
         let mut lock_nonce = [0u8; NONCE_LEN];
         self.rng().fill_bytes(&mut lock_nonce);
         let keys = SessionKeys::derive(&key, self.state.identity.lock_id, gateway_nonce, &lock_nonce);
         let confirm = keys.hello_tag(gateway_nonce, &lock_nonce);
-        self.send_frame(
-            &Frame::HelloReply {
-                nonce: lock_nonce,
-                confirm,
-            },
-            now_ms,
-        );
+        self.send_frame(&Frame::HelloReply { nonce: lock_nonce, confirm }, now_ms);
         if let Some(link) = self.link.as_mut() {
             link.phase = Phase::Session(Box::new(SecureChannel::new(&keys, Role::Lock)));
         }
@@ -671,11 +626,7 @@ impl Firmware {
                     Ok(Reply::Events { entries, more })
                 }
             }
-            Op::AddPasscode {
-                code,
-                valid_from,
-                valid_until,
-            } => {
+            Op::AddPasscode { code, valid_from, valid_until } => {
                 if !self.state.identity.capabilities.keypad {
                     Err(LockError::NotSupported)
                 } else {
@@ -729,11 +680,7 @@ impl Firmware {
         if unlatch && !self.state.identity.capabilities.unlatch {
             return Err(LockError::NotSupported);
         }
-        let target = if movement == Movement::Lock {
-            LockState::Locked
-        } else {
-            LockState::Unlocked
-        };
+        let target = if movement == Movement::Lock { LockState::Locked } else { LockState::Unlocked };
         if target == LockState::Locked && self.state.door == DoorState::Open {
             return Err(LockError::DoorOpen);
         }
@@ -759,14 +706,7 @@ impl Firmware {
         };
         self.motion = Some(m);
         self.auto_lock_at = None;
-        self.record(
-            Event::StateChanged {
-                state: self.bolt_state(),
-                cause,
-            },
-            actor,
-            now_ms,
-        );
+        self.record(Event::StateChanged { state: self.bolt_state(), cause }, actor, now_ms);
         self.report_battery(before, now_ms);
         if self.state.mechanics.motor_ms == 0 {
             self.finish_motion(now_ms);
@@ -779,14 +719,7 @@ impl Firmware {
         if std::mem::take(&mut self.faults.jam_next_operation) {
             self.state.bolt = LockState::Jammed;
             self.record(Event::Jammed, m.actor, now_ms);
-            self.record(
-                Event::StateChanged {
-                    state: LockState::Jammed,
-                    cause: m.cause,
-                },
-                m.actor,
-                now_ms,
-            );
+            self.record(Event::StateChanged { state: LockState::Jammed, cause: m.cause }, m.actor, now_ms);
             if let Some(id) = m.request {
                 self.respond(id, Err(LockError::Jammed), now_ms);
             }
@@ -836,11 +769,7 @@ impl Firmware {
     }
 
     fn send_sealed(&mut self, message: &LockMessage, now_ms: u64) {
-        let Some(Link {
-            phase: Phase::Session(channel),
-            ..
-        }) = self.link.as_mut()
-        else {
+        let Some(Link { phase: Phase::Session(channel), .. }) = self.link.as_mut() else {
             return;
         };
         // Messages are bounded by construction (pages are capped), so encoding cannot fail.
@@ -864,18 +793,14 @@ impl Firmware {
     fn send_bytes(&mut self, frame: &[u8], now_ms: u64) {
         let Some(link) = self.link.as_ref() else { return };
         match fragment::fragment(frame, link.max_fragment) {
-            Ok(frags) => frags
-                .into_iter()
-                .for_each(|f| self.queue_output(Output::Notify(f), now_ms)),
+            Ok(frags) => frags.into_iter().for_each(|f| self.queue_output(Output::Notify(f), now_ms)),
             Err(_) => self.drop_link(),
         }
     }
 
     fn queue_output(&mut self, output: Output, now_ms: u64) {
         // Delayed outputs keep their order: nothing overtakes what was queued before it.
-        let at = now_ms
-            .saturating_add(self.faults.response_delay_ms)
-            .max(self.outbox.back().map_or(0, |(at, _)| *at));
+        let at = now_ms.saturating_add(self.faults.response_delay_ms).max(self.outbox.back().map_or(0, |(at, _)| *at));
         self.outbox.push_back((at, output));
     }
 

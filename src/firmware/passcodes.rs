@@ -59,12 +59,7 @@ impl PasscodeTable {
             .hash_password(code.expose().as_bytes(), &salt)
             .map_err(|_| LockError::InvalidArgument)?
             .to_string();
-        self.slots.push(StoredPasscode {
-            slot,
-            hash,
-            valid_from,
-            valid_until,
-        });
+        self.slots.push(StoredPasscode { slot, hash, valid_from, valid_until });
         Ok(slot)
     }
 
@@ -72,22 +67,14 @@ impl PasscodeTable {
     pub fn remove(&mut self, slot: u16) -> Result<(), LockError> {
         let before = self.slots.len();
         self.slots.retain(|p| p.slot != slot);
-        if self.slots.len() == before {
-            Err(LockError::NoSuchSlot)
-        } else {
-            Ok(())
-        }
+        if self.slots.len() == before { Err(LockError::NoSuchSlot) } else { Ok(()) }
     }
 
     /// Slot metadata, never the hashes.
     pub fn list(&self) -> Vec<PasscodeSlot> {
         self.slots
             .iter()
-            .map(|p| PasscodeSlot {
-                slot: p.slot,
-                valid_from: p.valid_from,
-                valid_until: p.valid_until,
-            })
+            .map(|p| PasscodeSlot { slot: p.slot, valid_from: p.valid_from, valid_until: p.valid_until })
             .collect()
     }
 
@@ -130,10 +117,7 @@ mod tests {
         assert_eq!(t.verify("246810", Some(200)), None);
         assert_eq!(t.verify("246810", None), None);
         assert_eq!(t.verify("246811", Some(150)), None);
-        assert_eq!(
-            t.add(&code, Some(5), Some(5), &mut OsRng),
-            Err(LockError::InvalidArgument)
-        );
+        assert_eq!(t.add(&code, Some(5), Some(5), &mut OsRng), Err(LockError::InvalidArgument));
         t.remove(slot).unwrap();
         assert_eq!(t.remove(slot), Err(LockError::NoSuchSlot));
     }

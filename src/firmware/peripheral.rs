@@ -66,11 +66,7 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result
     } else {
         let mut id = [0u8; 8];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
-        let caps = Capabilities {
-            unlatch: true,
-            keypad: true,
-            door_sensor: true,
-        };
+        let caps = Capabilities { unlatch: true, keypad: true, door_sensor: true };
         PersistentState::factory_new(LockId(id), caps, Mechanics::default(), &mut rand_core::OsRng)
     };
     eprintln!(
@@ -88,10 +84,7 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result
     adapter.set_powered(true).await?;
 
     let central = Arc::new(Mutex::new(Central::default()));
-    let radio = PeripheralRadio {
-        central: central.clone(),
-        adapter: adapter.clone(),
-    };
+    let radio = PeripheralRadio { central: central.clone(), adapter: adapter.clone() };
     let driver = tokio::spawn(lock.clone().run(radio));
 
     let write_lock = lock.clone();

@@ -108,10 +108,7 @@ pub fn fragment(frame: &[u8], max_len: usize) -> Result<Vec<Vec<u8>>, FragmentEr
         return Err(FragmentError::Empty);
     }
     if frame.len() > MAX_FRAME_LEN {
-        return Err(FragmentError::Oversize {
-            len: frame.len(),
-            max: MAX_FRAME_LEN,
-        });
+        return Err(FragmentError::Oversize { len: frame.len(), max: MAX_FRAME_LEN });
     }
     let payload = max_len;
     let mut out = Vec::with_capacity(frame.len() / (payload - 1) + 1);
@@ -164,17 +161,12 @@ impl Default for Reassembler {
 impl Reassembler {
     /// A reassembler that drops partial frames older than `timeout_ms`.
     pub fn new(timeout_ms: u64) -> Self {
-        Reassembler {
-            pending: None,
-            timeout_ms,
-        }
+        Reassembler { pending: None, timeout_ms }
     }
 
     /// When the pending partial frame (if any) times out, in the caller's monotonic ms.
     pub fn deadline(&self) -> Option<u64> {
-        self.pending
-            .as_ref()
-            .map(|p| p.started_ms.saturating_add(self.timeout_ms))
+        self.pending.as_ref().map(|p| p.started_ms.saturating_add(self.timeout_ms))
     }
 
     /// Whether a partial frame is waiting for more fragments.
@@ -211,55 +203,33 @@ impl Reassembler {
         let is_last = header & LAST != 0;
         if header & FIRST != 0 {
             if let Some(p) = &self.pending {
-                return Err(FragmentError::Truncated {
-                    received: p.buf.len(),
-                    declared: p.declared,
-                });
+                return Err(FragmentError::Truncated { received: p.buf.len(), declared: p.declared });
             }
             if index != 0 {
-                return Err(FragmentError::OutOfOrder {
-                    expected: 0,
-                    got: index,
-                });
+                return Err(FragmentError::OutOfOrder { expected: 0, got: index });
             }
             if body.len() < 2 {
-                return Err(FragmentError::Truncated {
-                    received: body.len(),
-                    declared: 2,
-                });
+                return Err(FragmentError::Truncated { received: body.len(), declared: 2 });
             }
             let declared = usize::from(u16::from_be_bytes([body[0], body[1]]));
             if declared == 0 {
                 return Err(FragmentError::Empty);
             }
             if declared > MAX_FRAME_LEN {
-                return Err(FragmentError::Oversize {
-                    len: declared,
-                    max: MAX_FRAME_LEN,
-                });
+                return Err(FragmentError::Oversize { len: declared, max: MAX_FRAME_LEN });
             }
-            self.pending = Some(Pending {
-                buf: Vec::with_capacity(declared),
-                declared,
-                next_index: 0,
-                started_ms: now_ms,
-            });
+            self.pending =
+                Some(Pending { buf: Vec::with_capacity(declared), declared, next_index: 0, started_ms: now_ms });
             return self.append(&body[2..], index, is_last);
         }
         let Some(p) = &self.pending else {
-            return Err(FragmentError::OutOfOrder {
-                expected: 0,
-                got: index,
-            });
+            return Err(FragmentError::OutOfOrder { expected: 0, got: index });
         };
         if index != p.next_index {
             if p.next_index > 0 && index == p.next_index - 1 {
                 return Err(FragmentError::Duplicate { index });
             }
-            return Err(FragmentError::OutOfOrder {
-                expected: p.next_index,
-                got: index,
-            });
+            return Err(FragmentError::OutOfOrder { expected: p.next_index, got: index });
         }
         self.append(body, index, is_last)
     }
@@ -277,15 +247,11 @@ impl Reassembler {
         p.next_index = index.wrapping_add(1);
         match (len == p.declared, is_last) {
             (true, true) => Ok(self.pending.take().map(|p| p.buf)),
-            (false, true) => Err(FragmentError::Truncated {
-                received: len,
-                declared: p.declared,
-            }),
+            (false, true) => Err(FragmentError::Truncated { received: len, declared: p.declared }),
             (true, false) => Err(FragmentError::MissingLast),
-            (false, false) if usize::from(p.next_index) >= MAX_FRAGMENTS => Err(FragmentError::Truncated {
-                received: len,
-                declared: p.declared,
-            }),
+            (false, false) if usize::from(p.next_index) >= MAX_FRAGMENTS => {
+                Err(FragmentError::Truncated { received: len, declared: p.declared })
+            }
             (false, false) => Ok(None),
         }
     }
@@ -326,16 +292,10 @@ mod tests {
     fn refuses_oversize_frames() {
         assert_eq!(
             fragment(&frame(MAX_FRAME_LEN + 1), 20),
-            Err(FragmentError::Oversize {
-                len: MAX_FRAME_LEN + 1,
-                max: MAX_FRAME_LEN
-            })
+            Err(FragmentError::Oversize { len: MAX_FRAME_LEN + 1, max: MAX_FRAME_LEN })
         );
         let mut r = Reassembler::default();
-        assert!(matches!(
-            r.push(&[FIRST, 0x04, 0x01, 0], 0),
-            Err(FragmentError::Oversize { .. })
-        ));
+        assert!(matches!(r.push(&[FIRST, 0x04, 0x01, 0], 0), Err(FragmentError::Oversize { .. })));
     }
 
     #[test]
@@ -344,10 +304,7 @@ mod tests {
         assert_eq!(frags.len(), 4);
         let mut r = Reassembler::default();
         r.push(&frags[0], 0).unwrap();
-        assert_eq!(
-            r.push(&frags[2], 0),
-            Err(FragmentError::OutOfOrder { expected: 1, got: 2 })
-        );
+        assert_eq!(r.push(&frags[2], 0), Err(FragmentError::OutOfOrder { expected: 1, got: 2 }));
 
         let mut r = Reassembler::default();
         r.push(&frags[0], 0).unwrap();
@@ -365,10 +322,7 @@ mod tests {
         assert!(matches!(r.push(&early_last, 0), Err(FragmentError::Truncated { .. })));
 
         let mut r = Reassembler::default();
-        assert_eq!(
-            r.push(&frags[1], 0),
-            Err(FragmentError::OutOfOrder { expected: 0, got: 1 })
-        );
+        assert_eq!(r.push(&frags[1], 0), Err(FragmentError::OutOfOrder { expected: 0, got: 1 }));
     }
 
     #[test]
@@ -377,10 +331,7 @@ mod tests {
         let mut r = Reassembler::new(100);
         r.push(&frags[0], 1_000).unwrap();
         assert_eq!(r.deadline(), Some(1_100));
-        assert_eq!(
-            r.push(&frags[1], 1_100),
-            Err(FragmentError::Timeout { elapsed_ms: 100 })
-        );
+        assert_eq!(r.push(&frags[1], 1_100), Err(FragmentError::Timeout { elapsed_ms: 100 }));
         assert_eq!(reassemble(&frags).unwrap(), frame(60));
     }
 }

@@ -171,11 +171,7 @@ pub enum FrameError {
 }
 
 fn array<const N: usize>(kind: u8, body: &[u8]) -> Result<[u8; N], FrameError> {
-    body.try_into().map_err(|_| FrameError::Length {
-        kind,
-        expected: N,
-        got: body.len(),
-    })
+    body.try_into().map_err(|_| FrameError::Length { kind, expected: N, got: body.len() })
 }
 
 impl Frame {
@@ -236,11 +232,7 @@ impl Frame {
             return Err(FrameError::Version(*version));
         }
         let kind = *kind;
-        let len_err = |expected| FrameError::Length {
-            kind,
-            expected,
-            got: body.len(),
-        };
+        let len_err = |expected| FrameError::Length { kind, expected, got: body.len() };
         Ok(match kind {
             kind::PAIR_REQUEST => {
                 let (&id_len, rest) = body.split_first().ok_or(len_err(1 + SPAKE_MSG_LEN))?;
@@ -263,9 +255,7 @@ impl Frame {
                     confirm: array(kind, &body[SPAKE_MSG_LEN..])?,
                 }
             }
-            kind::PAIR_CONFIRM => Frame::PairConfirm {
-                confirm: array(kind, body)?,
-            },
+            kind::PAIR_CONFIRM => Frame::PairConfirm { confirm: array(kind, body)? },
             kind::PAIR_DONE if body.is_empty() => Frame::PairDone,
             kind::PAIR_DONE => return Err(len_err(0)),
             kind::PAIR_REJECT => {
@@ -279,17 +269,12 @@ impl Frame {
                 };
                 Frame::PairReject { reason, attempts_left }
             }
-            kind::HELLO => Frame::Hello {
-                nonce: array(kind, body)?,
-            },
+            kind::HELLO => Frame::Hello { nonce: array(kind, body)? },
             kind::HELLO_REPLY => {
                 if body.len() != NONCE_LEN + HELLO_CONFIRM_LEN {
                     return Err(len_err(NONCE_LEN + HELLO_CONFIRM_LEN));
                 }
-                Frame::HelloReply {
-                    nonce: array(kind, &body[..NONCE_LEN])?,
-                    confirm: array(kind, &body[NONCE_LEN..])?,
-                }
+                Frame::HelloReply { nonce: array(kind, &body[..NONCE_LEN])?, confirm: array(kind, &body[NONCE_LEN..])? }
             }
             kind::HELLO_REJECT => {
                 let [reason] = array(kind, body)?;
@@ -305,10 +290,7 @@ impl Frame {
                     return Err(len_err(8 + TAG_LEN));
                 }
                 let counter = u64::from_be_bytes(array(kind, &body[..8])?);
-                Frame::Sealed {
-                    counter,
-                    body: body[8..].to_vec(),
-                }
+                Frame::Sealed { counter, body: body[8..].to_vec() }
             }
             other => return Err(FrameError::UnknownType(other)),
         })
@@ -322,32 +304,15 @@ mod tests {
     #[test]
     fn every_frame_round_trips() {
         let frames = vec![
-            Frame::PairRequest {
-                gateway_id: GatewayId::new("gw-1").unwrap(),
-                spake: [7; 33],
-            },
-            Frame::PairResponse {
-                spake: [1; 33],
-                confirm: [2; 32],
-            },
+            Frame::PairRequest { gateway_id: GatewayId::new("gw-1").unwrap(), spake: [7; 33] },
+            Frame::PairResponse { spake: [1; 33], confirm: [2; 32] },
             Frame::PairConfirm { confirm: [3; 32] },
             Frame::PairDone,
-            Frame::PairReject {
-                reason: PairRejectReason::AttemptsExhausted,
-                attempts_left: 0,
-            },
+            Frame::PairReject { reason: PairRejectReason::AttemptsExhausted, attempts_left: 0 },
             Frame::Hello { nonce: [4; 16] },
-            Frame::HelloReply {
-                nonce: [5; 16],
-                confirm: [6; 16],
-            },
-            Frame::HelloReject {
-                reason: HelloRejectReason::NotPaired,
-            },
-            Frame::Sealed {
-                counter: 42,
-                body: vec![9; 20],
-            },
+            Frame::HelloReply { nonce: [5; 16], confirm: [6; 16] },
+            Frame::HelloReject { reason: HelloRejectReason::NotPaired },
+            Frame::Sealed { counter: 42, body: vec![9; 20] },
         ];
         for f in frames {
             assert_eq!(Frame::parse(&f.encode()).unwrap(), f);

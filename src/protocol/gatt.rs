@@ -64,11 +64,7 @@ impl Capabilities {
         if bits & !0b111 != 0 {
             return Err(GattError::ReservedBits);
         }
-        Ok(Capabilities {
-            unlatch: bits & 1 != 0,
-            keypad: bits & 2 != 0,
-            door_sensor: bits & 4 != 0,
-        })
+        Ok(Capabilities { unlatch: bits & 1 != 0, keypad: bits & 2 != 0, door_sensor: bits & 4 != 0 })
     }
 }
 
@@ -107,10 +103,7 @@ impl LockInfo {
     /// Parses the record, refusing any other version, length or reserved bit.
     pub fn parse(bytes: &[u8]) -> Result<Self, GattError> {
         if bytes.len() != Self::LEN {
-            return Err(GattError::Length {
-                expected: Self::LEN,
-                got: bytes.len(),
-            });
+            return Err(GattError::Length { expected: Self::LEN, got: bytes.len() });
         }
         if bytes[0] != PROTOCOL_VERSION {
             return Err(GattError::Version(bytes[0]));
@@ -166,10 +159,7 @@ impl ManufacturerData {
     /// Parses the advertisement payload strictly.
     pub fn parse(bytes: &[u8]) -> Result<Self, GattError> {
         if bytes.len() != Self::LEN {
-            return Err(GattError::Length {
-                expected: Self::LEN,
-                got: bytes.len(),
-            });
+            return Err(GattError::Length { expected: Self::LEN, got: bytes.len() });
         }
         if bytes[0] != PROTOCOL_VERSION {
             return Err(GattError::Version(bytes[0]));
@@ -222,11 +212,7 @@ mod tests {
             lock_id: LockId([1, 2, 3, 4, 5, 6, 7, 8]),
             firmware: (1, 2, 3),
             pairing_mode: true,
-            capabilities: Capabilities {
-                unlatch: true,
-                keypad: true,
-                door_sensor: false,
-            },
+            capabilities: Capabilities { unlatch: true, keypad: true, door_sensor: false },
         };
         let bytes = info.encode();
         assert_eq!(LockInfo::parse(&bytes).unwrap(), info);
@@ -238,11 +224,7 @@ mod tests {
 
     #[test]
     fn manufacturer_data_round_trips() {
-        let m = ManufacturerData {
-            lock_id: LockId([9; 8]),
-            pairing_mode: false,
-            new_events: true,
-        };
+        let m = ManufacturerData { lock_id: LockId([9; 8]), pairing_mode: false, new_events: true };
         assert_eq!(ManufacturerData::parse(&m.encode()).unwrap(), m);
         let mut bad = m.encode();
         bad[1] |= 0x80;

@@ -194,10 +194,7 @@ impl HubConnection {
     pub fn request(&mut self, actor: Actor, op: Op) -> Result<u32, ProtocolError> {
         let id = self.next_request_id;
         let State::Established(channel) = &mut self.state else {
-            return Err(ProtocolError::WrongState {
-                action: "send a request",
-                state: self.state.name(),
-            });
+            return Err(ProtocolError::WrongState { action: "send a request", state: self.state.name() });
         };
         let plain = zeroize::Zeroizing::new(Request { id, actor, op }.encode()?);
         let sealed = channel.seal(&plain);
@@ -226,10 +223,7 @@ impl HubConnection {
     /// Feeds one notification fragment from the lock.
     pub fn on_notification(&mut self, fragment: &[u8], now_ms: u64) -> Result<Option<HubEvent>, ProtocolError> {
         if self.is_closed() {
-            return Err(ProtocolError::WrongState {
-                action: "receive",
-                state: "closed",
-            });
+            return Err(ProtocolError::WrongState { action: "receive", state: "closed" });
         }
         let r = self.reassembler.push(fragment, now_ms).map_err(ProtocolError::from);
         match self.fail_on_err(r)? {
@@ -265,13 +259,7 @@ impl HubConnection {
                 self.state = State::Idle;
                 Ok(Some(HubEvent::Paired(key)))
             }
-            (
-                State::Hello { key, nonce },
-                Frame::HelloReply {
-                    nonce: lock_nonce,
-                    confirm,
-                },
-            ) => {
+            (State::Hello { key, nonce }, Frame::HelloReply { nonce: lock_nonce, confirm }) => {
                 let keys = SessionKeys::derive(&key, self.lock_id, &nonce, &lock_nonce);
                 if !keys.verify_hello_tag(&nonce, &lock_nonce, &confirm) {
                     return Err(ProtocolError::LockNotAuthenticated);
@@ -280,20 +268,14 @@ impl HubConnection {
                 Ok(Some(HubEvent::SessionOpened))
             }
             (State::Hello { .. }, Frame::HelloReject { reason }) => Err(ProtocolError::SessionRefused(reason)),
-            (_, frame) => Err(ProtocolError::Unexpected {
-                state: state_name,
-                frame: frame.kind(),
-            }),
+            (_, frame) => Err(ProtocolError::Unexpected { state: state_name, frame: frame.kind() }),
         }
     }
 
     fn require_idle(&self, action: &'static str) -> Result<(), ProtocolError> {
         match self.state {
             State::Idle => Ok(()),
-            _ => Err(ProtocolError::WrongState {
-                action,
-                state: self.state.name(),
-            }),
+            _ => Err(ProtocolError::WrongState { action, state: self.state.name() }),
         }
     }
 

@@ -409,10 +409,7 @@ impl LockMessage {
     /// Decodes a message strictly.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
         let msg: LockMessage = decode(bytes)?;
-        if let LockMessage::Response(Response {
-            result: Ok(Reply::Events { entries, .. }),
-            ..
-        }) = &msg
+        if let LockMessage::Response(Response { result: Ok(Reply::Events { entries, .. }), .. }) = &msg
             && entries.len() > usize::from(MAX_EVENTS_PER_PAGE)
         {
             return Err(MessageError::PageTooLarge(entries.len()));
@@ -430,11 +427,7 @@ mod tests {
         let r = Request {
             id: 7,
             actor: Actor::Cloud(UserRef([1; 8])),
-            op: Op::AddPasscode {
-                code: Passcode::new("123456").unwrap(),
-                valid_from: None,
-                valid_until: Some(9),
-            },
+            op: Op::AddPasscode { code: Passcode::new("123456").unwrap(), valid_from: None, valid_until: Some(9) },
         };
         let mut bytes = r.encode().unwrap();
         assert_eq!(Request::decode(&bytes).unwrap(), r);
@@ -447,18 +440,12 @@ mod tests {
         let entry = LogEntry {
             seq: u64::MAX,
             time: Some(u64::MAX),
-            event: Event::StateChanged {
-                state: LockState::Unlocked,
-                cause: Cause::Remote,
-            },
+            event: Event::StateChanged { state: LockState::Unlocked, cause: Cause::Remote },
             actor: Some(Actor::Cloud(UserRef([0xff; 8]))),
         };
         let msg = LockMessage::Response(Response {
             id: u32::MAX,
-            result: Ok(Reply::Events {
-                entries: vec![entry; MAX_EVENTS_PER_PAGE.into()],
-                more: true,
-            }),
+            result: Ok(Reply::Events { entries: vec![entry; MAX_EVENTS_PER_PAGE.into()], more: true }),
         });
         let bytes = msg.encode().unwrap();
         assert_eq!(LockMessage::decode(&bytes).unwrap(), msg);
@@ -469,11 +456,7 @@ mod tests {
         let ok = Request {
             id: 1,
             actor: Actor::Hub,
-            op: Op::AddPasscode {
-                code: Passcode::new("1234").unwrap(),
-                valid_from: None,
-                valid_until: None,
-            },
+            op: Op::AddPasscode { code: Passcode::new("1234").unwrap(), valid_from: None, valid_until: None },
         };
         let mut bytes = ok.encode().unwrap();
         // The passcode string is encoded as varint length + ASCII; turn a digit into a letter.

@@ -137,8 +137,7 @@ impl Confirmed {
     fn derive(spake_key: &[u8], th: [u8; 32]) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(&th), spake_key);
         let mut okm = Zeroizing::new([0u8; 96]);
-        hk.expand(b"LHP1 pair keys", okm.as_mut())
-            .expect("96 bytes is a valid HKDF length");
+        hk.expand(b"LHP1 pair keys", okm.as_mut()).expect("96 bytes is a valid HKDF length");
         let mut kc_lock = Zeroizing::new([0u8; 32]);
         let mut kc_gateway = Zeroizing::new([0u8; 32]);
         let mut key = [0u8; 32];
@@ -147,12 +146,7 @@ impl Confirmed {
         key.copy_from_slice(&okm[64..]);
         let pairing_key = PairingKey(key);
         key.zeroize();
-        Confirmed {
-            th,
-            kc_lock,
-            kc_gateway,
-            pairing_key,
-        }
+        Confirmed { th, kc_lock, kc_gateway, pairing_key }
     }
 
     fn tag(key: &[u8; 32], label: &[u8], th: &[u8; 32]) -> [u8; PAIR_CONFIRM_LEN] {
@@ -172,10 +166,7 @@ impl Confirmed {
 }
 
 fn finish(spake: Spake2<Ed25519Group>, peer_msg: &[u8]) -> Result<Zeroizing<Vec<u8>>, PairingError> {
-    spake
-        .finish(peer_msg)
-        .map(Zeroizing::new)
-        .map_err(|_| PairingError::BadMessage)
+    spake.finish(peer_msg).map(Zeroizing::new).map_err(|_| PairingError::BadMessage)
 }
 
 /// The gateway's side of pairing (SPAKE2 side A).
@@ -188,9 +179,7 @@ pub struct PairingInitiator {
 
 impl std::fmt::Debug for PairingInitiator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PairingInitiator")
-            .field("lock_id", &self.lock_id)
-            .finish_non_exhaustive()
+        f.debug_struct("PairingInitiator").field("lock_id", &self.lock_id).finish_non_exhaustive()
     }
 }
 
@@ -206,19 +195,8 @@ impl PairingInitiator {
         let (spake, msg) =
             Spake2::<Ed25519Group>::start_a_with_rng(&Password::new(code.expose().as_bytes()), &id_a, &id_b, rng);
         let msg_a: [u8; SPAKE_MSG_LEN] = msg.as_slice().try_into().expect("SPAKE2 message is 33 bytes");
-        let frame = Frame::PairRequest {
-            gateway_id: gateway_id.clone(),
-            spake: msg_a,
-        };
-        (
-            PairingInitiator {
-                spake,
-                msg_a,
-                gateway_id,
-                lock_id,
-            },
-            frame,
-        )
+        let frame = Frame::PairRequest { gateway_id: gateway_id.clone(), spake: msg_a };
+        (PairingInitiator { spake, msg_a, gateway_id, lock_id }, frame)
     }
 
     /// Checks the lock's [`Frame::PairResponse`]; on success returns the pairing key and the
@@ -235,9 +213,7 @@ impl PairingInitiator {
         if !bool::from(c.lock_tag().ct_eq(lock_confirm)) {
             return Err(PairingError::ConfirmationFailed);
         }
-        let frame = Frame::PairConfirm {
-            confirm: c.gateway_tag(),
-        };
+        let frame = Frame::PairConfirm { confirm: c.gateway_tag() };
         Ok((c.pairing_key.clone(), frame))
     }
 }
@@ -250,9 +226,7 @@ pub struct PairingResponder {
 
 impl std::fmt::Debug for PairingResponder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PairingResponder")
-            .field("gateway_id", &self.gateway_id)
-            .finish_non_exhaustive()
+        f.debug_struct("PairingResponder").field("gateway_id", &self.gateway_id).finish_non_exhaustive()
     }
 }
 
@@ -272,10 +246,7 @@ impl PairingResponder {
         let key = finish(spake, spake_a)?;
         let th = transcript_hash(&gateway_id, lock_id, spake_a, &msg_b);
         let confirmed = Confirmed::derive(&key, th);
-        let frame = Frame::PairResponse {
-            spake: msg_b,
-            confirm: confirmed.lock_tag(),
-        };
+        let frame = Frame::PairResponse { spake: msg_b, confirm: confirmed.lock_tag() };
         Ok((PairingResponder { confirmed, gateway_id }, frame))
     }
 
@@ -297,18 +268,12 @@ mod tests {
         let gw = GatewayId::new("gw").unwrap();
         let lock = LockId([1; 8]);
         let (init, req) = PairingInitiator::start(&SetupCode::parse(gw_code)?, gw, lock, &mut OsRng);
-        let Frame::PairRequest { gateway_id, spake } = req else {
-            unreachable!()
-        };
+        let Frame::PairRequest { gateway_id, spake } = req else { unreachable!() };
         let (resp, reply) =
             PairingResponder::respond(&SetupCode::parse(lock_code)?, lock, gateway_id, &spake, &mut OsRng)?;
-        let Frame::PairResponse { spake, confirm } = reply else {
-            unreachable!()
-        };
+        let Frame::PairResponse { spake, confirm } = reply else { unreachable!() };
         let (gw_key, confirm) = init.on_response(&spake, &confirm)?;
-        let Frame::PairConfirm { confirm } = confirm else {
-            unreachable!()
-        };
+        let Frame::PairConfirm { confirm } = confirm else { unreachable!() };
         let (_, lock_key) = resp.on_confirm(&confirm)?;
         Ok((gw_key, lock_key))
     }
@@ -323,10 +288,7 @@ mod tests {
 
     #[test]
     fn wrong_code_fails_confirmation() {
-        assert_eq!(
-            run("12345679", "12345678").unwrap_err(),
-            PairingError::ConfirmationFailed
-        );
+        assert_eq!(run("12345679", "12345678").unwrap_err(), PairingError::ConfirmationFailed);
     }
 
     #[test]

@@ -70,18 +70,13 @@ impl SessionKeys {
         salt[NONCE_LEN..].copy_from_slice(lock_nonce);
         let hk = Hkdf::<Sha256>::new(Some(&salt), pairing_key.as_bytes());
         let mut okm = Zeroizing::new([0u8; 96]);
-        hk.expand_multi_info(&[b"LHP1 session", &lock_id.0], okm.as_mut())
-            .expect("96 bytes is a valid HKDF length");
+        hk.expand_multi_info(&[b"LHP1 session", &lock_id.0], okm.as_mut()).expect("96 bytes is a valid HKDF length");
         let part = |i: usize| {
             let mut k = Zeroizing::new([0u8; 32]);
             k.copy_from_slice(&okm[32 * i..32 * (i + 1)]);
             k
         };
-        SessionKeys {
-            gateway_to_lock: part(0),
-            lock_to_gateway: part(1),
-            confirm: part(2),
-        }
+        SessionKeys { gateway_to_lock: part(0), lock_to_gateway: part(1), confirm: part(2) }
     }
 
     /// The lock's hello tag over both nonces.
@@ -195,13 +190,7 @@ impl SecureChannel {
             Role::Gateway => (g2l, l2g),
             Role::Lock => (l2g, g2l),
         };
-        SecureChannel {
-            seal_key,
-            open_key,
-            send_counter: 0,
-            recv_counter: 0,
-            closed: false,
-        }
+        SecureChannel { seal_key, open_key, send_counter: 0, recv_counter: 0, closed: false }
     }
 
     /// Whether an error has closed the channel.
@@ -221,13 +210,7 @@ impl SecureChannel {
         let aad = header(counter);
         let body = self
             .seal_key
-            .encrypt(
-                Nonce::from_slice(&nonce(counter)),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce(counter)), Payload { msg: plaintext, aad: &aad })
             .expect("AES-GCM sealing of a bounded message cannot fail");
         // 2^64 frames on one BLE connection cannot happen; saturating keeps nonce reuse impossible
         // even so, because the next seal then fails the counter check on the other side.
@@ -278,10 +261,7 @@ mod tests {
 
     fn pair() -> (SecureChannel, SecureChannel) {
         let keys = SessionKeys::derive(&PairingKey::from_bytes([7; 32]), LockId([1; 8]), &[2; 16], &[3; 16]);
-        (
-            SecureChannel::new(&keys, Role::Gateway),
-            SecureChannel::new(&keys, Role::Lock),
-        )
+        (SecureChannel::new(&keys, Role::Gateway), SecureChannel::new(&keys, Role::Lock))
     }
 
     #[test]
@@ -341,10 +321,7 @@ mod tests {
                     lock.open(&f[..f.len() - 1]).unwrap_err()
                 }),
             ),
-            (
-                "plaintext",
-                Box::new(|_gw, lock| lock.open(&Frame::Hello { nonce: [0; 16] }.encode()).unwrap_err()),
-            ),
+            ("plaintext", Box::new(|_gw, lock| lock.open(&Frame::Hello { nonce: [0; 16] }.encode()).unwrap_err())),
         ];
         for (name, case) in cases {
             let (mut gw, mut lock) = pair();

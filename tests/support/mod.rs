@@ -40,11 +40,7 @@ impl Bed {
     /// cycle or a crashed org.bluez service would; returns once the new one is ready.
     pub fn restart_emulator(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.commands
-            .lock()
-            .unwrap()
-            .send(BedCommand::RestartEmulator(tx))
-            .expect("test bed thread");
+        self.commands.lock().unwrap().send(BedCommand::RestartEmulator(tx)).expect("test bed thread");
         rx.recv().expect("emulator restarted");
     }
 }
@@ -103,15 +99,7 @@ pub fn bed() -> &'static Bed {
                 let listen = format!("unix:path={}", dir.join("bus").display());
                 let mut dbus = spawn_reaped(
                     "dbus-daemon",
-                    &[
-                        "--config-file",
-                        conf,
-                        "--address",
-                        &listen,
-                        "--nofork",
-                        "--nopidfile",
-                        "--print-address=1",
-                    ],
+                    &["--config-file", conf, "--address", &listen, "--nofork", "--nopidfile", "--print-address=1"],
                     // It warns that it cannot raise its fd limit when not run as a system service.
                     Stdio::null(),
                 );
@@ -133,16 +121,12 @@ pub fn bed() -> &'static Bed {
                         Stdio::inherit(),
                     );
                     let ready = first_line(&mut emulator, "lockhub-lock");
-                    assert!(
-                        ready.starts_with("READY"),
-                        "unexpected first line from lockhub-lock: {ready}"
-                    );
+                    assert!(ready.starts_with("READY"), "unexpected first line from lockhub-lock: {ready}");
                     emulator
                 };
                 let mut emulator = start_emulator();
                 let (commands, requests) = std::sync::mpsc::channel();
-                tx.send((bus.clone(), dir.clone(), commands))
-                    .expect("test bed receiver");
+                tx.send((bus.clone(), dir.clone(), commands)).expect("test bed receiver");
                 // This thread holds the children (and the emulator's stdin) for the life of
                 // the process; the bed's sender is never dropped, so this waits forever.
                 while let Ok(command) = requests.recv() {
@@ -167,11 +151,7 @@ pub fn bed() -> &'static Bed {
         // SAFETY: set once, while the bed is being created and before any bluer session exists
         // in this process; libdbus reads it when the first session connects.
         unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
-        Bed {
-            bus,
-            dir,
-            commands: std::sync::Mutex::new(commands),
-        }
+        Bed { bus, dir, commands: std::sync::Mutex::new(commands) }
     })
 }
 
@@ -201,10 +181,7 @@ pub trait Emulator {
 
 /// A connection to the bed's bus (one per test: each test has its own runtime).
 pub async fn bus() -> zbus::Connection {
-    zbus::connection::Builder::address(bed().bus.as_str())
-        .build()
-        .await
-        .expect("connecting to the test bus")
+    zbus::connection::Builder::address(bed().bus.as_str()).build().await.expect("connecting to the test bus")
 }
 
 /// The emulator's control interface.
@@ -236,7 +213,7 @@ pub async fn add_lock(ctl: &EmulatorProxy<'_>, spec_json: &str) -> LockReport {
 /// Opens the BlueZ transport (on the bed's bus).
 pub async fn transport() -> BluezTransport {
     bed();
-    BluezTransport::open(None).await.expect("opening the BlueZ transport")
+    BluezTransport::open(&lockhub::ble::BleConfig::default()).await.expect("opening the BlueZ transport")
 }
 
 /// Scans until every id in `ids` has been seen (bounded: a missing lock fails the test).
@@ -258,8 +235,6 @@ pub async fn scan_until_seen(
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), wait)
-        .await
-        .expect("locks not seen within 60 s");
+    tokio::time::timeout(Duration::from_secs(60), wait).await.expect("locks not seen within 60 s");
     seen
 }

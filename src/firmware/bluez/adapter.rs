@@ -30,14 +30,7 @@ impl Adapter {
             return Err(BluezError::NotReady("Resource Not Ready".into()));
         }
         let client = sender(&hdr);
-        let filter = self
-            .shared
-            .filters
-            .lock()
-            .expect("filters poisoned")
-            .get(&client)
-            .cloned()
-            .unwrap_or_default();
+        let filter = self.shared.filters.lock().expect("filters poisoned").get(&client).cloned().unwrap_or_default();
         let first = {
             let mut d = self.shared.discovery.lock().expect("discovery poisoned");
             let first = d.is_empty();
@@ -52,13 +45,7 @@ impl Adapter {
                 if let Ok(iface) = shared.conn.object_server().interface::<_, Adapter>(ADAPTER_PATH).await {
                     let _ = iface.get().await.discovering_changed(&emitter).await;
                 }
-                let locks: Vec<_> = shared
-                    .locks
-                    .lock()
-                    .expect("lock table poisoned")
-                    .values()
-                    .cloned()
-                    .collect();
+                let locks: Vec<_> = shared.locks.lock().expect("lock table poisoned").values().cloned().collect();
                 for lock in locks {
                     shared.advertise(&lock).await;
                 }
@@ -108,26 +95,14 @@ impl Adapter {
                 other => return Err(BluezError::InvalidArguments(format!("unknown filter key {other}"))),
             }
         }
-        self.shared
-            .filters
-            .lock()
-            .expect("filters poisoned")
-            .insert(sender(&hdr), uuids);
+        self.shared.filters.lock().expect("filters poisoned").insert(sender(&hdr), uuids);
         Ok(())
     }
 
     fn get_discovery_filters(&self) -> Vec<String> {
-        [
-            "UUIDs",
-            "RSSI",
-            "Pathloss",
-            "Transport",
-            "DuplicateData",
-            "Discoverable",
-            "Pattern",
-        ]
-        .map(String::from)
-        .to_vec()
+        ["UUIDs", "RSSI", "Pathloss", "Transport", "DuplicateData", "Discoverable", "Pattern"]
+            .map(String::from)
+            .to_vec()
     }
 
     async fn remove_device(&self, device: OwnedObjectPath) -> Result<(), BluezError> {
@@ -137,12 +112,7 @@ impl Adapter {
             .ok_or_else(|| BluezError::DoesNotExist("Does Not Exist".into()))?;
         self.shared.disconnect(&lock).await;
         if std::mem::take(&mut lock.radio().exported) {
-            let _ = self
-                .shared
-                .conn
-                .object_server()
-                .remove::<super::device::Device, _>(device.as_str())
-                .await;
+            let _ = self.shared.conn.object_server().remove::<super::device::Device, _>(device.as_str()).await;
         }
         Ok(())
     }

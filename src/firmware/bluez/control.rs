@@ -71,13 +71,7 @@ impl Control {
 
     /// The ids of all locks.
     fn locks(&self) -> Vec<String> {
-        self.shared
-            .locks
-            .lock()
-            .expect("lock table poisoned")
-            .keys()
-            .map(ToString::to_string)
-            .collect()
+        self.shared.locks.lock().expect("lock table poisoned").keys().map(ToString::to_string).collect()
     }
 
     /// A lock's state as JSON, setup code included (it is on the label in the battery box).
@@ -126,10 +120,7 @@ impl Control {
     /// Replaces the lock's fault knobs with a JSON `Faults` (every field optional).
     fn set_faults(&self, lock_id: String, faults_json: String) -> zbus::fdo::Result<()> {
         let faults: Faults = serde_json::from_str(&faults_json).map_err(invalid)?;
-        self.shared
-            .lock(&lock_id)?
-            .host
-            .input(|fw, _| *fw.faults_mut() = faults);
+        self.shared.lock(&lock_id)?.host.input(|fw, _| *fw.faults_mut() = faults);
         Ok(())
     }
 
@@ -158,20 +149,13 @@ impl Control {
 
     /// Holds the pairing button.
     fn press_pairing_button(&self, lock_id: String) -> zbus::fdo::Result<()> {
-        self.shared
-            .lock(&lock_id)?
-            .host
-            .input(|fw, _| fw.press_pairing_button());
+        self.shared.lock(&lock_id)?.host.input(|fw, _| fw.press_pairing_button());
         Ok(())
     }
 
     /// Types a code on the keypad; returns whether the lock opened.
     fn enter_keypad_code(&self, lock_id: String, code: String) -> zbus::fdo::Result<bool> {
-        Ok(self
-            .shared
-            .lock(&lock_id)?
-            .host
-            .input(|fw, now| fw.enter_keypad_code(&code, now)))
+        Ok(self.shared.lock(&lock_id)?.host.input(|fw, now| fw.enter_keypad_code(&code, now)))
     }
 
     /// Turns the thumb-turn.
@@ -194,10 +178,7 @@ impl Control {
 
     /// Sets the battery level, 0-100 %.
     fn set_battery(&self, lock_id: String, pct: u8) -> zbus::fdo::Result<()> {
-        self.shared
-            .lock(&lock_id)?
-            .host
-            .input(|fw, now| fw.set_battery(pct, now));
+        self.shared.lock(&lock_id)?.host.input(|fw, now| fw.set_battery(pct, now));
         Ok(())
     }
 
@@ -205,14 +186,7 @@ impl Control {
     async fn set_powered(&self, powered: bool) -> zbus::fdo::Result<()> {
         *self.shared.powered.lock().expect("power poisoned") = powered;
         if !powered {
-            let locks: Vec<_> = self
-                .shared
-                .locks
-                .lock()
-                .expect("lock table poisoned")
-                .values()
-                .cloned()
-                .collect();
+            let locks: Vec<_> = self.shared.locks.lock().expect("lock table poisoned").values().cloned().collect();
             for lock in locks {
                 self.shared.disconnect(&lock).await;
             }

@@ -146,19 +146,13 @@ impl Device {
     #[zbus(property, name = "RSSI")]
     fn rssi(&self) -> zbus::fdo::Result<i16> {
         let r = self.lock.radio();
-        if r.in_range {
-            Ok(r.rssi)
-        } else {
-            Err(zbus::fdo::Error::InvalidArgs("No such property 'RSSI'".into()))
-        }
+        if r.in_range { Ok(r.rssi) } else { Err(zbus::fdo::Error::InvalidArgs("No such property 'RSSI'".into())) }
     }
 
     #[zbus(property)]
     fn manufacturer_data(&self) -> zbus::fdo::Result<HashMap<u16, OwnedVariant>> {
         let data = self.lock.manufacturer_data();
-        let value = Variant::new(data)
-            .try_to_owned()
-            .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))?;
+        let value = Variant::new(data).try_to_owned().map_err(|e| zbus::fdo::Error::Failed(e.to_string()))?;
         Ok(HashMap::from([(COMPANY_ID, value)]))
     }
 }

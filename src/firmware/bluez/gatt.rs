@@ -50,11 +50,7 @@ fn char_path(lock: &EmulatedLock, role: Role) -> String {
 pub(super) async fn export(server: &ObjectServer, lock: &Arc<EmulatedLock>) -> zbus::Result<()> {
     server.at(service_path(lock), Service { lock: lock.clone() }).await?;
     for role in Role::ALL {
-        let ch = Characteristic {
-            lock: lock.clone(),
-            role,
-            value: Mutex::new(Vec::new()),
-        };
+        let ch = Characteristic { lock: lock.clone(), role, value: Mutex::new(Vec::new()) };
         server.at(char_path(lock, role), ch).await?;
     }
     Ok(())
@@ -73,10 +69,7 @@ pub(super) async fn unexport(server: &ObjectServer, lock: &Arc<EmulatedLock>) {
 pub(super) async fn notify_value(lock: &Arc<EmulatedLock>, fragment: Vec<u8>) {
     let Some(shared) = lock.emulator.upgrade() else { return };
     let server = shared.conn.object_server();
-    let Ok(iface) = server
-        .interface::<_, Characteristic>(char_path(lock, Role::Notify))
-        .await
-    else {
+    let Ok(iface) = server.interface::<_, Characteristic>(char_path(lock, Role::Notify)).await else {
         return;
     };
     let ch = iface.get().await;
@@ -130,11 +123,7 @@ impl Characteristic {
     }
 
     fn connected(&self) -> Result<(), BluezError> {
-        if self.lock.radio().connected {
-            Ok(())
-        } else {
-            Err(BluezError::NotConnected("Not Connected".into()))
-        }
+        if self.lock.radio().connected { Ok(()) } else { Err(BluezError::NotConnected("Not Connected".into())) }
     }
 }
 
@@ -298,9 +287,7 @@ impl Characteristic {
     fn notify_acquired(&self) -> zbus::fdo::Result<bool> {
         match self.role {
             Role::Notify => Ok(self.lock.radio().notify_socket.is_some()),
-            _ => Err(zbus::fdo::Error::InvalidArgs(
-                "No such property 'NotifyAcquired'".into(),
-            )),
+            _ => Err(zbus::fdo::Error::InvalidArgs("No such property 'NotifyAcquired'".into())),
         }
     }
 

@@ -161,10 +161,7 @@ pub struct EmulatedLock {
 
 impl std::fmt::Debug for EmulatedLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmulatedLock")
-            .field("lock_id", &self.lock_id)
-            .field("address", &self.address)
-            .finish()
+        f.debug_struct("EmulatedLock").field("lock_id", &self.lock_id).field("address", &self.address).finish()
     }
 }
 
@@ -216,12 +213,7 @@ impl Shared {
     }
 
     fn lock_by_path(&self, path: &str) -> Option<Arc<EmulatedLock>> {
-        self.locks
-            .lock()
-            .expect("lock table poisoned")
-            .values()
-            .find(|l| l.path.as_str() == path)
-            .cloned()
+        self.locks.lock().expect("lock table poisoned").values().find(|l| l.path.as_str() == path).cloned()
     }
 
     fn is_discovering(&self) -> bool {
@@ -236,9 +228,7 @@ impl Shared {
     fn passes_filters(&self, _lock: &EmulatedLock) -> bool {
         let service = crate::protocol::gatt::uuid_string(crate::protocol::gatt::SERVICE_UUID);
         let discovery = self.discovery.lock().expect("discovery poisoned");
-        discovery
-            .values()
-            .any(|uuids| uuids.is_empty() || uuids.iter().any(|u| u.eq_ignore_ascii_case(&service)))
+        discovery.values().any(|uuids| uuids.is_empty() || uuids.iter().any(|u| u.eq_ignore_ascii_case(&service)))
     }
 
     /// Adds a lock: boots its firmware (from its state file when there is one) and starts its
@@ -261,30 +251,18 @@ impl Shared {
         let state = match &flash {
             Some(path) if path.exists() => HostedLock::load(path)?,
             _ => {
-                let caps = Capabilities {
-                    unlatch: spec.unlatch,
-                    keypad: spec.keypad,
-                    door_sensor: spec.door_sensor,
-                };
-                let mechanics = Mechanics {
-                    motor_ms: spec.motor_ms,
-                    auto_lock_ms: spec.auto_lock_ms,
-                    ..Mechanics::default()
-                };
+                let caps = Capabilities { unlatch: spec.unlatch, keypad: spec.keypad, door_sensor: spec.door_sensor };
+                let mechanics =
+                    Mechanics { motor_ms: spec.motor_ms, auto_lock_ms: spec.auto_lock_ms, ..Mechanics::default() };
                 PersistentState::factory_new(lock_id, caps, mechanics, &mut rand_core::OsRng)
             }
         };
         if let Some(dir) = &self.state_dir {
             let spec_file = dir.join(format!("{lock_id}.spec.json"));
-            let json = serde_json::to_vec_pretty(&LockSpec {
-                lock_id: lock_id.to_string(),
-                ..spec.clone()
-            })
-            .expect("spec serialises");
-            super::host::write_private(&spec_file, &json).map_err(|source| FlashError::Io {
-                path: spec_file.clone(),
-                source,
-            })?;
+            let json = serde_json::to_vec_pretty(&LockSpec { lock_id: lock_id.to_string(), ..spec.clone() })
+                .expect("spec serialises");
+            super::host::write_private(&spec_file, &json)
+                .map_err(|source| FlashError::Io { path: spec_file.clone(), source })?;
         }
         let address = address_for(lock_id);
         let lock = Arc::new(EmulatedLock {
@@ -292,24 +270,15 @@ impl Shared {
             lock_id,
             path: device_path(&address),
             address,
-            radio: Mutex::new(RadioState {
-                in_range: spec.in_range,
-                rssi: spec.rssi,
-                ..RadioState::default()
-            }),
+            radio: Mutex::new(RadioState { in_range: spec.in_range, rssi: spec.rssi, ..RadioState::default() }),
             spec,
             emulator: self.self_ref.clone(),
             driver: Mutex::new(None),
         });
-        let radio = LockRadio {
-            lock: Arc::downgrade(&lock),
-        };
+        let radio = LockRadio { lock: Arc::downgrade(&lock) };
         let task = tokio::spawn(lock.host.clone().run(radio));
         *lock.driver.lock().expect("driver poisoned") = Some(task);
-        self.locks
-            .lock()
-            .expect("lock table poisoned")
-            .insert(lock_id, lock.clone());
+        self.locks.lock().expect("lock table poisoned").insert(lock_id, lock.clone());
         if self.is_discovering() {
             self.advertise(&lock).await;
         }
@@ -326,11 +295,7 @@ impl Shared {
         }
         self.locks.lock().expect("lock table poisoned").remove(&lock.lock_id);
         if std::mem::take(&mut lock.radio().exported) {
-            let _ = self
-                .conn
-                .object_server()
-                .remove::<device::Device, _>(lock.path.as_str())
-                .await;
+            let _ = self.conn.object_server().remove::<device::Device, _>(lock.path.as_str()).await;
         }
     }
 
@@ -451,10 +416,7 @@ impl BluezEmulator {
     /// [`CONTROL_NAME`]; lock state is kept in `state_dir` when given.
     pub async fn serve(address: &str, state_dir: Option<PathBuf>) -> Result<Self, EmulatorError> {
         if let Some(dir) = &state_dir {
-            std::fs::create_dir_all(dir).map_err(|source| EmulatorError::StateDir {
-                path: dir.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| EmulatorError::StateDir { path: dir.clone(), source })?;
         }
         let conn = zbus::connection::Builder::address(address).build().await?;
         let shared = Arc::new_cyclic(|me| Shared {
@@ -469,12 +431,8 @@ impl BluezEmulator {
         });
         let server = conn.object_server();
         server.at("/", zbus::fdo::ObjectManager).await?;
-        server
-            .at(ADAPTER_PATH, adapter::Adapter { shared: shared.clone() })
-            .await?;
-        server
-            .at(CONTROL_PATH, control::Control { shared: shared.clone() })
-            .await?;
+        server.at(ADAPTER_PATH, adapter::Adapter { shared: shared.clone() }).await?;
+        server.at(CONTROL_PATH, control::Control { shared: shared.clone() }).await?;
         conn.request_name("org.bluez").await?;
         conn.request_name(CONTROL_NAME).await?;
         let weak = Arc::downgrade(&shared);
@@ -484,13 +442,7 @@ impl BluezEmulator {
                 tick.tick().await;
                 let Some(shared) = weak.upgrade() else { return };
                 if shared.is_discovering() {
-                    let locks: Vec<_> = shared
-                        .locks
-                        .lock()
-                        .expect("lock table poisoned")
-                        .values()
-                        .cloned()
-                        .collect();
+                    let locks: Vec<_> = shared.locks.lock().expect("lock table poisoned").values().cloned().collect();
                     for lock in locks {
                         shared.advertise(&lock).await;
                     }
@@ -505,18 +457,11 @@ impl BluezEmulator {
         let Some(dir) = self.shared.state_dir.clone() else {
             return Ok(Vec::new());
         };
-        let entries = std::fs::read_dir(&dir).map_err(|source| EmulatorError::StateDir {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries =
+            std::fs::read_dir(&dir).map_err(|source| EmulatorError::StateDir { path: dir.clone(), source })?;
         let mut restored = Vec::new();
         for entry in entries {
-            let path = entry
-                .map_err(|source| EmulatorError::StateDir {
-                    path: dir.clone(),
-                    source,
-                })?
-                .path();
+            let path = entry.map_err(|source| EmulatorError::StateDir { path: dir.clone(), source })?.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
@@ -524,23 +469,12 @@ impl BluezEmulator {
                 continue;
             };
             let Ok(lock_id) = LockId::parse(id) else { continue };
-            if self
-                .shared
-                .locks
-                .lock()
-                .expect("lock table poisoned")
-                .contains_key(&lock_id)
-            {
+            if self.shared.locks.lock().expect("lock table poisoned").contains_key(&lock_id) {
                 continue;
             }
-            let bytes = std::fs::read(&path).map_err(|source| FlashError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let spec: LockSpec = serde_json::from_slice(&bytes).map_err(|source| FlashError::Corrupt {
-                path: path.clone(),
-                source,
-            })?;
+            let bytes = std::fs::read(&path).map_err(|source| FlashError::Io { path: path.clone(), source })?;
+            let spec: LockSpec =
+                serde_json::from_slice(&bytes).map_err(|source| FlashError::Corrupt { path: path.clone(), source })?;
             self.shared.add_lock(spec).await?;
             restored.push(lock_id);
         }
@@ -554,26 +488,13 @@ impl BluezEmulator {
 
     /// The ids of all locks served.
     pub fn lock_ids(&self) -> Vec<LockId> {
-        self.shared
-            .locks
-            .lock()
-            .expect("lock table poisoned")
-            .keys()
-            .copied()
-            .collect()
+        self.shared.locks.lock().expect("lock table poisoned").keys().copied().collect()
     }
 
     /// Saves every lock's state and stops serving.
     pub async fn shutdown(self) {
         self.ticker.abort();
-        let locks: Vec<_> = self
-            .shared
-            .locks
-            .lock()
-            .expect("lock table poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let locks: Vec<_> = self.shared.locks.lock().expect("lock table poisoned").values().cloned().collect();
         for lock in locks {
             self.shared.remove_lock(&lock).await;
         }
