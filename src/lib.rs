@@ -11,3 +11,4 @@ pub mod firmware;
 pub mod fuzz_harness;
 pub mod memlink;
 pub mod protocol;
+pub mod store;

@@ -1,0 +1,88 @@
+//! The outbox: what the gateway owes the broker — events, replies, retained state — kept until
+//! the broker acknowledges it.
+//!
+//! A record is appended in the same transaction as the change it reports, so a crash either
+//! loses both or keeps both; it is deleted only when its PUBACK arrives. Ids increase, so the
+//! sender drains in order.
+
+use rusqlite::params;
+
+use super::{Store, StoreError, Tx};
+use crate::protocol::ids::LockId;
+
+/// Largest payload the outbox takes (MQTT brokers commonly cap messages far above this; our
+/// messages are small, so anything bigger is a bug upstream).
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// A record waiting for the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Its id; increasing.
+    pub id: i64,
+    /// MQTT topic.
+    pub topic: String,
+    /// MQTT payload.
+    pub payload: Vec<u8>,
+    /// Publish with the retain flag.
+    pub retain: bool,
+    /// When it was appended (Unix seconds).
+    pub created_at: i64,
+}
+
+impl Tx<'_> {
+    /// Appends a record; `lock` ties it to a lock so that unbinding deletes it.
+    pub fn append_outbox(
+        &mut self,
+        lock: Option<LockId>,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        if payload.len() > MAX_PAYLOAD || topic.is_empty() || topic.len() > 512 {
+            return Err(StoreError::Invalid("outbox record (topic or payload size)"));
+        }
+        let lock_row = lock.map(|l| self.lock_rowid(l)).transpose()?;
+        self.tx.execute(
+            "INSERT INTO outbox (lock, topic, payload, retain, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![lock_row, topic, payload, retain, now],
+        )?;
+        Ok(self.tx.last_insert_rowid())
+    }
+}
+
+impl Store {
+    /// The oldest `limit` records waiting, in order.
+    pub fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT id, topic, payload, retain, created_at FROM outbox ORDER BY id LIMIT ?1")?;
+        let rows = stmt.query_map([limit], |r| {
+            Ok(OutboxRecord {
+                id: r.get(0)?,
+                topic: r.get(1)?,
+                payload: r.get(2)?,
+                retain: r.get(3)?,
+                created_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes records the broker acknowledged.
+    pub fn outbox_ack(&mut self, ids: &[i64]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            for id in ids {
+                del.execute([id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records waiting.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}

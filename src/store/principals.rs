@@ -1,0 +1,267 @@
+//! Who the gateway knows and what they may do: its own identity, the pinned owner keys, users
+//! (public keys with their pseudonym keys), signed grants and revocations (sealed), keypad
+//! passcode metadata (Argon2id hashes only), policies, and the command ids already seen.
+
+use rusqlite::{OptionalExtension, params};
+use zeroize::Zeroizing;
+
+use super::seal::Place;
+use super::{Store, StoreError, Tx};
+use crate::protocol::ids::{GatewayId, LockId};
+
+/// A grant as stored: its id, whom it is for, and the signed statement, unsealed.
+#[derive(Debug)]
+pub struct StoredGrant {
+    /// The statement's id.
+    pub grant_id: String,
+    /// The user's public key.
+    pub user_public_key: Vec<u8>,
+    /// The owner-signed statement.
+    pub statement: Zeroizing<Vec<u8>>,
+}
+
+/// Longest signed statement stored (a JWS of a grant is a few hundred bytes).
+pub const MAX_STATEMENT: usize = 8 * 1024;
+
+impl Tx<'_> {
+    /// Sets the gateway's identity (once; later calls keep the first).
+    pub fn set_gateway_identity(&mut self, gateway_id: &GatewayId, now: i64) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT OR IGNORE INTO gateway (id, gateway_id, created_at) VALUES (1, ?1, ?2)",
+            params![gateway_id.as_str(), now],
+        )?;
+        Ok(())
+    }
+
+    /// Seals and stores the claim state (the one-time claim code's verifier, or the claim).
+    pub fn set_claim_state(&mut self, state: &[u8]) -> Result<(), StoreError> {
+        let sealed = self.sealer.seal(Place { table: "gateway", column: "claim_state", row: b"1" }, state);
+        let n = self.tx.execute("UPDATE gateway SET claim_state = ?1 WHERE id = 1", [sealed])?;
+        if n == 0 { Err(StoreError::NotFound("gateway identity".into())) } else { Ok(()) }
+    }
+
+    /// Pins an owner key.
+    pub fn pin_owner(&mut self, public_key: &[u8], now: i64) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT OR IGNORE INTO owners (public_key, pinned_at) VALUES (?1, ?2)",
+            params![public_key, now],
+        )?;
+        Ok(())
+    }
+
+    /// Registers a user's public key (with a fresh pseudonym key) if not yet known.
+    pub fn add_user(&mut self, public_key: &[u8], now: i64) -> Result<(), StoreError> {
+        if public_key.is_empty() || public_key.len() > 64 {
+            return Err(StoreError::Invalid("user public key"));
+        }
+        let exists: bool =
+            self.tx.query_row("SELECT count(*) FROM users WHERE public_key = ?1", [public_key], |r| r.get(0))?;
+        if exists {
+            return Ok(());
+        }
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, key.as_mut());
+        let sealed = self.sealer.seal(Place { table: "users", column: "pseudonym_key", row: public_key }, key.as_ref());
+        self.tx.execute(
+            "INSERT INTO users (public_key, pseudonym_key, created_at) VALUES (?1, ?2, ?3)",
+            params![public_key, sealed, now],
+        )?;
+        Ok(())
+    }
+
+    /// Stores an owner-signed grant (sealed) for a known user and a paired lock.
+    pub fn put_grant(
+        &mut self,
+        grant_id: &str,
+        lock: LockId,
+        user_public_key: &[u8],
+        statement: &[u8],
+        valid_until: Option<i64>,
+    ) -> Result<(), StoreError> {
+        if statement.len() > MAX_STATEMENT || grant_id.is_empty() || grant_id.len() > 128 {
+            return Err(StoreError::Invalid("grant (id or statement size)"));
+        }
+        let lock_row = self.lock_rowid(lock)?;
+        let user_row: i64 = self
+            .tx
+            .query_row("SELECT id FROM users WHERE public_key = ?1", [user_public_key], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound("user".into()))?;
+        let sealed =
+            self.sealer.seal(Place { table: "grants", column: "statement", row: grant_id.as_bytes() }, statement);
+        self.tx.execute(
+            "INSERT INTO grants (grant_id, lock, user, statement, valid_until) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (grant_id) DO UPDATE SET statement = ?4, valid_until = ?5",
+            params![grant_id, lock_row, user_row, sealed, valid_until],
+        )?;
+        Ok(())
+    }
+
+    /// Stores an owner-signed revocation (sealed).
+    pub fn put_revocation(
+        &mut self,
+        revocation_id: &str,
+        lock: Option<LockId>,
+        statement: &[u8],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if statement.len() > MAX_STATEMENT || revocation_id.is_empty() || revocation_id.len() > 128 {
+            return Err(StoreError::Invalid("revocation (id or statement size)"));
+        }
+        let lock_row = lock.map(|l| self.lock_rowid(l)).transpose()?;
+        let sealed = self
+            .sealer
+            .seal(Place { table: "revocations", column: "statement", row: revocation_id.as_bytes() }, statement);
+        self.tx.execute(
+            "INSERT OR IGNORE INTO revocations (revocation_id, lock, statement, revoked_at) VALUES (?1, ?2, ?3, ?4)",
+            params![revocation_id, lock_row, sealed, now],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a keypad passcode's metadata: its Argon2id hash (never the code) and window.
+    pub fn put_passcode(
+        &mut self,
+        lock: LockId,
+        user_public_key: Option<&[u8]>,
+        slot: Option<u16>,
+        argon2id_hash: &str,
+        valid_from: Option<i64>,
+        valid_until: Option<i64>,
+    ) -> Result<(), StoreError> {
+        if !argon2id_hash.starts_with("$argon2id$") || argon2id_hash.len() > 256 {
+            return Err(StoreError::Invalid("passcode hash (an Argon2id PHC string is required)"));
+        }
+        let lock_row = self.lock_rowid(lock)?;
+        let user_row: Option<i64> = match user_public_key {
+            Some(pk) => Some(
+                self.tx
+                    .query_row("SELECT id FROM users WHERE public_key = ?1", [pk], |r| r.get(0))
+                    .optional()?
+                    .ok_or_else(|| StoreError::NotFound("user".into()))?,
+            ),
+            None => None,
+        };
+        self.tx.execute(
+            "INSERT INTO passcodes (lock, user, slot, hash, valid_from, valid_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![lock_row, user_row, slot, argon2id_hash, valid_from, valid_until],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a policy document (JSON) for `scope`: `global`, or a lock's id.
+    pub fn set_policy(&mut self, lock: Option<LockId>, policy_json: &str) -> Result<(), StoreError> {
+        if policy_json.len() > 16 * 1024 {
+            return Err(StoreError::Invalid("policy (too large)"));
+        }
+        let (scope, lock_row) = match lock {
+            Some(l) => (l.to_string(), Some(self.lock_rowid(l)?)),
+            None => ("global".to_owned(), None),
+        };
+        self.tx.execute(
+            "INSERT INTO policies (scope, lock, policy) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (scope) DO UPDATE SET policy = ?3",
+            params![scope, lock_row, policy_json],
+        )?;
+        Ok(())
+    }
+
+    /// Remembers a command id until `expires_at`; returns the stored reply if it was seen
+    /// before (a duplicate delivery), `None` if it is new.
+    pub fn remember_command(
+        &mut self,
+        command_id: &str,
+        lock: Option<LockId>,
+        expires_at: i64,
+    ) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+        if command_id.is_empty() || command_id.len() > 128 {
+            return Err(StoreError::Invalid("command id"));
+        }
+        let seen: Option<Option<Vec<u8>>> = self
+            .tx
+            .query_row("SELECT reply FROM seen_commands WHERE command_id = ?1", [command_id], |r| r.get(0))
+            .optional()?;
+        if seen.is_some() {
+            return Ok(seen);
+        }
+        let lock_row = lock.map(|l| self.lock_rowid(l)).transpose()?;
+        self.tx.execute(
+            "INSERT INTO seen_commands (command_id, lock, expires_at) VALUES (?1, ?2, ?3)",
+            params![command_id, lock_row, expires_at],
+        )?;
+        Ok(None)
+    }
+
+    /// Stores the reply given to a command, for duplicate deliveries.
+    pub fn set_command_reply(&mut self, command_id: &str, reply: &[u8]) -> Result<(), StoreError> {
+        self.tx.execute("UPDATE seen_commands SET reply = ?2 WHERE command_id = ?1", params![command_id, reply])?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// The gateway's identity, if set.
+    pub fn gateway_identity(&self) -> Result<Option<GatewayId>, StoreError> {
+        let id: Option<String> =
+            self.conn.query_row("SELECT gateway_id FROM gateway WHERE id = 1", [], |r| r.get(0)).optional()?;
+        id.map(|s| GatewayId::new(s).map_err(|_| StoreError::Invalid("gateway id in the database"))).transpose()
+    }
+
+    /// The claim state, unsealed.
+    pub fn claim_state(&self) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let sealed: Option<Option<Vec<u8>>> =
+            self.conn.query_row("SELECT claim_state FROM gateway WHERE id = 1", [], |r| r.get(0)).optional()?;
+        match sealed.flatten() {
+            Some(s) => Ok(Some(self.sealer.open(Place { table: "gateway", column: "claim_state", row: b"1" }, &s)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The pinned owner keys.
+    pub fn owner_keys(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT public_key FROM owners ORDER BY id")?;
+        Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
+    }
+
+    /// The grants stored for a lock, unsealed.
+    pub fn grants_for(&self, lock: LockId) -> Result<Vec<StoredGrant>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT g.grant_id, u.public_key, g.statement FROM grants g \
+             JOIN locks l ON l.id = g.lock JOIN users u ON u.id = g.user WHERE l.lock_id = ?1 ORDER BY g.id",
+        )?;
+        let rows =
+            stmt.query_map([lock.to_string()], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, Vec<u8>>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, pk, sealed) = row?;
+            let statement =
+                self.sealer.open(Place { table: "grants", column: "statement", row: id.as_bytes() }, &sealed)?;
+            out.push(StoredGrant { grant_id: id, user_public_key: pk, statement });
+        }
+        Ok(out)
+    }
+
+    /// Forgets a user: deletes their key, grants and passcodes, and their pseudonym key, which
+    /// makes every audit record about them unlinkable (the chain still verifies). Returns
+    /// whether the user existed.
+    pub fn forget_user(&mut self, public_key: &[u8], now: i64) -> Result<bool, StoreError> {
+        let existed = self.transaction(|tx| {
+            tx.audit(super::AuditEntry {
+                at: now,
+                action: "user.forgotten",
+                outcome: "ok",
+                actor: super::audit::AuditActor::User(public_key.to_vec()),
+                lock: None,
+                detail: "",
+            })?;
+            Ok(tx.tx.execute("DELETE FROM users WHERE public_key = ?1", [public_key])? > 0)
+        })?;
+        self.compact()?;
+        Ok(existed)
+    }
+
+    /// Deletes remembered command ids past their expiry; returns how many.
+    pub fn expire_commands(&mut self, now: i64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute("DELETE FROM seen_commands WHERE expires_at < ?1", [now])?)
+    }
+}
