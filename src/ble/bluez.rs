@@ -163,6 +163,26 @@ impl LockTransport for BluezTransport {
         Ok(found)
     }
 
+    async fn find(&self, address: &str, timeout: Duration) -> Result<(), BleError> {
+        let events = self.discover().await?;
+        let mut events = std::pin::pin!(events);
+        let seen = async {
+            while let Some(ad) = events.next().await {
+                if ad.address.eq_ignore_ascii_case(address) {
+                    return true;
+                }
+            }
+            false
+        };
+        match tokio::time::timeout(timeout, seen).await {
+            Ok(true) => Ok(()),
+            _ => Err(BleError::Unreachable {
+                address: address.to_owned(),
+                detail: format!("not seen in a scan within {timeout:?}"),
+            }),
+        }
+    }
+
     async fn connect(&self, address: &str) -> Result<BluezLink, BleError> {
         let addr: Address = address.parse().map_err(|_| BleError::NotFound(format!("{address} (not an address)")))?;
         let device = self.adapter.device(addr).map_err(bus_error)?;

@@ -88,6 +88,15 @@ async fn connect_with_retries<T: LockTransport>(
         }
         let result = match tokio::time::timeout(remaining, transport.connect(address)).await {
             Err(_) => Err(BleError::Timeout { during: "connecting", after: timeout }),
+            // BlueZ no longer knows the lock (out of range for a while, or restarted): look
+            // for it, then try again.
+            Ok(Err(BleError::NotFound(_))) => match transport.find(address, remaining).await {
+                Ok(()) => {
+                    last = None;
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
             Ok(Err(e)) => Err(e),
             Ok(Ok(link)) => {
                 let remaining = deadline.saturating_duration_since(Instant::now());

@@ -134,6 +134,9 @@ pub trait LockTransport: Send + Sync + 'static {
     type Link: LockLink;
     /// Scans for `duration`; returns every LHP/1 lock in range, strongest first.
     fn scan(&self, duration: Duration) -> impl Future<Output = Result<Vec<Advertisement>, BleError>> + Send;
+    /// Scans until the lock at `address` is seen (so that the stack knows it again, e.g.
+    /// after it was out of range or BlueZ restarted), at most `timeout`.
+    fn find(&self, address: &str, timeout: Duration) -> impl Future<Output = Result<(), BleError>> + Send;
     /// Connects to the lock at `address` and readies its characteristics.
     fn connect(&self, address: &str) -> impl Future<Output = Result<Self::Link, BleError>> + Send;
 }

@@ -111,9 +111,7 @@ impl Adapter {
             .lock_by_path(device.as_str())
             .ok_or_else(|| BluezError::DoesNotExist("Does Not Exist".into()))?;
         self.shared.disconnect(&lock).await;
-        if std::mem::take(&mut lock.radio().exported) {
-            let _ = self.shared.conn.object_server().remove::<super::device::Device, _>(device.as_str()).await;
-        }
+        self.shared.forget_device(&lock).await;
         Ok(())
     }
 

@@ -101,12 +101,15 @@ impl Control {
         serde_json::to_string(&report).map_err(invalid)
     }
 
-    /// Moves a lock into or out of radio range. Out of range drops its link.
+    /// Moves a lock into or out of radio range. Out of range drops its link and, as BlueZ
+    /// does with devices that stop advertising, removes its device object; it reappears at
+    /// the next discovery that sees it.
     async fn set_in_range(&self, lock_id: String, in_range: bool) -> zbus::fdo::Result<()> {
         let lock = self.shared.lock(&lock_id)?;
         lock.radio().in_range = in_range;
         if !in_range {
             self.shared.disconnect(&lock).await;
+            self.shared.forget_device(&lock).await;
         }
         Ok(())
     }

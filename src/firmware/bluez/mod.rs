@@ -294,7 +294,18 @@ impl Shared {
             tracing::warn!(error = %e, "could not save a removed lock's state");
         }
         self.locks.lock().expect("lock table poisoned").remove(&lock.lock_id);
-        if std::mem::take(&mut lock.radio().exported) {
+        self.forget_device(lock).await;
+    }
+
+    /// Removes a lock's Device1 object (InterfacesRemoved), as BlueZ drops a device it no
+    /// longer hears; the next discovery that sees the lock exports it again.
+    async fn forget_device(&self, lock: &Arc<EmulatedLock>) {
+        let exported = {
+            let mut r = lock.radio();
+            r.advertised.clear();
+            std::mem::take(&mut r.exported)
+        };
+        if exported {
             let _ = self.conn.object_server().remove::<device::Device, _>(lock.path.as_str()).await;
         }
     }
