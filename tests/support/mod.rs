@@ -31,7 +31,7 @@ pub struct Bed {
 
 /// What the thread owning the processes can be asked to do.
 enum BedCommand {
-    /// Stop the emulator with SIGTERM (it saves its locks), start it again, then answer.
+    /// Stop the emulator gracefully (it saves its locks), start it again, then answer.
     RestartEmulator(std::sync::mpsc::Sender<()>),
 }
 
@@ -132,8 +132,8 @@ pub fn bed() -> &'static Bed {
                 while let Ok(command) = requests.recv() {
                     match command {
                         BedCommand::RestartEmulator(done) => {
-                            let pid = emulator.id().to_string();
-                            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+                            // Closing its stdin stops it gracefully (it saves every lock).
+                            drop(emulator.stdin.take());
                             let _ = emulator.wait();
                             emulator = start_emulator();
                             let _ = done.send(());
