@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod ble;
+pub mod cloud;
+pub mod devcloud;
 pub mod firmware;
 pub mod fuzz_harness;
 pub mod memlink;

@@ -1,0 +1,78 @@
+//! TLS for the cloud link: rustls with the ring provider, chosen explicitly; the broker is
+//! authenticated against a pinned CA (no system roots unless configured), the gateway by its
+//! client certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+use thiserror::Error;
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no certificate or key.
+    #[error("{path}: no {what} found (expected PEM)")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+        /// What was looked for.
+        what: &'static str,
+    },
+    /// A certificate was refused as a trust anchor.
+    #[error("{path}: not a usable CA certificate: {source}")]
+    BadCa {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+    /// rustls refused the configuration (e.g. the key does not match the certificate).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_pem(path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Io { path: path.to_owned(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty { path: path.to_owned(), what: "certificate" });
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = zeroize::Zeroizing::new(read_pem(path)?);
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|source| TlsError::Io { path: path.to_owned(), source })?
+        .ok_or_else(|| TlsError::Empty { path: path.to_owned(), what: "private key" })
+}
+
+/// Builds the client configuration: trust only `ca`, present `cert` with `key`.
+pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certificates(ca)? {
+        roots.add(c).map_err(|source| TlsError::BadCa { path: ca.to_owned(), source })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certificates(cert)?, private_key(key)?)?;
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,252 @@
+//! Mutual TLS and per-gateway topic ACLs against Debian's Mosquitto, started by the test with
+//! the development PKI (`lockhub::devcloud::pki`) and the gateway TLS configuration
+//! (`lockhub::cloud::tls`).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockhub::cloud::tls::client_config;
+use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+
+/// A Mosquitto broker on an ephemeral port, stopped on drop.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Mosquitto {
+    fn start(pki: &Pki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let acl = dir.path().join("acl");
+        std::fs::write(
+            &acl,
+            format!("user {RELAY_IDENTITY}\ntopic readwrite lockhub/v1/#\n\npattern readwrite lockhub/v1/%u/#\n"),
+        )
+        .unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() { "user root\n" } else { "" };
+        std::fs::write(
+            &conf,
+            format!(
+                "{user}per_listener_settings false\nallow_anonymous false\npersistence false\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
+                 listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+                 use_identity_as_username true\nacl_file {}\n",
+                pki.ca_cert().display(),
+                pki.broker_cert().display(),
+                pki.broker_key().display(),
+                acl.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting mosquitto (.ci/run installs it)");
+        // Ready when it says it is running; its log then goes nowhere.
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("mosquitto exited before it was running").unwrap();
+            if line.contains("running") {
+                break;
+            }
+            assert!(!line.contains("Error"), "mosquitto: {line}");
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Mosquitto { child, port, _dir: dir }
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// What a test client sees.
+#[derive(Debug)]
+enum Seen {
+    Connected,
+    SubAck(Vec<rumqttc::SubscribeReasonCode>),
+    Message(String, Vec<u8>),
+    PubAck,
+    Failed(String),
+}
+
+fn options(name: &str, port: u16, tls: Option<Arc<rustls::ClientConfig>>) -> MqttOptions {
+    let mut o = MqttOptions::new(name, "localhost", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    }
+    o
+}
+
+fn start_client(opts: MqttOptions) -> (AsyncClient, mpsc::UnboundedReceiver<Seen>) {
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let seen = match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => Seen::Connected,
+                Ok(Event::Incoming(Incoming::SubAck(s))) => Seen::SubAck(s.return_codes),
+                Ok(Event::Incoming(Incoming::Publish(p))) => Seen::Message(p.topic, p.payload.to_vec()),
+                Ok(Event::Incoming(Incoming::PubAck(_))) => Seen::PubAck,
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Seen::Failed(e.to_string()));
+                    return;
+                }
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("no event within 20 s").expect("client gone")
+}
+
+async fn connected(pki: &Pki, broker: &Mosquitto, name: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Seen>) {
+    let tls = client_config(&pki.ca_cert(), &pki.client_cert(name), &pki.client_key(name)).unwrap();
+    let (client, mut rx) = start_client(options(name, broker.port, Some(tls)));
+    match next(&mut rx).await {
+        Seen::Connected => (client, rx),
+        other => panic!("{name} did not connect: {other:?}"),
+    }
+}
+
+async fn subscribe(client: &AsyncClient, rx: &mut mpsc::UnboundedReceiver<Seen>, topic: &str) -> bool {
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    match next(rx).await {
+        Seen::SubAck(codes) => codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+        other => panic!("expected a SUBACK, got {other:?}"),
+    }
+}
+
+fn pki(dir: &Path) -> Pki {
+    Pki::init(dir, &["gw-a", "gw-b"]).unwrap()
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_or_with_another_cas_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let broker = Mosquitto::start(&pki);
+
+    // No client certificate: the TLS handshake fails.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut std::fs::read(pki.ca_cert()).unwrap().as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (_c, mut rx) = start_client(options("intruder", broker.port, Some(Arc::new(anonymous))));
+    let refused = next(&mut rx).await;
+    assert!(matches!(&refused, Seen::Failed(e) if e.contains("CertificateRequired")), "{refused:?}");
+
+    // A certificate from another CA, for a real gateway's name.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Pki::init(other_dir.path(), &["gw-a"]).unwrap();
+    let tls = client_config(&pki.ca_cert(), &other.client_cert("gw-a"), &other.client_key("gw-a")).unwrap();
+    let (_c, mut rx) = start_client(options("gw-a", broker.port, Some(tls)));
+    let refused = next(&mut rx).await;
+    // The broker cannot verify the signature: a fatal TLS alert.
+    assert!(matches!(&refused, Seen::Failed(e) if e.contains("alert")), "{refused:?}");
+
+    // Plain TCP: nothing.
+    let (_c, mut rx) = start_client(options("plain", broker.port, None));
+    assert!(matches!(next(&mut rx).await, Seen::Failed(_)), "a plaintext client got in");
+
+    // And the broker itself is checked: a gateway trusting another CA refuses it.
+    let tls = client_config(&other.ca_cert(), &pki.client_cert("gw-a"), &pki.client_key("gw-a")).unwrap();
+    let (_c, mut rx) = start_client(options("gw-a", broker.port, Some(tls)));
+    let refused = next(&mut rx).await;
+    assert!(matches!(&refused, Seen::Failed(e) if e.contains("invalid peer certificate")), "{refused:?}");
+}
+
+#[tokio::test]
+async fn gateway_a_can_neither_read_nor_write_gateway_bs_subtree() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let broker = Mosquitto::start(&pki);
+    let (a, mut a_rx) = connected(&pki, &broker, "gw-a").await;
+    let (b, mut b_rx) = connected(&pki, &broker, "gw-b").await;
+    let (relay, mut relay_rx) = connected(&pki, &broker, RELAY_IDENTITY).await;
+
+    assert!(subscribe(&a, &mut a_rx, "lockhub/v1/gw-a/cmd").await, "a gateway reads its own subtree");
+    assert!(subscribe(&b, &mut b_rx, "lockhub/v1/gw-b/cmd").await);
+    // Whatever the SUBACK says, nothing of B's may reach A.
+    subscribe(&a, &mut a_rx, "lockhub/v1/gw-b/#").await;
+    subscribe(&a, &mut a_rx, "#").await;
+
+    // B publishes in its subtree; the broker has it once B's PUBACK arrives.
+    b.publish("lockhub/v1/gw-b/events", QoS::AtLeastOnce, false, b"b's secret".to_vec()).await.unwrap();
+    assert!(matches!(next(&mut b_rx).await, Seen::PubAck));
+    // A writes into B's command topic.
+    a.publish("lockhub/v1/gw-b/cmd", QoS::AtLeastOnce, false, b"a forged command".to_vec()).await.unwrap();
+    assert!(matches!(next(&mut a_rx).await, Seen::PubAck | Seen::Message(..)));
+
+    // Markers from the relay, published after both: whatever was going to be delivered before
+    // them has been.
+    relay.publish("lockhub/v1/gw-a/cmd", QoS::AtLeastOnce, false, b"marker-a".to_vec()).await.unwrap();
+    relay.publish("lockhub/v1/gw-b/cmd", QoS::AtLeastOnce, false, b"marker-b".to_vec()).await.unwrap();
+    loop {
+        match next(&mut a_rx).await {
+            Seen::Message(topic, payload) => {
+                assert!(
+                    topic.starts_with("lockhub/v1/gw-a/"),
+                    "A received {topic}: {:?}",
+                    String::from_utf8_lossy(&payload)
+                );
+                if payload == b"marker-a" {
+                    break;
+                }
+            }
+            Seen::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    loop {
+        match next(&mut b_rx).await {
+            Seen::Message(_, payload) => {
+                assert_ne!(payload, b"a forged command", "A wrote into B's command topic");
+                if payload == b"marker-b" {
+                    break;
+                }
+            }
+            Seen::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    drop(relay_rx.try_recv());
+}
