@@ -2,89 +2,17 @@
 //! the development PKI (`lockhub::devcloud::pki`) and the gateway TLS configuration
 //! (`lockhub::cloud::tls`).
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lockhub::cloud::tls::client_config;
 use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+use support::mosquitto::Mosquitto;
 use tokio::sync::mpsc;
-
-/// A Mosquitto broker on an ephemeral port, stopped on drop.
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Mosquitto {
-    fn start(pki: &Pki) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let acl = dir.path().join("acl");
-        std::fs::write(
-            &acl,
-            format!("user {RELAY_IDENTITY}\ntopic readwrite lockhub/v1/#\n\npattern readwrite lockhub/v1/%u/#\n"),
-        )
-        .unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() { "user root\n" } else { "" };
-        std::fs::write(
-            &conf,
-            format!(
-                "{user}per_listener_settings false\nallow_anonymous false\npersistence false\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-                 listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-                 use_identity_as_username true\nacl_file {}\n",
-                pki.ca_cert().display(),
-                pki.broker_cert().display(),
-                pki.broker_key().display(),
-                acl.display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting mosquitto (.ci/run installs it)");
-        // Ready when it says it is running; its log then goes nowhere.
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        loop {
-            let line = lines.next().expect("mosquitto exited before it was running").unwrap();
-            if line.contains("running") {
-                break;
-            }
-            assert!(!line.contains("Error"), "mosquitto: {line}");
-        }
-        std::thread::spawn(move || for _ in lines {});
-        Mosquitto { child, port, _dir: dir }
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
 
 /// What a test client sees.
 #[derive(Debug)]

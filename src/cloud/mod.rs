@@ -1,4 +1,6 @@
-//! The cloud link: MQTT over mutual TLS to any standard broker. So far the TLS configuration;
-//! the session, topics, outbox drain and inbound commands are to come.
+//! The cloud link: MQTT over mutual TLS to any standard broker — the TLS configuration, the
+//! topic layout, and the session that drains the outbox and takes commands in.
 
+pub mod link;
 pub mod tls;
+pub mod topics;

@@ -1,0 +1,408 @@
+//! The cloud session: one MQTT connection over mutual TLS, kept up for the life of the daemon.
+//!
+//! - Broker URLs are tried in order, with jittered exponential backoff; each state change is
+//!   logged once, not per retry.
+//! - The session is persistent (`clean_session = false`): QoS 1 messages in flight survive a
+//!   reconnect. The subscription is renewed after every CONNACK without a session.
+//! - Last will: a retained `offline` status; `online` is published on every connect.
+//! - The outbox is drained with a bounded in-flight window; a record is deleted only when its
+//!   PUBACK arrives. After a restart, unacknowledged records are sent again (at least once on
+//!   the wire; receivers dedupe by id).
+//! - Inbound commands are acknowledged to the broker only once the handler says it stored
+//!   them (manual acks). Oversized ones are dropped with a log line, and the link carries on.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Incoming, LastWill, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport};
+use thiserror::Error;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use super::tls::{TlsError, client_config};
+use super::topics::Topics;
+use crate::protocol::ids::GatewayId;
+use crate::store::{Store, StoreError};
+
+/// Largest inbound command accepted; bigger ones are dropped unread.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+/// Where the cloud is and how to reach it.
+#[derive(Clone, Debug)]
+pub struct CloudConfig {
+    /// Brokers, tried in order: `mqtts://host[:port]` (port 8883 by default).
+    pub brokers: Vec<String>,
+    /// The CA that signs the brokers' certificates (pinned; no system roots).
+    pub ca_file: std::path::PathBuf,
+    /// This gateway's client certificate.
+    pub cert_file: std::path::PathBuf,
+    /// Its private key.
+    pub key_file: std::path::PathBuf,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Outbox records in flight at once.
+    pub inflight: u16,
+    /// First reconnect delay; doubles per failure up to `max_backoff`, with jitter.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+/// A broker address from the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name (checked against the broker's certificate).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+/// Why the cloud link could not start.
+#[derive(Debug, Error)]
+pub enum CloudError {
+    /// A broker URL is not `mqtts://host[:port]`.
+    #[error("broker URL {0:?}: expected mqtts://host[:port] (TLS is required)")]
+    BadUrl(String),
+    /// No broker configured.
+    #[error("no broker configured")]
+    NoBroker,
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl BrokerUrl {
+    /// Parses `mqtts://host[:port]` strictly.
+    pub fn parse(url: &str) -> Result<Self, CloudError> {
+        let bad = || CloudError::BadUrl(url.to_owned());
+        let rest = url.strip_prefix("mqtts://").ok_or_else(bad)?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse::<u16>().map_err(|_| bad())?),
+            _ => (rest, 8883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':'));
+        if !valid || port == 0 {
+            return Err(bad());
+        }
+        Ok(BrokerUrl { host: host.to_owned(), port })
+    }
+}
+
+/// A command received from the cloud. Drop `stored` (or send on it) once it is durably
+/// stored: only then is it acknowledged to the broker.
+#[derive(Debug)]
+pub struct InboundCommand {
+    /// The raw payload (at most [`MAX_COMMAND_BYTES`]).
+    pub payload: Vec<u8>,
+    /// Send `()` once the command is stored; dropping without sending leaves it
+    /// unacknowledged, so the broker delivers it again.
+    pub stored: oneshot::Sender<()>,
+}
+
+/// What the link reports about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Trying to connect.
+    Connecting,
+    /// Connected and subscribed to commands (to the broker at this index of the list).
+    Connected(usize),
+}
+
+/// Why a publish went out: to map PUBACKs back to outbox records.
+#[derive(Clone, Copy, Debug)]
+enum Tag {
+    Outbox(i64),
+    Status,
+}
+
+/// The cloud link.
+pub struct CloudLink {
+    brokers: Vec<BrokerUrl>,
+    tls: Arc<rustls::ClientConfig>,
+    config: CloudConfig,
+    topics: Topics,
+    gateway_id: GatewayId,
+    store: Arc<Mutex<Store>>,
+    outbox_ready: Arc<Notify>,
+    commands: mpsc::Sender<InboundCommand>,
+    state: watch::Sender<LinkState>,
+    delivered: watch::Sender<u64>,
+}
+
+/// What a running link tells its owner.
+#[derive(Debug)]
+pub struct LinkReports {
+    /// Connecting or connected.
+    pub state: watch::Receiver<LinkState>,
+    /// Outbox records the broker acknowledged (and the store deleted) since the link started.
+    pub delivered: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for CloudLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudLink").field("brokers", &self.brokers).finish_non_exhaustive()
+    }
+}
+
+/// Per-connection bookkeeping of what is in flight.
+#[derive(Default)]
+struct InFlight {
+    /// Tags of publishes handed to rumqttc, waiting for their packet id.
+    unassigned: VecDeque<Tag>,
+    /// Packet id → tag, until the PUBACK.
+    by_pkid: HashMap<u16, Tag>,
+    /// Outbox ids published and not yet acknowledged.
+    outbox: HashSet<i64>,
+}
+
+impl CloudLink {
+    /// Builds the link. `outbox_ready` is notified by whoever appends to the outbox;
+    /// commands go to `commands`.
+    pub fn new(
+        config: CloudConfig,
+        gateway_id: GatewayId,
+        store: Arc<Mutex<Store>>,
+        outbox_ready: Arc<Notify>,
+        commands: mpsc::Sender<InboundCommand>,
+    ) -> Result<(Self, LinkReports), CloudError> {
+        let brokers = config.brokers.iter().map(|u| BrokerUrl::parse(u)).collect::<Result<Vec<_>, _>>()?;
+        if brokers.is_empty() {
+            return Err(CloudError::NoBroker);
+        }
+        let tls = client_config(&config.ca_file, &config.cert_file, &config.key_file)?;
+        let (state, state_rx) = watch::channel(LinkState::Connecting);
+        let (delivered, delivered_rx) = watch::channel(0);
+        let topics = Topics::new(&gateway_id);
+        let link =
+            CloudLink { brokers, tls, config, topics, gateway_id, store, outbox_ready, commands, state, delivered };
+        Ok((link, LinkReports { state: state_rx, delivered: delivered_rx }))
+    }
+
+    fn options(&self, broker: &BrokerUrl) -> MqttOptions {
+        let mut o = MqttOptions::new(self.gateway_id.as_str(), &broker.host, broker.port);
+        o.set_keep_alive(self.config.keep_alive);
+        o.set_clean_session(false);
+        o.set_manual_acks(true);
+        o.set_inflight(self.config.inflight.max(1));
+        // rumqttc drops the connection on a packet over its limit: keep that far above our own
+        // command cap, which drops oversized commands without losing the connection.
+        o.set_max_packet_size(1024 * 1024, 256 * 1024);
+        o.set_last_will(LastWill::new(self.topics.status(), offline_payload(), QoS::AtLeastOnce, true));
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(self.tls.clone())));
+        o
+    }
+
+    /// Runs until `shutdown` turns true; then publishes `offline` and disconnects.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut index = 0;
+        let mut backoff = self.config.min_backoff;
+        let mut failures_here = 0u32;
+        loop {
+            let broker = self.brokers[index].clone();
+            let (client, mut eventloop) = AsyncClient::new(self.options(&broker), 128);
+            let mut flight = InFlight::default();
+            let mut connected = false;
+            let mut logged_down = false;
+            loop {
+                tokio::select! {
+                    event = eventloop.poll() => match event {
+                        Ok(event) => {
+                            match &event {
+                                Event::Incoming(Incoming::ConnAck(ack)) => {
+                                    connected = true;
+                                    failures_here = 0;
+                                    backoff = self.config.min_backoff;
+                                    tracing::info!(broker = %broker.host, port = broker.port, session = ack.session_present, "cloud link up");
+                                    self.on_connected(&client, &mut flight, ack.session_present);
+                                    // With a session the subscription is still there; without
+                                    // one, ready means subscribed (below).
+                                    if ack.session_present {
+                                        let _ = self.state.send(LinkState::Connected(index));
+                                    }
+                                }
+                                Event::Incoming(Incoming::SubAck(_)) => {
+                                    let _ = self.state.send(LinkState::Connected(index));
+                                }
+                                _ => {}
+                            }
+                            self.on_event(&client, &mut flight, event).await;
+                            if connected {
+                                self.drain(&client, &mut flight).await;
+                            }
+                        }
+                        Err(e) => {
+                            if connected || !logged_down {
+                                tracing::warn!(broker = %broker.host, error = %e, "cloud link down; reconnecting with backoff");
+                                logged_down = true;
+                            }
+                            connected = false;
+                            let _ = self.state.send(LinkState::Connecting);
+                            failures_here += 1;
+                            let pause = jittered(backoff);
+                            backoff = (backoff * 2).min(self.config.max_backoff);
+                            tokio::select! {
+                                () = tokio::time::sleep(pause) => {}
+                                _ = shutdown.changed() => return,
+                            }
+                            if self.brokers.len() > 1 && failures_here >= 3 {
+                                // This broker stays away: try the next one, with a fresh session.
+                                index = (index + 1) % self.brokers.len();
+                                failures_here = 0;
+                                break;
+                            }
+                        }
+                    },
+                    () = self.outbox_ready.notified(), if connected => self.drain(&client, &mut flight).await,
+                    _ = shutdown.changed() => {
+                        if *shutdown.borrow() {
+                            let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, offline_payload());
+                            let _ = client.try_disconnect();
+                            // Let the offline status and the DISCONNECT go out: the broker closes
+                            // the connection once it has the DISCONNECT (bounded wait). Closing
+                            // first would make it publish the will as well.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                                while eventloop.poll().await.is_ok() {}
+                            })
+                            .await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_connected(&self, client: &AsyncClient, flight: &mut InFlight, session_present: bool) {
+        if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, online_payload()).is_ok() {
+            flight.unassigned.push_back(Tag::Status);
+        }
+        if !session_present {
+            let _ = client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
+        }
+    }
+
+    async fn on_event(&self, client: &AsyncClient, flight: &mut InFlight, event: Event) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                // A replay after a reconnect keeps its packet id, which is still mapped.
+                if let std::collections::hash_map::Entry::Vacant(slot) = flight.by_pkid.entry(pkid)
+                    && let Some(tag) = flight.unassigned.pop_front()
+                {
+                    slot.insert(tag);
+                }
+            }
+            Event::Incoming(Incoming::PubAck(ack)) => {
+                if let Some(Tag::Outbox(id)) = flight.by_pkid.remove(&ack.pkid) {
+                    flight.outbox.remove(&id);
+                    let store = self.store.clone();
+                    let done =
+                        tokio::task::spawn_blocking(move || store.lock().expect("store poisoned").outbox_ack(&[id]))
+                            .await;
+                    match done {
+                        Ok(Ok(())) => self.delivered.send_modify(|n| *n += 1),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "could not delete an acknowledged outbox record; it will be sent again")
+                        }
+                        Err(e) => tracing::error!(error = %e, "the store task failed"),
+                    }
+                }
+            }
+            Event::Incoming(Incoming::Publish(publish)) => {
+                if publish.topic != self.topics.commands() || publish.payload.len() > MAX_COMMAND_BYTES {
+                    tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), "dropping an unexpected or oversized message");
+                    let _ = client.try_ack(&publish);
+                    return;
+                }
+                let (stored, was_stored) = oneshot::channel();
+                let command = InboundCommand { payload: publish.payload.to_vec(), stored };
+                if self.commands.send(command).await.is_err() {
+                    return;
+                }
+                let client = client.clone();
+                tokio::spawn(async move {
+                    if was_stored.await.is_ok() {
+                        let _ = client.ack(&publish).await;
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Publishes outbox records until the in-flight window is full.
+    async fn drain(&self, client: &AsyncClient, flight: &mut InFlight) {
+        let window = usize::from(self.config.inflight.max(1));
+        if flight.outbox.len() >= window {
+            return;
+        }
+        let store = self.store.clone();
+        let want = (window + flight.outbox.len()) as u32;
+        let pending =
+            match tokio::task::spawn_blocking(move || store.lock().expect("store poisoned").outbox_pending(want)).await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "could not read the outbox");
+                    return;
+                }
+                Err(_) => return,
+            };
+        for record in pending {
+            if flight.outbox.len() >= window {
+                break;
+            }
+            if flight.outbox.contains(&record.id) {
+                continue;
+            }
+            match client.try_publish(record.topic, QoS::AtLeastOnce, record.retain, record.payload) {
+                Ok(()) => {
+                    flight.unassigned.push_back(Tag::Outbox(record.id));
+                    flight.outbox.insert(record.id);
+                }
+                // rumqttc's request queue is full: the rest goes out when acknowledgements free it.
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+fn jittered(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    let jitter = rand_core::RngCore::next_u64(&mut rand_core::OsRng) % (ms / 2 + 1);
+    Duration::from_millis(ms / 2 + jitter + ms / 4)
+}
+
+/// The retained status while up.
+pub fn online_payload() -> Vec<u8> {
+    format!(r#"{{"status":"online","version":"{}","capabilities":["lhp1"]}}"#, env!("CARGO_PKG_VERSION")).into_bytes()
+}
+
+/// The retained status when down (also the last will).
+pub fn offline_payload() -> Vec<u8> {
+    br#"{"status":"offline"}"#.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_are_parsed_strictly() {
+        assert_eq!(
+            BrokerUrl::parse("mqtts://broker.example:8884").unwrap(),
+            BrokerUrl { host: "broker.example".into(), port: 8884 }
+        );
+        assert_eq!(BrokerUrl::parse("mqtts://localhost").unwrap().port, 8883);
+        for bad in ["mqtt://plain:1883", "mqtts://", "mqtts://host:0", "mqtts://host:99999", "mqtts://ho st", "tcp://x"]
+        {
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The cloud MQTT topic layout (`lockhub/v1/<gateway>/…`), in one place.
+
+use crate::protocol::ids::{GatewayId, LockId};
+
+/// The topics of one gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topics {
+    base: String,
+}
+
+impl Topics {
+    /// The topics of `gateway`.
+    pub fn new(gateway: &GatewayId) -> Self {
+        Topics { base: format!("lockhub/v1/{gateway}") }
+    }
+
+    /// Retained `online` / `offline` status (the last will).
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+
+    /// Signed commands and owner statements in.
+    pub fn commands(&self) -> String {
+        format!("{}/cmd", self.base)
+    }
+
+    /// One typed result per command out.
+    pub fn replies(&self) -> String {
+        format!("{}/reply", self.base)
+    }
+
+    /// Lock events and audit records out, from the outbox.
+    pub fn events(&self) -> String {
+        format!("{}/events", self.base)
+    }
+
+    /// A lock's retained state.
+    pub fn lock_state(&self, lock: LockId) -> String {
+        format!("{}/lock/{lock}/state", self.base)
+    }
+}

@@ -1,0 +1,201 @@
+//! The cloud link against Debian's Mosquitto over mutual TLS: the outbox drained and deleted
+//! only once acknowledged, online / offline status (graceful and by last will), inbound
+//! commands, and oversized input that does not stop the link.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockhub::cloud::link::{CloudConfig, CloudLink, InboundCommand, LinkReports, MAX_COMMAND_BYTES};
+use lockhub::cloud::tls::client_config;
+use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
+use lockhub::protocol::ids::GatewayId;
+use lockhub::store::{Store, StoreConfig};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+use support::mosquitto::Mosquitto;
+use tokio::sync::{Notify, mpsc, watch};
+
+const GW: &str = "gw-link";
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    pki: Pki,
+    broker: Mosquitto,
+    store: Arc<Mutex<Store>>,
+    outbox_ready: Arc<Notify>,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
+    let broker = Mosquitto::start(&pki);
+    let store =
+        Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) }).unwrap();
+    Rig { _dir: dir, pki, broker, store: Arc::new(Mutex::new(store)), outbox_ready: Arc::new(Notify::new()) }
+}
+
+impl Rig {
+    fn link(&self) -> (CloudLink, LinkReports, mpsc::Receiver<InboundCommand>) {
+        let config = CloudConfig {
+            brokers: vec![format!("mqtts://localhost:{}", self.broker.port)],
+            ca_file: self.pki.ca_cert(),
+            cert_file: self.pki.client_cert(GW),
+            key_file: self.pki.client_key(GW),
+            keep_alive: Duration::from_secs(5),
+            inflight: 8,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let (link, reports) =
+            CloudLink::new(config, GatewayId::new(GW).unwrap(), self.store.clone(), self.outbox_ready.clone(), tx)
+                .unwrap();
+        (link, reports, rx)
+    }
+
+    fn append_events(&self, range: std::ops::Range<u32>) {
+        let mut store = self.store.lock().unwrap();
+        store
+            .transaction(|tx| {
+                for i in range {
+                    tx.append_outbox(
+                        None,
+                        &format!("lockhub/v1/{GW}/events"),
+                        format!(r#"{{"id":"ev-{i}"}}"#).as_bytes(),
+                        false,
+                        0,
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        drop(store);
+        self.outbox_ready.notify_one();
+    }
+
+    /// The relay: sees everything under lockhub/v1/<GW>/.
+    async fn relay(&self) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>) {
+        let tls = client_config(
+            &self.pki.ca_cert(),
+            &self.pki.client_cert(RELAY_IDENTITY),
+            &self.pki.client_key(RELAY_IDENTITY),
+        )
+        .unwrap();
+        let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", self.broker.port);
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+        // Big enough to send an oversized command on purpose.
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(o, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subscribed_tx, mut subscribed) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    Event::Incoming(Incoming::SubAck(_)) => {
+                        let _ = subscribed_tx.send(()).await;
+                    }
+                    Event::Incoming(Incoming::Publish(p)) => {
+                        let _ = tx.send((p.topic, p.payload.to_vec(), p.retain));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        client.subscribe(format!("lockhub/v1/{GW}/#"), QoS::AtLeastOnce).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), subscribed.recv()).await.unwrap();
+        (client, rx)
+    }
+}
+
+async fn next_on(rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>, topic_suffix: &str) -> Vec<u8> {
+    loop {
+        let (topic, payload, _) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("nothing within 20 s")
+            .expect("relay gone");
+        if topic.ends_with(topic_suffix) {
+            return payload;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_is_delivered_and_deleted_only_once_acknowledged() {
+    let rig = rig();
+    let (_relay, mut seen) = rig.relay().await;
+    rig.append_events(0..60);
+    let (link, mut reports, _commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    let mut ids = BTreeSet::new();
+    while ids.len() < 60 {
+        let payload = next_on(&mut seen, "/events").await;
+        ids.insert(String::from_utf8(payload).unwrap());
+    }
+    // More while connected: the notification wakes the drain.
+    rig.append_events(60..100);
+    while ids.len() < 100 {
+        ids.insert(String::from_utf8(next_on(&mut seen, "/events").await).unwrap());
+    }
+    reports.delivered.wait_for(|n| *n >= 100).await.unwrap();
+    assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash() {
+    let rig = rig();
+    let (_relay, mut seen) = rig.relay().await;
+
+    let (link, _reports, _commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    let online = next_on(&mut seen, "/status").await;
+    assert!(String::from_utf8_lossy(&online).contains(r#""status":"online""#));
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(next_on(&mut seen, "/status").await, br#"{"status":"offline"}"#);
+
+    // A crash: the connection drops without DISCONNECT, and the broker publishes the will.
+    let (link, mut reports, _commands) = rig.link();
+    let (_stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+    let status = next_on(&mut seen, "/status").await;
+    assert!(String::from_utf8_lossy(&status).contains("online"), "{}", String::from_utf8_lossy(&status));
+    task.abort();
+    let _ = task.await;
+    assert_eq!(next_on(&mut seen, "/status").await, br#"{"status":"offline"}"#);
+}
+
+#[tokio::test]
+async fn commands_arrive_and_oversized_ones_do_not_stop_the_link() {
+    let rig = rig();
+    let (relay, _seen) = rig.relay().await;
+    let (link, mut reports, mut commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+    let cmd_topic = format!("lockhub/v1/{GW}/cmd");
+    // Connected means subscribed.
+    relay.publish(&cmd_topic, QoS::AtLeastOnce, false, b"first".to_vec()).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), commands.recv()).await.unwrap().unwrap();
+    assert_eq!(first.payload, b"first");
+    first.stored.send(()).unwrap();
+    relay.publish(&cmd_topic, QoS::AtLeastOnce, false, vec![b'x'; MAX_COMMAND_BYTES + 1]).await.unwrap();
+    relay.publish(&cmd_topic, QoS::AtLeastOnce, false, b"after".to_vec()).await.unwrap();
+    loop {
+        let c = tokio::time::timeout(Duration::from_secs(20), commands.recv()).await.unwrap().unwrap();
+        assert!(c.payload.len() <= MAX_COMMAND_BYTES, "an oversized command reached the handler");
+        if c.payload == b"after" {
+            c.stored.send(()).unwrap();
+            break;
+        }
+    }
+    assert!(matches!(*reports.state.borrow(), lockhub::cloud::link::LinkState::Connected(_)), "the link kept serving");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
