@@ -39,14 +39,16 @@ fn rig() -> Rig {
 impl Rig {
     fn link(&self) -> (CloudLink, LinkReports, mpsc::Receiver<InboundCommand>) {
         let config = CloudConfig {
-            brokers: vec![format!("mqtts://localhost:{}", self.broker.port)],
-            ca_file: self.pki.ca_cert(),
-            cert_file: self.pki.client_cert(GW),
-            key_file: self.pki.client_key(GW),
             keep_alive: Duration::from_secs(5),
             inflight: 8,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
+            ..CloudConfig::new(
+                vec![format!("mqtts://localhost:{}", self.broker.port)],
+                self.pki.ca_cert(),
+                self.pki.client_cert(GW),
+                self.pki.client_key(GW),
+            )
         };
         let (tx, rx) = mpsc::channel(16);
         let (link, reports) =

@@ -12,6 +12,7 @@
 //!   them (manual acks). Oversized ones are dropped with a log line, and the link carries on.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,11 +34,11 @@ pub struct CloudConfig {
     /// Brokers, tried in order: `mqtts://host[:port]` (port 8883 by default).
     pub brokers: Vec<String>,
     /// The CA that signs the brokers' certificates (pinned; no system roots).
-    pub ca_file: std::path::PathBuf,
+    pub ca_file: PathBuf,
     /// This gateway's client certificate.
-    pub cert_file: std::path::PathBuf,
+    pub cert_file: PathBuf,
     /// Its private key.
-    pub key_file: std::path::PathBuf,
+    pub key_file: PathBuf,
     /// MQTT keep-alive.
     pub keep_alive: Duration,
     /// Outbox records in flight at once.
@@ -46,6 +47,23 @@ pub struct CloudConfig {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+}
+
+impl CloudConfig {
+    /// A configuration with the defaults: keep-alive 30 s, 32 records in flight, reconnect
+    /// backoff from 0.5 s to 60 s.
+    pub fn new(brokers: Vec<String>, ca_file: PathBuf, cert_file: PathBuf, key_file: PathBuf) -> Self {
+        CloudConfig {
+            brokers,
+            ca_file,
+            cert_file,
+            key_file,
+            keep_alive: Duration::from_secs(30),
+            inflight: 32,
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
 }
 
 /// A broker address from the configuration.
