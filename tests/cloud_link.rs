@@ -28,9 +28,13 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(false)
+}
+
+fn rig_with(persistent_broker: bool) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
-    let broker = Mosquitto::start(&pki);
+    let broker = Mosquitto::start_with(&pki, persistent_broker);
     let store =
         Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) }).unwrap();
     Rig { _dir: dir, pki, broker, store: Arc::new(Mutex::new(store)), outbox_ready: Arc::new(Notify::new()) }
@@ -79,6 +83,11 @@ impl Rig {
 
     /// The relay: sees everything under lockhub/v1/<GW>/.
     async fn relay(&self) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>) {
+        self.relay_with(false).await
+    }
+
+    /// The relay; with `persistent`, a persistent session that rides out broker restarts.
+    async fn relay_with(&self, persistent: bool) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>) {
         let tls = client_config(
             &self.pki.ca_cert(),
             &self.pki.client_cert(RELAY_IDENTITY),
@@ -89,11 +98,21 @@ impl Rig {
         o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
         // Big enough to send an oversized command on purpose.
         o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_clean_session(!persistent);
         let (client, mut eventloop) = AsyncClient::new(o, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let (subscribed_tx, mut subscribed) = mpsc::channel(1);
         tokio::spawn(async move {
-            while let Ok(event) = eventloop.poll().await {
+            loop {
+                let event = match eventloop.poll().await {
+                    Ok(event) => event,
+                    // A persistent relay reconnects (rumqttc does on the next poll), after a pause.
+                    Err(_) if persistent => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(_) => return,
+                };
                 match event {
                     Event::Incoming(Incoming::SubAck(_)) => {
                         let _ = subscribed_tx.send(()).await;
@@ -198,6 +217,40 @@ async fn commands_arrive_and_oversized_ones_do_not_stop_the_link() {
         }
     }
     assert!(matches!(*reports.state.borrow(), lockhub::cloud::link::LinkState::Connected(_)), "the link kept serving");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_restarted_while_events_flow_loses_nothing() {
+    let mut rig = rig_with(true);
+    let (_relay, mut seen) = rig.relay_with(true).await;
+    let (link, mut reports, _commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    let rounds = 3u32;
+    for round in 0..rounds {
+        rig.append_events(round * 100..round * 100 + 100);
+        // Restart in the middle of the stream.
+        reports.delivered.wait_for(|n| *n >= u64::from(round * 100 + 20)).await.unwrap();
+        tokio::task::block_in_place(|| rig.broker.restart());
+    }
+    let mut ids = BTreeSet::new();
+    let mut received = 0;
+    while ids.len() < (rounds * 100) as usize {
+        ids.insert(String::from_utf8(next_on(&mut seen, "/events").await).unwrap());
+        received += 1;
+    }
+    // Every record leaves the outbox, each only after its acknowledgement.
+    while rig.store.lock().unwrap().outbox_len().unwrap() > 0 {
+        reports.delivered.changed().await.unwrap();
+    }
+    println!(
+        "{} events delivered across {rounds} broker restarts; {} duplicates before dedupe",
+        ids.len(),
+        received - ids.len()
+    );
+    assert_eq!(ids.len(), (rounds * 100) as usize);
     stop.send(true).unwrap();
     task.await.unwrap();
 }

@@ -11,6 +11,7 @@ use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 /// A Mosquitto broker on an ephemeral port, stopped on drop.
 pub struct Mosquitto {
     child: Child,
+    conf: std::path::PathBuf,
     /// Its TLS port on 127.0.0.1.
     pub port: u16,
     _dir: tempfile::TempDir,
@@ -30,6 +31,12 @@ fn free_port() -> u16 {
 impl Mosquitto {
     /// Starts Mosquitto with mutual TLS (the PKI's CA, broker certificate) and the lockhub ACLs.
     pub fn start(pki: &Pki) -> Self {
+        Self::start_with(pki, false)
+    }
+
+    /// Starts Mosquitto as [`Mosquitto::start`], keeping sessions and queued messages across
+    /// restarts when `persistent`.
+    pub fn start_with(pki: &Pki, persistent: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let acl = dir.path().join("acl");
@@ -39,11 +46,16 @@ impl Mosquitto {
         )
         .unwrap();
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if persistent {
+            format!("persistence true\npersistence_location {}/\nautosave_interval 1", dir.path().display())
+        } else {
+            "persistence false".to_owned()
+        };
         let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() { "user root\n" } else { "" };
         std::fs::write(
             &conf,
             format!(
-                "{user}per_listener_settings false\nallow_anonymous false\npersistence false\n\
+                "{user}per_listener_settings false\nallow_anonymous false\n{persistence}\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
                  listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
                  use_identity_as_username true\nacl_file {}\n",
@@ -54,9 +66,23 @@ impl Mosquitto {
             ),
         )
         .unwrap();
+        let child = Self::spawn(&conf);
+        Mosquitto { child, conf, port, _dir: dir }
+    }
+
+    /// Stops the broker gracefully (SIGTERM: it saves its state) and starts it again on the
+    /// same port; returns once it is running.
+    pub fn restart(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signalling mosquitto");
+        self.child.wait().expect("mosquitto exits");
+        self.child = Self::spawn(&self.conf);
+    }
+
+    fn spawn(conf: &std::path::Path) -> Child {
         let mut child = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
-            .arg(&conf)
+            .arg(conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -73,7 +99,7 @@ impl Mosquitto {
             assert!(!line.contains("Error"), "mosquitto: {line}");
         }
         std::thread::spawn(move || for _ in lines {});
-        Mosquitto { child, port, _dir: dir }
+        child
     }
 }
 
