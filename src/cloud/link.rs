@@ -178,6 +178,8 @@ struct InFlight {
     by_pkid: HashMap<u16, Tag>,
     /// Outbox ids published and not yet acknowledged.
     outbox: HashSet<i64>,
+    /// Outbox ids acknowledged by the broker, to delete in the next batch.
+    acked: Vec<i64>,
 }
 
 impl CloudLink {
@@ -208,7 +210,9 @@ impl CloudLink {
         o.set_keep_alive(self.config.keep_alive);
         o.set_clean_session(false);
         o.set_manual_acks(true);
-        o.set_inflight(self.config.inflight.max(1));
+        // Packet ids cycle through rumqttc's window: make it far larger than ours, so that a new
+        // publish never lands on an id still awaiting its PUBACK (rumqttc would stall on it).
+        o.set_inflight(self.config.inflight.max(1).saturating_mul(4).max(16));
         // rumqttc drops the connection on a packet over its limit: keep that far above our own
         // command cap, which drops oversized commands without losing the connection.
         o.set_max_packet_size(1024 * 1024, 256 * 1024);
@@ -225,6 +229,10 @@ impl CloudLink {
         loop {
             let broker = self.brokers[index].clone();
             let (client, mut eventloop) = AsyncClient::new(self.options(&broker), 128);
+            // Small pipelined writes (QoS 1 publishes in flight) must not wait for Nagle.
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_tcp_nodelay(true);
+            eventloop.set_network_options(network);
             let mut flight = InFlight::default();
             let mut connected = false;
             let mut logged_down = false;
@@ -270,6 +278,7 @@ impl CloudLink {
                                 _ = shutdown.changed() => return,
                             }
                             if self.brokers.len() > 1 && failures_here >= 3 {
+                                self.delete_acked(&mut flight).await;
                                 // This broker stays away: try the next one, with a fresh session.
                                 index = (index + 1) % self.brokers.len();
                                 failures_here = 0;
@@ -280,6 +289,7 @@ impl CloudLink {
                     () = self.outbox_ready.notified(), if connected => self.drain(&client, &mut flight).await,
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
+                            self.delete_acked(&mut flight).await;
                             let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, offline_payload());
                             let _ = client.try_disconnect();
                             // Let the offline status and the DISCONNECT go out: the broker closes
@@ -319,16 +329,11 @@ impl CloudLink {
             Event::Incoming(Incoming::PubAck(ack)) => {
                 if let Some(Tag::Outbox(id)) = flight.by_pkid.remove(&ack.pkid) {
                     flight.outbox.remove(&id);
-                    let store = self.store.clone();
-                    let done =
-                        tokio::task::spawn_blocking(move || store.lock().expect("store poisoned").outbox_ack(&[id]))
-                            .await;
-                    match done {
-                        Ok(Ok(())) => self.delivered.send_modify(|n| *n += 1),
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, "could not delete an acknowledged outbox record; it will be sent again")
-                        }
-                        Err(e) => tracing::error!(error = %e, "the store task failed"),
+                    flight.acked.push(id);
+                    // Deletions are batched (one durable transaction each): a crash before
+                    // the batch commits only means those records are sent again.
+                    if flight.acked.len() >= usize::from(self.config.inflight.max(2)) / 2 || flight.outbox.is_empty() {
+                        self.delete_acked(flight).await;
                     }
                 }
             }
@@ -354,12 +359,32 @@ impl CloudLink {
         }
     }
 
-    /// Publishes outbox records until the in-flight window is full.
-    async fn drain(&self, client: &AsyncClient, flight: &mut InFlight) {
-        let window = usize::from(self.config.inflight.max(1));
-        if flight.outbox.len() >= window {
+    /// Deletes the acknowledged records from the outbox, in one transaction.
+    async fn delete_acked(&self, flight: &mut InFlight) {
+        if flight.acked.is_empty() {
             return;
         }
+        let ids = std::mem::take(&mut flight.acked);
+        let n = ids.len() as u64;
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.lock().expect("store poisoned").outbox_ack(&ids)).await {
+            Ok(Ok(())) => self.delivered.send_modify(|d| *d += n),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not delete acknowledged outbox records; they will be sent again")
+            }
+            Err(e) => tracing::error!(error = %e, "the store task failed"),
+        }
+    }
+
+    /// Publishes outbox records until the in-flight window is full. Refills only once half
+    /// the window is free, so that the outbox is read in batches.
+    async fn drain(&self, client: &AsyncClient, flight: &mut InFlight) {
+        let window = usize::from(self.config.inflight.max(1));
+        if flight.outbox.len() > window / 2 {
+            return;
+        }
+        // Acknowledged but not yet deleted records must not be read back as pending.
+        self.delete_acked(flight).await;
         let store = self.store.clone();
         let want = (window + flight.outbox.len()) as u32;
         let pending =

@@ -58,7 +58,7 @@ impl Mosquitto {
                 "{user}per_listener_settings false\nallow_anonymous false\n{persistence}\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
                  listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-                 use_identity_as_username true\nacl_file {}\n",
+                 use_identity_as_username true\nset_tcp_nodelay true\nacl_file {}\n",
                 pki.ca_cert().display(),
                 pki.broker_cert().display(),
                 pki.broker_key().display(),
