@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 
 use lockhub::ble::BleConfig;
 use lockhub::ble::budget::ConnectionBudget;
-use lockhub::ble::client::{LockClient, pair};
 use lockhub::firmware::{Firmware, Mechanics, PersistentState};
 use lockhub::memlink::MemoryLink;
 use lockhub::protocol::gatt::Capabilities;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, Op};
-use lockhub::protocol::pairing::SetupCode;
 use rand_core::OsRng;
 
 const ROUND_TRIPS: usize = 2_000;
@@ -41,14 +39,9 @@ async fn dbus_round_trips(mtu: u16) -> (Vec<Duration>, Duration) {
     let ctl = support::control().await;
     let lock = support::add_lock(&ctl, &format!(r#"{{"motor_ms": 0, "mtu": {mtu}}}"#)).await;
     let transport = Arc::new(support::transport().await);
-    support::scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
     let config = BleConfig::default();
     let budget = ConnectionBudget::new(config.max_links);
-    let gateway = GatewayId::new("hub-bench").unwrap();
-    let id = LockId::parse(&lock.lock_id).unwrap();
-    let code = SetupCode::parse(&lock.setup_code).unwrap();
-    let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
-    let mut client = LockClient::new(transport, budget, config, gateway, id, lock.address.clone(), key);
+    let mut client = support::paired_client(transport, &lock, config, budget, "hub-bench").await;
     let connect_started = Instant::now();
     client.call(Actor::Hub, Op::Status).await.unwrap();
     let cold = connect_started.elapsed();

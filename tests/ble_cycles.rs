@@ -9,10 +9,7 @@ use std::sync::Arc;
 
 use lockhub::ble::BleConfig;
 use lockhub::ble::budget::ConnectionBudget;
-use lockhub::ble::client::{LockClient, pair};
-use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, Op};
-use lockhub::protocol::pairing::SetupCode;
 use support::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,14 +57,9 @@ async fn two_hundred_connect_disconnect_cycles_leave_no_growth() {
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
-    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
     let config = BleConfig::default();
     let budget = ConnectionBudget::new(config.max_links);
-    let gateway = GatewayId::new("hub-cycles").unwrap();
-    let id = LockId::parse(&lock.lock_id).unwrap();
-    let code = SetupCode::parse(&lock.setup_code).unwrap();
-    let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
-    let mut client = LockClient::new(transport, budget, config, gateway, id, lock.address.clone(), key);
+    let mut client = paired_client(transport, &lock, config, budget, "hub-cycles").await;
     let bus = bus().await;
 
     let mut cycle = async || {

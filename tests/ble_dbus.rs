@@ -7,31 +7,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockhub::ble::budget::ConnectionBudget;
-use lockhub::ble::client::{LockClient, pair};
+use lockhub::ble::client::LockClient;
 use lockhub::ble::{BleConfig, BleError, LockTransport};
-use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, LockState, Op, Reply, UserRef};
-use lockhub::protocol::pairing::{PairingKey, SetupCode};
 use support::*;
 
 const USER: Actor = Actor::Cloud(UserRef([0x0b; 8]));
 
-fn gateway() -> GatewayId {
-    GatewayId::new("hub-ble-test").unwrap()
-}
-
-async fn paired_client(
+async fn client_for(
     transport: Arc<lockhub::ble::bluez::BluezTransport>,
     lock: &LockReport,
     config: BleConfig,
-) -> (LockClient<lockhub::ble::bluez::BluezTransport>, PairingKey) {
-    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
+) -> LockClient<lockhub::ble::bluez::BluezTransport> {
     let budget = ConnectionBudget::new(config.max_links);
-    let lock_id = LockId::parse(&lock.lock_id).unwrap();
-    let code = SetupCode::parse(&lock.setup_code).unwrap();
-    let key = pair(&*transport, &budget, &config, &gateway(), lock_id, &lock.address, &code).await.unwrap();
-    let client = LockClient::new(transport, budget, config, gateway(), lock_id, lock.address.clone(), key.clone());
-    (client, key)
+    paired_client(transport, lock, config, budget, "hub-ble-test").await
 }
 
 #[tokio::test]
@@ -63,7 +52,7 @@ async fn pairs_and_unlocks_a_lock_whose_mtu_is_23() {
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"mtu": 23, "motor_ms": 50}"#).await;
     let transport = Arc::new(transport().await);
-    let (mut client, _key) = paired_client(transport, &lock, BleConfig::default()).await;
+    let mut client = client_for(transport, &lock, BleConfig::default()).await;
     let r = client.call(USER, Op::Unlock).await.unwrap();
     assert!(matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked), "{r:?}");
     let events = client.take_events();
@@ -81,7 +70,7 @@ async fn a_link_dropped_mid_command_is_link_lost_and_the_next_command_reconnects
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
-    let (mut client, _key) = paired_client(transport, &lock, BleConfig::default()).await;
+    let mut client = client_for(transport, &lock, BleConfig::default()).await;
     client.call(USER, Op::Status).await.unwrap();
     ctl.set_faults(&lock.lock_id, r#"{"drop_link_after_frames": 1}"#).await.unwrap();
     let err = client.call(USER, Op::Unlock).await.unwrap_err();
@@ -99,7 +88,7 @@ async fn a_lock_out_of_range_is_unreachable_within_the_configured_timeout() {
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
     let config = BleConfig { connect_timeout_ms: 1_500, ..BleConfig::default() };
-    let (mut client, _key) = paired_client(transport, &lock, config.clone()).await;
+    let mut client = client_for(transport, &lock, config.clone()).await;
     client.call(USER, Op::Status).await.unwrap();
     ctl.set_in_range(&lock.lock_id, false).await.unwrap();
     let started = Instant::now();
@@ -126,7 +115,7 @@ async fn an_idle_link_is_dropped_after_the_keep_alive_window() {
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
     let config = BleConfig { keep_alive_ms: 200, ..BleConfig::default() };
-    let (mut client, _key) = paired_client(transport, &lock, config).await;
+    let mut client = client_for(transport, &lock, config).await;
     client.call(USER, Op::Status).await.unwrap();
     let deadline = client.idle_deadline().expect("a link is up");
     assert!(!client.disconnect_if_idle().await, "not idle yet");

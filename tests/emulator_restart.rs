@@ -8,10 +8,7 @@ use std::sync::Arc;
 
 use lockhub::ble::BleConfig;
 use lockhub::ble::budget::ConnectionBudget;
-use lockhub::ble::client::{LockClient, pair};
-use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, LockState, Op, Reply};
-use lockhub::protocol::pairing::SetupCode;
 use support::*;
 
 #[tokio::test]
@@ -19,14 +16,9 @@ async fn pairings_and_lock_state_survive_an_emulator_restart() {
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0, "mtu": 23}"#).await;
     let transport = Arc::new(transport().await);
-    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
     let config = BleConfig::default();
     let budget = ConnectionBudget::new(config.max_links);
-    let gateway = GatewayId::new("hub-restart").unwrap();
-    let id = LockId::parse(&lock.lock_id).unwrap();
-    let code = SetupCode::parse(&lock.setup_code).unwrap();
-    let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
-    let mut client = LockClient::new(transport.clone(), budget, config, gateway, id, lock.address.clone(), key);
+    let mut client = paired_client(transport, &lock, config, budget, "hub-restart").await;
     client.call(Actor::Hub, Op::Unlock).await.unwrap();
     let seq_before = report(&ctl, &lock.lock_id).await.status.last_seq;
 

@@ -117,6 +117,21 @@ pub(super) fn pseudonym(prefix: &str, key: &[u8], id: &[u8]) -> String {
     s
 }
 
+/// The columns [`record_from_row`] reads, in its order.
+const RECORD_COLUMNS: &str = "seq, at, action, outcome, actor, subject, detail";
+
+fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: r.get(0)?,
+        at: r.get(1)?,
+        action: r.get(2)?,
+        outcome: r.get(3)?,
+        actor: r.get(4)?,
+        subject: r.get(5)?,
+        detail: r.get(6)?,
+    })
+}
+
 fn anchor(tx: &rusqlite::Connection) -> Result<(i64, Vec<u8>), StoreError> {
     let a: Option<Vec<u8>> =
         tx.query_row("SELECT value FROM meta WHERE key = 'audit_anchor'", [], |r| r.get(0)).optional()?;
@@ -197,21 +212,12 @@ impl Store {
     /// Checks every record against its predecessor, from the anchor on; names the first bad one.
     pub fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
         let (mut prev_seq, mut prev_hash) = anchor(&self.conn)?;
-        let mut stmt = self.conn.prepare(
-            "SELECT seq, at, action, outcome, actor, subject, detail, prev_hash, hash FROM audit ORDER BY seq",
-        )?;
+        let mut stmt =
+            self.conn.prepare(&format!("SELECT {RECORD_COLUMNS}, prev_hash, hash FROM audit ORDER BY seq"))?;
         let mut rows = stmt.query([])?;
         let mut count = 0;
         while let Some(row) = rows.next()? {
-            let record = AuditRecord {
-                seq: row.get(0)?,
-                at: row.get(1)?,
-                action: row.get(2)?,
-                outcome: row.get(3)?,
-                actor: row.get(4)?,
-                subject: row.get(5)?,
-                detail: row.get(6)?,
-            };
+            let record = record_from_row(row)?;
             let stored_prev: Vec<u8> = row.get(7)?;
             let stored_hash: Vec<u8> = row.get(8)?;
             let broken = |reason| Ok(AuditVerification::Broken { seq: record.seq, reason });
@@ -234,20 +240,9 @@ impl Store {
 
     /// Audit records, oldest first, from `after_seq` on, at most `limit`.
     pub fn audit_records(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT seq, at, action, outcome, actor, subject, detail FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after_seq, limit], |r| {
-            Ok(AuditRecord {
-                seq: r.get(0)?,
-                at: r.get(1)?,
-                action: r.get(2)?,
-                outcome: r.get(3)?,
-                actor: r.get(4)?,
-                subject: r.get(5)?,
-                detail: r.get(6)?,
-            })
-        })?;
+        let mut stmt =
+            self.conn.prepare(&format!("SELECT {RECORD_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+        let rows = stmt.query_map(params![after_seq, limit], record_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -240,3 +240,22 @@ pub async fn scan_until_seen(
     tokio::time::timeout(Duration::from_secs(60), wait).await.expect("locks not seen within 60 s");
     seen
 }
+
+/// Scans until `lock` is seen, pairs with its setup code, and returns a client for it.
+pub async fn paired_client(
+    transport: std::sync::Arc<BluezTransport>,
+    lock: &LockReport,
+    config: lockhub::ble::BleConfig,
+    budget: lockhub::ble::budget::ConnectionBudget,
+    gateway: &str,
+) -> lockhub::ble::client::LockClient<BluezTransport> {
+    use lockhub::protocol::ids::{GatewayId, LockId};
+    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
+    let gateway = GatewayId::new(gateway).expect("valid gateway id");
+    let lock_id = LockId::parse(&lock.lock_id).expect("valid lock id");
+    let code = lockhub::protocol::pairing::SetupCode::parse(&lock.setup_code).expect("valid setup code");
+    let key = lockhub::ble::client::pair(&*transport, &budget, &config, &gateway, lock_id, &lock.address, &code)
+        .await
+        .expect("pairing");
+    lockhub::ble::client::LockClient::new(transport, budget, config, gateway, lock_id, lock.address.clone(), key)
+}
