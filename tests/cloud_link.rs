@@ -254,3 +254,65 @@ async fn the_broker_restarted_while_events_flow_loses_nothing() {
     stop.send(true).unwrap();
     task.await.unwrap();
 }
+
+/// Helper for the SIGKILL test, run as a child process: runs a cloud link with the PKI, broker
+/// port and state directory given in `LOCKHUB_LINK_CHILD` (`<pki dir>|<port>|<state dir>`) and
+/// says `CONNECTED` once it is.
+#[tokio::test]
+#[ignore = "a child process of the gateway_killed_with_sigkill_turns_offline test"]
+async fn link_child() {
+    let Ok(spec) = std::env::var("LOCKHUB_LINK_CHILD") else { return };
+    let mut parts = spec.split('|');
+    let (pki, port, state) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let pki = Pki::open(std::path::Path::new(pki));
+    let store =
+        Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(std::path::Path::new(state)) }).unwrap();
+    let config = CloudConfig::new(
+        vec![format!("mqtts://localhost:{port}")],
+        pki.ca_cert(),
+        pki.client_cert(GW),
+        pki.client_key(GW),
+    );
+    let (tx, _rx) = mpsc::channel(4);
+    let (link, mut reports) =
+        CloudLink::new(config, GatewayId::new(GW).unwrap(), Arc::new(Mutex::new(store)), Arc::new(Notify::new()), tx)
+            .unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(link.run(stopped));
+    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+    println!("CONNECTED");
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn gateway_killed_with_sigkill_turns_offline() {
+    use std::io::BufRead;
+    let rig = rig();
+    let (_relay, mut seen) = rig.relay().await;
+    let state = rig._dir.path().join("child-state");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "link_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(
+            "LOCKHUB_LINK_CHILD",
+            format!("{}|{}|{}", rig._dir.path().join("pki").display(), rig.broker.port, state.display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let connected = tokio::task::spawn_blocking(move || {
+        // libtest may print "test link_child ... " on the same line first.
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).any(|l| l.ends_with("CONNECTED"))
+    });
+    let connected = tokio::time::timeout(Duration::from_secs(60), connected).await;
+    if !matches!(connected, Ok(Ok(true))) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the child gateway did not connect");
+    }
+    assert!(String::from_utf8_lossy(&next_on(&mut seen, "/status").await).contains("online"));
+    child.kill().unwrap(); // SIGKILL: no DISCONNECT, no goodbye.
+    child.wait().unwrap();
+    assert_eq!(next_on(&mut seen, "/status").await, br#"{"status":"offline"}"#);
+}
