@@ -537,3 +537,37 @@ fn crash_test_every_acknowledged_record_survives_sigkill() {
     }
     assert!(acked.len() >= 50, "the child made progress");
 }
+
+#[test]
+fn a_loose_database_file_is_tightened_and_a_newer_schema_is_refused() {
+    let dir = temp_dir();
+    drop(Store::open(config(dir.path())).unwrap());
+    let db = dir.path().join("lockhub.db");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(Store::open(config(dir.path())).unwrap());
+    assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
+    raw(dir.path()).pragma_update(None, "user_version", 99).unwrap();
+    let err = Store::open(config(dir.path())).unwrap_err();
+    assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("upgrade lockhub"), "{err}");
+}
+
+#[test]
+fn passcodes_are_stored_only_as_argon2id_hashes() {
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let lock = LockId([9; 8]);
+    store.transaction(|tx| tx.add_lock(lock, "C0:00:00:00:00:09", "L", &PairingKey::from_bytes([1; 32]), 1)).unwrap();
+    for not_a_hash in ["123456", "$argon2i$v=19$m=256,t=2,p=1$c2FsdA$aGFzaA", "$2b$12$abcdefghijklmnopqrstuv"] {
+        let r = store.transaction(|tx| tx.put_passcode(lock, None, Some(1), not_a_hash, None, None));
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{not_a_hash} was accepted");
+    }
+    // The schema refuses one too, whoever writes it.
+    let raw = raw(dir.path());
+    assert!(raw.execute("INSERT INTO passcodes (lock, hash) VALUES (1, '123456')", []).is_err());
+    store
+        .transaction(|tx| {
+            tx.put_passcode(lock, None, Some(1), "$argon2id$v=19$m=256,t=2,p=1$c2FsdA$aGFzaA", None, None)
+        })
+        .unwrap();
+}

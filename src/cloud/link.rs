@@ -258,8 +258,11 @@ impl CloudLink {
                                 }
                                 _ => {}
                             }
+                            // Only a new connection or an acknowledgement can make room in the
+                            // window; other events (pings, deliveries) must not cost a store read.
+                            let room = matches!(&event, Event::Incoming(Incoming::ConnAck(_) | Incoming::PubAck(_)));
                             self.on_event(&client, &mut flight, event).await;
-                            if connected {
+                            if connected && room {
                                 self.drain(&client, &mut flight).await;
                             }
                         }
