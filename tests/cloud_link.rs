@@ -1,8 +1,17 @@
-//! The cloud link against Debian's Mosquitto over mutual TLS: the outbox drained and deleted
-//! only once acknowledged, online / offline status (graceful and by last will), inbound
-//! commands, and oversized input that does not stop the link.
+//! The cloud link over mutual TLS, against the bundled broker and Debian's Mosquitto alike: the
+//! outbox drained and deleted only once acknowledged, online / offline status (graceful, by
+//! last will, and after SIGKILL), inbound commands, oversized input that does not stop the
+//! link, and broker restarts in the middle of a stream of events.
 
 mod support;
+
+on_both_brokers!(
+    the_outbox_is_delivered_and_deleted_only_once_acknowledged,
+    status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash,
+    commands_arrive_and_oversized_ones_do_not_stop_the_link,
+    the_broker_restarted_while_events_flow_loses_nothing,
+    gateway_killed_with_sigkill_turns_offline,
+);
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -14,7 +23,7 @@ use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 use lockhub::protocol::ids::GatewayId;
 use lockhub::store::{Store, StoreConfig};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
-use support::mosquitto::Mosquitto;
+use support::broker::{Kind, TestBroker};
 use tokio::sync::{Notify, mpsc, watch};
 
 const GW: &str = "gw-link";
@@ -22,19 +31,19 @@ const GW: &str = "gw-link";
 struct Rig {
     _dir: tempfile::TempDir,
     pki: Pki,
-    broker: Mosquitto,
+    broker: TestBroker,
     store: Arc<Mutex<Store>>,
     outbox_ready: Arc<Notify>,
 }
 
-fn rig() -> Rig {
-    rig_with(false)
+fn rig(kind: Kind) -> Rig {
+    rig_with(kind, false)
 }
 
-fn rig_with(persistent_broker: bool) -> Rig {
+fn rig_with(kind: Kind, persistent_broker: bool) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
-    let broker = Mosquitto::start_with(&pki, persistent_broker);
+    let broker = TestBroker::start(kind, &pki, persistent_broker);
     let store =
         Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) }).unwrap();
     Rig { _dir: dir, pki, broker, store: Arc::new(Mutex::new(store)), outbox_ready: Arc::new(Notify::new()) }
@@ -48,7 +57,7 @@ impl Rig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
             ..CloudConfig::new(
-                vec![format!("mqtts://localhost:{}", self.broker.port)],
+                vec![format!("mqtts://localhost:{}", self.broker.port())],
                 self.pki.ca_cert(),
                 self.pki.client_cert(GW),
                 self.pki.client_key(GW),
@@ -94,7 +103,7 @@ impl Rig {
             &self.pki.client_key(RELAY_IDENTITY),
         )
         .unwrap();
-        let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", self.broker.port);
+        let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", self.broker.port());
         o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
         // Big enough to send an oversized command on purpose.
         o.set_max_packet_size(1 << 20, 1 << 20);
@@ -142,9 +151,8 @@ async fn next_on(rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>, topi
     }
 }
 
-#[tokio::test]
-async fn the_outbox_is_delivered_and_deleted_only_once_acknowledged() {
-    let rig = rig();
+async fn the_outbox_is_delivered_and_deleted_only_once_acknowledged(kind: Kind) {
+    let rig = rig(kind);
     let (_relay, mut seen) = rig.relay().await;
     rig.append_events(0..60);
     let (link, mut reports, _commands) = rig.link();
@@ -166,9 +174,8 @@ async fn the_outbox_is_delivered_and_deleted_only_once_acknowledged() {
     task.await.unwrap();
 }
 
-#[tokio::test]
-async fn status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash() {
-    let rig = rig();
+async fn status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash(kind: Kind) {
+    let rig = rig(kind);
     let (_relay, mut seen) = rig.relay().await;
 
     let (link, _reports, _commands) = rig.link();
@@ -192,9 +199,8 @@ async fn status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash()
     assert_eq!(next_on(&mut seen, "/status").await, br#"{"status":"offline"}"#);
 }
 
-#[tokio::test]
-async fn commands_arrive_and_oversized_ones_do_not_stop_the_link() {
-    let rig = rig();
+async fn commands_arrive_and_oversized_ones_do_not_stop_the_link(kind: Kind) {
+    let rig = rig(kind);
     let (relay, _seen) = rig.relay().await;
     let (link, mut reports, mut commands) = rig.link();
     let (stop, stopped) = watch::channel(false);
@@ -221,36 +227,56 @@ async fn commands_arrive_and_oversized_ones_do_not_stop_the_link() {
     task.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_restarted_while_events_flow_loses_nothing() {
-    let mut rig = rig_with(true);
-    let (_relay, mut seen) = rig.relay_with(true).await;
+/// The broker restarted three times in the middle of a stream of 300 events. The bundled broker
+/// is killed with SIGKILL and its event sink must hold every event once; Mosquitto is stopped
+/// and started (it saves its sessions), and a persistent relay session must see every event.
+async fn the_broker_restarted_while_events_flow_loses_nothing(kind: Kind) {
+    let mut rig = rig_with(kind, true);
+    let mut relay = match kind {
+        Kind::Mosquitto => Some(rig.relay_with(true).await),
+        Kind::Bundled => None,
+    };
     let (link, mut reports, _commands) = rig.link();
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(link.run(stopped));
     let rounds = 3u32;
+    let total = (rounds * 100) as usize;
     for round in 0..rounds {
         rig.append_events(round * 100..round * 100 + 100);
         // Restart in the middle of the stream.
         reports.delivered.wait_for(|n| *n >= u64::from(round * 100 + 20)).await.unwrap();
         tokio::task::block_in_place(|| rig.broker.restart());
     }
-    let mut ids = BTreeSet::new();
-    let mut received = 0;
-    while ids.len() < (rounds * 100) as usize {
-        ids.insert(String::from_utf8(next_on(&mut seen, "/events").await).unwrap());
-        received += 1;
-    }
     // Every record leaves the outbox, each only after its acknowledgement.
     while rig.store.lock().unwrap().outbox_len().unwrap() > 0 {
         reports.delivered.changed().await.unwrap();
     }
-    println!(
-        "{} events delivered across {rounds} broker restarts; {} duplicates before dedupe",
-        ids.len(),
-        received - ids.len()
-    );
-    assert_eq!(ids.len(), (rounds * 100) as usize);
+    let stored = match (&rig.broker, &mut relay) {
+        (TestBroker::Bundled(broker), _) => {
+            // Acknowledged means stored: the sink has them all, once each.
+            let sink = broker.events();
+            let ids: BTreeSet<String> = sink.events(GW, 0, 10_000).unwrap().into_iter().map(|e| e.id).collect();
+            assert_eq!(sink.count(Some(GW)).unwrap() as usize, ids.len(), "an event stored twice");
+            println!("bundled broker killed {rounds} times: {} events in the sink, each once", ids.len());
+            ids.len()
+        }
+        (TestBroker::Mosquitto(_), Some((_relay, seen))) => {
+            let mut ids = BTreeSet::new();
+            let mut received = 0;
+            while ids.len() < total {
+                ids.insert(String::from_utf8(next_on(seen, "/events").await).unwrap());
+                received += 1;
+            }
+            println!(
+                "mosquitto restarted {rounds} times: {} events delivered; {} duplicates before dedupe",
+                ids.len(),
+                received - ids.len()
+            );
+            ids.len()
+        }
+        (TestBroker::Mosquitto(_), None) => unreachable!("the Mosquitto run has a relay"),
+    };
+    assert_eq!(stored, total);
     stop.send(true).unwrap();
     task.await.unwrap();
 }
@@ -284,17 +310,16 @@ async fn link_child() {
     std::future::pending::<()>().await;
 }
 
-#[tokio::test]
-async fn gateway_killed_with_sigkill_turns_offline() {
+async fn gateway_killed_with_sigkill_turns_offline(kind: Kind) {
     use std::io::BufRead;
-    let rig = rig();
+    let rig = rig(kind);
     let (_relay, mut seen) = rig.relay().await;
     let state = rig._dir.path().join("child-state");
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "link_child", "--ignored", "--nocapture", "--test-threads=1"])
         .env(
             "LOCKHUB_LINK_CHILD",
-            format!("{}|{}|{}", rig._dir.path().join("pki").display(), rig.broker.port, state.display()),
+            format!("{}|{}|{}", rig._dir.path().join("pki").display(), rig.broker.port(), state.display()),
         )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

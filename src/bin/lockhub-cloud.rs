@@ -1,14 +1,21 @@
 //! `lockhub-cloud`: the bundled cloud for integration runs and the demo.
 //!
-//! So far the development PKI: `pki init` creates a CA, a broker certificate for the local
-//! machine and client certificates (one per gateway, plus the relay); `pki issue` adds one.
-//! The broker with per-gateway ACLs, the relay and the phone-app stand-in come next.
+//! - `pki init` creates a CA, a broker certificate for the local machine and client
+//!   certificates (one per gateway, plus the relay); `pki issue` adds one.
+//! - `serve` runs the broker (mutual TLS, per-gateway ACLs) with the event sink.
+//! - `mosquitto-config` prints the equivalent Mosquitto configuration.
+//!
+//! The relay and the phone-app stand-in come next.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use lockhub::devcloud::broker::{Broker, BrokerConfig};
+use lockhub::devcloud::mosquitto_config::MosquittoConfig;
 use lockhub::devcloud::pki::Pki;
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(name = "lockhub-cloud", version, about = "The bundled lockhub cloud (development and integration runs)")]
@@ -22,6 +29,39 @@ enum Command {
     /// The development PKI.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Run the broker: mutual TLS with the PKI's CA, per-gateway topic ACLs, and the event
+    /// sink. Prints `listening on <address>` once it accepts clients; stops on SIGTERM or
+    /// Ctrl-C.
+    Serve {
+        /// Directory of an initialised PKI.
+        #[arg(long)]
+        pki: PathBuf,
+        /// Address to listen on (port 0: any free port, printed).
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        listen: SocketAddr,
+        /// Directory for the event sink's database (created); without it, events are routed
+        /// but not stored.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Print the equivalent Mosquitto configuration (TLS, use_identity_as_username, ACLs).
+    MosquittoConfig {
+        /// Directory of an initialised PKI (the paths printed point into it).
+        #[arg(long)]
+        pki: PathBuf,
+        /// Port of the TLS listener.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// Address the listener binds.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Where the ACL file will be installed.
+        #[arg(long, default_value = "/etc/mosquitto/lockhub/acl")]
+        acl_file: PathBuf,
+        /// Print the ACL file instead of mosquitto.conf.
+        #[arg(long)]
+        acl: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -46,7 +86,20 @@ enum PkiCommand {
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
+        Command::Serve { pki, listen, data } => serve(pki, listen, data)?,
+        Command::MosquittoConfig { pki, port, bind, acl_file, acl } => {
+            let pki = open_pki(&pki)?;
+            let config = MosquittoConfig::for_pki(&pki, &bind, port, acl_file);
+            print!("{}", if acl { config.render_acl() } else { config.render() });
+        }
         Command::Pki(PkiCommand::Init { dir, gateways }) => {
             let names: Vec<&str> = gateways.iter().map(String::as_str).collect();
             let pki = Pki::init(&dir, &names).with_context(|| format!("creating the PKI in {}", dir.display()))?;
@@ -57,17 +110,46 @@ fn main() -> Result<()> {
             }
         }
         Command::Pki(PkiCommand::Issue { dir, name }) => {
-            let pki = Pki::open(&dir);
-            if !pki.ca_cert().exists() {
-                anyhow::bail!(
-                    "{} holds no PKI: run `lockhub-cloud pki init --dir {}` first",
-                    dir.display(),
-                    dir.display()
-                );
-            }
+            let pki = open_pki(&dir)?;
             pki.issue_client(&name).with_context(|| format!("issuing a certificate for {name}"))?;
             println!("client {name}: {}", pki.client_cert(&name).display());
         }
     }
+    Ok(())
+}
+
+fn open_pki(dir: &std::path::Path) -> Result<Pki> {
+    let pki = Pki::open(dir);
+    if !pki.ca_cert().exists() {
+        anyhow::bail!("{} holds no PKI: run `lockhub-cloud pki init --dir {}` first", dir.display(), dir.display());
+    }
+    Ok(pki)
+}
+
+#[tokio::main]
+async fn serve(pki: PathBuf, listen: SocketAddr, data: Option<PathBuf>) -> Result<()> {
+    let pki = open_pki(&pki)?;
+    let events_db = match data {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            Some(dir.join("events.db"))
+        }
+        None => None,
+    };
+    let broker = Broker::bind(BrokerConfig::from_pki(&pki, listen, events_db)).await?;
+    // The harness and the demo read this line to learn the port.
+    println!("listening on {}", broker.local_addr());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let (stop, stopped) = watch::channel(false);
+    let server = tokio::spawn(broker.run(stopped));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping");
+    let _ = stop.send(true);
+    server.await?;
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! - Broker URLs are tried in order, with jittered exponential backoff; each state change is
 //!   logged once, not per retry.
 //! - The session is persistent (`clean_session = false`): QoS 1 messages in flight survive a
-//!   reconnect. The subscription is renewed after every CONNACK without a session.
+//!   reconnect. The subscription is renewed after every CONNACK without a session, and the
+//!   records that were in flight are read from the outbox again (rumqttc drops them then).
 //! - Last will: a retained `offline` status; `online` is published on every connect.
 //! - The outbox is drained with a bounded in-flight window; a record is deleted only when its
 //!   PUBACK arrives. After a restart, unacknowledged records are sent again (at least once on
@@ -311,6 +312,15 @@ impl CloudLink {
     }
 
     fn on_connected(&self, client: &AsyncClient, flight: &mut InFlight, session_present: bool) {
+        if !session_present {
+            // A broker without our session (restarted without persistence, or another broker):
+            // rumqttc drops what was in flight instead of sending it again, so those records
+            // are pending once more and the next drain reads them back from the outbox.
+            // (Acknowledged ones stay in `acked`, to be deleted.)
+            flight.unassigned.clear();
+            flight.by_pkid.clear();
+            flight.outbox.clear();
+        }
         if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, online_payload()).is_ok() {
             flight.unassigned.push_back(Tag::Status);
         }

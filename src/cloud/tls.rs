@@ -1,6 +1,7 @@
-//! TLS for the cloud link: rustls with the ring provider, chosen explicitly; the broker is
-//! authenticated against a pinned CA (no system roots unless configured), the gateway by its
-//! client certificate.
+//! TLS configurations from PEM files: rustls with the ring provider, chosen explicitly. For the
+//! cloud link, the broker is authenticated against a pinned CA (no system roots unless
+//! configured), the gateway by its client certificate. For the bundled broker, the converse:
+//! every client must present a certificate from the pinned CA.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,5 +75,23 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientCon
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(certificates(cert)?, private_key(key)?)?;
+    Ok(Arc::new(config))
+}
+
+/// Builds a broker's configuration: present `cert` with `key`, and require a client
+/// certificate signed by `ca` (no anonymous clients, no other CA).
+pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certificates(ca)? {
+        roots.add(c).map_err(|source| TlsError::BadCa { path: ca.to_owned(), source })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certificates(cert)?, private_key(key)?)?;
     Ok(Arc::new(config))
 }

@@ -108,6 +108,11 @@ impl Pki {
         Pki { dir: dir.to_owned() }
     }
 
+    /// The PKI's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Issues (or reissues) a client certificate whose common name is `name`.
     pub fn issue_client(&self, name: &str) -> Result<(), PkiError> {
         let ok = !name.is_empty()

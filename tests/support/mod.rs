@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod bundled;
 pub mod mosquitto;
 
 use std::io::{BufRead, BufReader};

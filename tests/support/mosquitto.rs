@@ -1,12 +1,14 @@
-//! Debian's Mosquitto for tests: mutual TLS with the development PKI,
-//! `use_identity_as_username`, and the ACLs a lockhub fleet uses (a gateway reaches its own
-//! subtree only; the relay reaches all). Started on an ephemeral port under
+//! Debian's Mosquitto for tests, configured by `lockhub::devcloud::mosquitto_config` (what
+//! `lockhub-cloud mosquitto-config` prints): mutual TLS with the development PKI,
+//! `use_identity_as_username`, and the fleet's ACLs (a gateway reaches its own subtree only;
+//! the relay reaches all). Started on an ephemeral port under
 //! `setpriv --pdeathsig KILL`, stopped on drop.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
+use lockhub::devcloud::mosquitto_config::MosquittoConfig;
+use lockhub::devcloud::pki::Pki;
 
 /// A Mosquitto broker on an ephemeral port, stopped on drop.
 pub struct Mosquitto {
@@ -24,7 +26,7 @@ impl Drop for Mosquitto {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -39,30 +41,17 @@ impl Mosquitto {
     pub fn start_with(pki: &Pki, persistent: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let acl = dir.path().join("acl");
-        std::fs::write(
-            &acl,
-            format!("user {RELAY_IDENTITY}\ntopic readwrite lockhub/v1/#\n\npattern readwrite lockhub/v1/%u/#\n"),
-        )
-        .unwrap();
+        // Exactly what `lockhub-cloud mosquitto-config` prints, plus logging for readiness.
+        let mut config = MosquittoConfig::for_pki(pki, "127.0.0.1", port, dir.path().join("acl"));
+        config.persistence_dir = persistent.then(|| dir.path().to_owned());
+        config.run_as_root = is_root();
+        std::fs::write(&config.acl_file, config.render_acl()).unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        let persistence = if persistent {
-            format!("persistence true\npersistence_location {}/\nautosave_interval 1", dir.path().display())
-        } else {
-            "persistence false".to_owned()
-        };
-        let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() { "user root\n" } else { "" };
         std::fs::write(
             &conf,
             format!(
-                "{user}per_listener_settings false\nallow_anonymous false\n{persistence}\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-                 listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-                 use_identity_as_username true\nset_tcp_nodelay true\nacl_file {}\n",
-                pki.ca_cert().display(),
-                pki.broker_cert().display(),
-                pki.broker_key().display(),
-                acl.display()
+                "{}log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+                config.render()
             ),
         )
         .unwrap();

@@ -1,8 +1,14 @@
-//! Mutual TLS and per-gateway topic ACLs against Debian's Mosquitto, started by the test with
-//! the development PKI (`lockhub::devcloud::pki`) and the gateway TLS configuration
-//! (`lockhub::cloud::tls`).
+//! Mutual TLS and per-gateway topic ACLs, the same tests against the bundled broker
+//! (`lockhub-cloud serve`) and Debian's Mosquitto (configured as `lockhub-cloud
+//! mosquitto-config` says), with the development PKI (`lockhub::devcloud::pki`) and the
+//! gateway TLS configuration (`lockhub::cloud::tls`).
 
 mod support;
+
+on_both_brokers!(
+    a_client_without_a_certificate_or_with_another_cas_is_refused,
+    gateway_a_can_neither_read_nor_write_gateway_bs_subtree
+);
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +17,7 @@ use std::time::Duration;
 use lockhub::cloud::tls::client_config;
 use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
-use support::mosquitto::Mosquitto;
+use support::broker::{Kind, TestBroker};
 use tokio::sync::mpsc;
 
 /// What a test client sees.
@@ -61,9 +67,9 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
     tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("no event within 20 s").expect("client gone")
 }
 
-async fn connected(pki: &Pki, broker: &Mosquitto, name: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Seen>) {
+async fn connected(pki: &Pki, broker: &TestBroker, name: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Seen>) {
     let tls = client_config(&pki.ca_cert(), &pki.client_cert(name), &pki.client_key(name)).unwrap();
-    let (client, mut rx) = start_client(options(name, broker.port, Some(tls)));
+    let (client, mut rx) = start_client(options(name, broker.port(), Some(tls)));
     match next(&mut rx).await {
         Seen::Connected => (client, rx),
         other => panic!("{name} did not connect: {other:?}"),
@@ -82,11 +88,10 @@ fn pki(dir: &Path) -> Pki {
     Pki::init(dir, &["gw-a", "gw-b"]).unwrap()
 }
 
-#[tokio::test]
-async fn a_client_without_a_certificate_or_with_another_cas_is_refused() {
+async fn a_client_without_a_certificate_or_with_another_cas_is_refused(kind: Kind) {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let broker = Mosquitto::start(&pki);
+    let broker = TestBroker::start(kind, &pki, false);
 
     // No client certificate: the TLS handshake fails.
     let mut roots = rustls::RootCertStore::empty();
@@ -98,7 +103,7 @@ async fn a_client_without_a_certificate_or_with_another_cas_is_refused() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let (_c, mut rx) = start_client(options("intruder", broker.port, Some(Arc::new(anonymous))));
+    let (_c, mut rx) = start_client(options("intruder", broker.port(), Some(Arc::new(anonymous))));
     let refused = next(&mut rx).await;
     assert!(matches!(&refused, Seen::Failed(e) if e.contains("CertificateRequired")), "{refused:?}");
 
@@ -106,27 +111,26 @@ async fn a_client_without_a_certificate_or_with_another_cas_is_refused() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = Pki::init(other_dir.path(), &["gw-a"]).unwrap();
     let tls = client_config(&pki.ca_cert(), &other.client_cert("gw-a"), &other.client_key("gw-a")).unwrap();
-    let (_c, mut rx) = start_client(options("gw-a", broker.port, Some(tls)));
+    let (_c, mut rx) = start_client(options("gw-a", broker.port(), Some(tls)));
     let refused = next(&mut rx).await;
     // The broker cannot verify the signature: a fatal TLS alert.
     assert!(matches!(&refused, Seen::Failed(e) if e.contains("alert")), "{refused:?}");
 
     // Plain TCP: nothing.
-    let (_c, mut rx) = start_client(options("plain", broker.port, None));
+    let (_c, mut rx) = start_client(options("plain", broker.port(), None));
     assert!(matches!(next(&mut rx).await, Seen::Failed(_)), "a plaintext client got in");
 
     // And the broker itself is checked: a gateway trusting another CA refuses it.
     let tls = client_config(&other.ca_cert(), &pki.client_cert("gw-a"), &pki.client_key("gw-a")).unwrap();
-    let (_c, mut rx) = start_client(options("gw-a", broker.port, Some(tls)));
+    let (_c, mut rx) = start_client(options("gw-a", broker.port(), Some(tls)));
     let refused = next(&mut rx).await;
     assert!(matches!(&refused, Seen::Failed(e) if e.contains("invalid peer certificate")), "{refused:?}");
 }
 
-#[tokio::test]
-async fn gateway_a_can_neither_read_nor_write_gateway_bs_subtree() {
+async fn gateway_a_can_neither_read_nor_write_gateway_bs_subtree(kind: Kind) {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let broker = Mosquitto::start(&pki);
+    let broker = TestBroker::start(kind, &pki, false);
     let (a, mut a_rx) = connected(&pki, &broker, "gw-a").await;
     let (b, mut b_rx) = connected(&pki, &broker, "gw-b").await;
     let (relay, mut relay_rx) = connected(&pki, &broker, RELAY_IDENTITY).await;

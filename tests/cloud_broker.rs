@@ -1,0 +1,174 @@
+//! What the bundled broker (`lockhub-cloud serve`) enforces beyond the ACL tests it shares with
+//! Mosquitto (`cloud_acl.rs`): client ids bound to certificates, wills confined to the
+//! client's subtree, QoS 2 and malformed packets refused without disturbing other clients; and
+//! `lockhub-cloud mosquitto-config`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockhub::cloud::tls::client_config;
+use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, Incoming, LastWill, MqttOptions, QoS, TlsConfiguration,
+    Transport,
+};
+use support::bundled::Bundled;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn tls(pki: &Pki, name: &str) -> Arc<rustls::ClientConfig> {
+    client_config(&pki.ca_cert(), &pki.client_cert(name), &pki.client_key(name)).unwrap()
+}
+
+fn options(pki: &Pki, identity: &str, client_id: &str, port: u16) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, "localhost", port);
+    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls(pki, identity))));
+    o
+}
+
+/// The first outcome of connecting: the CONNACK's code, or the error.
+async fn connect_outcome(o: MqttOptions) -> Result<(AsyncClient, rumqttc::EventLoop), ConnectionError> {
+    let (client, mut eventloop) = AsyncClient::new(o, 8);
+    match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await.expect("no answer within 20 s") {
+        Ok(Event::Incoming(Incoming::ConnAck(_))) => Ok((client, eventloop)),
+        Ok(other) => panic!("unexpected first event {other:?}"),
+        Err(e) => Err(e),
+    }
+}
+
+/// A relay round trip works: the broker is still serving.
+async fn still_serving(pki: &Pki, port: u16) {
+    let (client, mut eventloop) = connect_outcome(options(pki, RELAY_IDENTITY, "lockhub-relay-probe", port))
+        .await
+        .expect("the broker stopped serving");
+    client.subscribe("lockhub/v1/probe/x", QoS::AtLeastOnce).await.unwrap();
+    client.publish("lockhub/v1/probe/x", QoS::AtLeastOnce, false, b"ping".to_vec()).await.unwrap();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await.unwrap().unwrap();
+        if let Event::Incoming(Incoming::Publish(p)) = event {
+            assert_eq!(p.payload.as_ref(), b"ping");
+            return;
+        }
+    }
+}
+
+fn setup() -> (tempfile::TempDir, Pki, Bundled) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(dir.path(), &["gw-a", "gw-b"]).unwrap();
+    let broker = Bundled::start(&pki);
+    (dir, pki, broker)
+}
+
+#[tokio::test]
+async fn a_client_id_must_be_the_certificates_identity() {
+    let (_dir, pki, broker) = setup();
+    // gw-a's certificate, gw-b's client id: it would take over gw-b's session.
+    let refused = connect_outcome(options(&pki, "gw-a", "gw-b", broker.port)).await.err();
+    assert!(matches!(refused, Some(ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId))), "{refused:?}");
+    let refused = connect_outcome(options(&pki, "gw-a", RELAY_IDENTITY, broker.port)).await.err();
+    assert!(matches!(refused, Some(ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId))));
+    assert!(connect_outcome(options(&pki, "gw-a", "gw-a", broker.port)).await.is_ok());
+    still_serving(&pki, broker.port).await;
+}
+
+#[tokio::test]
+async fn a_will_outside_the_clients_subtree_is_refused() {
+    let (_dir, pki, broker) = setup();
+    let mut o = options(&pki, "gw-a", "gw-a", broker.port);
+    o.set_last_will(LastWill::new("lockhub/v1/gw-b/status", "forged offline", QoS::AtLeastOnce, true));
+    let refused = connect_outcome(o).await.err();
+    assert!(
+        matches!(refused, Some(ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized))),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn qos_2_and_garbage_end_only_the_offending_connection() {
+    let (_dir, pki, broker) = setup();
+
+    // QoS 2: not supported; the connection is closed.
+    let (client, mut eventloop) = connect_outcome(options(&pki, "gw-a", "gw-a", broker.port)).await.unwrap();
+    client.publish("lockhub/v1/gw-a/events", QoS::ExactlyOnce, false, b"{}".to_vec()).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Err(e) = eventloop.poll().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(matches!(ended, ConnectionError::Io(_) | ConnectionError::MqttState(_)), "{ended:?}");
+
+    // Bytes that are no MQTT packet, a PUBLISH before CONNECT, a CONNECT without a protocol
+    // name: after a valid TLS handshake.
+    let connector = tokio_rustls::TlsConnector::from(tls(&pki, "gw-b"));
+    for garbage in [&[0xff_u8, 0xff, 0xff, 0xff, 0xff][..], &[0x30, 0x03, 0x00, 0x01, b'a'], &[0x10, 0x02, 0x00, 0x00]]
+    {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", broker.port)).await.unwrap();
+        let mut stream = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+        stream.write_all(garbage).await.unwrap();
+        let mut rest = Vec::new();
+        // The broker closes the connection; it says nothing it should not.
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await.unwrap();
+        assert!(n.is_err() || rest.is_empty(), "answered garbage with {rest:?}");
+    }
+
+    // A packet larger than the broker's limit (1 MiB): announced, then refused.
+    let mut o = options(&pki, "gw-a", "gw-a", broker.port);
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut eventloop) = connect_outcome(o).await.unwrap();
+    client.publish("lockhub/v1/gw-a/events", QoS::AtLeastOnce, false, vec![b'x'; 2 << 20]).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match eventloop.poll().await {
+                Err(e) => return Some(e),
+                Ok(Event::Incoming(Incoming::PubAck(_))) => return None,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ended.is_some(), "an oversized publish was acknowledged");
+
+    still_serving(&pki, broker.port).await;
+}
+
+#[test]
+fn mosquitto_config_prints_tls_identity_and_acl_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    Pki::init(dir.path(), &[]).unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub-cloud"))
+            .args(["mosquitto-config", "--pki"])
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let conf = run(&["--port", "8884"]);
+    for line in
+        ["listener 8884 0.0.0.0", "require_certificate true", "use_identity_as_username true", "allow_anonymous false"]
+    {
+        assert!(conf.lines().any(|l| l == line), "missing {line:?} in\n{conf}");
+    }
+    assert!(conf.contains(&format!("cafile {}", dir.path().join("ca.pem").display())));
+    let acl = run(&["--acl"]);
+    assert!(acl.lines().any(|l| l == "pattern readwrite lockhub/v1/%u/#"), "{acl}");
+    assert!(acl.lines().any(|l| l == format!("user {RELAY_IDENTITY}")), "{acl}");
+
+    // Without a PKI: a clear error, not a panic.
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub-cloud"))
+        .args(["mosquitto-config", "--pki"])
+        .arg(empty.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no PKI"), "{}", String::from_utf8_lossy(&out.stderr));
+}
