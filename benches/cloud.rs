@@ -1,6 +1,7 @@
 //! Events per second from the durable outbox to the broker at QoS 1 (deleted on PUBACK), and
 //! the MQTT round trip through the same broker (publish QoS 1 → receive it back), the floor
-//! end-to-end latency is compared with. Against Debian's Mosquitto with mutual TLS.
+//! end-to-end latency is compared with. Against Debian's Mosquitto and the bundled broker,
+//! both with mutual TLS.
 //!
 //! Run: `cargo bench --bench cloud`
 
@@ -16,6 +17,7 @@ use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 use lockhub::protocol::ids::GatewayId;
 use lockhub::store::{Store, StoreConfig};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+use support::broker::{Kind, TestBroker};
 use tokio::sync::{Notify, mpsc, watch};
 
 const GW: &str = "gw-bench";
@@ -110,22 +112,30 @@ fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
-    let broker = support::mosquitto::Mosquitto::start(&pki);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    for inflight in [1u16, 32] {
-        let rate = rt.block_on(outbox_rate(&pki, broker.port, dir.path(), inflight));
+    for kind in [Kind::Mosquitto, Kind::Bundled] {
+        let broker = TestBroker::start(kind, &pki, false);
+        let name = match kind {
+            Kind::Mosquitto => "Mosquitto",
+            // Its sink commits every event (synchronous=FULL) before the PUBACK.
+            Kind::Bundled => "bundled broker + sink",
+        };
+        for inflight in [1u16, 32] {
+            let state = dir.path().join(format!("{kind:?}"));
+            let rate = rt.block_on(outbox_rate(&pki, broker.port(), &state, inflight));
+            println!(
+                "outbox → {name} (mTLS, QoS 1, delete on PUBACK), in-flight window {inflight:>2}: {rate:>8.0} events/s"
+            );
+        }
+        let mut samples = rt.block_on(round_trips(&pki, broker.port()));
+        samples.sort();
+        let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
         println!(
-            "outbox → Mosquitto (mTLS, QoS 1, delete on PUBACK), in-flight window {inflight:>2}: {rate:>8.0} events/s"
+            "MQTT round trip through {name} (mTLS, QoS 1 publish → delivery): p50 {:.1?}  p95 {:.1?}  p99 {:.1?}  (n = {})",
+            at(0.5),
+            at(0.95),
+            at(0.99),
+            samples.len()
         );
     }
-    let mut samples = rt.block_on(round_trips(&pki, broker.port));
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    println!(
-        "MQTT round trip through Mosquitto (mTLS, QoS 1 publish → delivery): p50 {:.1?}  p95 {:.1?}  p99 {:.1?}  (n = {})",
-        at(0.5),
-        at(0.95),
-        at(0.99),
-        samples.len()
-    );
 }
