@@ -1,0 +1,493 @@
+//! The signed statements the gateway accepts on its command topic, and the strict opening of
+//! an envelope into one of them.
+//!
+//! Every statement carries `jti` (its id, unique per signer; replies and deduplication use it),
+//! `gw` (the gateway it is for), `iat` and `exp` (Unix seconds). The JWS header's `typ` says
+//! which statement the payload is; payloads have no field beyond those documented (unknown
+//! fields are refused, so that a signer never believes a constraint was honoured that the
+//! gateway ignored). Who may sign what is decided later, by the policy.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::jws::{Jws, JwsError};
+use super::keys::PublicKey;
+use super::reason::Reason;
+use crate::protocol::ids::{GatewayId, LockId};
+
+/// The `typ` of each statement.
+pub mod typ {
+    /// The owner claims the gateway.
+    pub const CLAIM: &str = "lockhub.claim";
+    /// The owner pairs a lock.
+    pub const PAIR: &str = "lockhub.pair";
+    /// The owner grants a user permissions on a lock.
+    pub const GRANT: &str = "lockhub.grant";
+    /// The owner revokes a grant.
+    pub const REVOKE: &str = "lockhub.revoke";
+    /// The owner sets a lock's remote policy.
+    pub const POLICY: &str = "lockhub.policy";
+    /// A user operates a lock.
+    pub const COMMAND: &str = "lockhub.command";
+}
+
+/// Longest a command may be valid: `exp - iat` at most this many seconds.
+pub const MAX_COMMAND_LIFETIME_S: i64 = 60;
+
+/// A statement id: 1 to 64 characters of `[A-Za-z0-9._-]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StatementId(String);
+
+/// A malformed statement id.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+#[error("statement id: 1 to 64 characters of letters, digits, '.', '_' or '-'")]
+pub struct BadId;
+
+impl StatementId {
+    /// Validates an id.
+    pub fn new(s: impl Into<String>) -> Result<Self, BadId> {
+        let s = s.into();
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        if ok { Ok(StatementId(s)) } else { Err(BadId) }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for StatementId {
+    type Error = BadId;
+    fn try_from(s: String) -> Result<Self, BadId> {
+        StatementId::new(s)
+    }
+}
+
+impl From<StatementId> for String {
+    fn from(id: StatementId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for StatementId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lock ids in statements: exactly 16 lowercase or uppercase hex digits, nothing around them.
+mod lock_hex {
+    use super::LockId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &LockId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&id.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<LockId, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if text.len() != 16 {
+            return Err(serde::de::Error::custom("a lock id is 16 hex digits"));
+        }
+        LockId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An operation on a lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Throw the bolt.
+    Lock,
+    /// Retract the bolt.
+    Unlock,
+    /// Retract the bolt and pull the latch (the door opens).
+    Unlatch,
+}
+
+impl Operation {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Lock => "lock",
+            Operation::Unlock => "unlock",
+            Operation::Unlatch => "unlatch",
+        }
+    }
+}
+
+/// What a grant allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// May lock.
+    Lock,
+    /// May unlock.
+    Unlock,
+    /// May unlatch.
+    Unlatch,
+    /// May do the above from the cloud (not only locally).
+    Remote,
+}
+
+/// The owner claims the gateway with the one-time code it shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claim {
+    /// Statement id.
+    pub jti: StatementId,
+    /// The gateway.
+    pub gw: GatewayId,
+    /// The claim code the gateway shows.
+    pub code: String,
+    /// Issued at.
+    pub iat: i64,
+    /// Expires at.
+    pub exp: i64,
+}
+
+/// The owner pairs a lock, with the setup code on its label.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pair {
+    /// Statement id.
+    pub jti: StatementId,
+    /// The gateway.
+    pub gw: GatewayId,
+    /// The lock.
+    #[serde(with = "lock_hex")]
+    pub lock: LockId,
+    /// The lock's setup code.
+    pub setup: String,
+    /// Issued at.
+    pub iat: i64,
+    /// Expires at.
+    pub exp: i64,
+}
+
+/// A weekly schedule in a named time zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// IANA time zone name, e.g. `Europe/Berlin`.
+    pub tz: String,
+    /// Days of the week: `mon` … `sun`.
+    pub days: Vec<String>,
+    /// Start of the daily window, `HH:MM` local time.
+    pub from: String,
+    /// End of the daily window, `HH:MM` local time (before `from`: the window spans midnight).
+    pub to: String,
+}
+
+/// The owner grants a user permissions on a lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Statement id (also the grant's id, which revocations name).
+    pub jti: StatementId,
+    /// The gateway.
+    pub gw: GatewayId,
+    /// The user's public key.
+    pub sub: PublicKey,
+    /// The lock.
+    #[serde(with = "lock_hex")]
+    pub lock: LockId,
+    /// What the user may do.
+    pub perms: Vec<Permission>,
+    /// Valid from.
+    pub nbf: i64,
+    /// Issued at.
+    pub iat: i64,
+    /// Valid until.
+    pub exp: i64,
+    /// When in the week, if restricted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+/// The owner revokes a grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revoke {
+    /// Statement id.
+    pub jti: StatementId,
+    /// The gateway.
+    pub gw: GatewayId,
+    /// The grant revoked.
+    pub grant: StatementId,
+    /// Issued at.
+    pub iat: i64,
+    /// Expires at (of the statement, not of the revocation, which is permanent).
+    pub exp: i64,
+}
+
+/// The owner's remote policy for a lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Statement id.
+    pub jti: StatementId,
+    /// The gateway.
+    pub gw: GatewayId,
+    /// The lock.
+    #[serde(with = "lock_hex")]
+    pub lock: LockId,
+    /// Whether remote unlock and unlatch are allowed at all.
+    pub remote_unlock: bool,
+    /// Daily quiet hours during which only the owner operates remotely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_hours: Option<Schedule>,
+    /// Issued at.
+    pub iat: i64,
+    /// Expires at (of the statement).
+    pub exp: i64,
+}
+
+/// A user operates a lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    /// Command id: replies name it; a second delivery gets the stored reply.
+    pub jti: StatementId,
+    /// The gateway.
+    pub gw: GatewayId,
+    /// The lock.
+    #[serde(with = "lock_hex")]
+    pub lock: LockId,
+    /// The operation.
+    pub op: Operation,
+    /// Issued at.
+    pub iat: i64,
+    /// Expires at: at most [`MAX_COMMAND_LIFETIME_S`] after `iat`.
+    pub exp: i64,
+    /// Random, base64url, 16 to 64 characters: two commands never sign the same bytes.
+    pub nonce: String,
+}
+
+/// Any statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Statement {
+    /// See [`Claim`].
+    Claim(Claim),
+    /// See [`Pair`].
+    Pair(Pair),
+    /// See [`Grant`].
+    Grant(Grant),
+    /// See [`Revoke`].
+    Revoke(Revoke),
+    /// See [`Policy`].
+    Policy(Policy),
+    /// See [`Command`].
+    Command(Command),
+}
+
+impl Statement {
+    /// Its id.
+    pub fn id(&self) -> &StatementId {
+        match self {
+            Statement::Claim(s) => &s.jti,
+            Statement::Pair(s) => &s.jti,
+            Statement::Grant(s) => &s.jti,
+            Statement::Revoke(s) => &s.jti,
+            Statement::Policy(s) => &s.jti,
+            Statement::Command(s) => &s.jti,
+        }
+    }
+
+    /// The gateway it is addressed to.
+    pub fn gateway(&self) -> &GatewayId {
+        match self {
+            Statement::Claim(s) => &s.gw,
+            Statement::Pair(s) => &s.gw,
+            Statement::Grant(s) => &s.gw,
+            Statement::Revoke(s) => &s.gw,
+            Statement::Policy(s) => &s.gw,
+            Statement::Command(s) => &s.gw,
+        }
+    }
+
+    /// Issued at and expires at.
+    pub fn validity(&self) -> (i64, i64) {
+        match self {
+            Statement::Claim(s) => (s.iat, s.exp),
+            Statement::Pair(s) => (s.iat, s.exp),
+            Statement::Grant(s) => (s.iat, s.exp),
+            Statement::Revoke(s) => (s.iat, s.exp),
+            Statement::Policy(s) => (s.iat, s.exp),
+            Statement::Command(s) => (s.iat, s.exp),
+        }
+    }
+
+    /// Its `typ`.
+    pub fn typ(&self) -> &'static str {
+        match self {
+            Statement::Claim(_) => typ::CLAIM,
+            Statement::Pair(_) => typ::PAIR,
+            Statement::Grant(_) => typ::GRANT,
+            Statement::Revoke(_) => typ::REVOKE,
+            Statement::Policy(_) => typ::POLICY,
+            Statement::Command(_) => typ::COMMAND,
+        }
+    }
+
+    /// The claims as JSON (what gets signed).
+    pub fn to_json(&self) -> Vec<u8> {
+        let json = match self {
+            Statement::Claim(s) => serde_json::to_vec(s),
+            Statement::Pair(s) => serde_json::to_vec(s),
+            Statement::Grant(s) => serde_json::to_vec(s),
+            Statement::Revoke(s) => serde_json::to_vec(s),
+            Statement::Policy(s) => serde_json::to_vec(s),
+            Statement::Command(s) => serde_json::to_vec(s),
+        };
+        json.expect("statements always serialise")
+    }
+
+    /// Signs it: the JWS compact text to publish.
+    pub fn sign(&self, key: &ed25519_dalek::SigningKey) -> String {
+        super::jws::sign(self.typ(), &self.to_json(), key)
+    }
+}
+
+/// A statement whose envelope parsed and whose signature verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signed {
+    /// Who signed it.
+    pub signer: PublicKey,
+    /// What it says.
+    pub statement: Statement,
+}
+
+/// Why an envelope was not opened, with the statement's id when it could be read (so that the
+/// sender can be answered).
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{reason}: {detail}")]
+pub struct Refusal {
+    /// The statement's id, if readable.
+    pub id: Option<StatementId>,
+    /// The signer's key, if readable.
+    pub signer: Option<PublicKey>,
+    /// Why.
+    pub reason: Reason,
+    /// What exactly (no secrets: the envelope holds none).
+    pub detail: String,
+}
+
+fn claims<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(payload).map_err(|e| e.to_string())
+}
+
+/// Opens an envelope: parse, decode the claims its `typ` announces (strictly), check the
+/// lifetime rules that do not depend on the clock, and verify the signature.
+pub fn open(text: &str) -> Result<Signed, Refusal> {
+    let refuse = |id, signer, reason, detail: String| Refusal { id, signer, reason, detail };
+    let jws = Jws::parse(text).map_err(|e| {
+        let reason = if e == JwsError::BadSignature { Reason::BadSignature } else { Reason::Malformed };
+        refuse(None, None, reason, e.to_string())
+    })?;
+    let signer = Some(jws.signer);
+    let statement = match jws.header.typ.as_str() {
+        typ::CLAIM => claims(&jws.payload).map(Statement::Claim),
+        typ::PAIR => claims(&jws.payload).map(Statement::Pair),
+        typ::GRANT => claims(&jws.payload).map(Statement::Grant),
+        typ::REVOKE => claims(&jws.payload).map(Statement::Revoke),
+        typ::POLICY => claims(&jws.payload).map(Statement::Policy),
+        typ::COMMAND => claims(&jws.payload).map(Statement::Command),
+        _ => Err(format!("unknown statement type {:?}", jws.header.typ.chars().take(32).collect::<String>())),
+    };
+    let statement = statement.map_err(|detail| {
+        // The id, if the payload has a readable one, to address the refusal to.
+        let id = serde_json::from_slice::<serde_json::Value>(&jws.payload)
+            .ok()
+            .and_then(|v| v.get("jti").and_then(|j| j.as_str()).and_then(|j| StatementId::new(j).ok()));
+        refuse(id, signer, Reason::Malformed, detail)
+    })?;
+    let id = Some(statement.id().clone());
+    let (iat, exp) = statement.validity();
+    if exp < iat {
+        return Err(refuse(id, signer, Reason::Malformed, "expires before it is issued".into()));
+    }
+    if let Statement::Command(c) = &statement {
+        if c.exp - c.iat > MAX_COMMAND_LIFETIME_S {
+            return Err(refuse(id, signer, Reason::Expired, format!("valid for more than {MAX_COMMAND_LIFETIME_S} s")));
+        }
+        let nonce_ok = (16..=64).contains(&c.nonce.len())
+            && c.nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !nonce_ok {
+            return Err(refuse(id, signer, Reason::Malformed, "nonce: 16 to 64 base64url characters".into()));
+        }
+    }
+    jws.verify().map_err(|e| refuse(id, signer, Reason::BadSignature, e.to_string()))?;
+    Ok(Signed { signer: jws.signer, statement })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    fn command() -> Command {
+        Command {
+            jti: StatementId::new("c-1").unwrap(),
+            gw: GatewayId::new("gw-a").unwrap(),
+            lock: LockId([1, 2, 3, 4, 5, 6, 7, 8]),
+            op: Operation::Unlock,
+            iat: 1_000,
+            exp: 1_030,
+            nonce: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+        }
+    }
+
+    #[test]
+    fn a_signed_command_opens_to_what_was_signed() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let text = Statement::Command(command()).sign(&key);
+        let signed = open(&text).unwrap();
+        assert_eq!(signed.statement, Statement::Command(command()));
+        assert_eq!(signed.signer, PublicKey::from(key.verifying_key()));
+    }
+
+    #[test]
+    fn wrong_schemas_are_malformed_and_name_the_id_when_they_can() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let sign = |typ: &str, json: &str| super::super::jws::sign(typ, json.as_bytes(), &key);
+        let base = r#""jti":"c-9","gw":"gw-a","lock":"0102030405060708","op":"unlock","iat":1000,"exp":1030,"nonce":"AAAAAAAAAAAAAAAAAAAAAA""#;
+        let cases = [
+            (sign(typ::COMMAND, &format!("{{{base},\"extra\":1}}")), Some("c-9")),
+            (sign(typ::COMMAND, &format!("{{{}}}", base.replace("\"unlock\"", "\"explode\""))), Some("c-9")),
+            (sign(typ::COMMAND, &format!("{{{}}}", base.replace("0102030405060708", " 102030405060708"))), Some("c-9")),
+            (sign(typ::COMMAND, &format!("{{{}}}", base.replace("\"exp\":1030", "\"exp\":1061"))), Some("c-9")),
+            (sign(typ::COMMAND, &format!("{{{}}}", base.replace("AAAAAAAAAAAAAAAAAAAAAA", "short"))), Some("c-9")),
+            (sign("lockhub.unknown", &format!("{{{base}}}")), Some("c-9")),
+            (sign(typ::COMMAND, "[]"), None),
+            (sign(typ::COMMAND, "not json"), None),
+        ];
+        for (text, id) in &cases {
+            let refusal = open(text).unwrap_err();
+            assert!(matches!(refusal.reason, Reason::Malformed | Reason::Expired), "{refusal}");
+            if let Some(id) = id {
+                assert_eq!(refusal.id.as_ref().map(StatementId::as_str), Some(*id), "{refusal}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_forged_command_is_a_bad_signature_with_its_id() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let text = Statement::Command(command()).sign(&key);
+        let mut forged = command();
+        forged.op = Operation::Unlatch;
+        let forged_payload = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            serde_json::to_vec(&forged).unwrap(),
+        );
+        let parts: Vec<&str> = text.split('.').collect();
+        let refusal = open(&format!("{}.{forged_payload}.{}", parts[0], parts[2])).unwrap_err();
+        assert_eq!(refusal.reason, Reason::BadSignature);
+        assert_eq!(refusal.id.unwrap().as_str(), "c-1");
+    }
+}
