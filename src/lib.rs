@@ -12,6 +12,7 @@ pub mod cloud;
 pub mod devcloud;
 pub mod firmware;
 pub mod fuzz_harness;
+pub mod gateway;
 pub mod memlink;
 pub mod protocol;
 pub mod store;

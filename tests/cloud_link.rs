@@ -11,6 +11,7 @@ on_both_brokers!(
     commands_arrive_and_oversized_ones_do_not_stop_the_link,
     the_broker_restarted_while_events_flow_loses_nothing,
     gateway_killed_with_sigkill_turns_offline,
+    malformed_oversized_and_wrong_schema_payloads_get_typed_errors,
 );
 
 use std::collections::BTreeSet;
@@ -222,6 +223,89 @@ async fn commands_arrive_and_oversized_ones_do_not_stop_the_link(kind: Kind) {
             break;
         }
     }
+    assert!(matches!(*reports.state.borrow(), lockhub::cloud::link::LinkState::Connected(_)), "the link kept serving");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// Garbage, non-UTF-8, oversized, wrong-schema, forged and misaddressed payloads on the
+/// command topic: each is refused with an audit record and, where its id is readable, a typed
+/// reply that matches the reply schema; a good statement still gets through afterwards.
+async fn malformed_oversized_and_wrong_schema_payloads_get_typed_errors(kind: Kind) {
+    use lockhub::auth::statement::{Command, Operation, Statement, StatementId, typ};
+    use lockhub::gateway::intake::{self, Intake};
+    let rig = rig(kind);
+    let (relay, mut seen) = rig.relay().await;
+    let (link, mut reports, commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    let intake = Intake::new(rig.store.clone(), GatewayId::new(GW).unwrap(), rig.outbox_ready.clone());
+    let (accepted_tx, mut accepted) = mpsc::channel(4);
+    tokio::spawn(intake::serve(intake, commands, accepted_tx, || 1_000));
+    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let command = |id: &str, gw: &str| Command {
+        jti: StatementId::new(id).unwrap(),
+        gw: GatewayId::new(gw).unwrap(),
+        lock: lockhub::protocol::ids::LockId([1; 8]),
+        op: Operation::Unlock,
+        iat: 1_000,
+        exp: 1_030,
+        nonce: "abcdefghijklmnop".into(),
+    };
+    let mut wrong_schema = serde_json::to_value(command("bad-schema", GW)).unwrap();
+    wrong_schema["op"] = "explode".into();
+    let wrong_schema =
+        lockhub::auth::jws::sign(typ::COMMAND, &serde_json::to_vec(&wrong_schema).unwrap(), &key).into_bytes();
+    let forged = {
+        let good = Statement::Command(command("forged", GW)).sign(&key);
+        let other = Statement::Command(Command { op: Operation::Unlatch, ..command("forged", GW) }).sign(&key);
+        let (g, o): (Vec<&str>, Vec<&str>) = (good.split('.').collect(), other.split('.').collect());
+        format!("{}.{}.{}", g[0], o[1], g[2]).into_bytes()
+    };
+    let elsewhere = Statement::Command(command("elsewhere", "gw-other")).sign(&key).into_bytes();
+    let cmd_topic = format!("lockhub/v1/{GW}/cmd");
+    for payload in [
+        b"garbage".to_vec(),
+        vec![0xff, 0xfe, 0x00],
+        vec![b'x'; MAX_COMMAND_BYTES + 1],
+        wrong_schema,
+        forged,
+        elsewhere,
+        Statement::Command(command("good", GW)).sign(&key).into_bytes(),
+    ] {
+        relay.publish(&cmd_topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+    }
+    let reply_schema = {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas/reply.json");
+        jsonschema::validator_for(&serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()).unwrap()
+    };
+    for (id, reason) in [("bad-schema", "malformed"), ("forged", "bad_signature"), ("elsewhere", "wrong_gateway")] {
+        let reply: serde_json::Value = serde_json::from_slice(&next_on(&mut seen, "/reply").await).unwrap();
+        assert!(reply_schema.is_valid(&reply), "{reply}");
+        assert_eq!((reply["id"].as_str(), reply["result"].as_str()), (Some(id), Some("refused")), "{reply}");
+        assert_eq!(reply["reason"].as_str(), Some(reason), "{reply}");
+    }
+    // The good one passes the intake, after every refusal before it.
+    let (signed, inbound) = tokio::time::timeout(Duration::from_secs(20), accepted.recv()).await.unwrap().unwrap();
+    assert_eq!(signed.statement.id().as_str(), "good");
+    inbound.stored.send(()).unwrap();
+    let outcomes: Vec<String> = rig
+        .store
+        .lock()
+        .unwrap()
+        .audit_records(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.action == "cloud.statement")
+        .map(|r| r.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["malformed", "malformed", "malformed", "malformed", "bad_signature", "wrong_gateway"],
+        "one audit record per refusal, in order"
+    );
     assert!(matches!(*reports.state.borrow(), lockhub::cloud::link::LinkState::Connected(_)), "the link kept serving");
     stop.send(true).unwrap();
     task.await.unwrap();

@@ -37,3 +37,76 @@ fn the_asyncapi_document_refers_to_existing_schemas() {
         schema(r.trim_start_matches("schemas/"));
     }
 }
+
+fn statements() -> Vec<lockhub::auth::statement::Statement> {
+    use lockhub::auth::keys::PublicKey;
+    use lockhub::auth::statement::*;
+    use lockhub::protocol::ids::{GatewayId, LockId};
+    let (jti, gw, lock) = (StatementId::new("s-1").unwrap(), GatewayId::new("gw-a").unwrap(), LockId([0xab; 8]));
+    let schedule = Schedule {
+        tz: "Europe/Berlin".into(),
+        days: vec!["mon".into(), "fri".into()],
+        from: "08:00".into(),
+        to: "18:30".into(),
+    };
+    vec![
+        Statement::Command(Command {
+            jti: jti.clone(),
+            gw: gw.clone(),
+            lock,
+            op: Operation::Unlatch,
+            iat: 1,
+            exp: 31,
+            nonce: "n0nce-n0nce-n0nce".into(),
+        }),
+        Statement::Claim(Claim { jti: jti.clone(), gw: gw.clone(), code: "123-456".into(), iat: 1, exp: 2 }),
+        Statement::Pair(Pair { jti: jti.clone(), gw: gw.clone(), lock, setup: "000000".into(), iat: 1, exp: 2 }),
+        Statement::Grant(Grant {
+            jti: jti.clone(),
+            gw: gw.clone(),
+            sub: PublicKey::from_bytes([3; 32]),
+            lock,
+            perms: vec![Permission::Unlock, Permission::Remote],
+            nbf: 0,
+            iat: 1,
+            exp: 2,
+            schedule: Some(schedule.clone()),
+        }),
+        Statement::Revoke(Revoke { jti: jti.clone(), gw: gw.clone(), grant: jti.clone(), iat: 1, exp: 2 }),
+        Statement::Policy(Policy { jti, gw, lock, remote_unlock: true, quiet_hours: Some(schedule), iat: 1, exp: 2 }),
+    ]
+}
+
+#[test]
+fn every_statement_type_matches_the_claims_and_envelope_schemas() {
+    let claims = schema("claims.json");
+    let envelope = schema("statement.json");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    for statement in statements() {
+        let value = json(&statement.to_json());
+        assert!(claims.is_valid(&value), "{} claims {value} do not match claims.json", statement.typ());
+        let text = statement.sign(&key);
+        assert!(envelope.is_valid(&serde_json::Value::String(text.clone())), "{text} does not match statement.json");
+        assert_eq!(lockhub::auth::statement::open(&text).unwrap().statement, statement);
+    }
+    let mut extra = json(&statements()[0].to_json());
+    extra["ip"] = "10.0.0.1".into();
+    assert!(!claims.is_valid(&extra), "an unknown field must not match");
+}
+
+#[test]
+fn replies_match_their_schema() {
+    use lockhub::auth::reason::Reason;
+    use lockhub::cloud::reply::{Outcome, Reply};
+    let reply = schema("reply.json");
+    let ok = Reply { id: "c-1".into(), result: Outcome::Ok, reason: None, detail: None, at: 5 };
+    let mut samples = vec![ok];
+    for reason in [Reason::Malformed, Reason::BadSignature, Reason::WrongGateway, Reason::ClockUnsynchronised] {
+        samples.push(Reply::refused("c-2", reason, &"x".repeat(500), 5));
+    }
+    for sample in samples {
+        let value = json(&sample.to_json());
+        assert!(reply.is_valid(&value), "{value} does not match reply.json");
+    }
+    assert!(!reply.is_valid(&json(br#"{"id":"c","result":"refused","at":1}"#)), "a refusal needs its reason");
+}

@@ -10,7 +10,8 @@
 //!   PUBACK arrives. After a restart, unacknowledged records are sent again (at least once on
 //!   the wire; receivers dedupe by id).
 //! - Inbound commands are acknowledged to the broker only once the handler says it stored
-//!   them (manual acks). Oversized ones are dropped with a log line, and the link carries on.
+//!   them (manual acks). Oversized ones (and anything on another topic) are dropped unread
+//!   with an audit record, and the link carries on.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -23,8 +24,10 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::tls::{TlsError, client_config};
 use super::topics::Topics;
+use crate::auth::reason::Reason;
 use crate::protocol::ids::GatewayId;
-use crate::store::{Store, StoreError};
+use crate::store::audit::AuditActor;
+use crate::store::{AuditEntry, Store, StoreError};
 
 /// Largest inbound command accepted; bigger ones are dropped unread.
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
@@ -353,6 +356,33 @@ impl CloudLink {
             Event::Incoming(Incoming::Publish(publish)) => {
                 if publish.topic != self.topics.commands() || publish.payload.len() > MAX_COMMAND_BYTES {
                     tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), "dropping an unexpected or oversized message");
+                    // Unread, so nobody to answer; but the attempt is on the record.
+                    let detail = format!(
+                        "{} bytes on {} (at most {MAX_COMMAND_BYTES} on the command topic)",
+                        publish.payload.len(),
+                        publish.topic
+                    );
+                    let store = self.store.clone();
+                    let audited = tokio::task::spawn_blocking(move || {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs() as i64);
+                        let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        store.transaction(|tx| {
+                            tx.audit(AuditEntry {
+                                at: now,
+                                action: "cloud.statement",
+                                outcome: Reason::Malformed.as_str(),
+                                actor: AuditActor::Unknown,
+                                lock: None,
+                                detail: &detail,
+                            })
+                        })
+                    })
+                    .await;
+                    if !matches!(audited, Ok(Ok(_))) {
+                        tracing::error!("could not audit a dropped message");
+                    }
                     let _ = client.try_ack(&publish);
                     return;
                 }

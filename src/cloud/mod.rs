@@ -2,5 +2,6 @@
 //! topic layout, and the session that drains the outbox and takes commands in.
 
 pub mod link;
+pub mod reply;
 pub mod tls;
 pub mod topics;

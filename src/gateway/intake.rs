@@ -1,0 +1,123 @@
+//! The gateway's front door for the cloud: every payload that arrives on the command topic is
+//! opened strictly here, before anything acts on it.
+//!
+//! A payload that is not a well-formed, correctly signed statement for this gateway is
+//! refused: one transaction writes its audit record and, when the statement's id could be
+//! read, a typed reply to the outbox. Only then is the payload acknowledged to the broker, so a
+//! crash in between means the broker delivers it again, and the refusal is recorded again
+//! (at least once). What passes goes on to the policy.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::auth::reason::Reason;
+use crate::auth::statement::{Refusal, Signed, open};
+use crate::cloud::link::InboundCommand;
+use crate::cloud::reply::Reply;
+use crate::cloud::topics::Topics;
+use crate::protocol::ids::GatewayId;
+use crate::store::AuditEntry;
+use crate::store::audit::AuditActor;
+use crate::store::{Store, StoreError};
+
+/// What became of a payload.
+#[derive(Debug)]
+pub enum Received {
+    /// Well-formed, signed, for this gateway: for the policy to judge.
+    Accepted(Signed),
+    /// Refused: audited, and answered if it had a readable id.
+    Refused(Refusal),
+}
+
+/// Opens inbound payloads for one gateway.
+#[derive(Debug, Clone)]
+pub struct Intake {
+    store: Arc<Mutex<Store>>,
+    gateway: GatewayId,
+    topics: Topics,
+    outbox_ready: Arc<Notify>,
+}
+
+impl Intake {
+    /// The intake of `gateway`; refusals' replies go through the outbox (`outbox_ready` is
+    /// notified).
+    pub fn new(store: Arc<Mutex<Store>>, gateway: GatewayId, outbox_ready: Arc<Notify>) -> Self {
+        let topics = Topics::new(&gateway);
+        Intake { store, gateway, topics, outbox_ready }
+    }
+
+    /// Opens one payload. `now` is the gateway's clock (Unix seconds), for the records.
+    pub fn receive(&self, payload: &[u8], now: i64) -> Result<Received, StoreError> {
+        let refusal = match std::str::from_utf8(payload) {
+            Err(_) => Refusal { id: None, signer: None, reason: Reason::Malformed, detail: "not UTF-8 text".into() },
+            Ok(text) => match open(text.trim_end()) {
+                Ok(signed) if signed.statement.gateway() == &self.gateway => return Ok(Received::Accepted(signed)),
+                Ok(signed) => Refusal {
+                    id: Some(signed.statement.id().clone()),
+                    signer: Some(signed.signer),
+                    reason: Reason::WrongGateway,
+                    detail: format!("addressed to {}", signed.statement.gateway()),
+                },
+                Err(refusal) => refusal,
+            },
+        };
+        self.refuse(&refusal, "cloud.statement", now)?;
+        Ok(Received::Refused(refusal))
+    }
+
+    /// Records a refusal: the audit record and, if the id is known, the reply, atomically.
+    pub fn refuse(&self, refusal: &Refusal, action: &str, now: i64) -> Result<(), StoreError> {
+        tracing::warn!(id = refusal.id.as_ref().map(|i| i.as_str()), reason = %refusal.reason, detail = %refusal.detail, "statement refused");
+        let mut store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        store.transaction(|tx| {
+            tx.audit(AuditEntry {
+                at: now,
+                action,
+                outcome: refusal.reason.as_str(),
+                // A signer whose signature did not verify (or was not checked) is nobody we know.
+                actor: AuditActor::Unknown,
+                lock: None,
+                detail: &refusal.detail,
+            })?;
+            if let Some(id) = &refusal.id {
+                let reply = Reply::refused(id.as_str(), refusal.reason, &refusal.detail, now);
+                tx.append_outbox(None, &self.topics.replies(), &reply.to_json(), false, now)?;
+            }
+            Ok(())
+        })?;
+        drop(store);
+        self.outbox_ready.notify_one();
+        Ok(())
+    }
+}
+
+/// Takes the cloud link's inbound payloads through the intake until the link goes away:
+/// refusals are recorded and acknowledged here; accepted statements go to `accepted`, which
+/// acknowledges them once it has stored them.
+pub async fn serve(
+    intake: Intake,
+    mut inbound: mpsc::Receiver<InboundCommand>,
+    accepted: mpsc::Sender<(Signed, InboundCommand)>,
+    clock: impl Fn() -> i64,
+) {
+    while let Some(mut command) = inbound.recv().await {
+        let now = clock();
+        let payload = std::mem::take(&mut command.payload);
+        let intake = intake.clone();
+        let received = tokio::task::spawn_blocking(move || intake.receive(&payload, now)).await;
+        match received {
+            Ok(Ok(Received::Accepted(signed))) => {
+                if accepted.send((signed, command)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Ok(Received::Refused(_))) => {
+                let _ = command.stored.send(());
+            }
+            // Not recorded: left unacknowledged, so the broker delivers it again.
+            Ok(Err(e)) => tracing::error!(error = %e, "could not record a refusal"),
+            Err(e) => tracing::error!(error = %e, "the intake task failed"),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The gateway: what turns statements from the cloud into lock operations. So far the intake
+//! (strict opening, refusals audited and answered); the policy engine and the per-lock tasks
+//! come with remote unlock.
+
+pub mod intake;
