@@ -110,3 +110,60 @@ fn replies_match_their_schema() {
     }
     assert!(!reply.is_valid(&json(br#"{"id":"c","result":"refused","at":1}"#)), "a refusal needs its reason");
 }
+
+#[test]
+fn every_lock_event_and_the_lock_state_match_their_schemas() {
+    use lockhub::cloud::lock_report::{event_payload, state_payload};
+    use lockhub::protocol::ids::LockId;
+    use lockhub::protocol::message::*;
+    let events = schema("event.json");
+    let lock = LockId([0x0a; 8]);
+    let states = [LockState::Locked, LockState::Unlocking, LockState::Unlocked, LockState::Locking, LockState::Jammed];
+    let causes = [Cause::Remote, Cause::Keypad, Cause::Manual, Cause::AutoLock];
+    let mut all: Vec<Event> = states
+        .iter()
+        .flat_map(|&state| causes.iter().map(move |&cause| Event::StateChanged { state, cause }))
+        .collect();
+    all.extend([
+        Event::Unlatched,
+        Event::Door(DoorState::Open),
+        Event::Door(DoorState::Closed),
+        Event::Door(DoorState::Unknown),
+        Event::Jammed,
+        Event::Tamper,
+        Event::BatteryLow { pct: 9 },
+        Event::KeypadRejected,
+        Event::KeypadLockout,
+        Event::ClockSet,
+        Event::PasscodeAdded { slot: 3 },
+        Event::PasscodeRemoved { slot: 3 },
+        Event::Paired,
+        Event::Rebooted,
+    ]);
+    let actors = [
+        None,
+        Some(Actor::Hub),
+        Some(Actor::Admin),
+        Some(Actor::Cloud(UserRef([1; 8]))),
+        Some(Actor::Local(UserRef([2; 8]))),
+        Some(Actor::Keypad(7)),
+    ];
+    for (i, event) in all.into_iter().enumerate() {
+        for (j, actor) in actors.iter().enumerate() {
+            let entry = LogEntry {
+                seq: (i * 10 + j + 1) as u64,
+                time: (j % 2 == 0).then_some(1_764_480_000),
+                event,
+                actor: *actor,
+            };
+            let value = json(&event_payload(lock, 1_764_000_000, &entry));
+            assert!(events.is_valid(&value), "{value} does not match event.json");
+        }
+    }
+    let state = schema("lock-state.json");
+    for s in states {
+        let status = LockStatus { state: s, door: DoorState::Closed, battery_pct: 250, clock: None, last_seq: 4 };
+        let value = json(&state_payload(lock, &status, true, 1_764_480_000));
+        assert!(state.is_valid(&value), "{value} does not match lock-state.json");
+    }
+}

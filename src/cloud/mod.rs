@@ -2,6 +2,7 @@
 //! topic layout, and the session that drains the outbox and takes commands in.
 
 pub mod link;
+pub mod lock_report;
 pub mod reply;
 pub mod tls;
 pub mod topics;
