@@ -1,4 +1,5 @@
-//! Entry points that feed arbitrary bytes to every parser of radio input.
+//! Entry points that feed arbitrary bytes to every parser of outside input: the radio, the
+//! bundled broker's MQTT packets, the signed statements from the cloud.
 //!
 //! The cargo-fuzz targets in `fuzz/` call these, and `tests/fuzz_corpus.rs` replays the saved
 //! corpora through the same functions on every test run, so a crash found once stays fixed.
@@ -159,5 +160,58 @@ pub fn hub_radio(data: &[u8]) {
             }
             while hub.poll_transmit().is_some() {}
         }
+    }
+}
+
+/// The bundled broker's input path: MQTT packets parsed with the broker's size limit, each
+/// publish and subscription put through topic validation and the ACL of a gateway, and the
+/// router driven with what passes (connect, publish, subscribe, acknowledge, disconnect).
+pub fn mqtt_packets(data: &[u8]) {
+    use crate::devcloud::acl::Identity;
+    use crate::devcloud::broker::router::{Limits, Router};
+    use rumqttc::mqttbytes::v4::Packet;
+
+    let identity = Identity::from_common_name("gw-fuzz").expect("constant identity is valid");
+    let mut router = Router::new(Limits { inflight: 4, queue: 16, subscriptions: 8, retained: 16 });
+    router.connect(1, "gw-fuzz", false, None);
+    router.connect(2, "lockhub-relay", true, None);
+    router.subscribe(2, 1, vec![("lockhub/v1/#".into(), Some(rumqttc::mqttbytes::QoS::AtLeastOnce))]);
+    let mut buf = bytes::BytesMut::from(data);
+    // Every packet in the input, until one is malformed or incomplete (the broker would close).
+    while let Ok(packet) = Packet::read(&mut buf, 64 * 1024) {
+        match packet {
+            Packet::Publish(p) => {
+                if crate::devcloud::broker::topic::validate_name(&p.topic).is_ok() && identity.may_publish(&p.topic) {
+                    router.publish(&p);
+                }
+                let _ = crate::devcloud::sink::event_id(&p.payload);
+            }
+            Packet::Subscribe(s) => {
+                let filters =
+                    s.filters.into_iter().map(|f| (f.path.clone(), identity.may_subscribe(&f.path).then_some(f.qos)));
+                router.subscribe(1, s.pkid, filters.collect());
+            }
+            Packet::Unsubscribe(u) => {
+                router.unsubscribe(1, u.pkid, &u.topics);
+            }
+            Packet::PubAck(a) => {
+                router.puback(1, a.pkid);
+                router.puback(2, a.pkid);
+            }
+            Packet::Connect(c) if identity.may_use_client_id(&c.client_id) => {
+                router.connect(3, &c.client_id, c.clean_session, c.last_will);
+            }
+            Packet::Disconnect => {
+                router.disconnected(3, false);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Signed statements from the cloud: the envelope, the claims of every type, the signature.
+pub fn statement(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::auth::statement::open(text);
     }
 }

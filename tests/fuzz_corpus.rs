@@ -13,6 +13,8 @@ const TARGETS: &[(&str, Harness)] = &[
     ("firmware_radio", lockhub::fuzz_harness::firmware_radio),
     ("firmware_requests", lockhub::fuzz_harness::firmware_requests),
     ("hub_radio", lockhub::fuzz_harness::hub_radio),
+    ("mqtt_packets", lockhub::fuzz_harness::mqtt_packets),
+    ("statement", lockhub::fuzz_harness::statement),
 ];
 
 #[test]
