@@ -8,4 +8,5 @@
 pub mod jws;
 pub mod keys;
 pub mod reason;
+pub mod schedule;
 pub mod statement;

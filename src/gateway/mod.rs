@@ -2,4 +2,5 @@
 //! (strict opening, refusals audited and answered); the policy engine and the per-lock tasks
 //! come with remote unlock.
 
+pub mod claim;
 pub mod intake;
