@@ -4,3 +4,4 @@
 
 pub mod claim;
 pub mod intake;
+pub mod policy;

@@ -260,6 +260,31 @@ impl Store {
         Ok(existed)
     }
 
+    /// Whether a user key is known (has been granted something).
+    pub fn user_known(&self, public_key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM users WHERE public_key = ?1", [public_key], |r| r.get(0))?)
+    }
+
+    /// The ids of revoked grants (a revocation's id is the id of the grant it revokes).
+    pub fn revoked_grant_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT revocation_id FROM revocations")?;
+        Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
+    }
+
+    /// The policy document of `lock` (or the global one), if set.
+    pub fn policy(&self, lock: Option<LockId>) -> Result<Option<String>, StoreError> {
+        let scope = lock.map_or_else(|| "global".to_owned(), |l| l.to_string());
+        Ok(self.conn.query_row("SELECT policy FROM policies WHERE scope = ?1", [scope], |r| r.get(0)).optional()?)
+    }
+
+    /// Whether a command id was seen, and the reply stored for it if any.
+    pub fn command_seen(&self, command_id: &str) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT reply FROM seen_commands WHERE command_id = ?1", [command_id], |r| r.get(0))
+            .optional()?)
+    }
+
     /// Deletes remembered command ids past their expiry; returns how many.
     pub fn expire_commands(&mut self, now: i64) -> Result<usize, StoreError> {
         Ok(self.conn.execute("DELETE FROM seen_commands WHERE expires_at < ?1", [now])?)
