@@ -288,9 +288,9 @@ async fn malformed_oversized_and_wrong_schema_payloads_get_typed_errors(kind: Ki
         assert_eq!(reply["reason"].as_str(), Some(reason), "{reply}");
     }
     // The good one passes the intake, after every refusal before it.
-    let (signed, inbound) = tokio::time::timeout(Duration::from_secs(20), accepted.recv()).await.unwrap().unwrap();
-    assert_eq!(signed.statement.id().as_str(), "good");
-    inbound.stored.send(()).unwrap();
+    let good = tokio::time::timeout(Duration::from_secs(20), accepted.recv()).await.unwrap().unwrap();
+    assert_eq!(good.signed.statement.id().as_str(), "good");
+    good.delivery.stored.send(()).unwrap();
     let outcomes: Vec<String> = rig
         .store
         .lock()

@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 use super::{Advertisement, BleConfig, BleError, LockLink, LockTransport};
 use crate::protocol::fragment::{MAX_FRAGMENT_LEN, MIN_FRAGMENT_LEN};
 use crate::protocol::gatt::{COMPANY_ID, INFO_CHAR_UUID, LockInfo, NOTIFY_CHAR_UUID, SERVICE_UUID, WRITE_CHAR_UUID};
+use crate::protocol::ids::LockId;
 
 fn bus_error(e: bluer::Error) -> BleError {
     match e.kind {
@@ -161,6 +162,23 @@ impl LockTransport for BluezTransport {
         let mut found: Vec<Advertisement> = seen.into_values().collect();
         found.sort_by(|a, b| b.rssi.cmp(&a.rssi).then_with(|| a.address.cmp(&b.address)));
         Ok(found)
+    }
+
+    async fn locate(&self, lock_id: LockId, timeout: Duration) -> Result<Advertisement, BleError> {
+        let events = self.discover().await?;
+        let mut events = std::pin::pin!(events);
+        let seen = async {
+            while let Some(ad) = events.next().await {
+                if ad.lock_id == lock_id {
+                    return Some(ad);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(timeout, seen).await {
+            Ok(Some(ad)) => Ok(ad),
+            _ => Err(BleError::NotFound(lock_id.to_string())),
+        }
     }
 
     async fn find(&self, address: &str, timeout: Duration) -> Result<(), BleError> {

@@ -137,6 +137,12 @@ pub trait LockTransport: Send + Sync + 'static {
     /// Scans until the lock at `address` is seen (so that the stack knows it again, e.g.
     /// after it was out of range or BlueZ restarted), at most `timeout`.
     fn find(&self, address: &str, timeout: Duration) -> impl Future<Output = Result<(), BleError>> + Send;
+    /// Scans until the lock `lock_id` is seen, at most `timeout`; returns its advertisement.
+    fn locate(
+        &self,
+        lock_id: LockId,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Advertisement, BleError>> + Send;
     /// Connects to the lock at `address` and readies its characteristics.
     fn connect(&self, address: &str) -> impl Future<Output = Result<Self::Link, BleError>> + Send;
 }

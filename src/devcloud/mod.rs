@@ -3,6 +3,7 @@
 //! phone-app stand-in are to come).
 
 pub mod acl;
+pub mod app;
 pub mod broker;
 pub mod mosquitto_config;
 pub mod pki;

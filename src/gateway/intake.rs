@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, mpsc};
 
 use crate::auth::reason::Reason;
+use sha2::Digest;
+
+use super::statements::Accepted;
 use crate::auth::statement::{Refusal, Signed, open};
 use crate::cloud::link::InboundCommand;
 use crate::cloud::reply::Reply;
@@ -94,29 +97,36 @@ impl Intake {
 
 /// Takes the cloud link's inbound payloads through the intake until the link goes away:
 /// refusals are recorded and acknowledged here; accepted statements go to `accepted`, which
-/// acknowledges them once it has stored them.
+/// acknowledges them once it has noted them.
 pub async fn serve(
     intake: Intake,
     mut inbound: mpsc::Receiver<InboundCommand>,
-    accepted: mpsc::Sender<(Signed, InboundCommand)>,
+    accepted: mpsc::Sender<Accepted>,
     clock: impl Fn() -> i64,
 ) {
     while let Some(mut command) = inbound.recv().await {
         let now = clock();
         let payload = std::mem::take(&mut command.payload);
         let intake = intake.clone();
-        let received = tokio::task::spawn_blocking(move || intake.receive(&payload, now)).await;
+        let received = tokio::task::spawn_blocking(move || {
+            let received = intake.receive(&payload, now);
+            (received, payload)
+        })
+        .await;
         match received {
-            Ok(Ok(Received::Accepted(signed))) => {
-                if accepted.send((signed, command)).await.is_err() {
+            Ok((Ok(Received::Accepted(signed)), payload)) => {
+                let digest = sha2::Sha256::digest(&payload).into();
+                // The intake checked it is UTF-8; trailing whitespace is not part of the statement.
+                let text = String::from_utf8_lossy(&payload).trim_end().to_owned();
+                if accepted.send(Accepted { signed, text, digest, delivery: command }).await.is_err() {
                     return;
                 }
             }
-            Ok(Ok(Received::Refused(_))) => {
+            Ok((Ok(Received::Refused(_)), _)) => {
                 let _ = command.stored.send(());
             }
             // Not recorded: left unacknowledged, so the broker delivers it again.
-            Ok(Err(e)) => tracing::error!(error = %e, "could not record a refusal"),
+            Ok((Err(e), _)) => tracing::error!(error = %e, "could not record a refusal"),
             Err(e) => tracing::error!(error = %e, "the intake task failed"),
         }
     }

@@ -4,4 +4,7 @@
 
 pub mod claim;
 pub mod intake;
+pub mod lock_worker;
 pub mod policy;
+pub mod radio_watch;
+pub mod statements;

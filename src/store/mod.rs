@@ -24,7 +24,7 @@ mod locks;
 pub use audit::{AuditEntry, AuditRecord, AuditVerification};
 pub use locks::{PairedLock, UnbindReport};
 pub use outbox::OutboxRecord;
-pub use principals::StoredGrant;
+pub use principals::{CommandSeen, StoredGrant};
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -20,6 +20,17 @@ pub struct StoredGrant {
     pub statement: Zeroizing<Vec<u8>>,
 }
 
+/// What [`Tx::note_command`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandSeen {
+    /// First time.
+    New,
+    /// The same bytes again: the stored reply, if it was answered yet.
+    Duplicate(Option<Vec<u8>>),
+    /// The same id with other bytes.
+    Conflict,
+}
+
 /// Longest signed statement stored (a JWS of a grant is a few hundred bytes).
 pub const MAX_STATEMENT: usize = 8 * 1024;
 
@@ -192,6 +203,42 @@ impl Tx<'_> {
         Ok(None)
     }
 
+    /// Notes a command (or statement) id with a digest of its bytes: `New` the first time;
+    /// `Duplicate` with the stored reply (if any yet) when the same bytes come again;
+    /// `Conflict` when the id comes again with other bytes (a replay attempt).
+    pub fn note_command(
+        &mut self,
+        command_id: &str,
+        lock: Option<LockId>,
+        expires_at: i64,
+        digest: &[u8],
+    ) -> Result<CommandSeen, StoreError> {
+        if command_id.is_empty() || command_id.len() > 128 || digest.len() > 64 {
+            return Err(StoreError::Invalid("command id or digest"));
+        }
+        // (reply, digest)
+        type Row = (Option<Vec<u8>>, Option<Vec<u8>>);
+        let seen: Option<Row> = self
+            .tx
+            .query_row("SELECT reply, digest FROM seen_commands WHERE command_id = ?1", [command_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((reply, stored)) = seen {
+            let same = stored.is_some_and(|d| bool::from(subtle::ConstantTimeEq::ct_eq(d.as_slice(), digest)));
+            return Ok(if same { CommandSeen::Duplicate(reply) } else { CommandSeen::Conflict });
+        }
+        let lock_row = match lock {
+            Some(l) => self.lock_rowid(l).ok(),
+            None => None,
+        };
+        self.tx.execute(
+            "INSERT INTO seen_commands (command_id, lock, expires_at, digest) VALUES (?1, ?2, ?3, ?4)",
+            params![command_id, lock_row, expires_at, digest],
+        )?;
+        Ok(CommandSeen::New)
+    }
+
     /// Stores the reply given to a command, for duplicate deliveries.
     pub fn set_command_reply(&mut self, command_id: &str, reply: &[u8]) -> Result<(), StoreError> {
         self.tx.execute("UPDATE seen_commands SET reply = ?2 WHERE command_id = ?1", params![command_id, reply])?;
@@ -258,6 +305,12 @@ impl Store {
         })?;
         self.compact()?;
         Ok(existed)
+    }
+
+    /// Ids of commands noted but never answered (the gateway stopped while they ran).
+    pub fn unanswered_commands(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT command_id FROM seen_commands WHERE reply IS NULL")?;
+        Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
     }
 
     /// Whether a user key is known (has been granted something).

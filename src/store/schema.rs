@@ -115,6 +115,11 @@ const MIGRATIONS: &[&str] = &[
         hash      BLOB NOT NULL
     ) STRICT;
     "#,
+    // 2: a digest of each seen command, to tell a redelivery (same bytes: answer again) from a
+    // replay (same id, other bytes: refuse).
+    r#"
+    ALTER TABLE seen_commands ADD COLUMN digest BLOB;
+    "#,
 ];
 
 /// The schema version this build writes.

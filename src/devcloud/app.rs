@@ -1,0 +1,249 @@
+//! The phone-app stand-in: keys kept in a directory, statements signed with them, sent to a
+//! gateway through the broker, and the gateway's typed reply awaited by id.
+//!
+//! It connects with the relay's certificate (client id `lockhub-relay-app-<random>`), as the
+//! cloud's relay would forward a phone's statements; the statements themselves are signed by
+//! the app's own keys, which the cloud never holds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ed25519_dalek::SigningKey;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+use thiserror::Error;
+use tokio::sync::{broadcast, oneshot};
+use zeroize::Zeroizing;
+
+use crate::auth::keys::{PublicKey, generate};
+use crate::auth::statement::{Command, Operation, Statement, StatementId};
+use crate::cloud::link::BrokerUrl;
+use crate::cloud::reply::Reply;
+use crate::cloud::tls::{TlsError, client_config};
+use crate::cloud::topics::Topics;
+use crate::devcloud::pki::{Pki, RELAY_IDENTITY};
+use crate::protocol::ids::{GatewayId, LockId};
+
+/// Why the app could not do something.
+#[derive(Debug, Error)]
+pub enum AppError {
+    /// A key file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key file holds no key.
+    #[error("{0}: not a lockhub app key (run `lockhub-cloud app keygen`)")]
+    BadKey(PathBuf),
+    /// A key of that name exists.
+    #[error("{0} exists: pass --force to replace it (the old key's grants stop working)")]
+    Exists(PathBuf),
+    /// TLS set-up failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The broker URL is unusable.
+    #[error(transparent)]
+    Url(#[from] crate::cloud::link::CloudError),
+    /// MQTT failed.
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+    /// No reply in time.
+    #[error("no reply from the gateway within {0:?} (is it online? `lockhub-cloud app status`)")]
+    Timeout(Duration),
+}
+
+/// A key pair kept as `<dir>/<name>.key` (mode 0600; the 32-byte seed, base64url).
+pub struct AppKey {
+    /// The signing key.
+    pub key: SigningKey,
+}
+
+impl std::fmt::Debug for AppKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AppKey({})", self.public())
+    }
+}
+
+impl AppKey {
+    fn path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.key"))
+    }
+
+    /// Creates a key named `name` in `dir`.
+    pub fn generate(dir: &Path, name: &str, force: bool) -> Result<Self, AppError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = Self::path(dir, name);
+        if path.exists() && !force {
+            return Err(AppError::Exists(path));
+        }
+        std::fs::create_dir_all(dir).map_err(|source| AppError::Io { path: dir.to_owned(), source })?;
+        let key = generate();
+        let text = Zeroizing::new(URL_SAFE_NO_PAD.encode(key.to_bytes()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| AppError::Io { path: path.clone(), source })?;
+        f.write_all(text.as_bytes()).map_err(|source| AppError::Io { path: path.clone(), source })?;
+        Ok(AppKey { key })
+    }
+
+    /// Loads the key named `name` from `dir`.
+    pub fn load(dir: &Path, name: &str) -> Result<Self, AppError> {
+        let path = Self::path(dir, name);
+        let text = Zeroizing::new(
+            std::fs::read_to_string(&path).map_err(|source| AppError::Io { path: path.clone(), source })?,
+        );
+        let seed = Zeroizing::new(URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| AppError::BadKey(path.clone()))?);
+        let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| AppError::BadKey(path.clone()))?;
+        Ok(AppKey { key: SigningKey::from_bytes(&seed) })
+    }
+
+    /// The public key (what grants name).
+    pub fn public(&self) -> PublicKey {
+        PublicKey::from(self.key.verifying_key())
+    }
+}
+
+/// A fresh statement id: a prefix and 96 random bits.
+pub fn new_id(prefix: &str) -> StatementId {
+    let mut bytes = [0u8; 12];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    StatementId::new(format!("{prefix}-{}", URL_SAFE_NO_PAD.encode(bytes))).expect("a valid id")
+}
+
+/// A command valid for `lifetime_s` from `now`.
+pub fn command(gateway: &GatewayId, lock: LockId, op: Operation, now: i64, lifetime_s: i64) -> Command {
+    let mut nonce = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    Command {
+        jti: new_id("c"),
+        gw: gateway.clone(),
+        lock,
+        op,
+        iat: now,
+        exp: now + lifetime_s,
+        nonce: URL_SAFE_NO_PAD.encode(nonce),
+    }
+}
+
+/// A message seen on the gateway's topics.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// A connection to the broker, watching one gateway's topics.
+pub struct AppClient {
+    client: AsyncClient,
+    topics: Topics,
+    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>,
+    seen: broadcast::Sender<Seen>,
+}
+
+impl std::fmt::Debug for AppClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppClient").finish_non_exhaustive()
+    }
+}
+
+impl AppClient {
+    /// Connects to `broker` with the relay's certificate from `pki` and subscribes to
+    /// `gateway`'s replies, events, status and lock states; returns once subscribed.
+    pub async fn connect(broker: &str, pki: &Pki, gateway: &GatewayId) -> Result<Self, AppError> {
+        let url = BrokerUrl::parse(broker)?;
+        let tls = client_config(&pki.ca_cert(), &pki.client_cert(RELAY_IDENTITY), &pki.client_key(RELAY_IDENTITY))?;
+        let suffix: String = new_id("app").as_str().chars().filter(|c| c.is_ascii_alphanumeric()).take(16).collect();
+        let mut o = MqttOptions::new(format!("{RELAY_IDENTITY}-{suffix}"), url.host, url.port);
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(o, 64);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
+        let topics = Topics::new(gateway);
+        let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>> = Arc::default();
+        let (seen, _) = broadcast::channel(1024);
+        let (subscribed_tx, subscribed) = oneshot::channel::<Result<(), String>>();
+        client
+            .subscribe(format!("lockhub/v1/{gateway}/#"), QoS::AtLeastOnce)
+            .await
+            .map_err(|e| AppError::Mqtt(e.to_string()))?;
+        let replies_topic = topics.replies();
+        let (w, s) = (waiting.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut subscribed_tx = Some(subscribed_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if p.topic == replies_topic
+                            && let Ok(reply) = serde_json::from_slice::<Reply>(&p.payload)
+                            && let Some(waiter) =
+                                w.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&reply.id)
+                        {
+                            let _ = waiter.send(reply);
+                        }
+                        let _ = s.send(Seen { topic: p.topic, payload: p.payload.to_vec() });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(Err(e.to_string()));
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(20), subscribed).await {
+            Ok(Ok(Ok(()))) => Ok(AppClient { client, topics, waiting, seen }),
+            Ok(Ok(Err(e))) => Err(AppError::Mqtt(e)),
+            _ => Err(AppError::Mqtt("no SUBACK from the broker".into())),
+        }
+    }
+
+    /// Everything published on the gateway's topics from now on.
+    pub fn watch(&self) -> broadcast::Receiver<Seen> {
+        self.seen.subscribe()
+    }
+
+    /// Publishes a signed statement (its text) and waits for the reply to `id`.
+    pub async fn send_text(&self, id: &str, text: String, timeout: Duration) -> Result<Reply, AppError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.to_owned(), tx);
+        self.client
+            .publish(self.topics.commands(), QoS::AtLeastOnce, false, text.into_bytes())
+            .await
+            .map_err(|e| AppError::Mqtt(e.to_string()))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            _ => {
+                self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+                Err(AppError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Signs `statement` with `key`, sends it and waits for its reply.
+    pub async fn send(&self, statement: &Statement, key: &AppKey, timeout: Duration) -> Result<Reply, AppError> {
+        self.send_text(statement.id().as_str(), statement.sign(&key.key), timeout).await
+    }
+}

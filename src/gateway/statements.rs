@@ -1,0 +1,476 @@
+//! Carrying out accepted statements: the owner's claim, pairings, grants, revocations and
+//! policies, and users' commands through the policy engine to the lock's task.
+//!
+//! Every statement id is noted durably (with a digest of its bytes) before the broker gets its
+//! acknowledgement, so a redelivery is answered with the stored reply and never runs twice,
+//! and the same id with other bytes is a replay. Every outcome — allowed or refused — is one
+//! transaction: the audit record, the reply in the outbox, and the reply kept for redeliveries.
+//! Owner statements run in arrival order (a grant is in force before the command after it);
+//! commands run concurrently, serialised per lock by the lock's task.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::Digest;
+use tokio::sync::{Notify, mpsc};
+
+use super::claim;
+use super::lock_worker::{LockHandle, LockWorker};
+use super::policy::{Facts, GrantFacts, LockPolicy, PolicyEngine, PolicyLimits, Role};
+use crate::auth::keys::PublicKey;
+use crate::auth::reason::Reason;
+use crate::auth::statement::{Command, Operation, Signed, Statement, open};
+use crate::ble::budget::ConnectionBudget;
+use crate::ble::client::{LockClient, pair};
+use crate::ble::{BleConfig, LockTransport};
+use crate::cloud::link::InboundCommand;
+use crate::cloud::reply::{Outcome, Reply};
+use crate::cloud::topics::Topics;
+use crate::protocol::ids::{GatewayId, LockId};
+use crate::protocol::message::{Actor, Op, UserRef};
+use crate::protocol::pairing::SetupCode;
+use crate::store::audit::AuditActor;
+use crate::store::{AuditEntry, CommandSeen, Store, StoreError};
+
+/// How long a seen statement id is remembered after its expiry, so that a late redelivery is
+/// still answered with the stored reply.
+const REMEMBER_AFTER_EXPIRY_S: i64 = 3600;
+
+/// The gateway's clock: Unix seconds, and whether it was ever synchronised.
+pub type Clock = Arc<dyn Fn() -> (i64, bool) + Send + Sync>;
+
+/// A statement that passed the intake, with what is needed to dedupe and acknowledge it.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The verified statement.
+    pub signed: Signed,
+    /// Its exact text (stored for grants and revocations).
+    pub text: String,
+    /// SHA-256 of its bytes.
+    pub digest: [u8; 32],
+    /// The delivery, acknowledged once the statement is noted.
+    pub delivery: InboundCommand,
+}
+
+/// The gateway's decision-making core over a lock transport `T`.
+pub struct Gateway<T: LockTransport> {
+    id: GatewayId,
+    topics: Topics,
+    store: Arc<Mutex<Store>>,
+    outbox_ready: Arc<Notify>,
+    transport: Arc<T>,
+    budget: ConnectionBudget,
+    ble: BleConfig,
+    policy: Mutex<PolicyEngine>,
+    locks: Mutex<HashMap<LockId, LockHandle>>,
+    clock: Clock,
+}
+
+impl<T: LockTransport> std::fmt::Debug for Gateway<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// A user's 8-byte reference in the lock's log: the start of SHA-256 of their public key.
+pub fn user_ref(key: &PublicKey) -> UserRef {
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    UserRef(digest[..8].try_into().expect("8 bytes"))
+}
+
+fn op_of(op: Operation) -> Op {
+    match op {
+        Operation::Lock => Op::Lock,
+        Operation::Unlock => Op::Unlock,
+        Operation::Unlatch => Op::Unlatch,
+    }
+}
+
+fn lock_state_name(state: crate::protocol::message::LockState) -> &'static str {
+    use crate::protocol::message::LockState::*;
+    match state {
+        Locked => "locked",
+        Unlocking => "unlocking",
+        Unlocked => "unlocked",
+        Locking => "locking",
+        Jammed => "jammed",
+    }
+}
+
+impl<T: LockTransport> Gateway<T> {
+    /// The core of gateway `id`. Call [`Gateway::start_locks`] to start the paired locks' tasks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: GatewayId,
+        store: Arc<Mutex<Store>>,
+        outbox_ready: Arc<Notify>,
+        transport: Arc<T>,
+        ble: BleConfig,
+        limits: PolicyLimits,
+        clock: Clock,
+    ) -> Arc<Self> {
+        Arc::new(Gateway {
+            topics: Topics::new(&id),
+            id,
+            store,
+            outbox_ready,
+            transport,
+            budget: ConnectionBudget::new(ble.max_links),
+            ble,
+            policy: Mutex::new(PolicyEngine::new(limits)),
+            locks: Mutex::new(HashMap::new()),
+            clock,
+        })
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts a task for every paired lock in the store; answers commands a previous run left
+    /// unanswered (it stopped while they ran: whether the lock moved, its log will say).
+    pub fn start_locks(&self) -> Result<(), StoreError> {
+        let (locks, unanswered) = {
+            let store = self.store();
+            (store.locks()?, store.unanswered_commands()?)
+        };
+        for lock in locks {
+            let key = self.store().pairing_key(lock.lock_id)?;
+            self.start_lock(lock.lock_id, lock.address, key, lock.paired_at, lock.last_event_seq);
+        }
+        let (now, _) = (self.clock)();
+        for key in unanswered {
+            let id = key.rsplit(':').next().unwrap_or(&key).to_owned();
+            let reply = Reply {
+                id,
+                result: Outcome::Failed,
+                reason: Some(Reason::Failed),
+                detail: Some("interrupted by a gateway restart; the lock's events tell whether it ran".into()),
+                at: now,
+            };
+            self.finish(&key, &reply, "command.interrupted", Some(AuditActor::Hub), None, true)?;
+        }
+        Ok(())
+    }
+
+    fn start_lock(
+        &self,
+        lock: LockId,
+        address: String,
+        key: crate::protocol::pairing::PairingKey,
+        epoch: i64,
+        last_seq: u64,
+    ) {
+        let client = LockClient::new(
+            self.transport.clone(),
+            self.budget.clone(),
+            self.ble.clone(),
+            self.id.clone(),
+            lock,
+            address,
+            key,
+        );
+        let worker = LockWorker {
+            client,
+            epoch,
+            last_seq,
+            store: self.store.clone(),
+            topics: self.topics.clone(),
+            outbox_ready: self.outbox_ready.clone(),
+            clock: self.clock.clone(),
+        };
+        let handle = worker.spawn();
+        self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(lock, handle);
+    }
+
+    /// The task of a paired lock.
+    pub fn lock(&self, lock: LockId) -> Option<LockHandle> {
+        self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&lock).cloned()
+    }
+
+    /// Takes accepted statements until the channel closes: owner statements in order,
+    /// commands concurrently.
+    pub async fn serve(self: Arc<Self>, mut accepted: mpsc::Receiver<Accepted>) {
+        while let Some(statement) = accepted.recv().await {
+            if matches!(statement.signed.statement, Statement::Command(_)) {
+                let gateway = self.clone();
+                tokio::spawn(async move { gateway.handle(statement).await });
+            } else {
+                self.handle(statement).await;
+            }
+        }
+    }
+
+    /// Carries out one statement, recording its outcome.
+    pub async fn handle(&self, accepted: Accepted) {
+        if let Err(e) = self.try_handle(accepted).await {
+            // Unrecorded: the delivery stays unacknowledged and the broker sends it again.
+            tracing::error!(error = %e, "could not record a statement's outcome");
+        }
+    }
+
+    async fn try_handle(&self, accepted: Accepted) -> Result<(), StoreError> {
+        let Accepted { signed, text, digest, delivery } = accepted;
+        let statement = &signed.statement;
+        let key = format!("{}:{}", signed.signer, statement.id());
+        let lock = match statement {
+            Statement::Command(c) => Some(c.lock),
+            Statement::Pair(p) => Some(p.lock),
+            _ => None,
+        };
+        let (_, exp) = statement.validity();
+        let seen = self.store().transaction(|tx| {
+            let seen = tx.note_command(&key, lock, exp.saturating_add(REMEMBER_AFTER_EXPIRY_S), &digest)?;
+            if let CommandSeen::Duplicate(Some(reply)) = &seen {
+                tx.append_outbox(None, &self.topics.replies(), reply, false, (self.clock)().0)?;
+            }
+            Ok(seen)
+        })?;
+        // Noted: the broker may forget it now.
+        let _ = delivery.stored.send(());
+        let replayed = match seen {
+            CommandSeen::New => false,
+            CommandSeen::Conflict => true,
+            CommandSeen::Duplicate(_) => {
+                // Answered again (or still running, and answered when done); never run twice.
+                self.outbox_ready.notify_one();
+                return Ok(());
+            }
+        };
+        let owner = self.is_owner(&signed.signer)?;
+        let actor = if owner { AuditActor::Admin } else { AuditActor::User(signed.signer.as_bytes().to_vec()) };
+        let (reply, action) = match statement {
+            Statement::Command(command) => (
+                self.command(&signed.signer, command, owner, replayed).await?,
+                format!("command.{}", command.op.as_str()),
+            ),
+            _ if replayed => (
+                refused(statement.id().as_str(), Reason::Replayed, "this id was already used", (self.clock)().0),
+                "statement".into(),
+            ),
+            _ => self.owner_statement(&signed, &text, owner).await?,
+        };
+        // A claim was audited by `claim::claim`, in the transaction that pinned the owner.
+        let actor = match (&signed.statement, reply.reason) {
+            (Statement::Claim(_), _) if !replayed => None,
+            (_, Some(Reason::UnknownKey)) => Some(AuditActor::Unknown),
+            _ => Some(actor),
+        };
+        self.finish(&key, &reply, &action, actor, lock, !replayed)
+    }
+
+    fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
+        Ok(self.store().owner_keys()?.iter().any(|k| k.as_slice() == key.as_bytes()))
+    }
+
+    /// Records an outcome: audit, reply to the outbox, and (for the first delivery) the reply
+    /// kept for redeliveries — one transaction.
+    fn finish(
+        &self,
+        key: &str,
+        reply: &Reply,
+        action: &str,
+        actor: Option<AuditActor>,
+        lock: Option<LockId>,
+        keep: bool,
+    ) -> Result<(), StoreError> {
+        let payload = reply.to_json();
+        let outcome = reply.reason.map_or("ok", Reason::as_str);
+        let detail = reply.detail.clone().unwrap_or_default();
+        let lock = lock.filter(|l| self.store().locks().map(|ls| ls.iter().any(|p| p.lock_id == *l)).unwrap_or(false));
+        self.store().transaction(|tx| {
+            if let Some(actor) = actor {
+                tx.audit(AuditEntry { at: reply.at, action, outcome, actor, lock, detail: &detail })?;
+            }
+            tx.append_outbox(None, &self.topics.replies(), &payload, false, reply.at)?;
+            if keep {
+                tx.set_command_reply(key, &payload)?;
+            }
+            Ok(())
+        })?;
+        tracing::info!(id = %reply.id, action, outcome, "statement decided");
+        self.outbox_ready.notify_one();
+        Ok(())
+    }
+
+    async fn command(
+        &self,
+        signer: &PublicKey,
+        command: &Command,
+        owner: bool,
+        replayed: bool,
+    ) -> Result<Reply, StoreError> {
+        let (now, synced) = (self.clock)();
+        let id = command.jti.as_str();
+        let (known_user, lock_paired, grants, policy) = {
+            let store = self.store();
+            let known_user = store.user_known(signer.as_bytes())?;
+            let lock_paired = store.locks()?.iter().any(|l| l.lock_id == command.lock);
+            let revoked = store.revoked_grant_ids()?;
+            let grants: Vec<GrantFacts> = if lock_paired {
+                store
+                    .grants_for(command.lock)?
+                    .into_iter()
+                    .filter(|g| g.user_public_key.as_slice() == signer.as_bytes())
+                    .filter_map(|g| {
+                        let text = std::str::from_utf8(&g.statement).ok()?;
+                        match open(text).ok()?.statement {
+                            Statement::Grant(grant) => {
+                                Some(GrantFacts { revoked: revoked.contains(grant.jti.as_str()), grant })
+                            }
+                            _ => None,
+                        }
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let policy: LockPolicy = if lock_paired {
+                store.policy(Some(command.lock))?.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default()
+            } else {
+                LockPolicy::default()
+            };
+            (known_user, lock_paired, grants, policy)
+        };
+        let facts = Facts {
+            now,
+            clock_synced: synced,
+            seen: replayed,
+            owner,
+            known_user,
+            lock_paired,
+            grants: &grants,
+            policy: &policy,
+        };
+        let decision =
+            self.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).decide(signer, command, &facts);
+        let role = match decision {
+            Ok(role) => role,
+            Err(denial) => return Ok(refused(id, denial.reason, &denial.detail, now)),
+        };
+        let Some(handle) = self.lock(command.lock) else {
+            return Ok(refused(id, Reason::UnknownLock, "the lock has no task", now));
+        };
+        let actor = if role == Role::Owner { Actor::Admin } else { Actor::Cloud(user_ref(signer)) };
+        // The reply must come before the command's deadline.
+        let left = Duration::from_secs(command.exp.saturating_sub(now).max(1) as u64);
+        let outcome = match tokio::time::timeout(left, handle.execute(op_of(command.op), actor)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(super::lock_worker::Failure {
+                reason: Reason::LockUnreachable,
+                detail: "no answer from the lock before the command's deadline".into(),
+            }),
+        };
+        let (at, _) = (self.clock)();
+        Ok(match outcome {
+            Ok(status) => Reply {
+                id: id.to_owned(),
+                result: Outcome::Ok,
+                reason: None,
+                detail: Some(lock_state_name(status.state).to_owned()),
+                at,
+            },
+            Err(failure) => Reply {
+                id: id.to_owned(),
+                result: Outcome::Failed,
+                reason: Some(failure.reason),
+                detail: Some(failure.detail.chars().take(crate::cloud::reply::MAX_DETAIL_CHARS).collect()),
+                at,
+            },
+        })
+    }
+
+    /// Claim, pair, grant, revoke, policy.
+    async fn owner_statement(&self, signed: &Signed, text: &str, owner: bool) -> Result<(Reply, String), StoreError> {
+        let (now, synced) = (self.clock)();
+        let statement = &signed.statement;
+        let id = statement.id().as_str();
+        let (_, exp) = statement.validity();
+        if let Statement::Claim(c) = statement {
+            let outcome = claim::claim(&mut self.store(), &signed.signer, c, now)?;
+            let reply = match outcome {
+                Ok(()) => ok(id, "claimed: the signer is the owner", now),
+                Err(reason) => refused(id, reason, "claim refused", now),
+            };
+            return Ok((reply, "gateway.claim".into()));
+        }
+        if !owner {
+            return Ok((refused(id, Reason::UnknownKey, "only the owner may sign this", now), "statement".into()));
+        }
+        if synced && exp < now {
+            return Ok((refused(id, Reason::Expired, "the statement has expired", now), "statement".into()));
+        }
+        match statement {
+            Statement::Pair(p) => Ok((self.pair(id, p).await?, "lock.pair".into())),
+            Statement::Grant(g) => {
+                if let Some(s) = &g.schedule
+                    && let Err(e) = s.validate()
+                {
+                    return Ok((refused(id, Reason::Malformed, &e.to_string(), now), "grant.add".into()));
+                }
+                if !self.store().locks()?.iter().any(|l| l.lock_id == g.lock) {
+                    return Ok((refused(id, Reason::UnknownLock, "the lock is not paired", now), "grant.add".into()));
+                }
+                self.store().transaction(|tx| {
+                    tx.add_user(g.sub.as_bytes(), now)?;
+                    tx.put_grant(g.jti.as_str(), g.lock, g.sub.as_bytes(), text.as_bytes(), Some(g.exp))
+                })?;
+                Ok((ok(id, "granted", now), "grant.add".into()))
+            }
+            Statement::Revoke(r) => {
+                self.store().transaction(|tx| tx.put_revocation(r.grant.as_str(), None, text.as_bytes(), now))?;
+                Ok((ok(id, "revoked", now), "grant.revoke".into()))
+            }
+            Statement::Policy(p) => {
+                if let Some(s) = &p.quiet_hours
+                    && let Err(e) = s.validate()
+                {
+                    return Ok((refused(id, Reason::Malformed, &e.to_string(), now), "policy.set".into()));
+                }
+                if !self.store().locks()?.iter().any(|l| l.lock_id == p.lock) {
+                    return Ok((refused(id, Reason::UnknownLock, "the lock is not paired", now), "policy.set".into()));
+                }
+                let policy = LockPolicy { remote_unlock: p.remote_unlock, quiet_hours: p.quiet_hours.clone() };
+                let json = serde_json::to_string(&policy).expect("policies serialise");
+                self.store().transaction(|tx| tx.set_policy(Some(p.lock), &json))?;
+                Ok((
+                    ok(id, if p.remote_unlock { "remote unlock on" } else { "remote unlock off" }, now),
+                    "policy.set".into(),
+                ))
+            }
+            Statement::Claim(_) | Statement::Command(_) => unreachable!("handled above"),
+        }
+    }
+
+    async fn pair(&self, id: &str, p: &crate::auth::statement::Pair) -> Result<Reply, StoreError> {
+        let (now, _) = (self.clock)();
+        let Ok(code) = SetupCode::parse(&p.setup) else {
+            return Ok(refused(id, Reason::Malformed, "the setup code is 8 digits", now));
+        };
+        // Find the lock on the radio (it must be in pairing mode to accept).
+        let ad = match self.transport.locate(p.lock, Duration::from_secs(10)).await {
+            Ok(ad) => ad,
+            Err(e) => return Ok(failed(id, Reason::LockUnreachable, &format!("the lock was not seen: {e}"), now)),
+        };
+        let key = match pair(&*self.transport, &self.budget, &self.ble, &self.id, p.lock, &ad.address, &code).await {
+            Ok(key) => key,
+            Err(e) => return Ok(failed(id, Reason::Failed, &format!("pairing failed: {e} ({})", e.code()), now)),
+        };
+        self.store().transaction(|tx| tx.add_lock(p.lock, &ad.address, &p.lock.to_string(), &key, now))?;
+        self.start_lock(p.lock, ad.address.clone(), key, now, 0);
+        Ok(ok(id, "paired", now))
+    }
+}
+
+fn ok(id: &str, detail: &str, at: i64) -> Reply {
+    Reply { id: id.to_owned(), result: Outcome::Ok, reason: None, detail: Some(detail.to_owned()), at }
+}
+
+fn refused(id: &str, reason: Reason, detail: &str, at: i64) -> Reply {
+    Reply::refused(id, reason, detail, at)
+}
+
+fn failed(id: &str, reason: Reason, detail: &str, at: i64) -> Reply {
+    Reply { result: Outcome::Failed, ..Reply::refused(id, reason, detail, at) }
+}

@@ -1,0 +1,283 @@
+//! Remote unlock through the real stack: the app stand-in signs statements, the bundled broker
+//! (mutual TLS, ACLs) relays them, the gateway opens, judges and carries them out over bluer →
+//! private dbus-daemon → emulated lock, and answers with typed replies; events and the lock's
+//! retained state come back the same way.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockhub::auth::statement::{Claim, Grant, Operation, Pair, Permission, Policy, Revoke, Statement};
+use lockhub::ble::BleConfig;
+use lockhub::ble::bluez::BluezTransport;
+use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
+use lockhub::cloud::reply::{Outcome, Reply};
+use lockhub::devcloud::app::{AppClient, AppKey, command, new_id};
+use lockhub::devcloud::pki::Pki;
+use lockhub::gateway::intake::{self, Intake};
+use lockhub::gateway::policy::PolicyLimits;
+use lockhub::gateway::statements::Gateway;
+use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::store::{Store, StoreConfig, unix_now};
+use support::bundled::Bundled;
+use tokio::sync::{Notify, mpsc, watch};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Stack {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    broker: Bundled,
+    gw: GatewayId,
+    store: Arc<Mutex<Store>>,
+    synced: Arc<AtomicBool>,
+    _stop: watch::Sender<bool>,
+}
+
+impl Stack {
+    async fn start(gw: &str) -> Stack {
+        support::bed();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
+        let broker = Bundled::start(&pki);
+        let gw = GatewayId::new(gw).unwrap();
+        let mut store =
+            Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) })
+                .unwrap();
+        store.transaction(|tx| tx.set_gateway_identity(&gw, unix_now())).unwrap();
+        let store = Arc::new(Mutex::new(store));
+        let outbox_ready = Arc::new(Notify::new());
+        let config = CloudConfig {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            ..CloudConfig::new(
+                vec![format!("mqtts://localhost:{}", broker.port)],
+                pki.ca_cert(),
+                pki.client_cert(gw.as_str()),
+                pki.client_key(gw.as_str()),
+            )
+        };
+        let (inbound_tx, inbound) = mpsc::channel(64);
+        let (link, mut reports) =
+            CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
+        let synced = Arc::new(AtomicBool::new(true));
+        let s = synced.clone();
+        let clock: lockhub::gateway::statements::Clock = Arc::new(move || (unix_now(), s.load(Ordering::SeqCst)));
+        let transport = Arc::new(support::transport().await);
+        let gateway: Arc<Gateway<BluezTransport>> = Gateway::new(
+            gw.clone(),
+            store.clone(),
+            outbox_ready.clone(),
+            transport.clone(),
+            BleConfig::default(),
+            PolicyLimits::default(),
+            clock,
+        );
+        gateway.start_locks().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let (accepted_tx, accepted) = mpsc::channel(64);
+        tokio::spawn(intake::serve(
+            Intake::new(store.clone(), gw.clone(), outbox_ready.clone()),
+            inbound,
+            accepted_tx,
+            unix_now,
+        ));
+        tokio::spawn(gateway.clone().serve(accepted));
+        tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway, stopped.clone()));
+        tokio::spawn(link.run(stopped));
+        reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
+        Stack { dir, pki, broker, gw, store, synced, _stop: stop }
+    }
+
+    async fn app(&self) -> AppClient {
+        AppClient::connect(&format!("mqtts://localhost:{}", self.broker.port), &self.pki, &self.gw).await.unwrap()
+    }
+
+    fn key(&self, name: &str) -> AppKey {
+        AppKey::generate(&self.dir.path().join("keys"), name, false).unwrap()
+    }
+
+    fn audit_outcomes(&self, action_prefix: &str) -> Vec<String> {
+        let store = self.store.lock().unwrap();
+        store
+            .audit_records(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action.starts_with(action_prefix))
+            .map(|r| r.outcome)
+            .collect()
+    }
+}
+
+fn assert_reply(reply: &Reply, result: Outcome, reason: Option<&str>) {
+    assert_eq!(reply.result, result, "{reply:?}");
+    assert_eq!(reply.reason.map(|r| r.as_str()), reason, "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
+    let stack = Stack::start("gw-remote").await;
+    let app = stack.app().await;
+    let mut seen = app.watch();
+    let (owner, user) = (stack.key("owner"), stack.key("user"));
+    let now = unix_now();
+    let gw = stack.gw.clone();
+
+    // Claim with the code the gateway shows.
+    let code = lockhub::gateway::claim::claim_code(&mut stack.store.lock().unwrap()).unwrap().unwrap();
+    let claim = Statement::Claim(Claim {
+        jti: new_id("k"),
+        gw: gw.clone(),
+        code: code.as_str().into(),
+        iat: now,
+        exp: now + 300,
+    });
+    assert_reply(&app.send(&claim, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+
+    // Pair a lock with its setup code.
+    let ctl = support::control().await;
+    let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let lock_id = LockId::parse(&lock.lock_id).unwrap();
+    let pair = Statement::Pair(Pair {
+        jti: new_id("p"),
+        gw: gw.clone(),
+        lock: lock_id,
+        setup: lock.setup_code.clone(),
+        iat: now,
+        exp: now + 300,
+    });
+    assert_reply(&app.send(&pair, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+
+    let unlock = |op| Statement::Command(command(&gw, lock_id, op, unix_now(), 30));
+    // Nobody has granted the user anything.
+    assert_reply(
+        &app.send(&unlock(Operation::Unlock), &user, WAIT).await.unwrap(),
+        Outcome::Refused,
+        Some("unknown_key"),
+    );
+
+    let grant_id = new_id("g");
+    let grant = Statement::Grant(Grant {
+        jti: grant_id.clone(),
+        gw: gw.clone(),
+        sub: user.public(),
+        lock: lock_id,
+        perms: vec![Permission::Lock, Permission::Unlock, Permission::Remote],
+        nbf: now - 60,
+        iat: now,
+        exp: now + 86_400,
+        schedule: None,
+    });
+    assert_reply(&app.send(&grant, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    // A user cannot grant.
+    let self_grant = Statement::Grant(Grant {
+        jti: new_id("g"),
+        perms: vec![Permission::Unlatch],
+        ..match &grant {
+            Statement::Grant(g) => g.clone(),
+            _ => unreachable!(),
+        }
+    });
+    assert_reply(&app.send(&self_grant, &user, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
+
+    // Remote unlock is off until the owner turns it on.
+    assert_reply(
+        &app.send(&unlock(Operation::Unlock), &user, WAIT).await.unwrap(),
+        Outcome::Refused,
+        Some("remote_disabled"),
+    );
+    let policy = Statement::Policy(Policy {
+        jti: new_id("pol"),
+        gw: gw.clone(),
+        lock: lock_id,
+        remote_unlock: true,
+        quiet_hours: None,
+        iat: now,
+        exp: now + 300,
+    });
+    assert_reply(&app.send(&policy, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+
+    // The unlock.
+    let first = unlock(Operation::Unlock);
+    let text = first.sign(&user.key);
+    let reply = app.send_text(first.id().as_str(), text.clone(), WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Ok, None);
+    assert_eq!(reply.detail.as_deref(), Some("unlocked"));
+    let status = support::report(&ctl, &lock.lock_id).await.status;
+    assert_eq!(status.state, lockhub::protocol::message::LockState::Unlocked);
+
+    // The lock's own log reaches the cloud, and its retained state follows.
+    let events_topic = format!("lockhub/v1/{gw}/events");
+    let state_topic = format!("lockhub/v1/{gw}/lock/{lock_id}/state");
+    let mut saw_event = false;
+    let mut saw_state = false;
+    while !(saw_event && saw_state) {
+        let msg = tokio::time::timeout(WAIT, seen.recv()).await.unwrap().unwrap();
+        let json: serde_json::Value = match serde_json::from_slice(&msg.payload) {
+            Ok(j) => j,
+            Err(_) => continue,
+        };
+        if msg.topic == events_topic && json["kind"] == "state_changed" && json["state"] == "unlocked" {
+            assert_eq!(json["actor"]["kind"], "cloud", "{json}");
+            saw_event = true;
+        }
+        if msg.topic == state_topic && json["state"] == "unlocked" {
+            saw_state = true;
+        }
+    }
+
+    // The same delivery again: the stored reply, and the lock does not move again.
+    let again = app.send_text(first.id().as_str(), text, WAIT).await.unwrap();
+    assert_eq!(again, reply, "a redelivery gets the stored reply");
+    assert_eq!(support::report(&ctl, &lock.lock_id).await.status.last_seq, status.last_seq, "not executed twice");
+    // The same id with other bytes: a replay.
+    let replay = match &first {
+        Statement::Command(c) => {
+            Statement::Command(lockhub::auth::statement::Command { nonce: "another-nonce-0000".into(), ..c.clone() })
+        }
+        _ => unreachable!(),
+    };
+    assert_reply(&app.send(&replay, &user, WAIT).await.unwrap(), Outcome::Refused, Some("replayed"));
+
+    // Expired; not granted (no unlatch); the clock never synchronised.
+    let stale = Statement::Command(command(&gw, lock_id, Operation::Lock, unix_now() - 120, 30));
+    assert_reply(&app.send(&stale, &user, WAIT).await.unwrap(), Outcome::Refused, Some("expired"));
+    assert_reply(
+        &app.send(&unlock(Operation::Unlatch), &user, WAIT).await.unwrap(),
+        Outcome::Refused,
+        Some("not_granted"),
+    );
+    stack.synced.store(false, Ordering::SeqCst);
+    assert_reply(
+        &app.send(&unlock(Operation::Lock), &user, WAIT).await.unwrap(),
+        Outcome::Refused,
+        Some("clock_unsynchronised"),
+    );
+    stack.synced.store(true, Ordering::SeqCst);
+
+    // Lock again, then revoke: refused from then on.
+    assert_reply(&app.send(&unlock(Operation::Lock), &user, WAIT).await.unwrap(), Outcome::Ok, None);
+    let revoke =
+        Statement::Revoke(Revoke { jti: new_id("r"), gw: gw.clone(), grant: grant_id, iat: now, exp: now + 300 });
+    assert_reply(&app.send(&revoke, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_reply(&app.send(&unlock(Operation::Unlock), &user, WAIT).await.unwrap(), Outcome::Refused, Some("revoked"));
+
+    // Every decision is in the audit chain with its reason, and the chain verifies.
+    let outcomes = stack.audit_outcomes("command.");
+    for expected in [
+        "unknown_key",
+        "remote_disabled",
+        "ok",
+        "replayed",
+        "expired",
+        "not_granted",
+        "clock_unsynchronised",
+        "revoked",
+    ] {
+        assert!(outcomes.iter().any(|o| o == expected), "no audit record {expected} in {outcomes:?}");
+    }
+    let verified = stack.store.lock().unwrap().verify_audit().unwrap();
+    assert!(matches!(verified, lockhub::store::AuditVerification::Intact { .. }), "{verified:?}");
+}
