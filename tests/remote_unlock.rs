@@ -33,20 +33,45 @@ struct Stack {
     gw: GatewayId,
     store: Arc<Mutex<Store>>,
     synced: Arc<AtomicBool>,
-    _stop: watch::Sender<bool>,
+    limits: PolicyLimits,
+    stop: watch::Sender<bool>,
+}
+
+/// A BLE configuration that gives up on an unreachable lock within seconds.
+fn ble() -> BleConfig {
+    BleConfig { connect_timeout_ms: 3_000, connect_attempts: 2, ..BleConfig::default() }
 }
 
 impl Stack {
     async fn start(gw: &str) -> Stack {
+        Self::start_with(gw, PolicyLimits::default()).await
+    }
+
+    async fn start_with(gw: &str, limits: PolicyLimits) -> Stack {
         support::bed();
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
         let broker = Bundled::start(&pki);
         let gw = GatewayId::new(gw).unwrap();
+        let synced = Arc::new(AtomicBool::new(true));
+        let (store, stop) = Self::run_gateway(&dir, &pki, &broker, &gw, &synced, limits).await;
+        Stack { dir, pki, broker, gw, store, synced, limits, stop }
+    }
+
+    /// Starts a gateway (store, cloud link, intake, core, radio watch) on the stack's state
+    /// directory; returns its store and its stop switch.
+    async fn run_gateway(
+        dir: &tempfile::TempDir,
+        pki: &Pki,
+        broker: &Bundled,
+        gw: &GatewayId,
+        synced: &Arc<AtomicBool>,
+        limits: PolicyLimits,
+    ) -> (Arc<Mutex<Store>>, watch::Sender<bool>) {
         let mut store =
             Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) })
                 .unwrap();
-        store.transaction(|tx| tx.set_gateway_identity(&gw, unix_now())).unwrap();
+        store.transaction(|tx| tx.set_gateway_identity(gw, unix_now())).unwrap();
         let store = Arc::new(Mutex::new(store));
         let outbox_ready = Arc::new(Notify::new());
         let config = CloudConfig {
@@ -62,19 +87,11 @@ impl Stack {
         let (inbound_tx, inbound) = mpsc::channel(64);
         let (link, mut reports) =
             CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
-        let synced = Arc::new(AtomicBool::new(true));
         let s = synced.clone();
         let clock: lockhub::gateway::statements::Clock = Arc::new(move || (unix_now(), s.load(Ordering::SeqCst)));
         let transport = Arc::new(support::transport().await);
-        let gateway: Arc<Gateway<BluezTransport>> = Gateway::new(
-            gw.clone(),
-            store.clone(),
-            outbox_ready.clone(),
-            transport.clone(),
-            BleConfig::default(),
-            PolicyLimits::default(),
-            clock,
-        );
+        let gateway: Arc<Gateway<BluezTransport>> =
+            Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), transport.clone(), ble(), limits, clock);
         gateway.start_locks().unwrap();
         let (stop, stopped) = watch::channel(false);
         let (accepted_tx, accepted) = mpsc::channel(64);
@@ -86,9 +103,23 @@ impl Stack {
         ));
         tokio::spawn(gateway.clone().serve(accepted));
         tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway, stopped.clone()));
-        tokio::spawn(link.run(stopped));
+        let link = tokio::spawn(link.run(stopped.clone()));
         reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
-        Stack { dir, pki, broker, gw, store, synced, _stop: stop }
+        // Keep the link's task handle alive with the switch: stopping ends it.
+        tokio::spawn(async move {
+            let _ = link.await;
+        });
+        (store, stop)
+    }
+
+    /// Stops the gateway and starts a new one on the same state directory (the store reopened
+    /// from disk), as a restart of the daemon would.
+    async fn restart_gateway(&mut self) {
+        self.stop.send(true).unwrap();
+        let (store, stop) =
+            Self::run_gateway(&self.dir, &self.pki, &self.broker, &self.gw, &self.synced, self.limits).await;
+        self.store = store;
+        self.stop = stop;
     }
 
     async fn app(&self) -> AppClient {
@@ -280,4 +311,190 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
     }
     let verified = stack.store.lock().unwrap().verify_audit().unwrap();
     assert!(matches!(verified, lockhub::store::AuditVerification::Intact { .. }), "{verified:?}");
+}
+
+/// A claimed gateway with one paired lock whose remote unlock is on, and a user granted
+/// `perms` (with `schedule`).
+struct Paired {
+    app: AppClient,
+    owner: AppKey,
+    user: AppKey,
+    lock: support::LockReport,
+    lock_id: LockId,
+    grant: lockhub::auth::statement::StatementId,
+}
+
+async fn claim_pair_grant(
+    stack: &Stack,
+    perms: &[Permission],
+    schedule: Option<lockhub::auth::statement::Schedule>,
+) -> Paired {
+    let app = stack.app().await;
+    let (owner, user) = (stack.key("owner"), stack.key("user"));
+    let now = unix_now();
+    let gw = stack.gw.clone();
+    let code = lockhub::gateway::claim::claim_code(&mut stack.store.lock().unwrap()).unwrap().unwrap();
+    let claim = Statement::Claim(Claim {
+        jti: new_id("k"),
+        gw: gw.clone(),
+        code: code.as_str().into(),
+        iat: now,
+        exp: now + 300,
+    });
+    assert_reply(&app.send(&claim, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let ctl = support::control().await;
+    let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let lock_id = LockId::parse(&lock.lock_id).unwrap();
+    let pair = Statement::Pair(Pair {
+        jti: new_id("p"),
+        gw: gw.clone(),
+        lock: lock_id,
+        setup: lock.setup_code.clone(),
+        iat: now,
+        exp: now + 300,
+    });
+    assert_reply(&app.send(&pair, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let policy = Statement::Policy(Policy {
+        jti: new_id("pol"),
+        gw: gw.clone(),
+        lock: lock_id,
+        remote_unlock: true,
+        quiet_hours: None,
+        iat: now,
+        exp: now + 300,
+    });
+    assert_reply(&app.send(&policy, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let grant = new_id("g");
+    let statement = Statement::Grant(Grant {
+        jti: grant.clone(),
+        gw,
+        sub: user.public(),
+        lock: lock_id,
+        perms: perms.to_vec(),
+        nbf: now - 60,
+        iat: now,
+        exp: now + 86_400,
+        schedule,
+    });
+    assert_reply(&app.send(&statement, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    Paired { app, owner, user, lock, lock_id, grant }
+}
+
+fn other_day_than_today() -> &'static str {
+    let today = (unix_now() / 86_400 + 3) % 7; // 0 = Monday (1970-01-01 was a Thursday)
+    ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][((today + 3) % 7) as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_the_schedule_then_locked_out_after_repeated_refusals() {
+    let limits = PolicyLimits { lockout_failures: 3, ..PolicyLimits::default() };
+    let stack = Stack::start_with("gw-schedule", limits).await;
+    let schedule = lockhub::auth::statement::Schedule {
+        tz: "UTC".into(),
+        days: vec![other_day_than_today().into()],
+        from: "00:00".into(),
+        to: "23:59".into(),
+    };
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], Some(schedule)).await;
+    let cmd = |op| Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
+    let reply = p.app.send(&cmd(Operation::Lock), &p.user, WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Refused, Some("outside_schedule"));
+    for _ in 0..2 {
+        let reply = p.app.send(&cmd(Operation::Unlatch), &p.user, WAIT).await.unwrap();
+        assert_reply(&reply, Outcome::Refused, Some("not_granted"));
+    }
+    // Three refusals: even a request the grant would allow is refused for a while.
+    let reply = p.app.send(&cmd(Operation::Lock), &p.user, WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Refused, Some("locked_out"));
+    // The owner is not affected by the user's lockout.
+    assert_reply(&p.app.send(&cmd(Operation::Lock), &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let outcomes = stack.audit_outcomes("command.");
+    assert!(outcomes.iter().any(|o| o == "locked_out") && outcomes.iter().any(|o| o == "outside_schedule"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_beyond_the_rate_limit_are_refused() {
+    let limits = PolicyLimits { rate_commands: 3, ..PolicyLimits::default() };
+    let stack = Stack::start_with("gw-rate", limits).await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
+    let cmd = || Statement::Command(command(&stack.gw, p.lock_id, Operation::Lock, unix_now(), 30));
+    for _ in 0..3 {
+        assert_reply(&p.app.send(&cmd(), &p.user, WAIT).await.unwrap(), Outcome::Ok, None);
+    }
+    assert_reply(&p.app.send(&cmd(), &p.user, WAIT).await.unwrap(), Outcome::Refused, Some("rate_limited"));
+    assert!(stack.audit_outcomes("command.").iter().any(|o| o == "rate_limited"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jam_and_an_unreachable_lock_are_reported_truthfully() {
+    let stack = Stack::start("gw-faults").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
+    let cmd = |op| Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
+    let ctl = support::control().await;
+    ctl.set_faults(&p.lock.lock_id, r#"{"jam_next_operation": true}"#).await.unwrap();
+    assert_reply(&p.app.send(&cmd(Operation::Unlock), &p.user, WAIT).await.unwrap(), Outcome::Failed, Some("jammed"));
+    ctl.set_faults(&p.lock.lock_id, "{}").await.unwrap();
+    // Out of range: the gateway sees the link drop (its retained state says so), no command
+    // reaches the lock, and the reply says so before the deadline.
+    let mut seen = p.app.watch();
+    ctl.set_in_range(&p.lock.lock_id, false).await.unwrap();
+    let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
+    loop {
+        let msg = tokio::time::timeout(WAIT, seen.recv()).await.expect("no disconnected state").unwrap();
+        if msg.topic == state_topic {
+            let state: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+            if state["connected"] == false {
+                break;
+            }
+        }
+    }
+    let reply = p.app.send(&cmd(Operation::Unlock), &p.user, WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));
+    ctl.set_in_range(&p.lock.lock_id, true).await.unwrap();
+    let outcomes = stack.audit_outcomes("command.");
+    assert!(outcomes.iter().any(|o| o == "jammed") && outcomes.iter().any(|o| o == "lock_unreachable"), "{outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_refused_across_a_gateway_restart() {
+    let mut stack = Stack::start("gw-restart").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
+    let first = Statement::Command(command(&stack.gw, p.lock_id, Operation::Lock, unix_now(), 30));
+    let text = first.sign(&p.user.key);
+    let reply = p.app.send_text(first.id().as_str(), text.clone(), WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Ok, None);
+
+    let ctl = support::control().await;
+    let seq_before = support::report(&ctl, &p.lock.lock_id).await.status.last_seq;
+    stack.restart_gateway().await;
+    // The broker may deliver the first command again to the new gateway (its session was
+    // resumed): either way, every answer to this id is the stored one until the replay below.
+    let mut replies = p.app.watch();
+    assert_eq!(p.app.send_text(first.id().as_str(), text, WAIT).await.unwrap(), reply, "the stored reply");
+    // The same id, other bytes: a replay, also after the restart.
+    let replay = match &first {
+        Statement::Command(c) => {
+            Statement::Command(lockhub::auth::statement::Command { nonce: "another-nonce-1111".into(), ..c.clone() })
+        }
+        _ => unreachable!(),
+    };
+    let _ = p.app.send(&replay, &p.user, WAIT).await.unwrap();
+    let replies_topic = format!("lockhub/v1/{}/reply", stack.gw);
+    loop {
+        let msg = tokio::time::timeout(WAIT, replies.recv()).await.expect("no replayed refusal").unwrap();
+        if msg.topic != replies_topic {
+            continue;
+        }
+        let answer: Reply = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(answer.id, reply.id);
+        match answer.reason {
+            None => assert_eq!(answer, reply, "only the stored reply may come again"),
+            Some(reason) => {
+                assert_eq!(reason.as_str(), "replayed", "{answer:?}");
+                break;
+            }
+        }
+    }
+    assert_eq!(support::report(&ctl, &p.lock.lock_id).await.status.last_seq, seq_before, "the lock did not move again");
+    let _ = (&p.owner, &p.lock, &p.grant);
 }

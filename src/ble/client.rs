@@ -207,6 +207,21 @@ impl<T: LockTransport> LockClient<T> {
         }
     }
 
+    /// Waits for the lock to push a log entry over the idle link; never returns while no link
+    /// is up. A link that dies meanwhile is dropped (`is_connected` turns false) and its error
+    /// returned, so the caller learns of the loss as it happens rather than at the next command.
+    pub async fn next_event(&mut self) -> Result<LogEntry, BleError> {
+        let Some(live) = self.live.as_mut() else { return std::future::pending().await };
+        // Bounded only by the link: the session returns as soon as the link reports anything.
+        match live.session.next_event(Duration::from_secs(24 * 3600)).await {
+            Ok(entry) => Ok(entry),
+            Err(e) => {
+                self.disconnect().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Log entries the lock pushed during earlier commands.
     pub fn take_events(&mut self) -> Vec<LogEntry> {
         self.live.as_mut().map(|l| l.session.take_events()).unwrap_or_default()

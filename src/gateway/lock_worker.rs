@@ -103,6 +103,10 @@ pub struct LockWorker<T: LockTransport> {
     pub outbox_ready: Arc<Notify>,
     /// The gateway's clock: Unix seconds, and whether it was ever synchronised.
     pub clock: Arc<dyn Fn() -> (i64, bool) + Send + Sync>,
+    /// The lock's latest status, to republish its state when only the link changes.
+    pub last_status: Option<LockStatus>,
+    /// Whether the published state said connected.
+    pub published_connected: Option<bool>,
 }
 
 impl<T: LockTransport> LockWorker<T> {
@@ -122,11 +126,27 @@ impl<T: LockTransport> LockWorker<T> {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>, sync_queued: Arc<AtomicBool>) {
         loop {
             let idle = self.client.idle_deadline();
+            let connected = self.client.is_connected();
             let job = tokio::select! {
                 job = queue.recv() => match job {
                     Some(job) => job,
                     None => break,
                 },
+                // While a link is up, the lock may push events (a keypad, the thumb-turn), and
+                // the link may die (out of range, reboot): both are reported as they happen.
+                pushed = self.client.next_event(), if connected => {
+                    match pushed {
+                        Ok(entry) => {
+                            self.report(vec![entry], None).await;
+                            let _ = self.sync().await;
+                        }
+                        Err(e) => {
+                            tracing::info!(lock = %self.lock(), error = %e, "the link to the lock dropped");
+                            self.report(Vec::new(), None).await;
+                        }
+                    }
+                    continue;
+                }
                 () = async {
                     match idle {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -235,6 +255,9 @@ impl<T: LockTransport> LockWorker<T> {
         entries.sort_by_key(|e| e.seq);
         entries.dedup_by_key(|e| e.seq);
         entries.retain(|e| e.seq > self.last_seq);
+        let connected = self.client.is_connected();
+        // Without a fresh status, the state is republished only when the link came or went.
+        let status = status.or(self.last_status.filter(|_| self.published_connected != Some(connected)));
         if entries.is_empty() && status.is_none() {
             return;
         }
@@ -242,7 +265,6 @@ impl<T: LockTransport> LockWorker<T> {
         let (now, _) = (self.clock)();
         let events_topic = self.topics.events();
         let state_topic = self.topics.lock_state(lock);
-        let connected = self.client.is_connected();
         let newest = entries.last().map_or(self.last_seq, |e| e.seq);
         let epoch = self.epoch;
         let store = self.store.clone();
@@ -270,6 +292,10 @@ impl<T: LockTransport> LockWorker<T> {
         match written {
             Ok(Ok(())) => {
                 self.last_seq = newest;
+                if status.is_some() {
+                    self.last_status = status;
+                    self.published_connected = Some(connected);
+                }
                 self.outbox_ready.notify_one();
             }
             // Not recorded: the entries stay unread (last_seq unchanged) and are read again.

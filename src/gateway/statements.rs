@@ -179,6 +179,8 @@ impl<T: LockTransport> Gateway<T> {
             topics: self.topics.clone(),
             outbox_ready: self.outbox_ready.clone(),
             clock: self.clock.clone(),
+            last_status: None,
+            published_connected: None,
         };
         let handle = worker.spawn();
         self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(lock, handle);
