@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lockhub::ble::bluez::BluezTransport;
+pub use lockhub::firmware::bluez::control::EmulatorProxy;
 use serde::Deserialize;
 
 /// The shared bus and emulator of this test binary.
@@ -157,30 +158,6 @@ pub fn bed() -> &'static Bed {
         unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
         Bed { bus, dir, commands: std::sync::Mutex::new(commands) }
     })
-}
-
-#[zbus::proxy(
-    interface = "io.lockhub.Emulator1",
-    default_service = "io.lockhub.Emulator",
-    default_path = "/io/lockhub/Emulator"
-)]
-pub trait Emulator {
-    fn add_lock(&self, spec_json: &str) -> zbus::Result<String>;
-    fn remove_lock(&self, lock_id: &str) -> zbus::Result<()>;
-    fn lock_state(&self, lock_id: &str) -> zbus::Result<String>;
-    fn set_in_range(&self, lock_id: &str, in_range: bool) -> zbus::Result<()>;
-    fn set_rssi(&self, lock_id: &str, rssi: i16) -> zbus::Result<()>;
-    fn set_faults(&self, lock_id: &str, faults_json: &str) -> zbus::Result<()>;
-    fn drop_link(&self, lock_id: &str) -> zbus::Result<()>;
-    fn reboot(&self, lock_id: &str) -> zbus::Result<()>;
-    fn factory_reset(&self, lock_id: &str) -> zbus::Result<()>;
-    fn press_pairing_button(&self, lock_id: &str) -> zbus::Result<()>;
-    fn enter_keypad_code(&self, lock_id: &str, code: &str) -> zbus::Result<bool>;
-    fn turn_knob(&self, lock_id: &str) -> zbus::Result<()>;
-    fn set_door(&self, lock_id: &str, open: bool) -> zbus::Result<()>;
-    fn set_powered(&self, powered: bool) -> zbus::Result<()>;
-    fn counters(&self) -> zbus::Result<String>;
-    fn reset_peak(&self) -> zbus::Result<()>;
 }
 
 /// A connection to the bed's bus (one per test: each test has its own runtime).

@@ -218,3 +218,45 @@ impl Control {
         c.peak_active.store(c.active.load(Ordering::Acquire), Ordering::Release);
     }
 }
+
+/// The client side of `io.lockhub.Emulator1`, for tests and the demo: the same operations,
+/// called over the bus (`EmulatorProxy`).
+#[zbus::proxy(
+    interface = "io.lockhub.Emulator1",
+    default_service = "io.lockhub.Emulator",
+    default_path = "/io/lockhub/Emulator"
+)]
+pub trait Emulator {
+    /// Adds a lock from a JSON `LockSpec`; returns its id.
+    fn add_lock(&self, spec_json: &str) -> zbus::Result<String>;
+    /// Removes a lock.
+    fn remove_lock(&self, lock_id: &str) -> zbus::Result<()>;
+    /// A lock's state as JSON (its setup code included: the label on the box).
+    fn lock_state(&self, lock_id: &str) -> zbus::Result<String>;
+    /// Moves a lock into or out of range.
+    fn set_in_range(&self, lock_id: &str, in_range: bool) -> zbus::Result<()>;
+    /// Sets a lock's signal strength.
+    fn set_rssi(&self, lock_id: &str, rssi: i16) -> zbus::Result<()>;
+    /// Sets a lock's fault knobs (JSON `Faults`).
+    fn set_faults(&self, lock_id: &str, faults_json: &str) -> zbus::Result<()>;
+    /// Drops a lock's link.
+    fn drop_link(&self, lock_id: &str) -> zbus::Result<()>;
+    /// Reboots a lock.
+    fn reboot(&self, lock_id: &str) -> zbus::Result<()>;
+    /// Factory-resets a lock.
+    fn factory_reset(&self, lock_id: &str) -> zbus::Result<()>;
+    /// Presses a lock's pairing button.
+    fn press_pairing_button(&self, lock_id: &str) -> zbus::Result<()>;
+    /// Types a code on a lock's keypad; returns whether it opened.
+    fn enter_keypad_code(&self, lock_id: &str, code: &str) -> zbus::Result<bool>;
+    /// Turns a lock's thumb-turn.
+    fn turn_knob(&self, lock_id: &str) -> zbus::Result<()>;
+    /// Opens or closes the door.
+    fn set_door(&self, lock_id: &str, open: bool) -> zbus::Result<()>;
+    /// Powers the emulated adapter on or off.
+    fn set_powered(&self, powered: bool) -> zbus::Result<()>;
+    /// Resource counters as JSON.
+    fn counters(&self) -> zbus::Result<String>;
+    /// Resets the peak counters.
+    fn reset_peak(&self) -> zbus::Result<()>;
+}

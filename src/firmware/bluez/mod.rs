@@ -10,7 +10,7 @@
 //! What is emulated, and how it differs from BlueZ, is in `docs/emulator.md`.
 
 mod adapter;
-mod control;
+pub mod control;
 mod device;
 mod gatt;
 

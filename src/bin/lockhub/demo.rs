@@ -1,0 +1,378 @@
+//! `lockhub demo`: the whole system on one machine, scripted, with a transcript.
+//!
+//! A private `dbus-daemon` (started here, in a temporary directory) carries the emulated locks'
+//! `org.bluez`; the bundled broker runs in this process with a fresh PKI and mutual TLS; the
+//! gateway is the real one (store, cloud link, intake, policy, per-lock tasks over bluer); the
+//! app stand-in signs statements with its own keys. Nothing listens beyond 127.0.0.1, nothing
+//! outlives the run.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lockhub::auth::statement::{Claim, Grant, Operation, Pair, Permission, Policy, Statement};
+use lockhub::ble::BleConfig;
+use lockhub::ble::bluez::BluezTransport;
+use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
+use lockhub::cloud::reply::{Outcome, Reply};
+use lockhub::devcloud::app::{AppClient, AppKey, command, new_id};
+use lockhub::devcloud::broker::{Broker, BrokerConfig};
+use lockhub::devcloud::pki::Pki;
+use lockhub::firmware::bluez::control::EmulatorProxy;
+use lockhub::firmware::bluez::{BluezEmulator, LockSpec};
+use lockhub::gateway::intake::{self, Intake};
+use lockhub::gateway::policy::PolicyLimits;
+use lockhub::gateway::statements::{Clock, Gateway};
+use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::protocol::message::{Actor, Op, Passcode};
+use lockhub::store::{Store, StoreConfig, unix_now};
+use tokio::sync::{Notify, mpsc, watch};
+
+const GATEWAY: &str = "demo-gw";
+const WAIT: Duration = Duration::from_secs(30);
+const KEYPAD_CODE: &str = "2468";
+
+/// The demo's private bus configuration: only this user's processes reach it.
+const BUS_CONFIG: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:tmpdir=/tmp</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_type="method_return"/>
+    <allow send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="signal"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+  </policy>
+</busconfig>
+"#;
+
+/// The run's temporary directory and bus, removed and stopped however the run ends.
+struct Scratch {
+    dir: PathBuf,
+    bus: Option<Child>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(mut bus) = self.bus.take() {
+            let _ = bus.kill();
+            let _ = bus.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// Starts the private bus (before any thread exists: the bus address goes into the process
+/// environment, where libdbus reads it).
+fn start_bus(dir: &Path) -> Result<(Child, String)> {
+    let Some(daemon) = find_program("dbus-daemon") else {
+        bail!(
+            "the demo runs the emulated locks on a private D-Bus bus and needs dbus-daemon, which is not \
+             installed here: install it (Debian/Ubuntu: `sudo apt install dbus`) and run the demo again"
+        );
+    };
+    let config = dir.join("bus.conf");
+    std::fs::write(&config, BUS_CONFIG).context("writing the bus configuration")?;
+    let address = format!("unix:path={}", dir.join("bus").display());
+    // Under `setpriv --pdeathsig` where util-linux has it: the bus dies with the demo, however
+    // the demo ends.
+    let mut command = match find_program("setpriv") {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(daemon);
+            c
+        }
+        None => Command::new(daemon),
+    };
+    let mut child = command
+        .arg("--config-file")
+        .arg(&config)
+        .args(["--address", &address, "--nofork", "--print-address"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // Its warnings (fd limits when run as root) are not the demo's business.
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting dbus-daemon")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).context("reading the bus address")?;
+    if line.trim().is_empty() {
+        bail!("dbus-daemon exited before it was ready");
+    }
+    Ok((child, line.trim().to_owned()))
+}
+
+/// Runs the demo.
+pub fn run(locks: u8) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("lockhub-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut scratch = Scratch { dir: dir.clone(), bus: None };
+    let (bus_child, bus) = start_bus(&dir)?;
+    scratch.bus = Some(bus_child);
+    // SAFETY: no other thread exists yet (the runtime is built below); libdbus reads the
+    // variable when bluer first connects.
+    unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = runtime.block_on(script(&dir, &bus, locks));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    drop(scratch);
+    result
+}
+
+/// One line of the transcript.
+struct Transcript {
+    step: usize,
+    out: std::io::Stdout,
+}
+
+impl Transcript {
+    fn line(&mut self, what: &str, result: &str, took: Duration) {
+        self.step += 1;
+        let ms = took.as_secs_f64() * 1000.0;
+        let _ = writeln!(self.out, "{:>2}  {what:<62} {result:<40} {ms:>8.1} ms", self.step);
+    }
+
+    fn note(&mut self, text: &str) {
+        let _ = writeln!(self.out, "    {text}");
+    }
+}
+
+fn describe(reply: &Reply) -> String {
+    match (reply.result, reply.reason) {
+        (Outcome::Ok, _) => format!("ok ({})", reply.detail.as_deref().unwrap_or("")),
+        (result, Some(reason)) => format!("{result:?}: {reason}").to_lowercase(),
+        (result, None) => format!("{result:?}").to_lowercase(),
+    }
+}
+
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f.await;
+    (out, start.elapsed())
+}
+
+async fn script(dir: &Path, bus: &str, locks: u8) -> Result<()> {
+    let mut t = Transcript { step: 0, out: std::io::stdout() };
+    let total = Instant::now();
+
+    // The locks, behind org.bluez on the private bus.
+    let emulator = BluezEmulator::serve(bus, Some(dir.join("locks"))).await.context("serving the emulated locks")?;
+    let mut lock_ids = Vec::new();
+    for i in 0..locks {
+        let spec = LockSpec { lock_id: format!("4c48de{:010x}", u64::from(i) + 1), motor_ms: 0, ..LockSpec::default() };
+        lock_ids.push(emulator.add_lock(spec).await?);
+    }
+    let control = EmulatorProxy::new(&zbus::connection::Builder::address(bus).build().await?).await?;
+
+    // The cloud: a fresh PKI, the broker with mutual TLS and ACLs, the event sink.
+    let pki = Pki::init(&dir.join("pki"), &[GATEWAY]).context("creating the PKI")?;
+    let broker =
+        Broker::bind(BrokerConfig::from_pki(&pki, "127.0.0.1:0".parse()?, Some(dir.join("events.db")))).await?;
+    let port = broker.local_addr().port();
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(broker.run(stopped.clone()));
+    let broker_url = format!("mqtts://localhost:{port}");
+
+    // The gateway.
+    let gw = GatewayId::new(GATEWAY)?;
+    let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.join("state")) })?;
+    store.transaction(|tx| tx.set_gateway_identity(&gw, unix_now()))?;
+    let store = Arc::new(Mutex::new(store));
+    let outbox_ready = Arc::new(Notify::new());
+    let config =
+        CloudConfig::new(vec![broker_url.clone()], pki.ca_cert(), pki.client_cert(GATEWAY), pki.client_key(GATEWAY));
+    let (inbound_tx, inbound) = mpsc::channel(64);
+    let (link, mut reports) = CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx)?;
+    // This machine's clock is taken as synchronised for the demo; the daemon checks.
+    let clock: Clock = Arc::new(|| (unix_now(), true));
+    let ble = BleConfig::default();
+    let transport = Arc::new(BluezTransport::open(&ble).await.context("opening BlueZ on the private bus")?);
+    let gateway: Arc<Gateway<BluezTransport>> = Gateway::new(
+        gw.clone(),
+        store.clone(),
+        outbox_ready.clone(),
+        transport.clone(),
+        ble,
+        PolicyLimits::default(),
+        clock,
+    );
+    gateway.start_locks()?;
+    let (accepted_tx, accepted) = mpsc::channel(64);
+    tokio::spawn(intake::serve(Intake::new(store.clone(), gw.clone(), outbox_ready), inbound, accepted_tx, unix_now));
+    tokio::spawn(gateway.clone().serve(accepted));
+    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
+    let link_task = tokio::spawn(link.run(stopped));
+    tokio::time::timeout(WAIT, reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))))
+        .await
+        .context("the gateway did not reach the broker")??;
+
+    println!("lockhub demo: everything runs on this machine, nothing needs root.");
+    println!("  broker   {broker_url} (mutual TLS, per-gateway ACLs; PKI made just now)");
+    let bus_path = bus.split(',').next().unwrap_or(bus).trim_start_matches("unix:path=");
+    println!("  locks    {} emulated, org.bluez on a private D-Bus bus at {bus_path}", lock_ids.len());
+    println!("  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer");
+    println!("  app      owner and user keys made just now; statements signed as JWS (EdDSA)");
+    println!();
+    println!("    {:<62} {:<40} {:>11}", "step", "result", "latency");
+
+    let keys = dir.join("app");
+    let (owner, user) = (AppKey::generate(&keys, "owner", false)?, AppKey::generate(&keys, "user", false)?);
+    let app = AppClient::connect(&broker_url, &pki, &gw).await?;
+    let now = unix_now();
+
+    // Claim.
+    let code = lockhub::gateway::claim::claim_code(&mut store.lock().expect("store"))?.context("already claimed")?;
+    t.note(&format!("the gateway shows its one-time claim code: {}", code.as_str()));
+    let claim = Statement::Claim(Claim {
+        jti: new_id("k"),
+        gw: gw.clone(),
+        code: code.as_str().into(),
+        iat: now,
+        exp: now + 300,
+    });
+    let (reply, took) = timed(app.send(&claim, &owner, WAIT)).await;
+    t.line("owner claims the gateway with the code", &describe(&reply?), took);
+
+    // Pair every lock.
+    for id in &lock_ids {
+        let report: serde_json::Value = serde_json::from_str(&control.lock_state(&id.to_string()).await?)?;
+        let setup = report["setup_code"].as_str().context("no setup code")?.to_owned();
+        let pair =
+            Statement::Pair(Pair { jti: new_id("p"), gw: gw.clone(), lock: *id, setup, iat: now, exp: now + 300 });
+        let (reply, took) = timed(app.send(&pair, &owner, WAIT)).await;
+        t.line(&format!("owner pairs lock {id} with the code on its label"), &describe(&reply?), took);
+    }
+    let lock: LockId = lock_ids[0];
+
+    // Grant, and remote unlock on.
+    let grant = Statement::Grant(Grant {
+        jti: new_id("g"),
+        gw: gw.clone(),
+        sub: user.public(),
+        lock,
+        perms: vec![Permission::Lock, Permission::Unlock, Permission::Remote],
+        nbf: now - 60,
+        iat: now,
+        exp: now + 86_400,
+        schedule: None,
+    });
+    let (reply, took) = timed(app.send(&grant, &owner, WAIT)).await;
+    t.line("owner grants the user lock + unlock + remote", &describe(&reply?), took);
+    let cmd = |op| Statement::Command(command(&gw, lock, op, unix_now(), 30));
+    let (reply, took) = timed(app.send(&cmd(Operation::Unlock), &user, WAIT)).await;
+    t.line("user unlocks remotely (remote unlock still off)", &describe(&reply?), took);
+    let policy = Statement::Policy(Policy {
+        jti: new_id("pol"),
+        gw: gw.clone(),
+        lock,
+        remote_unlock: true,
+        quiet_hours: None,
+        iat: now,
+        exp: now + 300,
+    });
+    let (reply, took) = timed(app.send(&policy, &owner, WAIT)).await;
+    t.line("owner turns remote unlock on for the lock", &describe(&reply?), took);
+
+    // The remote unlock, and its state on the broker.
+    let mut seen = app.watch();
+    let unlock = cmd(Operation::Unlock);
+    let text = unlock.sign(&user.key);
+    let start = Instant::now();
+    let reply = app.send_text(unlock.id().as_str(), text.clone(), WAIT).await?;
+    t.line("user unlocks remotely: app → broker → gateway → lock → app", &describe(&reply), start.elapsed());
+    let state_topic = format!("lockhub/v1/{gw}/lock/{lock}/state");
+    wait_for(&mut seen, |topic, json| topic == state_topic && json["state"] == "unlocked").await?;
+    t.line("  … the lock's retained state on the broker says unlocked", "ok", start.elapsed());
+    let (reply, took) = timed(app.send(&cmd(Operation::Lock), &user, WAIT)).await;
+    t.line("user locks remotely", &describe(&reply?), took);
+
+    // A keypad unlock at the door, reported by the lock itself.
+    let handle = gateway.lock(lock).context("no task for the lock")?;
+    handle
+        .execute(
+            Op::AddPasscode { code: Passcode::new(KEYPAD_CODE)?, valid_from: None, valid_until: None },
+            Actor::Admin,
+        )
+        .await
+        .ok();
+    let mut seen = app.watch();
+    let events_topic = format!("lockhub/v1/{gw}/events");
+    let start = Instant::now();
+    if !control.enter_keypad_code(&lock.to_string(), KEYPAD_CODE).await? {
+        bail!("the keypad refused the demo's passcode");
+    }
+    let event = wait_for(&mut seen, |topic, json| {
+        topic == events_topic && json["cause"] == "keypad" && json["state"] == "unlocked"
+    })
+    .await?;
+    t.line(
+        "someone types a passcode on the lock's keypad",
+        &format!("event: {} by keypad slot {}", event["state"].as_str().unwrap_or("?"), event["actor"]["slot"]),
+        start.elapsed(),
+    );
+
+    // What the gateway refuses.
+    let (reply, took) = timed(app.send_text(unlock.id().as_str(), text.clone(), WAIT)).await;
+    t.line("the same unlock delivered again", &format!("{}, stored reply: not run again", describe(&reply?)), took);
+    let replay = match &unlock {
+        Statement::Command(c) => Statement::Command(lockhub::auth::statement::Command {
+            nonce: new_id("n").as_str().replace(['.', '-'], "_"),
+            ..c.clone()
+        }),
+        _ => unreachable!("a command"),
+    };
+    let (reply, took) = timed(app.send(&replay, &user, WAIT)).await;
+    t.line("a replay: the same command id, re-signed", &describe(&reply?), took);
+    let stale = Statement::Command(command(&gw, lock, Operation::Unlock, unix_now() - 120, 30));
+    let (reply, took) = timed(app.send(&stale, &user, WAIT)).await;
+    t.line("an expired command (issued 2 minutes ago)", &describe(&reply?), took);
+    let stranger = AppKey::generate(&keys, "stranger", false)?;
+    let (reply, took) = timed(app.send(&cmd(Operation::Unlock), &stranger, WAIT)).await;
+    t.line("someone with no grant", &describe(&reply?), took);
+
+    let verified = store.lock().expect("store").verify_audit()?;
+    println!();
+    let verified = match verified {
+        lockhub::store::AuditVerification::Intact { records } => format!("{records} records, intact"),
+        broken => format!("{broken:?}"),
+    };
+    println!("audit chain: {verified}. The demo took {:.2} s.", total.elapsed().as_secs_f64());
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), link_task).await;
+    emulator.shutdown().await;
+    Ok(())
+}
+
+/// Waits for a JSON message on the gateway's topics that `want` accepts.
+async fn wait_for(
+    seen: &mut tokio::sync::broadcast::Receiver<lockhub::devcloud::app::Seen>,
+    want: impl Fn(&str, &serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let msg = seen.recv().await.context("the app's connection ended")?;
+            if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                && want(&msg.topic, &json)
+            {
+                return Ok(json);
+            }
+        }
+    })
+    .await
+    .context("nothing arrived within 30 s")?
+}
