@@ -24,6 +24,8 @@ struct Counts {
     in_use: AtomicUsize,
     peak: AtomicUsize,
     waiting: AtomicUsize,
+    /// Woken whenever someone starts waiting, so that idle links make way at once.
+    arrived: tokio::sync::Notify,
 }
 
 /// One slot, held while a link is up; dropping it frees the slot.
@@ -48,6 +50,9 @@ impl ConnectionBudget {
     /// Waits (in arrival order) for a slot, at most `timeout`.
     pub async fn acquire(&self, timeout: Duration) -> Result<Slot, BleError> {
         self.counts.waiting.fetch_add(1, Ordering::AcqRel);
+        if self.slots.available_permits() == 0 {
+            self.counts.arrived.notify_waiters();
+        }
         let permit = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
         self.counts.waiting.fetch_sub(1, Ordering::AcqRel);
         let permit = permit
@@ -66,6 +71,20 @@ impl ConnectionBudget {
     /// Whether someone waits for a slot: idle links should make way.
     pub fn has_waiters(&self) -> bool {
         self.counts.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// Returns once someone waits for a slot (at once if someone already does): an idle link
+    /// awaits this to make way.
+    pub async fn someone_waits(&self) {
+        loop {
+            let notified = self.counts.arrived.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.has_waiters() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The most slots ever held at once.

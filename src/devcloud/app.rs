@@ -175,7 +175,8 @@ impl AppClient {
         eventloop.set_network_options(network);
         let topics = Topics::new(gateway);
         let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>> = Arc::default();
-        let (seen, _) = broadcast::channel(1024);
+        // Room for bursts of replies and events between two reads of a watcher.
+        let (seen, _) = broadcast::channel(1 << 16);
         let (subscribed_tx, subscribed) = oneshot::channel::<Result<(), String>>();
         client
             .subscribe(format!("lockhub/v1/{gateway}/#"), QoS::AtLeastOnce)
@@ -240,6 +241,15 @@ impl AppClient {
                 Err(AppError::Timeout(timeout))
             }
         }
+    }
+
+    /// Publishes a statement's text without waiting for its reply (watch for it with
+    /// [`AppClient::watch`]).
+    pub async fn publish_text(&self, text: String) -> Result<(), AppError> {
+        self.client
+            .publish(self.topics.commands(), QoS::AtLeastOnce, false, text.into_bytes())
+            .await
+            .map_err(|e| AppError::Mqtt(e.to_string()))
     }
 
     /// Signs `statement` with `key`, sends it and waits for its reply.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::auth::reason::Reason;
+use crate::ble::budget::ConnectionBudget;
 use crate::ble::client::LockClient;
 use crate::ble::{BleError, LockTransport};
 use crate::cloud::lock_report::{event_payload, state_payload};
@@ -22,8 +23,9 @@ use crate::protocol::ids::LockId;
 use crate::protocol::message::{Actor, LockError, LockStatus, LogEntry, MAX_EVENTS_PER_PAGE, Op, Reply as LockReply};
 use crate::store::Store;
 
-/// Commands waiting for one lock, at most.
-pub const QUEUE: usize = 16;
+/// Commands waiting for one lock, at most: far more than people send to one door, small
+/// enough that a flood is turned away (`overloaded`) instead of piling up past deadlines.
+pub const QUEUE: usize = 64;
 
 /// Why a command did not complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +93,8 @@ fn gone() -> Failure {
 pub struct LockWorker<T: LockTransport> {
     /// The lock's client.
     pub client: LockClient<T>,
+    /// The link budget it shares with the other locks (to make way when idle).
+    pub budget: ConnectionBudget,
     /// When this gateway paired it (the event ids' epoch).
     pub epoch: i64,
     /// The newest log entry already reported.
@@ -134,6 +138,12 @@ impl<T: LockTransport> LockWorker<T> {
                 },
                 // While a link is up, the lock may push events (a keypad, the thumb-turn), and
                 // the link may die (out of range, reboot): both are reported as they happen.
+                // Another lock waits for a link slot: an idle link makes way at once.
+                () = self.budget.someone_waits(), if connected => {
+                    self.client.disconnect().await;
+                    self.report(Vec::new(), None).await;
+                    continue;
+                }
                 pushed = self.client.next_event(), if connected => {
                     match pushed {
                         Ok(entry) => {

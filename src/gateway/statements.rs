@@ -173,6 +173,7 @@ impl<T: LockTransport> Gateway<T> {
         );
         let worker = LockWorker {
             client,
+            budget: self.budget.clone(),
             epoch,
             last_seq,
             store: self.store.clone(),
