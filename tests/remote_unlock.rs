@@ -649,3 +649,60 @@ async fn twenty_locks_times_fifty_commands_get_one_outcome_each() {
     assert_eq!(decisions, ids.len(), "exactly one audited decision per command");
     assert_eq!(ok, ids.len(), "50 commands per lock fit the queue: every one ran, none was turned away");
 }
+
+/// `lockhub-cloud app …` as a person would type it.
+fn app_cli(stack: &Stack, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub-cloud"))
+        .arg("app")
+        .arg("--dir")
+        .arg(stack.dir.path().join("cli-keys"))
+        .arg("--pki")
+        .arg(stack.pki.dir())
+        .arg("--broker")
+        .arg(format!("mqtts://localhost:{}", stack.broker.port))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_command_line_claims_pairs_grants_and_unlocks() {
+    let stack = Stack::start("gw-cli").await;
+    let gw = stack.gw.to_string();
+    let ok = |r: (bool, String, String)| {
+        assert!(r.0, "failed:\n{}\n{}", r.1, r.2);
+        r.1
+    };
+    ok(app_cli(&stack, &["--key", "owner", "keygen"]));
+    let user = ok(app_cli(&stack, &["--key", "user", "keygen"])).trim().to_owned();
+    assert_eq!(ok(app_cli(&stack, &["--key", "user", "whoami"])).trim(), user);
+    let code = lockhub::gateway::claim::claim_code(&mut stack.store.lock().unwrap()).unwrap().unwrap();
+    ok(app_cli(&stack, &["claim", "--gateway", &gw, "--code", code.as_str()]));
+    let ctl = support::control().await;
+    let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    ok(app_cli(&stack, &["pair", "--gateway", &gw, "--lock", &lock.lock_id, "--setup", &lock.setup_code]));
+    let granted = ok(app_cli(
+        &stack,
+        &["grant", "--gateway", &gw, "--lock", &lock.lock_id, "--user", &user, "--perms", "unlock,lock,remote"],
+    ));
+    assert!(granted.contains("grant id: g-"), "{granted}");
+    ok(app_cli(&stack, &["policy", "--gateway", &gw, "--lock", &lock.lock_id, "--remote-unlock"]));
+    let unlocked = ok(app_cli(&stack, &["--key", "user", "unlock", "--gateway", &gw, "--lock", &lock.lock_id]));
+    assert!(unlocked.contains("\"result\": \"ok\""), "{unlocked}");
+    assert_eq!(
+        support::report(&ctl, &lock.lock_id).await.status.state,
+        lockhub::protocol::message::LockState::Unlocked
+    );
+    // A refusal exits non-zero and says why.
+    let (success, stdout, stderr) =
+        app_cli(&stack, &["--key", "user", "unlatch", "--gateway", &gw, "--lock", &lock.lock_id]);
+    assert!(!success && stdout.contains("not_granted") && stderr.contains("not_granted"), "{stdout}\n{stderr}");
+    // Bad input: a clear error, no panic.
+    let (success, _, stderr) = app_cli(&stack, &["unlock", "--gateway", &gw, "--lock", "not-a-lock"]);
+    assert!(!success && stderr.contains("16 hex digits"), "{stderr}");
+}

@@ -5,7 +5,10 @@
 //! - `serve` runs the broker (mutual TLS, per-gateway ACLs) with the event sink.
 //! - `mosquitto-config` prints the equivalent Mosquitto configuration.
 //!
-//! The relay and the phone-app stand-in come next.
+//! - `app …` is the phone-app stand-in: keys in a directory, statements signed and sent,
+//!   typed replies printed.
+
+mod app;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +47,9 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// The phone-app stand-in: keygen, claim, pair, grant, revoke, policy, unlock / lock /
+    /// unlatch, events.
+    App(Box<app::AppArgs>),
     /// Print the equivalent Mosquitto configuration (TLS, use_identity_as_username, ACLs).
     MosquittoConfig {
         /// Directory of an initialised PKI (the paths printed point into it).
@@ -95,6 +101,11 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve { pki, listen, data } => serve(pki, listen, data)?,
+        Command::App(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(app::run(*args))?,
         Command::MosquittoConfig { pki, port, bind, acl_file, acl } => {
             let pki = open_pki(&pki)?;
             let config = MosquittoConfig::for_pki(&pki, &bind, port, acl_file);
