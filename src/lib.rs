@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod ble;
 pub mod cloud;
+pub mod config;
 pub mod devcloud;
 pub mod firmware;
 pub mod fuzz_harness;

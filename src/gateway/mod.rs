@@ -3,6 +3,7 @@
 //! come with remote unlock.
 
 pub mod claim;
+pub mod clock;
 pub mod intake;
 pub mod lock_worker;
 pub mod policy;

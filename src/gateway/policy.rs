@@ -29,8 +29,9 @@ use crate::auth::keys::PublicKey;
 use crate::auth::reason::Reason;
 use crate::auth::statement::{Command, Grant, Operation, Permission, Schedule};
 
-/// Tunables of the engine.
-#[derive(Clone, Copy, Debug)]
+/// Tunables of the engine (the `[policy]` section of the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PolicyLimits {
     /// Commands allowed per signer in `rate_window_s`.
     pub rate_commands: usize,

@@ -1,0 +1,259 @@
+//! The daemon's configuration file (`/etc/lockhub/lockhub.toml`): TOML, strictly parsed.
+//!
+//! Unknown keys are refused (a misspelt key must not silently fall back to a default), and
+//! every error names the file, the line and the column, and says what would be right.
+//! `docs/configuration.md` and `debian/lockhub.toml` show every key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::ble::BleConfig;
+use crate::cloud::link::{BrokerUrl, CloudConfig};
+use crate::gateway::policy::PolicyLimits;
+use crate::protocol::ids::GatewayId;
+
+/// Largest configuration file read, in bytes.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+
+/// Why the configuration is unusable.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Bigger than [`MAX_CONFIG_BYTES`].
+    #[error("{path}: {size} bytes; a configuration is at most {MAX_CONFIG_BYTES} bytes")]
+    TooBig {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type (the message shows the
+    /// line and column).
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, from the parser.
+        message: String,
+    },
+    /// A value that parses but cannot work.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `cloud.brokers`.
+        key: &'static str,
+        /// What is wrong and what would be right.
+        message: String,
+    },
+}
+
+/// `[gateway]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// The gateway's id: its client certificate's common name and its topic level.
+    pub id: String,
+    /// Where the store lives (the systemd unit's StateDirectory).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/lockhub")
+}
+
+/// `[cloud]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSection {
+    /// Brokers, tried in order: `mqtts://host[:port]`.
+    pub brokers: Vec<String>,
+    /// The CA that signs the brokers' certificates.
+    pub ca: PathBuf,
+    /// This gateway's client certificate.
+    pub cert: PathBuf,
+    /// Its private key (mode 0600).
+    pub key: PathBuf,
+    /// MQTT keep-alive in seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+}
+
+fn default_keep_alive() -> u64 {
+    30
+}
+
+/// `[clock]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockSection {
+    /// Refuse remote commands until the kernel reports the clock synchronised (NTP). Turn off
+    /// only on a test rig whose clock is known good.
+    pub require_sync: bool,
+}
+
+impl Default for ClockSection {
+    fn default() -> Self {
+        ClockSection { require_sync: true }
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[gateway]`.
+    pub gateway: GatewaySection,
+    /// `[cloud]`.
+    pub cloud: CloudSection,
+    /// `[ble]`.
+    #[serde(default)]
+    pub ble: BleConfig,
+    /// `[policy]`.
+    #[serde(default)]
+    pub policy: PolicyLimits,
+    /// `[clock]`.
+    #[serde(default)]
+    pub clock: ClockSection,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let read = |source| ConfigError::Read { path: path.to_owned(), source };
+        let size = std::fs::metadata(path).map_err(read)?.len();
+        if size > MAX_CONFIG_BYTES as u64 {
+            return Err(ConfigError::TooBig { path: path.to_owned(), size });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks `text` (read from `path`, for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |span| line_column(text, span.start));
+            ConfigError::Syntax { path: path.to_owned(), line, column, message: e.message().to_owned() }
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+        GatewayId::new(self.gateway.id.clone()).map_err(|_| {
+            invalid(
+                "gateway.id",
+                "1 to 32 characters of letters, digits, '.', '_' or '-' (your certificate's CN)".into(),
+            )
+        })?;
+        if self.cloud.brokers.is_empty() {
+            return Err(invalid("cloud.brokers", "at least one broker: brokers = [\"mqtts://host:8883\"]".into()));
+        }
+        for url in &self.cloud.brokers {
+            BrokerUrl::parse(url).map_err(|e| invalid("cloud.brokers", e.to_string()))?;
+        }
+        if !(5..=3600).contains(&self.cloud.keep_alive_s) {
+            return Err(invalid("cloud.keep_alive_s", "5 to 3600 seconds".into()));
+        }
+        if self.ble.max_links == 0 || self.ble.max_links > 10 {
+            return Err(invalid("ble.max_links", "1 to 10 (3 suits a Raspberry Pi's controller)".into()));
+        }
+        if self.policy.rate_commands == 0 || self.policy.lockout_failures == 0 {
+            return Err(invalid("policy", "rate_commands and lockout_failures must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The gateway id (checked by `load`).
+    pub fn gateway_id(&self) -> GatewayId {
+        GatewayId::new(self.gateway.id.clone()).expect("checked when loaded")
+    }
+
+    /// The cloud link's configuration.
+    pub fn cloud_config(&self) -> CloudConfig {
+        CloudConfig {
+            keep_alive: Duration::from_secs(self.cloud.keep_alive_s),
+            ..CloudConfig::new(
+                self.cloud.brokers.clone(),
+                self.cloud.ca.clone(),
+                self.cloud.cert.clone(),
+                self.cloud.key.clone(),
+            )
+        }
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+id = "gw-1"
+state_dir = "/tmp/lockhub"
+
+[cloud]
+brokers = ["mqtts://cloud.example:8883", "mqtts://backup.example"]
+ca = "/etc/lockhub/ca.pem"
+cert = "/etc/lockhub/gw.pem"
+key = "/etc/lockhub/gw.key"
+
+[ble]
+max_links = 2
+
+[policy]
+rate_commands = 5
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_defaults_filled_in() {
+        let c = Config::parse(Path::new("lockhub.toml"), GOOD).unwrap();
+        assert_eq!(c.gateway_id().as_str(), "gw-1");
+        assert_eq!(c.ble.max_links, 2);
+        assert_eq!(c.ble.connect_attempts, BleConfig::default().connect_attempts);
+        assert_eq!(c.policy.rate_commands, 5);
+        assert_eq!(c.policy.lockout_failures, PolicyLimits::default().lockout_failures);
+        assert!(c.clock.require_sync);
+        assert_eq!(c.cloud_config().brokers.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_line_column_and_fix() {
+        let unknown = GOOD.replace("max_links = 2", "max_link = 2");
+        let e = Config::parse(Path::new("lockhub.toml"), &unknown).unwrap_err().to_string();
+        assert!(e.starts_with("lockhub.toml:13:1: unknown field `max_link`"), "{e}");
+        assert!(e.contains("max_links"), "the message lists the known keys: {e}");
+        let wrong_type = GOOD.replace("rate_commands = 5", "rate_commands = \"five\"");
+        let e = Config::parse(Path::new("lockhub.toml"), &wrong_type).unwrap_err().to_string();
+        assert!(e.starts_with("lockhub.toml:16:17:"), "{e}");
+        let plain = GOOD.replace("mqtts://backup.example", "mqtt://backup.example");
+        let e = Config::parse(Path::new("lockhub.toml"), &plain).unwrap_err().to_string();
+        assert!(e.contains("cloud.brokers") && e.contains("TLS is required"), "{e}");
+        let bad_id = GOOD.replace("gw-1", "gw 1");
+        assert!(Config::parse(Path::new("x"), &bad_id).unwrap_err().to_string().contains("gateway.id"));
+        assert!(matches!(Config::parse(Path::new("x"), "[gateway"), Err(ConfigError::Syntax { line: 1, .. })));
+    }
+}
