@@ -9,14 +9,12 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lockhub::cloud::link::{CloudConfig, CloudLink};
-use lockhub::cloud::tls::client_config;
-use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
+use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::GatewayId;
 use lockhub::store::{Store, StoreConfig};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
 use support::broker::{Kind, TestBroker};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -69,43 +67,6 @@ async fn outbox_rate(pki: &Pki, port: u16, dir: &std::path::Path, inflight: u16)
     rate
 }
 
-async fn round_trips(pki: &Pki, port: u16) -> Vec<Duration> {
-    let tls = client_config(&pki.ca_cert(), &pki.client_cert(RELAY_IDENTITY), &pki.client_key(RELAY_IDENTITY)).unwrap();
-    let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", port);
-    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    let (client, mut eventloop) = AsyncClient::new(o, 16);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(ev) = eventloop.poll().await {
-            match ev {
-                Event::Incoming(Incoming::SubAck(_)) => {
-                    let _ = tx.send(None);
-                }
-                Event::Incoming(Incoming::Publish(p)) => {
-                    let _ = tx.send(Some(p.payload));
-                }
-                _ => {}
-            }
-        }
-    });
-    let topic = format!("lockhub/v1/{GW}/rt");
-    client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
-    rx.recv().await.unwrap();
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for i in 0..ROUND_TRIPS + 100 {
-        let t = Instant::now();
-        client.publish(&topic, QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
-        while rx.recv().await.unwrap().is_none() {}
-        if i >= 100 {
-            samples.push(t.elapsed());
-        }
-    }
-    samples
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
@@ -127,7 +88,7 @@ fn main() {
                 "outbox → {name} (mTLS, QoS 1, delete on PUBACK), in-flight window {inflight:>2}: {rate:>8.0} events/s"
             );
         }
-        let mut samples = rt.block_on(round_trips(&pki, broker.port()));
+        let mut samples = rt.block_on(support::floor::mqtt_round_trips(&pki, broker.port(), GW, ROUND_TRIPS));
         samples.sort();
         let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
         println!(

@@ -7,11 +7,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockhub::ble::BleConfig;
-use lockhub::ble::budget::ConnectionBudget;
 use lockhub::firmware::{Firmware, Mechanics, PersistentState};
 use lockhub::memlink::MemoryLink;
 use lockhub::protocol::gatt::Capabilities;
@@ -20,43 +17,6 @@ use lockhub::protocol::message::{Actor, Op};
 use rand_core::OsRng;
 
 const ROUND_TRIPS: usize = 2_000;
-
-fn percentiles(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let at = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    format!(
-        "p50 {:>9.1?}  p95 {:>9.1?}  p99 {:>9.1?}  mean {:>9.1?}  (n = {})",
-        at(0.50),
-        at(0.95),
-        at(0.99),
-        mean,
-        samples.len()
-    )
-}
-
-async fn dbus_round_trips(mtu: u16) -> (Vec<Duration>, Duration) {
-    let ctl = support::control().await;
-    let lock = support::add_lock(&ctl, &format!(r#"{{"motor_ms": 0, "mtu": {mtu}}}"#)).await;
-    let transport = Arc::new(support::transport().await);
-    let config = BleConfig::default();
-    let budget = ConnectionBudget::new(config.max_links);
-    let mut client = support::paired_client(transport, &lock, config, budget, "hub-bench").await;
-    let connect_started = Instant::now();
-    client.call(Actor::Hub, Op::Status).await.unwrap();
-    let cold = connect_started.elapsed();
-    for _ in 0..100 {
-        client.call(Actor::Hub, Op::Status).await.unwrap();
-    }
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for _ in 0..ROUND_TRIPS {
-        let t = Instant::now();
-        client.call(Actor::Hub, Op::Status).await.unwrap();
-        samples.push(t.elapsed());
-    }
-    client.disconnect().await;
-    (samples, cold)
-}
 
 fn memory_round_trips(mtu: u16) -> Vec<Duration> {
     let mechanics = Mechanics { motor_ms: 0, ..Mechanics::default() };
@@ -91,7 +51,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!("GATT round trip: Status request written, its response notified back (motor excluded)");
     for mtu in [247u16, 23] {
-        let (dbus, cold) = rt.block_on(dbus_round_trips(mtu));
+        let (dbus, cold) = rt.block_on(support::floor::gatt_round_trips(mtu, ROUND_TRIPS));
         let memory = memory_round_trips(mtu);
         let dbus_p50 = {
             let mut s = dbus.clone();
@@ -103,8 +63,8 @@ fn main() {
             s.sort();
             s[s.len() / 2]
         };
-        println!("MTU {mtu:>3}  bluer + D-Bus + emulated lock : {}", percentiles(dbus));
-        println!("MTU {mtu:>3}  in-memory link (floor)        : {}", percentiles(memory));
+        println!("MTU {mtu:>3}  bluer + D-Bus + emulated lock : {}", support::floor::percentiles(dbus.clone()));
+        println!("MTU {mtu:>3}  in-memory link (floor)        : {}", support::floor::percentiles(memory.clone()));
         println!(
             "MTU {mtu:>3}  D-Bus path / in-memory at p50  : {:.0}x;  first command incl. connect + session: {cold:.1?}",
             dbus_p50.as_secs_f64() / mem_p50.as_secs_f64()

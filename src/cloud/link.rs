@@ -440,6 +440,11 @@ impl CloudLink {
                 }
                 Err(_) => return,
             };
+        // Replies first: someone is waiting for each, while events and states are reports
+        // (their own order is kept, so a lock's retained state still ends on its latest).
+        let replies = self.topics.replies();
+        let mut pending = pending;
+        pending.sort_by_key(|r| (r.topic != replies, r.id));
         for record in pending {
             if flight.outbox.len() >= window {
                 break;

@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod bundled;
+pub mod floor;
 pub mod mosquitto;
 
 use std::io::{BufRead, BufReader};

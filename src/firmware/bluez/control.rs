@@ -253,6 +253,8 @@ pub trait Emulator {
     fn turn_knob(&self, lock_id: &str) -> zbus::Result<()>;
     /// Opens or closes the door.
     fn set_door(&self, lock_id: &str, open: bool) -> zbus::Result<()>;
+    /// Sets the battery level, 0-100 %.
+    fn set_battery(&self, lock_id: &str, pct: u8) -> zbus::Result<()>;
     /// Powers the emulated adapter on or off.
     fn set_powered(&self, powered: bool) -> zbus::Result<()>;
     /// Resource counters as JSON.

@@ -1,0 +1,232 @@
+//! Remote unlock through the full stack: the app stand-in → the bundled broker (mutual TLS) →
+//! `lockhub run` (a separate process: intake, policy, per-lock task) → bluer → private
+//! dbus-daemon → emulated lock with zero motor time → back to the app. Printed beside the
+//! floor measured in the same run: the MQTT round trip through the same broker + the D-Bus GATT
+//! round trip + one durable SQLite commit. Also the time from a lock-side event (the
+//! thumb-turn) to the lock's retained state on the broker, and the daemon's memory (peak during
+//! the run; idle with 10 paired locks).
+//!
+//! Run: `cargo bench --bench remote_unlock` (needs dbus-daemon; `.ci/run` installs it).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lockhub::auth::statement::{Claim, Grant, Operation, Pair, Permission, Policy, Statement};
+use lockhub::cloud::reply::Outcome;
+use lockhub::devcloud::app::{AppClient, AppKey, Seen, command, new_id};
+use lockhub::devcloud::pki::Pki;
+use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::store::unix_now;
+use support::floor::{at, median, percentiles};
+use tokio::sync::broadcast;
+
+const GW: &str = "gw-bench";
+const WARM: usize = 1_000;
+const COLD: usize = 100;
+const EVENTS: usize = 100;
+const LOCKS: usize = 10;
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// (VmRSS, VmHWM, RssAnon, RssFile) of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64, u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"), field("RssAnon:"), field("RssFile:"))
+}
+
+async fn wait_for(seen: &mut broadcast::Receiver<Seen>, want: impl Fn(&str, &serde_json::Value) -> bool) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let msg = seen.recv().await.unwrap();
+            if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                && want(&msg.topic, &json)
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("nothing within 30 s");
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--test") {
+        return;
+    }
+    let bed = support::bed();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
+        let broker = support::bundled::Bundled::start(&pki);
+        let config = dir.path().join("lockhub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[gateway]\nid = \"{GW}\"\nstate_dir = \"{}\"\n\n[cloud]\nbrokers = [\"mqtts://localhost:{}\"]\n\
+                 ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[policy]\nrate_commands = 1000000\n\n\
+                 [clock]\nrequire_sync = false\n",
+                dir.path().join("state").display(),
+                broker.port,
+                pki.ca_cert().display(),
+                pki.client_cert(GW).display(),
+                pki.client_key(GW).display()
+            ),
+        )
+        .unwrap();
+        let gw = GatewayId::new(GW).unwrap();
+        let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port), &pki, &gw).await.unwrap();
+        let mut seen = app.watch();
+        let daemon = Daemon(
+            Command::new("setpriv")
+                .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
+                .arg(&config)
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &bed.bus)
+                .env("LOCKHUB_LOG", std::env::var("BENCH_LOG").unwrap_or("error".into()))
+                .envs(std::env::var("BENCH_MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let status_topic = format!("lockhub/v1/{GW}/status");
+        wait_for(&mut seen, |t, j| t == status_topic && j["status"] == "online").await;
+
+        // Claim, pair 10 locks, grant the user lock 1, remote unlock on.
+        let keys = dir.path().join("keys");
+        let (owner, user) = (AppKey::generate(&keys, "owner", false).unwrap(), AppKey::generate(&keys, "user", false).unwrap());
+        let now = unix_now();
+        let out = Command::new(env!("CARGO_BIN_EXE_lockhub")).args(["claim-code", "--config"]).arg(&config).output().unwrap();
+        let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let ok = |r: lockhub::cloud::reply::Reply| assert_eq!(r.result, Outcome::Ok, "{r:?}");
+        ok(app.send(&Statement::Claim(Claim { jti: new_id("k"), gw: gw.clone(), code, iat: now, exp: now + 60 }), &owner, WAIT).await.unwrap());
+        let ctl = support::control().await;
+        let mut locks = Vec::new();
+        for _ in 0..LOCKS {
+            let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+            let lock_id = LockId::parse(&lock.lock_id).unwrap();
+            let pair = Statement::Pair(Pair { jti: new_id("p"), gw: gw.clone(), lock: lock_id, setup: lock.setup_code, iat: now, exp: now + 60 });
+            ok(app.send(&pair, &owner, WAIT).await.unwrap());
+            locks.push(lock_id);
+        }
+        let lock = locks[0];
+        ok(app.send(&Statement::Policy(Policy { jti: new_id("pol"), gw: gw.clone(), lock, remote_unlock: true, quiet_hours: None, iat: now, exp: now + 60 }), &owner, WAIT).await.unwrap());
+        let grant = Grant {
+            jti: new_id("g"),
+            gw: gw.clone(),
+            sub: user.public(),
+            lock,
+            perms: vec![Permission::Lock, Permission::Unlock, Permission::Remote],
+            nbf: now - 60,
+            iat: now,
+            exp: now + 86_400,
+            schedule: None,
+        };
+        ok(app.send(&Statement::Grant(grant), &owner, WAIT).await.unwrap());
+        let op = |i: usize| if i % 2 == 0 { Operation::Unlock } else { Operation::Lock };
+        let send = |i: usize| {
+            let statement = Statement::Command(command(&gw, lock, op(i), unix_now(), 30));
+            let app = &app;
+            let user = &user;
+            async move {
+                let t = Instant::now();
+                let reply = app.send(&statement, user, WAIT).await.unwrap();
+                assert_eq!(reply.result, Outcome::Ok, "{reply:?}");
+                t.elapsed()
+            }
+        };
+
+        // Idle memory with 10 paired locks (their first syncs done).
+        for _ in 0..20 {
+            send(0).await;
+        }
+        let (idle_rss, _, idle_anon, idle_file) = memory_kib(daemon.0.id());
+
+        // Warm: the link stays up between commands.
+        // The emulated battery drains per operation, as a real one does: fresh batteries now
+        // and then, outside the timed sections.
+        let refill = || async { ctl.set_battery(&lock.to_string(), 100).await.unwrap() };
+        let mut warm = Vec::with_capacity(WARM);
+        for i in 0..WARM {
+            if i % 200 == 0 {
+                refill().await;
+            }
+            warm.push(send(i).await);
+        }
+        refill().await;
+
+        // Cold: the link dropped before each command (connect + session + command).
+        let mut cold = Vec::with_capacity(COLD);
+        let state_topic = format!("lockhub/v1/{GW}/lock/{lock}/state");
+        for i in 0..COLD {
+            let mut watch = app.watch();
+            ctl.drop_link(&lock.to_string()).await.unwrap();
+            wait_for(&mut watch, |t, j| t == state_topic && j["connected"] == false).await;
+            cold.push(send(i).await);
+        }
+
+        // A lock-side event to the retained state on the broker.
+        let mut to_state = Vec::with_capacity(EVENTS);
+        refill().await;
+        send(1).await; // locked, link up
+        for i in 0..EVENTS {
+            let mut watch = app.watch();
+            let want = if i % 2 == 0 { "unlocked" } else { "locked" };
+            let t = Instant::now();
+            ctl.turn_knob(&lock.to_string()).await.unwrap();
+            wait_for(&mut watch, |topic, j| topic == state_topic && j["state"] == want).await;
+            to_state.push(t.elapsed());
+        }
+        let (_, peak_rss, _, _) = memory_kib(daemon.0.id());
+
+        // The floor, in the same run.
+        let mqtt = median(support::floor::mqtt_round_trips(&pki, broker.port, GW, 1_000).await);
+        let (gatt, _) = support::floor::gatt_round_trips(247, 1_000).await;
+        let gatt = median(gatt);
+        let commit = median(support::floor::durable_commits(&dir.path().join("floor-store"), 500));
+        let floor = mqtt + gatt + commit;
+
+        let ratio = |d: Duration| d.as_secs_f64() / floor.as_secs_f64();
+        let mut sorted = warm.clone();
+        sorted.sort();
+        println!("remote unlock, app → TLS broker → lockhub run → D-Bus → emulated lock (motor 0 ms) → app");
+        println!("  warm link ({WARM})  : {}", percentiles(warm));
+        println!("  cold link ({COLD})   : {}", percentiles(cold.clone()));
+        println!(
+            "  floor (same run)  : {floor:.1?} = MQTT round trip {mqtt:.1?} + GATT round trip {gatt:.1?} + durable commit {commit:.1?}"
+        );
+        println!(
+            "  warm / floor      : p50 {:.2}x  p99 {:.2}x   (targets: 1.5x, 3x)",
+            ratio(at(&sorted, 0.5)),
+            ratio(at(&sorted, 0.99))
+        );
+        println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        println!(
+            "lockhub run memory: idle with {LOCKS} paired locks {:.1} MiB RSS ({:.1} MiB heap and stacks, {:.1} MiB mapped code and libraries); peak during the run {:.1} MiB (target idle ≤ 8 MiB)",
+            mib(idle_rss),
+            mib(idle_anon),
+            mib(idle_file),
+            mib(peak_rss)
+        );
+        drop(daemon);
+    });
+}
