@@ -159,6 +159,24 @@ fn main() {
             send(0).await;
         }
         let (idle_rss, _, idle_anon, idle_file) = memory_kib(daemon.0.id());
+        if std::env::var_os("BENCH_SMAPS").is_some() {
+            let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", daemon.0.id())).unwrap();
+            let mut per_file = std::collections::BTreeMap::<String, u64>::new();
+            let mut current = String::new();
+            for line in smaps.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() >= 5 && fields[0].contains('-') {
+                    current = fields.get(5).unwrap_or(&"[anon]").to_string();
+                } else if fields.first() == Some(&"Rss:") {
+                    *per_file.entry(current.clone()).or_default() += fields[1].parse::<u64>().unwrap();
+                }
+            }
+            let mut v: Vec<_> = per_file.into_iter().collect();
+            v.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
+            for (file, kib) in v.iter().take(8) {
+                eprintln!("  {kib:>6} KiB  {file}");
+            }
+        }
 
         // Warm: the link stays up between commands.
         // The emulated battery drains per operation, as a real one does: fresh batteries now
