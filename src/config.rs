@@ -2,7 +2,7 @@
 //!
 //! Unknown keys are refused (a misspelt key must not silently fall back to a default), and
 //! every error names the file, the line and the column, and says what would be right.
-//! `docs/configuration.md` and `debian/lockhub.toml` show every key.
+//! `docs/lockhub.toml` shows every key with its default and meaning (a test keeps it valid).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -238,6 +238,15 @@ rate_commands = 5
         assert_eq!(c.policy.lockout_failures, PolicyLimits::default().lockout_failures);
         assert!(c.clock.require_sync);
         assert_eq!(c.cloud_config().brokers.len(), 2);
+    }
+
+    #[test]
+    fn the_documented_example_is_valid_and_shows_the_defaults() {
+        let example = include_str!("../docs/lockhub.toml");
+        let c = Config::parse(Path::new("docs/lockhub.toml"), example).unwrap();
+        assert_eq!(c.ble, BleConfig::default());
+        assert_eq!(c.policy, PolicyLimits::default());
+        assert!(c.clock.require_sync);
     }
 
     #[test]
