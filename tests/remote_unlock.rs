@@ -465,8 +465,18 @@ async fn a_replay_is_refused_across_a_gateway_restart() {
     assert_reply(&reply, Outcome::Ok, None);
 
     let ctl = support::control().await;
-    let seq_before = support::report(&ctl, &p.lock.lock_id).await.status.last_seq;
+    let mut restarted = p.app.watch();
     stack.restart_gateway().await;
+    // The new gateway syncs with the lock (setting its clock, a log entry of its own) and
+    // publishes the state it found: from then on, the lock's log must not grow.
+    let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
+    loop {
+        let msg = tokio::time::timeout(WAIT, restarted.recv()).await.expect("no state after the restart").unwrap();
+        if msg.topic == state_topic {
+            break;
+        }
+    }
+    let seq_before = support::report(&ctl, &p.lock.lock_id).await.status.last_seq;
     // The broker may deliver the first command again to the new gateway (its session was
     // resumed): either way, every answer to this id is the stored one until the replay below.
     let mut replies = p.app.watch();

@@ -21,7 +21,10 @@ use crate::cloud::lock_report::{event_payload, state_payload};
 use crate::cloud::topics::Topics;
 use crate::protocol::ids::LockId;
 use crate::protocol::message::{Actor, LockError, LockStatus, LogEntry, MAX_EVENTS_PER_PAGE, Op, Reply as LockReply};
-use crate::store::Store;
+use crate::store::{Store, StoreError, Tx};
+
+/// How far the lock's clock may drift from the gateway's before the gateway sets it, seconds.
+const MAX_CLOCK_DRIFT_S: i64 = 2;
 
 /// Commands waiting for one lock, at most: far more than people send to one door, small
 /// enough that a flood is turned away (`overloaded`) instead of piling up past deadlines.
@@ -39,8 +42,52 @@ pub struct Failure {
 /// Work for a lock's task.
 #[derive(Debug)]
 enum Job {
-    Execute { op: Op, actor: Actor, done: oneshot::Sender<Result<LockStatus, Failure>> },
+    Execute { op: Op, actor: Actor, done: oneshot::Sender<Executed> },
     Sync { done: Option<oneshot::Sender<()>> },
+}
+
+/// What the lock said about itself after an exchange: new log entries and its status, to be
+/// written to the outbox with the sequence number reached, in one transaction.
+#[derive(Clone, Debug)]
+pub struct Report {
+    lock: LockId,
+    epoch: i64,
+    entries: Vec<LogEntry>,
+    status: Option<LockStatus>,
+    connected: bool,
+    newest: u64,
+    now: i64,
+    events_topic: String,
+    state_topic: String,
+}
+
+impl Report {
+    /// Writes the events, the retained state and the sequence number reached.
+    pub fn write(&self, tx: &mut Tx<'_>) -> Result<(), StoreError> {
+        let lock = self.lock;
+        for entry in &self.entries {
+            tx.append_outbox(Some(lock), &self.events_topic, &event_payload(lock, self.epoch, entry), false, self.now)?;
+        }
+        if let Some(status) = &self.status {
+            let state = state_payload(lock, status, self.connected, self.now);
+            tx.append_outbox(Some(lock), &self.state_topic, &state, true, self.now)?;
+            tx.note_retained_topic(lock, &self.state_topic)?;
+        }
+        tx.set_last_event_seq(lock, self.newest)
+    }
+}
+
+/// The outcome of a command, with the report to record alongside the reply. The caller writes
+/// `report` in the transaction of its reply and says on `recorded` whether that committed;
+/// otherwise (or if the caller is gone) the lock's task records the report itself.
+#[derive(Debug)]
+pub struct Executed {
+    /// What the lock did: its status after a motor operation, `None` for other operations.
+    pub outcome: Result<Option<LockStatus>, Failure>,
+    /// What to record about the lock.
+    pub report: Option<Report>,
+    /// `true` once `report` is committed.
+    pub recorded: oneshot::Sender<bool>,
 }
 
 /// The handle the gateway keeps per lock.
@@ -52,9 +99,9 @@ pub struct LockHandle {
 }
 
 impl LockHandle {
-    /// Queues an operation and waits for its outcome. A full queue is refused at once
-    /// (`overloaded`) rather than making the caller wait past its deadline.
-    pub async fn execute(&self, op: Op, actor: Actor) -> Result<LockStatus, Failure> {
+    /// Queues an operation and waits for its outcome (see [`Executed`]). A full queue is
+    /// refused at once (`overloaded`) rather than making the caller wait past its deadline.
+    pub async fn execute(&self, op: Op, actor: Actor) -> Result<Executed, Failure> {
         let (done, outcome) = oneshot::channel();
         match self.jobs.try_send(Job::Execute { op, actor, done }) {
             Ok(()) => {}
@@ -66,7 +113,7 @@ impl LockHandle {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(gone()),
         }
-        outcome.await.unwrap_or_else(|_| Err(gone()))
+        outcome.await.map_err(|_| gone())
     }
 
     /// Asks the task to read the lock's new events (it advertised some). Returns at once.
@@ -171,8 +218,22 @@ impl<T: LockTransport> LockWorker<T> {
             };
             match job {
                 Job::Execute { op, actor, done } => {
-                    let outcome = self.execute(op, actor).await;
-                    let _ = done.send(outcome);
+                    let (outcome, pushed, status) = self.execute(op, actor).await;
+                    let report = self.collect(pushed, status).await;
+                    let (recorded_tx, recorded) = oneshot::channel();
+                    let jammed = matches!(&outcome, Err(f) if f.reason == Reason::Jammed);
+                    let handed = done.send(Executed { outcome, report: report.clone(), recorded: recorded_tx }).is_ok();
+                    let recorded = handed && recorded.await.unwrap_or(false);
+                    if let Some(report) = report {
+                        if recorded {
+                            self.applied(&report);
+                        } else {
+                            self.commit(report).await;
+                        }
+                    }
+                    if jammed {
+                        let _ = self.sync().await;
+                    }
                 }
                 Job::Sync { done } => {
                     sync_queued.store(false, Ordering::Release);
@@ -188,57 +249,71 @@ impl<T: LockTransport> LockWorker<T> {
         self.client.disconnect().await;
     }
 
-    async fn execute(&mut self, op: Op, actor: Actor) -> Result<LockStatus, Failure> {
+    /// Runs one operation; returns its outcome, the events the lock pushed meanwhile and its
+    /// status if it gave one.
+    async fn execute(
+        &mut self,
+        op: Op,
+        actor: Actor,
+    ) -> (Result<Option<LockStatus>, Failure>, Vec<LogEntry>, Option<LockStatus>) {
         let result = self.client.call(actor, op).await;
         let pushed = self.client.take_events();
         match result {
             Ok(response) => match response.result {
-                Ok(LockReply::Done(status) | LockReply::Status(status)) => {
-                    self.report(pushed, Some(status)).await;
-                    Ok(status)
+                Ok(LockReply::Done(status) | LockReply::Status(status)) => (Ok(Some(status)), pushed, Some(status)),
+                Ok(LockReply::PasscodeAdded { .. } | LockReply::PasscodeRemoved | LockReply::ClockSet) => {
+                    (Ok(None), pushed, None)
                 }
-                Ok(other) => {
-                    self.report(pushed, None).await;
-                    Err(Failure { reason: Reason::Failed, detail: format!("unexpected answer {other:?}") })
-                }
-                Err(LockError::Jammed) => {
-                    self.report(pushed, None).await;
-                    let _ = self.sync().await;
-                    Err(Failure { reason: Reason::Jammed, detail: "the lock jammed: someone must look at it".into() })
-                }
-                Err(e) => {
-                    self.report(pushed, None).await;
-                    Err(Failure { reason: Reason::Failed, detail: e.to_string() })
-                }
+                Ok(other) => (
+                    Err(Failure { reason: Reason::Failed, detail: format!("unexpected answer {other:?}") }),
+                    pushed,
+                    None,
+                ),
+                Err(LockError::Jammed) => (
+                    Err(Failure { reason: Reason::Jammed, detail: "the lock jammed: someone must look at it".into() }),
+                    pushed,
+                    None,
+                ),
+                Err(e) => (Err(Failure { reason: Reason::Failed, detail: e.to_string() }), pushed, None),
             },
-            Err(e) => {
-                self.report(pushed, None).await;
-                Err(ble_failure(&e))
-            }
+            Err(e) => (Err(ble_failure(&e)), pushed, None),
         }
     }
 
     /// Sets the lock's clock (when ours is trustworthy), reads its status and new events.
     async fn sync(&mut self) -> Result<(), BleError> {
-        let (now, synced) = (self.clock)();
-        if synced && now > 0 {
-            self.client.call(Actor::Hub, Op::SetTime { unix_secs: now as u64 }).await?;
-        }
         let response = self.client.call(Actor::Hub, Op::Status).await?;
-        let pushed = self.client.take_events();
-        let status = match response.result {
+        let mut status = match response.result {
             Ok(LockReply::Status(s)) => Some(s),
             _ => None,
         };
+        // The lock's clock stamps its log and bounds its passcodes: set it from ours when ours
+        // is trustworthy and the two disagree (each setting is an entry in the lock's log).
+        let (now, synced) = (self.clock)();
+        let drift = status.and_then(|s| s.clock).map(|c| (c as i64 - now).abs());
+        if synced && now > 0 && drift.is_none_or(|d| d > MAX_CLOCK_DRIFT_S) {
+            self.client.call(Actor::Hub, Op::SetTime { unix_secs: now as u64 }).await?;
+            if let Ok(LockReply::Status(s)) = self.client.call(Actor::Hub, Op::Status).await?.result {
+                status = Some(s);
+            }
+        }
+        let pushed = self.client.take_events();
         self.report(pushed, status).await;
         Ok(())
     }
 
-    /// Reads the log entries after `last_seq` that `pushed` does not hold, then records them
-    /// and the state in one transaction.
-    async fn report(&mut self, mut entries: Vec<LogEntry>, status: Option<LockStatus>) {
+    /// Collects a report and records it.
+    async fn report(&mut self, entries: Vec<LogEntry>, status: Option<LockStatus>) {
+        if let Some(report) = self.collect(entries, status).await {
+            self.commit(report).await;
+        }
+    }
+
+    /// Reads the log entries after `last_seq` that `entries` does not hold (when the status
+    /// says there are more), and makes the report of what is new; `None` if nothing is.
+    async fn collect(&mut self, mut entries: Vec<LogEntry>, status: Option<LockStatus>) -> Option<Report> {
         if let Some(status) = status {
-            let mut after = self.last_seq;
+            let mut after = self.last_seq.max(entries.iter().map(|e| e.seq).max().unwrap_or(0));
             // The lock has more than it pushed (events while we were away): read them.
             while status.last_seq > after && self.client.is_connected() {
                 let max = MAX_EVENTS_PER_PAGE;
@@ -269,48 +344,49 @@ impl<T: LockTransport> LockWorker<T> {
         // Without a fresh status, the state is republished only when the link came or went.
         let status = status.or(self.last_status.filter(|_| self.published_connected != Some(connected)));
         if entries.is_empty() && status.is_none() {
-            return;
+            return None;
         }
         let lock = self.lock();
-        let (now, _) = (self.clock)();
-        let events_topic = self.topics.events();
-        let state_topic = self.topics.lock_state(lock);
         let newest = entries.last().map_or(self.last_seq, |e| e.seq);
-        let epoch = self.epoch;
+        Some(Report {
+            lock,
+            epoch: self.epoch,
+            entries,
+            status,
+            connected,
+            newest,
+            now: (self.clock)().0,
+            events_topic: self.topics.events(),
+            state_topic: self.topics.lock_state(lock),
+        })
+    }
+
+    /// Records a report in its own transaction.
+    async fn commit(&mut self, report: Report) {
         let store = self.store.clone();
+        let lock = report.lock;
         let written = tokio::task::spawn_blocking(move || {
             let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            store.transaction(|tx| {
-                for entry in &entries {
-                    tx.append_outbox(Some(lock), &events_topic, &event_payload(lock, epoch, entry), false, now)?;
-                }
-                if let Some(status) = status {
-                    tx.append_outbox(
-                        Some(lock),
-                        &state_topic,
-                        &state_payload(lock, &status, connected, now),
-                        true,
-                        now,
-                    )?;
-                    tx.note_retained_topic(lock, &state_topic)?;
-                }
-                tx.set_last_event_seq(lock, newest)?;
-                Ok(())
-            })
+            store.transaction(|tx| report.write(tx)).map(|()| report)
         })
         .await;
         match written {
-            Ok(Ok(())) => {
-                self.last_seq = newest;
-                if status.is_some() {
-                    self.last_status = status;
-                    self.published_connected = Some(connected);
-                }
+            Ok(Ok(report)) => {
+                self.applied(&report);
                 self.outbox_ready.notify_one();
             }
             // Not recorded: the entries stay unread (last_seq unchanged) and are read again.
             Ok(Err(e)) => tracing::error!(lock = %lock, error = %e, "could not record the lock's events"),
             Err(e) => tracing::error!(lock = %lock, error = %e, "the store task failed"),
+        }
+    }
+
+    /// Takes note that a report was recorded.
+    fn applied(&mut self, report: &Report) {
+        self.last_seq = report.newest;
+        if report.status.is_some() {
+            self.last_status = report.status;
+            self.published_connected = Some(report.connected);
         }
     }
 }

@@ -16,7 +16,7 @@ use sha2::Digest;
 use tokio::sync::{Notify, mpsc};
 
 use super::claim;
-use super::lock_worker::{LockHandle, LockWorker};
+use super::lock_worker::{Executed, LockHandle, LockWorker};
 use super::policy::{Facts, GrantFacts, LockPolicy, PolicyEngine, PolicyLimits, Role};
 use crate::auth::keys::PublicKey;
 use crate::auth::reason::Reason;
@@ -36,6 +36,12 @@ use crate::store::{AuditEntry, CommandSeen, Store, StoreError};
 /// How long a seen statement id is remembered after its expiry, so that a late redelivery is
 /// still answered with the stored reply.
 const REMEMBER_AFTER_EXPIRY_S: i64 = 3600;
+
+/// A command's report, waiting to be written with its reply.
+struct Pending {
+    report: Option<super::lock_worker::Report>,
+    recorded: tokio::sync::oneshot::Sender<bool>,
+}
 
 /// The gateway's clock: Unix seconds, and whether it was ever synchronised.
 pub type Clock = Arc<dyn Fn() -> (i64, bool) + Send + Sync>;
@@ -149,7 +155,7 @@ impl<T: LockTransport> Gateway<T> {
                 detail: Some("interrupted by a gateway restart; the lock's events tell whether it ran".into()),
                 at: now,
             };
-            self.finish(&key, &reply, "command.interrupted", Some(AuditActor::Hub), None, true)?;
+            self.finish(&key, &reply, "command.interrupted", Some(AuditActor::Hub), None, true, None)?;
         }
         Ok(())
     }
@@ -243,11 +249,13 @@ impl<T: LockTransport> Gateway<T> {
         };
         let owner = self.is_owner(&signed.signer)?;
         let actor = if owner { AuditActor::Admin } else { AuditActor::User(signed.signer.as_bytes().to_vec()) };
+        let mut pending = None;
         let (reply, action) = match statement {
-            Statement::Command(command) => (
-                self.command(&signed.signer, command, owner, replayed).await?,
-                format!("command.{}", command.op.as_str()),
-            ),
+            Statement::Command(command) => {
+                let (reply, p) = self.command(&signed.signer, command, owner, replayed).await?;
+                pending = p;
+                (reply, format!("command.{}", command.op.as_str()))
+            }
             _ if replayed => (
                 refused(statement.id().as_str(), Reason::Replayed, "this id was already used", (self.clock)().0),
                 "statement".into(),
@@ -260,15 +268,17 @@ impl<T: LockTransport> Gateway<T> {
             (_, Some(Reason::UnknownKey)) => Some(AuditActor::Unknown),
             _ => Some(actor),
         };
-        self.finish(&key, &reply, &action, actor, lock, !replayed)
+        self.finish(&key, &reply, &action, actor, lock, !replayed, pending)
     }
 
     fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
         Ok(self.store().owner_keys()?.iter().any(|k| k.as_slice() == key.as_bytes()))
     }
 
-    /// Records an outcome: audit, reply to the outbox, and (for the first delivery) the reply
-    /// kept for redeliveries — one transaction.
+    /// Records an outcome: the reply to the outbox, the lock's report if the command produced
+    /// one, the audit record, and (for the first delivery) the reply kept for redeliveries —
+    /// one transaction, so a command costs one durable commit after it ran.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         key: &str,
@@ -277,21 +287,35 @@ impl<T: LockTransport> Gateway<T> {
         actor: Option<AuditActor>,
         lock: Option<LockId>,
         keep: bool,
+        pending: Option<Pending>,
     ) -> Result<(), StoreError> {
         let payload = reply.to_json();
         let outcome = reply.reason.map_or("ok", Reason::as_str);
         let detail = reply.detail.clone().unwrap_or_default();
         let lock = lock.filter(|l| self.store().locks().map(|ls| ls.iter().any(|p| p.lock_id == *l)).unwrap_or(false));
-        self.store().transaction(|tx| {
+        let (report, recorded) = match pending {
+            Some(Pending { report, recorded }) => (report, Some(recorded)),
+            None => (None, None),
+        };
+        let committed = self.store().transaction(|tx| {
+            // The reply first: it leaves the outbox ahead of the lock's reports.
+            tx.append_outbox(None, &self.topics.replies(), &payload, false, reply.at)?;
+            if let Some(report) = &report {
+                report.write(tx)?;
+            }
             if let Some(actor) = actor {
                 tx.audit(AuditEntry { at: reply.at, action, outcome, actor, lock, detail: &detail })?;
             }
-            tx.append_outbox(None, &self.topics.replies(), &payload, false, reply.at)?;
             if keep {
                 tx.set_command_reply(key, &payload)?;
             }
             Ok(())
-        })?;
+        });
+        // The lock's task records its report itself unless it is in this commit.
+        if let Some(recorded) = recorded {
+            let _ = recorded.send(committed.is_ok());
+        }
+        committed?;
         tracing::info!(id = %reply.id, action, outcome, "statement decided");
         self.outbox_ready.notify_one();
         Ok(())
@@ -303,7 +327,7 @@ impl<T: LockTransport> Gateway<T> {
         command: &Command,
         owner: bool,
         replayed: bool,
-    ) -> Result<Reply, StoreError> {
+    ) -> Result<(Reply, Option<Pending>), StoreError> {
         let (now, synced) = (self.clock)();
         let id = command.jti.as_str();
         let (known_user, lock_paired, grants, policy) = {
@@ -350,28 +374,32 @@ impl<T: LockTransport> Gateway<T> {
             self.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).decide(signer, command, &facts);
         let role = match decision {
             Ok(role) => role,
-            Err(denial) => return Ok(refused(id, denial.reason, &denial.detail, now)),
+            Err(denial) => return Ok((refused(id, denial.reason, &denial.detail, now), None)),
         };
         let Some(handle) = self.lock(command.lock) else {
-            return Ok(refused(id, Reason::UnknownLock, "the lock has no task", now));
+            return Ok((refused(id, Reason::UnknownLock, "the lock has no task", now), None));
         };
         let actor = if role == Role::Owner { Actor::Admin } else { Actor::Cloud(user_ref(signer)) };
         // The reply must come before the command's deadline.
         let left = Duration::from_secs(command.exp.saturating_sub(now).max(1) as u64);
-        let outcome = match tokio::time::timeout(left, handle.execute(op_of(command.op), actor)).await {
-            Ok(outcome) => outcome,
+        let executed = match tokio::time::timeout(left, handle.execute(op_of(command.op), actor)).await {
+            Ok(executed) => executed,
             Err(_) => Err(super::lock_worker::Failure {
                 reason: Reason::LockUnreachable,
                 detail: "no answer from the lock before the command's deadline".into(),
             }),
         };
+        let (outcome, pending) = match executed {
+            Ok(Executed { outcome, report, recorded }) => (outcome, Some(Pending { report, recorded })),
+            Err(failure) => (Err(failure), None),
+        };
         let (at, _) = (self.clock)();
-        Ok(match outcome {
+        let reply = match outcome {
             Ok(status) => Reply {
                 id: id.to_owned(),
                 result: Outcome::Ok,
                 reason: None,
-                detail: Some(lock_state_name(status.state).to_owned()),
+                detail: status.map(|s| lock_state_name(s.state).to_owned()),
                 at,
             },
             Err(failure) => Reply {
@@ -381,7 +409,8 @@ impl<T: LockTransport> Gateway<T> {
                 detail: Some(failure.detail.chars().take(crate::cloud::reply::MAX_DETAIL_CHARS).collect()),
                 at,
             },
-        })
+        };
+        Ok((reply, pending))
     }
 
     /// Claim, pair, grant, revoke, policy.
