@@ -77,7 +77,13 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
-        let broker = support::bundled::Bundled::start(&pki);
+        // The bundled broker by default; BENCH_BROKER=mosquitto for Debian's Mosquitto.
+        let kind = match std::env::var("BENCH_BROKER").as_deref() {
+            Ok("mosquitto") => support::broker::Kind::Mosquitto,
+            _ => support::broker::Kind::Bundled,
+        };
+        let broker = support::broker::TestBroker::start(kind, &pki, false);
+        println!("broker: {kind:?}");
         let config = dir.path().join("lockhub.toml");
         std::fs::write(
             &config,
@@ -86,7 +92,7 @@ fn main() {
                  ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[policy]\nrate_commands = 1000000\n\n\
                  [clock]\nrequire_sync = false\n",
                 dir.path().join("state").display(),
-                broker.port,
+                broker.port(),
                 pki.ca_cert().display(),
                 pki.client_cert(GW).display(),
                 pki.client_key(GW).display()
@@ -94,7 +100,7 @@ fn main() {
         )
         .unwrap();
         let gw = GatewayId::new(GW).unwrap();
-        let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port), &pki, &gw).await.unwrap();
+        let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port()), &pki, &gw).await.unwrap();
         let mut seen = app.watch();
         let daemon = Daemon(
             Command::new("setpriv")
@@ -216,7 +222,7 @@ fn main() {
         let (_, peak_rss, _, _) = memory_kib(daemon.0.id());
 
         // The floor, in the same run.
-        let mqtt = median(support::floor::mqtt_round_trips(&pki, broker.port, GW, 1_000).await);
+        let mqtt = median(support::floor::mqtt_round_trips(&pki, broker.port(), GW, 1_000).await);
         let (gatt, _) = support::floor::gatt_round_trips(247, 1_000).await;
         let gatt = median(gatt);
         let commit = median(support::floor::durable_commits(&dir.path().join("floor-store"), 500));

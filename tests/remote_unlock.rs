@@ -712,6 +712,12 @@ async fn the_app_command_line_claims_pairs_grants_and_unlocks() {
     let (success, stdout, stderr) =
         app_cli(&stack, &["--key", "user", "unlatch", "--gateway", &gw, "--lock", &lock.lock_id]);
     assert!(!success && stdout.contains("not_granted") && stderr.contains("not_granted"), "{stdout}\n{stderr}");
+    // The retained status and the lock's state, without any key.
+    let status = ok(app_cli(&stack, &["--key", "nobody", "status", "--gateway", &gw]));
+    assert!(
+        status.contains("/status {\"status\":\"online\"") && status.contains(&format!("/lock/{}/state", lock.lock_id)),
+        "{status}"
+    );
     // Bad input: a clear error, no panic.
     let (success, _, stderr) = app_cli(&stack, &["unlock", "--gateway", &gw, "--lock", "not-a-lock"]);
     assert!(!success && stderr.contains("16 hex digits"), "{stderr}");

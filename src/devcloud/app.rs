@@ -151,6 +151,7 @@ pub struct AppClient {
     topics: Topics,
     waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>,
     seen: broadcast::Sender<Seen>,
+    retained: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for AppClient {
@@ -183,7 +184,8 @@ impl AppClient {
             .await
             .map_err(|e| AppError::Mqtt(e.to_string()))?;
         let replies_topic = topics.replies();
-        let (w, s) = (waiting.clone(), seen.clone());
+        let retained: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>> = Arc::default();
+        let (w, s, r) = (waiting.clone(), seen.clone(), retained.clone());
         tokio::spawn(async move {
             let mut subscribed_tx = Some(subscribed_tx);
             loop {
@@ -194,6 +196,14 @@ impl AppClient {
                         }
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if p.retain {
+                            let mut kept = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            if p.payload.is_empty() {
+                                kept.remove(&p.topic);
+                            } else {
+                                kept.insert(p.topic.clone(), p.payload.to_vec());
+                            }
+                        }
                         if p.topic == replies_topic
                             && let Ok(reply) = serde_json::from_slice::<Reply>(&p.payload)
                             && let Some(waiter) =
@@ -215,10 +225,17 @@ impl AppClient {
             }
         });
         match tokio::time::timeout(Duration::from_secs(20), subscribed).await {
-            Ok(Ok(Ok(()))) => Ok(AppClient { client, topics, waiting, seen }),
+            Ok(Ok(Ok(()))) => Ok(AppClient { client, topics, waiting, seen, retained }),
             Ok(Ok(Err(e))) => Err(AppError::Mqtt(e)),
             _ => Err(AppError::Mqtt("no SUBACK from the broker".into())),
         }
+    }
+
+    /// The retained messages received so far (the gateway's status, its locks' states), by
+    /// topic. They arrive right after the subscription.
+    pub fn retained(&self) -> Vec<(String, Vec<u8>)> {
+        let kept = self.retained.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.iter().map(|(t, p)| (t.clone(), p.clone())).collect()
     }
 
     /// Everything published on the gateway's topics from now on.

@@ -135,6 +135,11 @@ enum AppCommand {
         #[arg(long)]
         lock: String,
     },
+    /// Print the gateway's retained status and its locks' retained states.
+    Status {
+        #[arg(long)]
+        gateway: String,
+    },
     /// Print the gateway's status and its locks' retained states, then events as they come
     /// (Ctrl-C to stop; --for to stop after some seconds).
     Events {
@@ -178,7 +183,6 @@ pub async fn run(args: AppArgs) -> Result<()> {
         }
         _ => {}
     }
-    let signer = AppKey::load(&dir, &key)?;
     let pki = Pki::open(&pki.context("--pki DIR: the PKI with the relay's certificate is needed to reach the broker")?);
     let now = unix_now();
     let (gw, statement) = match cmd {
@@ -257,6 +261,21 @@ pub async fn run(args: AppArgs) -> Result<()> {
             let gw = gateway(&g)?;
             (gw.clone(), Statement::Command(command(&gw, lock(&l)?, Operation::Unlatch, now, 30)))
         }
+        AppCommand::Status { gateway: g } => {
+            let gw = gateway(&g)?;
+            let app = AppClient::connect(&broker, &pki, &gw).await?;
+            // Retained messages come right after the subscription: give them a moment.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let retained = app.retained();
+            let any = !retained.is_empty();
+            for (topic, payload) in retained {
+                println!("{topic} {}", String::from_utf8_lossy(&payload));
+            }
+            if !any {
+                println!("nothing retained for {gw}: it has never connected to this broker");
+            }
+            return Ok(());
+        }
         AppCommand::Events { gateway: g, seconds } => {
             let gw = gateway(&g)?;
             let app = AppClient::connect(&broker, &pki, &gw).await?;
@@ -281,6 +300,7 @@ pub async fn run(args: AppArgs) -> Result<()> {
             }
         }
     };
+    let signer = AppKey::load(&dir, &key)?;
     let app = AppClient::connect(&broker, &pki, &gw).await?;
     let started = std::time::Instant::now();
     let reply = app.send(&statement, &signer, timeout).await?;
