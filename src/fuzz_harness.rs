@@ -1,5 +1,5 @@
 //! Entry points that feed arbitrary bytes to every parser of outside input: the radio, the
-//! bundled broker's MQTT packets, the signed statements from the cloud.
+//! bundled broker's MQTT packets, the signed statements from the cloud, the configuration file.
 //!
 //! The cargo-fuzz targets in `fuzz/` call these, and `tests/fuzz_corpus.rs` replays the saved
 //! corpora through the same functions on every test run, so a crash found once stays fixed.
@@ -213,5 +213,12 @@ pub fn mqtt_packets(data: &[u8]) {
 pub fn statement(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = crate::auth::statement::open(text);
+    }
+}
+
+/// The daemon's configuration file: TOML parsing with unknown keys refused, then the checks.
+pub fn config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::config::Config::parse(std::path::Path::new("fuzz.toml"), text);
     }
 }

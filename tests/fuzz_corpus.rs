@@ -15,6 +15,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("hub_radio", lockhub::fuzz_harness::hub_radio),
     ("mqtt_packets", lockhub::fuzz_harness::mqtt_packets),
     ("statement", lockhub::fuzz_harness::statement),
+    ("config", lockhub::fuzz_harness::config),
 ];
 
 #[test]
