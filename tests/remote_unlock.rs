@@ -465,8 +465,32 @@ async fn a_replay_is_refused_across_a_gateway_restart() {
     assert_reply(&reply, Outcome::Ok, None);
 
     let ctl = support::control().await;
+    // A command the old gateway noted but never answered (as if it stopped while running it):
+    // the new gateway answers it at start, as interrupted.
+    let interrupted = format!("{}:c-interrupted", p.user.public());
+    stack
+        .store
+        .lock()
+        .unwrap()
+        .transaction(|tx| tx.note_command(&interrupted, None, unix_now() + 60, &[7; 32]))
+        .unwrap();
     let mut restarted = p.app.watch();
+    let mut answers = p.app.watch();
     stack.restart_gateway().await;
+    let replies_topic = format!("lockhub/v1/{}/reply", stack.gw);
+    loop {
+        let msg =
+            tokio::time::timeout(WAIT, answers.recv()).await.expect("no answer to the interrupted command").unwrap();
+        if msg.topic != replies_topic {
+            continue;
+        }
+        let answer: Reply = serde_json::from_slice(&msg.payload).unwrap();
+        if answer.id == "c-interrupted" {
+            assert_reply(&answer, Outcome::Failed, Some("failed"));
+            assert!(answer.detail.as_deref().is_some_and(|d| d.contains("interrupted")), "{answer:?}");
+            break;
+        }
+    }
     // The new gateway syncs with the lock (setting its clock, a log entry of its own) and
     // publishes the state it found: from then on, the lock's log must not grow.
     let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
@@ -489,7 +513,6 @@ async fn a_replay_is_refused_across_a_gateway_restart() {
         _ => unreachable!(),
     };
     let _ = p.app.send(&replay, &p.user, WAIT).await.unwrap();
-    let replies_topic = format!("lockhub/v1/{}/reply", stack.gw);
     loop {
         let msg = tokio::time::timeout(WAIT, replies.recv()).await.expect("no replayed refusal").unwrap();
         if msg.topic != replies_topic {

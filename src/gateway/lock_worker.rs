@@ -43,7 +43,7 @@ pub struct Failure {
 #[derive(Debug)]
 enum Job {
     Execute { op: Op, actor: Actor, done: oneshot::Sender<Executed> },
-    Sync { done: Option<oneshot::Sender<()>> },
+    Sync,
 }
 
 /// What the lock said about itself after an exchange: new log entries and its status, to be
@@ -118,16 +118,8 @@ impl LockHandle {
 
     /// Asks the task to read the lock's new events (it advertised some). Returns at once.
     pub fn sync(&self) {
-        if !self.sync_queued.swap(true, Ordering::AcqRel) && self.jobs.try_send(Job::Sync { done: None }).is_err() {
+        if !self.sync_queued.swap(true, Ordering::AcqRel) && self.jobs.try_send(Job::Sync).is_err() {
             self.sync_queued.store(false, Ordering::Release);
-        }
-    }
-
-    /// Reads the lock's new events and state, and waits until that is done.
-    pub async fn sync_now(&self) {
-        let (done, finished) = oneshot::channel();
-        if self.jobs.send(Job::Sync { done: Some(done) }).await.is_ok() {
-            let _ = finished.await;
         }
     }
 }
@@ -235,13 +227,10 @@ impl<T: LockTransport> LockWorker<T> {
                         let _ = self.sync().await;
                     }
                 }
-                Job::Sync { done } => {
+                Job::Sync => {
                     sync_queued.store(false, Ordering::Release);
                     if let Err(e) = self.sync().await {
                         tracing::info!(lock = %self.lock(), error = %e, "could not read the lock's news");
-                    }
-                    if let Some(done) = done {
-                        let _ = done.send(());
                     }
                 }
             }

@@ -292,7 +292,6 @@ impl<T: LockTransport> Gateway<T> {
         let payload = reply.to_json();
         let outcome = reply.reason.map_or("ok", Reason::as_str);
         let detail = reply.detail.clone().unwrap_or_default();
-        let lock = lock.filter(|l| self.store().locks().map(|ls| ls.iter().any(|p| p.lock_id == *l)).unwrap_or(false));
         let (report, recorded) = match pending {
             Some(Pending { report, recorded }) => (report, Some(recorded)),
             None => (None, None),
@@ -330,10 +329,12 @@ impl<T: LockTransport> Gateway<T> {
     ) -> Result<(Reply, Option<Pending>), StoreError> {
         let (now, synced) = (self.clock)();
         let id = command.jti.as_str();
+        // A paired lock is one with a task: no store read for it on the command path.
+        let handle = self.lock(command.lock);
         let (known_user, lock_paired, grants, policy) = {
             let store = self.store();
             let known_user = store.user_known(signer.as_bytes())?;
-            let lock_paired = store.locks()?.iter().any(|l| l.lock_id == command.lock);
+            let lock_paired = handle.is_some();
             let revoked = store.revoked_grant_ids()?;
             let grants: Vec<GrantFacts> = if lock_paired {
                 store
@@ -376,8 +377,9 @@ impl<T: LockTransport> Gateway<T> {
             Ok(role) => role,
             Err(denial) => return Ok((refused(id, denial.reason, &denial.detail, now), None)),
         };
-        let Some(handle) = self.lock(command.lock) else {
-            return Ok((refused(id, Reason::UnknownLock, "the lock has no task", now), None));
+        // The policy refused unpaired locks already (unknown_lock).
+        let Some(handle) = handle else {
+            return Ok((refused(id, Reason::UnknownLock, "the lock is not paired", now), None));
         };
         let actor = if role == Role::Owner { Actor::Admin } else { Actor::Cloud(user_ref(signer)) };
         // The reply must come before the command's deadline.
@@ -395,20 +397,8 @@ impl<T: LockTransport> Gateway<T> {
         };
         let (at, _) = (self.clock)();
         let reply = match outcome {
-            Ok(status) => Reply {
-                id: id.to_owned(),
-                result: Outcome::Ok,
-                reason: None,
-                detail: status.map(|s| lock_state_name(s.state).to_owned()),
-                at,
-            },
-            Err(failure) => Reply {
-                id: id.to_owned(),
-                result: Outcome::Failed,
-                reason: Some(failure.reason),
-                detail: Some(failure.detail.chars().take(crate::cloud::reply::MAX_DETAIL_CHARS).collect()),
-                at,
-            },
+            Ok(status) => ok(id, status.map_or("done", |s| lock_state_name(s.state)), at),
+            Err(failure) => failed(id, failure.reason, &failure.detail, at),
         };
         Ok((reply, pending))
     }
@@ -441,7 +431,7 @@ impl<T: LockTransport> Gateway<T> {
                 {
                     return Ok((refused(id, Reason::Malformed, &e.to_string(), now), "grant.add".into()));
                 }
-                if !self.store().locks()?.iter().any(|l| l.lock_id == g.lock) {
+                if self.lock(g.lock).is_none() {
                     return Ok((refused(id, Reason::UnknownLock, "the lock is not paired", now), "grant.add".into()));
                 }
                 self.store().transaction(|tx| {
@@ -460,7 +450,7 @@ impl<T: LockTransport> Gateway<T> {
                 {
                     return Ok((refused(id, Reason::Malformed, &e.to_string(), now), "policy.set".into()));
                 }
-                if !self.store().locks()?.iter().any(|l| l.lock_id == p.lock) {
+                if self.lock(p.lock).is_none() {
                     return Ok((refused(id, Reason::UnknownLock, "the lock is not paired", now), "policy.set".into()));
                 }
                 let policy = LockPolicy { remote_unlock: p.remote_unlock, quiet_hours: p.quiet_hours.clone() };

@@ -330,14 +330,6 @@ impl Store {
         Ok(self.conn.query_row("SELECT policy FROM policies WHERE scope = ?1", [scope], |r| r.get(0)).optional()?)
     }
 
-    /// Whether a command id was seen, and the reply stored for it if any.
-    pub fn command_seen(&self, command_id: &str) -> Result<Option<Option<Vec<u8>>>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT reply FROM seen_commands WHERE command_id = ?1", [command_id], |r| r.get(0))
-            .optional()?)
-    }
-
     /// Deletes remembered command ids past their expiry; returns how many.
     pub fn expire_commands(&mut self, now: i64) -> Result<usize, StoreError> {
         Ok(self.conn.execute("DELETE FROM seen_commands WHERE expires_at < ?1", [now])?)
