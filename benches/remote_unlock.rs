@@ -14,9 +14,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lockhub::auth::statement::{Claim, Grant, Operation, Pair, Permission, Policy, Statement};
+use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::cloud::reply::Outcome;
-use lockhub::devcloud::app::{AppClient, AppKey, Seen, command, new_id};
+use lockhub::devcloud::app::{AppClient, AppKey, Seen, claim, command, grant, pair, remote_unlock};
 use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::store::unix_now;
@@ -123,30 +123,19 @@ fn main() {
         let out = Command::new(env!("CARGO_BIN_EXE_lockhub")).args(["claim-code", "--config"]).arg(&config).output().unwrap();
         let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         let ok = |r: lockhub::cloud::reply::Reply| assert_eq!(r.result, Outcome::Ok, "{r:?}");
-        ok(app.send(&Statement::Claim(Claim { jti: new_id("k"), gw: gw.clone(), code, iat: now, exp: now + 60 }), &owner, WAIT).await.unwrap());
+        ok(app.send(&claim(&gw, &code, now), &owner, WAIT).await.unwrap());
         let ctl = support::control().await;
         let mut locks = Vec::new();
         for _ in 0..LOCKS {
             let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
             let lock_id = LockId::parse(&lock.lock_id).unwrap();
-            let pair = Statement::Pair(Pair { jti: new_id("p"), gw: gw.clone(), lock: lock_id, setup: lock.setup_code, iat: now, exp: now + 60 });
-            ok(app.send(&pair, &owner, WAIT).await.unwrap());
+            ok(app.send(&pair(&gw, lock_id, &lock.setup_code, now), &owner, WAIT).await.unwrap());
             locks.push(lock_id);
         }
         let lock = locks[0];
-        ok(app.send(&Statement::Policy(Policy { jti: new_id("pol"), gw: gw.clone(), lock, remote_unlock: true, quiet_hours: None, iat: now, exp: now + 60 }), &owner, WAIT).await.unwrap());
-        let grant = Grant {
-            jti: new_id("g"),
-            gw: gw.clone(),
-            sub: user.public(),
-            lock,
-            perms: vec![Permission::Lock, Permission::Unlock, Permission::Remote],
-            nbf: now - 60,
-            iat: now,
-            exp: now + 86_400,
-            schedule: None,
-        };
-        ok(app.send(&Statement::Grant(grant), &owner, WAIT).await.unwrap());
+        ok(app.send(&remote_unlock(&gw, lock, true, now), &owner, WAIT).await.unwrap());
+        let perms = vec![Permission::Lock, Permission::Unlock, Permission::Remote];
+        ok(app.send(&Statement::Grant(grant(&gw, user.public(), lock, perms, None, 1, now)), &owner, WAIT).await.unwrap());
         let op = |i: usize| if i % 2 == 0 { Operation::Unlock } else { Operation::Lock };
         let send = |i: usize| {
             let statement = Statement::Command(command(&gw, lock, op(i), unix_now(), 30));

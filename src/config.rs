@@ -4,6 +4,7 @@
 //! every error names the file, the line and the column, and says what would be right.
 //! `docs/lockhub.toml` shows every key with its default and meaning (a test keeps it valid).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,10 +61,23 @@ pub enum ConfigError {
         /// What is wrong and what would be right.
         message: String,
     },
+    /// A file the configuration names is missing, unreadable, not what it should be, or
+    /// readable by other users when it holds a secret.
+    #[error("{path}: {key} = {file}: {message}")]
+    File {
+        /// The configuration file.
+        path: PathBuf,
+        /// The key naming the file, e.g. `cloud.cert`.
+        key: &'static str,
+        /// The file named.
+        file: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
 }
 
 /// `[gateway]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySection {
     /// The gateway's id: its client certificate's common name and its topic level.
@@ -78,7 +92,7 @@ fn default_state_dir() -> PathBuf {
 }
 
 /// `[cloud]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudSection {
     /// Brokers, tried in order: `mqtts://host[:port]`.
@@ -180,6 +194,58 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the files the configuration names, as the daemon will use them: the CA and the
+    /// client certificate must be readable PEM certificates, the key a readable PEM private key
+    /// that no other user can read. `path` is the configuration file, for messages.
+    pub fn check_files(&self, path: &Path) -> Result<(), ConfigError> {
+        let err = |key, file: &Path, message: String| ConfigError::File {
+            path: path.to_owned(),
+            key,
+            file: file.to_owned(),
+            message,
+        };
+        for (key, file) in [("cloud.ca", &self.cloud.ca), ("cloud.cert", &self.cloud.cert)] {
+            let pem = read_pem(file).map_err(|m| err(key, file, m))?;
+            let certs = rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>();
+            if !matches!(certs, Ok(c) if !c.is_empty()) {
+                return Err(err(key, file, "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+            }
+        }
+        let key = &self.cloud.key;
+        let mode = std::fs::metadata(key).map_err(|e| err("cloud.key", key, file_problem(&e)))?.permissions().mode();
+        if mode & 0o007 != 0 {
+            return Err(err(
+                "cloud.key",
+                key,
+                format!(
+                    "other users can read this private key (mode {:04o}): chmod 0640 it, owned by root and group lockhub",
+                    mode & 0o7777
+                ),
+            ));
+        }
+        let pem = read_pem(key).map_err(|m| err("cloud.key", key, m))?;
+        if !matches!(rustls_pemfile::private_key(&mut pem.as_slice()), Ok(Some(_))) {
+            return Err(err("cloud.key", key, "holds no PEM private key (-----BEGIN PRIVATE KEY-----)".into()));
+        }
+        Ok(())
+    }
+
+    /// The sections of `new` that differ from this one and that only a restart applies
+    /// (a reload applies `[policy]` and `[clock]`).
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.gateway != new.gateway {
+            keys.push("gateway");
+        }
+        if self.cloud != new.cloud {
+            keys.push("cloud");
+        }
+        if self.ble != new.ble {
+            keys.push("ble");
+        }
+        keys
+    }
+
     /// The gateway id (checked by `load`).
     pub fn gateway_id(&self) -> GatewayId {
         GatewayId::new(self.gateway.id.clone()).expect("checked when loaded")
@@ -196,6 +262,28 @@ impl Config {
                 self.cloud.key.clone(),
             )
         }
+    }
+}
+
+/// Largest certificate or key file read.
+const MAX_PEM_BYTES: u64 = 64 * 1024;
+
+fn read_pem(file: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let size = std::fs::metadata(file).map_err(|e| file_problem(&e))?.len();
+    if size > MAX_PEM_BYTES {
+        return Err(format!("{size} bytes; a PEM file here is at most {MAX_PEM_BYTES} bytes"));
+    }
+    // Zeroized: the key file's bytes are a secret.
+    std::fs::read(file).map(zeroize::Zeroizing::new).map_err(|e| file_problem(&e))
+}
+
+fn file_problem(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file: fix the path, or put the file there".into(),
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied: the daemon's user (lockhub) must be able to read it (group lockhub, mode 0640)".into()
+        }
+        _ => e.to_string(),
     }
 }
 

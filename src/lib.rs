@@ -10,10 +10,14 @@ pub mod auth;
 pub mod ble;
 pub mod cloud;
 pub mod config;
+#[cfg(feature = "devtools")]
 pub mod devcloud;
+#[cfg(feature = "devtools")]
 pub mod firmware;
+#[cfg(feature = "devtools")]
 pub mod fuzz_harness;
 pub mod gateway;
+#[cfg(feature = "devtools")]
 pub mod memlink;
 pub mod protocol;
 pub mod store;

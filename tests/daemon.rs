@@ -4,16 +4,19 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lockhub::auth::statement::{Claim, Statement};
+use lockhub::auth::statement::Statement;
 use lockhub::cloud::reply::Outcome;
-use lockhub::devcloud::app::{AppClient, AppKey, new_id};
+use lockhub::devcloud::app::{AppClient, AppKey};
 use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::GatewayId;
 use lockhub::store::unix_now;
+
+const WAIT: Duration = Duration::from_secs(60);
 
 fn write_config(dir: &Path, pki: &Pki, port: u16, gw: &str) -> std::path::PathBuf {
     let path = dir.join("lockhub.toml");
@@ -36,19 +39,66 @@ fn lockhub(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_lockhub")).args(args).output().unwrap()
 }
 
+/// Runs `lockhub check-config` on `config` after `edit` changed its text (and `prepare` the
+/// files around it); returns stderr, asserting failure.
+fn broken(config: &Path, edit: impl Fn(&str) -> String) -> String {
+    let good = std::fs::read_to_string(config).unwrap();
+    std::fs::write(config, edit(&good)).unwrap();
+    let out = lockhub(&["check-config", "--config", config.to_str().unwrap()]);
+    std::fs::write(config, good).unwrap();
+    assert!(!out.status.success(), "a broken configuration passed: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
+}
+
 #[test]
-fn check_config_says_where_and_what() {
+fn check_config_says_where_what_and_how_to_fix_it() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &["gw-cfg"]).unwrap();
-    let good = write_config(dir.path(), &pki, 8883, "gw-cfg");
-    let out = lockhub(&["check-config", "--config", good.to_str().unwrap()]);
+    let config = write_config(dir.path(), &pki, 8883, "gw-cfg");
+    let path = config.to_str().unwrap();
+    let out = lockhub(&["check-config", "--config", path]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = std::fs::read_to_string(&good).unwrap().replace("require_sync", "require_synced");
-    std::fs::write(&good, text).unwrap();
-    let out = lockhub(&["check-config", "--config", good.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("lockhub.toml:12:1: unknown field `require_synced`, expected `require_sync`"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{path}: ok (gateway gw-cfg, 1 broker(s))\n"));
+
+    // 1. An unknown key: where, and which keys would be right.
+    let err = broken(&config, |t| t.replace("require_sync", "require_synced"));
+    assert!(err.contains("lockhub.toml:12:1: unknown field `require_synced`, expected `require_sync`"), "{err}");
+    // 2. A value of the wrong type: where, and what type is wanted.
+    let err = broken(&config, |t| t.replace("require_sync = false", "require_sync = \"no\""));
+    assert!(err.contains("lockhub.toml:12:16: invalid type: string \"no\", expected a boolean"), "{err}");
+    // 3. A certificate that is not there.
+    let err = broken(&config, |t| t.replace("gw-cfg.pem", "gw-missing.pem"));
+    assert!(
+        err.contains("cloud.cert = ")
+            && err.contains("gw-missing.pem: no such file: fix the path, or put the file there"),
+        "{err}"
+    );
+    // 4. A private key other users can read.
+    let key = pki.client_key("gw-cfg");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = broken(&config, |t| t.to_owned());
+    // The daemon refuses it too, with EX_CONFIG, which the unit does not restart on.
+    let out = lockhub(&["run", "--config", path]);
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("other users can read this private key"));
+    assert!(
+        err.contains("cloud.key = ")
+            && err.contains(
+                "other users can read this private key (mode 0644): chmod 0640 it, owned by root and group lockhub"
+            ),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // 5. A broker URL without TLS.
+    let err = broken(&config, |t| t.replace("mqtts://localhost:8883", "mqtt://localhost:1883"));
+    assert!(
+        err.contains(
+            "cloud.brokers: broker URL \"mqtt://localhost:1883\": expected mqtts://host[:port] (TLS is required)"
+        ),
+        "{err}"
+    );
+    // No file at all.
     let out = lockhub(&["check-config", "--config", "/nonexistent/lockhub.toml"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/nonexistent/lockhub.toml"));
 }
@@ -90,9 +140,8 @@ async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
     assert_eq!(code.len(), 11, "{code}");
     let owner = AppKey::generate(&dir.path().join("keys"), "owner", false).unwrap();
     let now = unix_now();
-    let claim =
-        Statement::Claim(Claim { jti: new_id("k"), gw: GatewayId::new(gw).unwrap(), code, iat: now, exp: now + 60 });
-    let reply = app.send(&claim, &owner, Duration::from_secs(60)).await.unwrap();
+    let claim = lockhub::devcloud::app::claim(&GatewayId::new(gw).unwrap(), &code, now);
+    let reply = app.send(&claim, &owner, WAIT).await.unwrap();
     assert_eq!(reply.result, Outcome::Ok, "{reply:?}");
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -106,4 +155,270 @@ async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
     assert!(exit.success(), "the daemon exited with {exit}");
     let out = lockhub(&["claim-code", "--config", config.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("already claimed"));
+}
+
+/// A stand-in for systemd's notify socket: what the daemon tells the service manager, line by
+/// line.
+fn notify_socket(dir: &Path) -> (std::path::PathBuf, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if tx.send(line.to_owned()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (path, rx)
+}
+
+/// A stand-in for journald's native socket: each datagram is one entry, its fields parsed
+/// from the journal's native protocol (`KEY=value` lines, or a key, a 64-bit little-endian
+/// length and the value when the value holds a newline).
+fn journal_socket(dir: &Path) -> (std::path::PathBuf, std::sync::mpsc::Receiver<HashMap<String, String>>) {
+    let journal_dir = dir.join("journal");
+    std::fs::create_dir(&journal_dir).unwrap();
+    let socket = std::os::unix::net::UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n) = socket.recv(&mut buf) {
+            let mut entry = HashMap::new();
+            let mut rest = &buf[..n];
+            while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+                let line = &rest[..end];
+                if let Some(eq) = line.iter().position(|b| *b == b'=') {
+                    entry.insert(
+                        String::from_utf8_lossy(&line[..eq]).into_owned(),
+                        String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+                    );
+                    rest = &rest[end + 1..];
+                } else {
+                    let len = u64::from_le_bytes(rest[end + 1..end + 9].try_into().unwrap()) as usize;
+                    let value = &rest[end + 9..end + 9 + len];
+                    entry.insert(
+                        String::from_utf8_lossy(line).into_owned(),
+                        String::from_utf8_lossy(value).into_owned(),
+                    );
+                    rest = &rest[end + 9 + len + 1..];
+                }
+            }
+            if tx.send(entry).is_err() {
+                return;
+            }
+        }
+    });
+    (journal_dir, rx)
+}
+
+/// Waits for a notification matching `want`; returns it.
+async fn notified(notes: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: impl Fn(&str) -> bool) -> String {
+    let mut other = Vec::new();
+    loop {
+        let Ok(note) = tokio::time::timeout(Duration::from_secs(60), notes.recv()).await else {
+            panic!("not the notification awaited within a minute; others: {other:?}");
+        };
+        let note = note.expect("notify socket closed");
+        if want(&note) {
+            return note;
+        }
+        other.push(note);
+    }
+}
+
+fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on_sigterm() {
+    use lockhub::auth::statement::Operation;
+    use lockhub::devcloud::app::{command, pair, remote_unlock};
+    use lockhub::protocol::ids::LockId;
+    use lockhub::protocol::message::LockState;
+    use nix::sys::signal::Signal;
+
+    let bed = support::bed();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = "gw-notify";
+    let gw_id = GatewayId::new(gw).unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
+    let broker = support::bundled::Bundled::start(&pki);
+    let config = write_config(dir.path(), &pki, broker.port, gw);
+    let (notify_path, mut notes) = notify_socket(dir.path());
+    let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port), &pki, &gw_id).await.unwrap();
+    let mut seen = app.watch();
+    // As systemd starts it: WATCHDOG_PID is the daemon's own pid (unshare and the shell exec
+    // into it), stderr is a stream whose device and inode JOURNAL_STREAM names, and the
+    // journal's socket is at /run/systemd/journal/socket — in a mount namespace of its own, the
+    // test's socket mounted there.
+    let (journal_dir, journal) = journal_socket(dir.path());
+    let (mut stderr, stderr_writer) = std::io::pipe().unwrap();
+    let stream = {
+        use std::os::unix::fs::MetadataExt;
+        let fd = std::os::fd::OwnedFd::from(stderr_writer.try_clone().unwrap());
+        let meta = std::fs::File::from(fd).metadata().unwrap();
+        format!("{}:{}", meta.dev(), meta.ino())
+    };
+    let mut daemon = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(
+            r#"mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && mount --bind "$1" /run/systemd/journal \
+               && shift && export WATCHDOG_PID=$$ && exec "$@""#,
+        )
+        .arg("sh")
+        .arg(&journal_dir)
+        .args(["setpriv", "--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
+        .arg(&config)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bed.bus)
+        .env("LOCKHUB_LOG", "info")
+        .env("NOTIFY_SOCKET", &notify_path)
+        // A 200 ms watchdog: pings every 100 ms.
+        .env("WATCHDOG_USEC", "200000")
+        .env("JOURNAL_STREAM", &stream)
+        .stdin(Stdio::null())
+        .stderr(stderr_writer)
+        .spawn()
+        .unwrap();
+
+    // Ready, with a health line, and pinging the watchdog.
+    notified(&mut notes, |n| n == "READY=1").await;
+    let status = notified(&mut notes, |n| n.starts_with("STATUS=") && n.contains("cloud connected")).await;
+    assert!(status.contains("0 lock(s) paired") && status.contains("not claimed yet (lockhub claim-code)"), "{status}");
+    notified(&mut notes, |n| n == "WATCHDOG=1").await;
+    notified(&mut notes, |n| n == "WATCHDOG=1").await;
+
+    // Claimed, with a lock whose motor takes 2 s, remote unlock on.
+    let out = lockhub(&["claim-code", "--config", config.to_str().unwrap()]);
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let owner = AppKey::generate(&dir.path().join("keys"), "owner", false).unwrap();
+    let now = unix_now();
+    let ok = |r: lockhub::cloud::reply::Reply| assert_eq!(r.result, Outcome::Ok, "{r:?}");
+    ok(app.send(&lockhub::devcloud::app::claim(&gw_id, &code, now), &owner, WAIT).await.unwrap());
+    let ctl = support::control().await;
+    let lock = support::add_lock(&ctl, r#"{"motor_ms": 2000}"#).await;
+    let lock_id = LockId::parse(&lock.lock_id).unwrap();
+    ok(app.send(&pair(&gw_id, lock_id, &lock.setup_code, now), &owner, WAIT).await.unwrap());
+    ok(app.send(&remote_unlock(&gw_id, lock_id, true, now), &owner, WAIT).await.unwrap());
+    notified(&mut notes, |n| n.starts_with("STATUS=") && n.contains("1 lock(s) paired") && !n.contains("not claimed"))
+        .await;
+    let cmd = |op| Statement::Command(command(&gw_id, lock_id, op, unix_now(), 30));
+    ok(app.send(&cmd(Operation::Unlock), &owner, WAIT).await.unwrap());
+
+    // SIGHUP with a stricter rate limit: applied at once.
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{original}\n[policy]\nrate_commands = 1\n")).unwrap();
+    signal(&daemon, Signal::SIGHUP);
+    notified(&mut notes, |n| n == "RELOADING=1").await;
+    notified(&mut notes, |n| n == "READY=1").await;
+    let reply = app.send(&cmd(Operation::Lock), &owner, WAIT).await.unwrap();
+    assert_eq!((reply.result, reply.reason.map(|r| r.as_str())), (Outcome::Refused, Some("rate_limited")), "{reply:?}");
+    // A broken file is refused and the running configuration kept.
+    std::fs::write(&config, format!("{original}\n[policy]\nrate_commands = \"many\"\n")).unwrap();
+    signal(&daemon, Signal::SIGHUP);
+    notified(&mut notes, |n| n == "RELOADING=1").await;
+    notified(&mut notes, |n| n == "READY=1").await;
+    let reply = app.send(&cmd(Operation::Lock), &owner, WAIT).await.unwrap();
+    assert_eq!(reply.reason.map(|r| r.as_str()), Some("rate_limited"), "{reply:?}");
+    // And back.
+    std::fs::write(&config, &original).unwrap();
+    signal(&daemon, Signal::SIGHUP);
+    notified(&mut notes, |n| n == "RELOADING=1").await;
+    notified(&mut notes, |n| n == "READY=1").await;
+
+    // SIGTERM while the lock's motor turns: the command finishes and its reply goes out.
+    let lock_command = cmd(Operation::Lock);
+    let sending = app.send(&lock_command, &owner, WAIT);
+    let stopping = async {
+        loop {
+            match support::report(&ctl, &lock.lock_id).await.status.state {
+                LockState::Locking => break,
+                LockState::Locked => panic!("the command ended before SIGTERM could be sent during it"),
+                _ => tokio::task::yield_now().await,
+            }
+        }
+        signal(&daemon, Signal::SIGTERM);
+    };
+    let (reply, ()) = tokio::join!(sending, stopping);
+    ok(reply.unwrap());
+    notified(&mut notes, |n| n == "STOPPING=1").await;
+    let exit = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
+    assert!(exit.success(), "the daemon exited with {exit}");
+    assert_eq!(support::report(&ctl, &lock.lock_id).await.status.state, LockState::Locked);
+
+    // The logs went to the journal, with structured fields, and nothing to stderr.
+    let entries: Vec<HashMap<String, String>> = journal.try_iter().collect();
+    let decided = entries
+        .iter()
+        .find(|e| e.get("MESSAGE").is_some_and(|m| m == "statement decided") && e.contains_key("LOCK_ID"))
+        .unwrap_or_else(|| panic!("no decision with a lock in the journal: {entries:#?}"));
+    assert_eq!(decided["LOCK_ID"], lock.lock_id);
+    assert_eq!(decided["DECISION"], "ok");
+    assert!(!decided["COMMAND_ID"].is_empty());
+    assert_eq!(decided["SYSLOG_IDENTIFIER"], "lockhub");
+    assert_eq!(decided["PRIORITY"], "5", "info is the journal's notice");
+    let refused = entries.iter().find(|e| e.get("REASON").is_some_and(|r| r == "rate_limited"));
+    assert_eq!(refused.map(|e| e["DECISION"].as_str()), Some("refused"), "{entries:#?}");
+    let mut written = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut written).unwrap();
+    assert_eq!(written, "", "logged to stderr too");
+
+    // Reloads dropped no link: the gateway said `online` once, and `offline` only at the end.
+    let status_topic = format!("lockhub/v1/{gw}/status");
+    let mut statuses = Vec::new();
+    while let Ok(msg) = seen.try_recv() {
+        if msg.topic == status_topic {
+            statuses.push(String::from_utf8_lossy(&msg.payload).contains("\"online\""));
+        }
+    }
+    assert_eq!(statuses.first(), Some(&true), "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|online| **online).count(), 1, "reconnected: {statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_without_any_privilege() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // What the unit gives it: an unprivileged user, no capabilities at all (bounding set
+    // included), no new privileges, umask 0077. Here the user is `nobody`.
+    let bed = support::bed();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = "gw-nobody";
+    let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
+    let broker = support::bundled::Bundled::start(&pki);
+    let config = write_config(dir.path(), &pki, broker.port, gw);
+    let (notify_path, mut notes) = notify_socket(dir.path());
+    let nobody = |p: &Path| {
+        Command::new("chown").arg("-R").arg("nobody:nogroup").arg(p).status().unwrap().success().then_some(()).unwrap()
+    };
+    nobody(dir.path());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut daemon = Command::new("sh")
+        .args(["-c", r#"umask 0077 && exec "$@""#, "sh", "setpriv", "--pdeathsig", "KILL"])
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args(["--no-new-privs", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
+        .arg(&config)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bed.bus)
+        .env("LOCKHUB_LOG", "warn")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    notified(&mut notes, |n| n == "READY=1").await;
+    notified(&mut notes, |n| n.starts_with("STATUS=") && n.contains("cloud connected")).await;
+    let capabilities = std::fs::read_to_string(format!("/proc/{}/status", daemon.id())).unwrap();
+    for line in capabilities.lines().filter(|l| l.starts_with("Cap")) {
+        assert!(line.ends_with("0000000000000000"), "a capability is left: {line}");
+    }
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    let exit = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
+    assert!(exit.success(), "the daemon exited with {exit}");
+    // Everything it wrote is its own, and nobody else's to read.
+    for entry in std::fs::read_dir(dir.path().join("state")).unwrap() {
+        let meta = entry.unwrap().metadata().unwrap();
+        assert_eq!(meta.mode() & 0o077, 0, "readable by others: mode {:o}", meta.mode());
+    }
 }

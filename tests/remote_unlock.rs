@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lockhub::auth::statement::{Claim, Grant, Operation, Pair, Permission, Policy, Revoke, Statement};
+use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::ble::BleConfig;
 use lockhub::ble::bluez::BluezTransport;
 use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::{AppClient, AppKey, command, new_id};
+use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, remote_unlock, revoke};
 use lockhub::devcloud::pki::Pki;
 use lockhub::gateway::intake::{self, Intake};
 use lockhub::gateway::policy::PolicyLimits;
@@ -158,28 +158,13 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
 
     // Claim with the code the gateway shows.
     let code = lockhub::gateway::claim::claim_code(&mut stack.store.lock().unwrap()).unwrap().unwrap();
-    let claim = Statement::Claim(Claim {
-        jti: new_id("k"),
-        gw: gw.clone(),
-        code: code.as_str().into(),
-        iat: now,
-        exp: now + 300,
-    });
-    assert_reply(&app.send(&claim, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_reply(&app.send(&claim(&gw, code.as_str(), now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
 
     // Pair a lock with its setup code.
     let ctl = support::control().await;
     let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let lock_id = LockId::parse(&lock.lock_id).unwrap();
-    let pair = Statement::Pair(Pair {
-        jti: new_id("p"),
-        gw: gw.clone(),
-        lock: lock_id,
-        setup: lock.setup_code.clone(),
-        iat: now,
-        exp: now + 300,
-    });
-    assert_reply(&app.send(&pair, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_reply(&app.send(&pair(&gw, lock_id, &lock.setup_code, now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
 
     let unlock = |op| Statement::Command(command(&gw, lock_id, op, unix_now(), 30));
     // Nobody has granted the user anything.
@@ -189,28 +174,12 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
         Some("unknown_key"),
     );
 
-    let grant_id = new_id("g");
-    let grant = Statement::Grant(Grant {
-        jti: grant_id.clone(),
-        gw: gw.clone(),
-        sub: user.public(),
-        lock: lock_id,
-        perms: vec![Permission::Lock, Permission::Unlock, Permission::Remote],
-        nbf: now - 60,
-        iat: now,
-        exp: now + 86_400,
-        schedule: None,
-    });
-    assert_reply(&app.send(&grant, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let perms = vec![Permission::Lock, Permission::Unlock, Permission::Remote];
+    let granted = grant(&gw, user.public(), lock_id, perms, None, 1, now);
+    let grant_id = granted.jti.clone();
+    assert_reply(&app.send(&Statement::Grant(granted), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
     // A user cannot grant.
-    let self_grant = Statement::Grant(Grant {
-        jti: new_id("g"),
-        perms: vec![Permission::Unlatch],
-        ..match &grant {
-            Statement::Grant(g) => g.clone(),
-            _ => unreachable!(),
-        }
-    });
+    let self_grant = Statement::Grant(grant(&gw, user.public(), lock_id, vec![Permission::Unlatch], None, 1, now));
     assert_reply(&app.send(&self_grant, &user, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
 
     // Remote unlock is off until the owner turns it on.
@@ -219,16 +188,7 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
         Outcome::Refused,
         Some("remote_disabled"),
     );
-    let policy = Statement::Policy(Policy {
-        jti: new_id("pol"),
-        gw: gw.clone(),
-        lock: lock_id,
-        remote_unlock: true,
-        quiet_hours: None,
-        iat: now,
-        exp: now + 300,
-    });
-    assert_reply(&app.send(&policy, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_reply(&app.send(&remote_unlock(&gw, lock_id, true, now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
 
     // The unlock.
     let first = unlock(Operation::Unlock);
@@ -290,9 +250,7 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
 
     // Lock again, then revoke: refused from then on.
     assert_reply(&app.send(&unlock(Operation::Lock), &user, WAIT).await.unwrap(), Outcome::Ok, None);
-    let revoke =
-        Statement::Revoke(Revoke { jti: new_id("r"), gw: gw.clone(), grant: grant_id, iat: now, exp: now + 300 });
-    assert_reply(&app.send(&revoke, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_reply(&app.send(&revoke(&gw, grant_id, now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
     assert_reply(&app.send(&unlock(Operation::Unlock), &user, WAIT).await.unwrap(), Outcome::Refused, Some("revoked"));
 
     // Every decision is in the audit chain with its reason, and the chain verifies.
@@ -334,50 +292,17 @@ async fn claim_pair_grant(
     let now = unix_now();
     let gw = stack.gw.clone();
     let code = lockhub::gateway::claim::claim_code(&mut stack.store.lock().unwrap()).unwrap().unwrap();
-    let claim = Statement::Claim(Claim {
-        jti: new_id("k"),
-        gw: gw.clone(),
-        code: code.as_str().into(),
-        iat: now,
-        exp: now + 300,
-    });
-    assert_reply(&app.send(&claim, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_reply(&app.send(&claim(&gw, code.as_str(), now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
     let ctl = support::control().await;
     let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let lock_id = LockId::parse(&lock.lock_id).unwrap();
-    let pair = Statement::Pair(Pair {
-        jti: new_id("p"),
-        gw: gw.clone(),
-        lock: lock_id,
-        setup: lock.setup_code.clone(),
-        iat: now,
-        exp: now + 300,
-    });
+    let pair = pair(&gw, lock_id, &lock.setup_code, now);
     assert_reply(&app.send(&pair, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    let policy = Statement::Policy(Policy {
-        jti: new_id("pol"),
-        gw: gw.clone(),
-        lock: lock_id,
-        remote_unlock: true,
-        quiet_hours: None,
-        iat: now,
-        exp: now + 300,
-    });
-    assert_reply(&app.send(&policy, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    let grant = new_id("g");
-    let statement = Statement::Grant(Grant {
-        jti: grant.clone(),
-        gw,
-        sub: user.public(),
-        lock: lock_id,
-        perms: perms.to_vec(),
-        nbf: now - 60,
-        iat: now,
-        exp: now + 86_400,
-        schedule,
-    });
-    assert_reply(&app.send(&statement, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    Paired { app, owner, user, lock, lock_id, grant }
+    assert_reply(&app.send(&remote_unlock(&gw, lock_id, true, now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let grant = grant(&gw, user.public(), lock_id, perms.to_vec(), schedule, 1, now);
+    let id = grant.jti.clone();
+    assert_reply(&app.send(&Statement::Grant(grant), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    Paired { app, owner, user, lock, lock_id, grant: id }
 }
 
 fn other_day_than_today() -> &'static str {
@@ -601,36 +526,11 @@ async fn twenty_locks_times_fifty_commands_get_one_outcome_each() {
     for _ in 1..LOCKS {
         let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
         let lock_id = LockId::parse(&lock.lock_id).unwrap();
-        let pair = Statement::Pair(Pair {
-            jti: new_id("p"),
-            gw: stack.gw.clone(),
-            lock: lock_id,
-            setup: lock.setup_code.clone(),
-            iat: now,
-            exp: now + 300,
-        });
-        assert_reply(&p.app.send(&pair, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
+        let perms = vec![Permission::Lock, Permission::Unlock, Permission::Remote];
         for statement in [
-            Statement::Policy(Policy {
-                jti: new_id("pol"),
-                gw: stack.gw.clone(),
-                lock: lock_id,
-                remote_unlock: true,
-                quiet_hours: None,
-                iat: now,
-                exp: now + 300,
-            }),
-            Statement::Grant(Grant {
-                jti: new_id("g"),
-                gw: stack.gw.clone(),
-                sub: p.user.public(),
-                lock: lock_id,
-                perms: vec![Permission::Lock, Permission::Unlock, Permission::Remote],
-                nbf: now - 60,
-                iat: now,
-                exp: now + 86_400,
-                schedule: None,
-            }),
+            pair(&stack.gw, lock_id, &lock.setup_code, now),
+            remote_unlock(&stack.gw, lock_id, true, now),
+            Statement::Grant(grant(&stack.gw, p.user.public(), lock_id, perms, None, 1, now)),
         ] {
             assert_reply(&p.app.send(&statement, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
         }

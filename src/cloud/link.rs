@@ -29,6 +29,9 @@ use crate::protocol::ids::GatewayId;
 use crate::store::audit::AuditActor;
 use crate::store::{AuditEntry, Store, StoreError};
 
+/// How long a stopping link keeps sending the outbox.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Largest inbound command accepted; bigger ones are dropped unread.
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
 
@@ -296,6 +299,9 @@ impl CloudLink {
                     () = self.outbox_ready.notified(), if connected => self.drain(&client, &mut flight).await,
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
+                            if connected {
+                                self.flush(&client, &mut eventloop, &mut flight).await;
+                            }
                             self.delete_acked(&mut flight).await;
                             let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, offline_payload());
                             let _ = client.try_disconnect();
@@ -399,6 +405,26 @@ impl CloudLink {
                 });
             }
             _ => {}
+        }
+    }
+
+    /// Sends what the outbox holds and waits for the broker's acknowledgements, for at most
+    /// [`FLUSH_TIMEOUT`]: a stopping gateway's last replies should not wait for its restart.
+    /// What is left stays in the outbox for the next start.
+    async fn flush(&self, client: &AsyncClient, eventloop: &mut rumqttc::EventLoop, flight: &mut InFlight) {
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        self.drain(client, flight).await;
+        while !flight.outbox.is_empty() {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(event)) => {
+                    let room = matches!(&event, Event::Incoming(Incoming::PubAck(_)));
+                    self.on_event(client, flight, event).await;
+                    if room {
+                        self.drain(client, flight).await;
+                    }
+                }
+                Ok(Err(_)) | Err(_) => return,
+            }
         }
     }
 

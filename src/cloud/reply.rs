@@ -20,6 +20,17 @@ pub enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    /// The wire name (`ok`, `refused`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
 /// A reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

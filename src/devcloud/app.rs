@@ -19,7 +19,9 @@ use tokio::sync::{broadcast, oneshot};
 use zeroize::Zeroizing;
 
 use crate::auth::keys::{PublicKey, generate};
-use crate::auth::statement::{Command, Operation, Statement, StatementId};
+use crate::auth::statement::{
+    Claim, Command, Grant, Operation, Pair, Permission, Policy, Revoke, Schedule, Statement, StatementId,
+};
 use crate::cloud::link::BrokerUrl;
 use crate::cloud::reply::Reply;
 use crate::cloud::tls::{TlsError, client_config};
@@ -119,6 +121,80 @@ pub fn new_id(prefix: &str) -> StatementId {
     let mut bytes = [0u8; 12];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
     StatementId::new(format!("{prefix}-{}", URL_SAFE_NO_PAD.encode(bytes))).expect("a valid id")
+}
+
+/// How long the owner's statements built here stay valid: long enough for a slow relay, short
+/// enough that a captured one is soon useless.
+pub const STATEMENT_LIFETIME_S: i64 = 300;
+
+/// The owner's claim of `gateway` with its one-time `code`.
+pub fn claim(gateway: &GatewayId, code: &str, now: i64) -> Statement {
+    Statement::Claim(Claim {
+        jti: new_id("k"),
+        gw: gateway.clone(),
+        code: code.to_owned(),
+        iat: now,
+        exp: now + STATEMENT_LIFETIME_S,
+    })
+}
+
+/// The owner's pairing of `lock` (with the setup code on its label) to `gateway`.
+pub fn pair(gateway: &GatewayId, lock: LockId, setup: &str, now: i64) -> Statement {
+    Statement::Pair(Pair {
+        jti: new_id("p"),
+        gw: gateway.clone(),
+        lock,
+        setup: setup.to_owned(),
+        iat: now,
+        exp: now + STATEMENT_LIFETIME_S,
+    })
+}
+
+/// The owner's policy for `lock`: remote unlock on or off, no quiet hours.
+pub fn remote_unlock(gateway: &GatewayId, lock: LockId, on: bool, now: i64) -> Statement {
+    Statement::Policy(Policy {
+        jti: new_id("pol"),
+        gw: gateway.clone(),
+        lock,
+        remote_unlock: on,
+        quiet_hours: None,
+        iat: now,
+        exp: now + STATEMENT_LIFETIME_S,
+    })
+}
+
+/// The owner's grant to `user` on `lock`, valid from a minute ago (clock skew) for `days`.
+pub fn grant(
+    gateway: &GatewayId,
+    user: PublicKey,
+    lock: LockId,
+    perms: Vec<Permission>,
+    schedule: Option<Schedule>,
+    days: u32,
+    now: i64,
+) -> Grant {
+    Grant {
+        jti: new_id("g"),
+        gw: gateway.clone(),
+        sub: user,
+        lock,
+        perms,
+        nbf: now - 60,
+        iat: now,
+        exp: now + i64::from(days) * 86_400,
+        schedule,
+    }
+}
+
+/// The owner's revocation of `grant`.
+pub fn revoke(gateway: &GatewayId, grant: StatementId, now: i64) -> Statement {
+    Statement::Revoke(Revoke {
+        jti: new_id("r"),
+        gw: gateway.clone(),
+        grant,
+        iat: now,
+        exp: now + STATEMENT_LIFETIME_S,
+    })
 }
 
 /// A command valid for `lifetime_s` from `now`.

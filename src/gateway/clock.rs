@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::statements::Clock;
 use crate::store::unix_now;
 
-/// The system clock. With `require_sync`, it counts as synchronised from the first time
-/// `synchronised` says so (and stays so: a later NTP hiccup does not make it untrustworthy);
-/// without, it is trusted from the start (test rigs whose clock is known good).
-pub fn system_clock(require_sync: bool, synchronised: fn() -> bool) -> Clock {
-    let ever = Arc::new(AtomicBool::new(!require_sync));
+/// The system clock. While `require_sync` holds, it counts as synchronised from the first
+/// time `synchronised` says so (and stays so: a later NTP hiccup does not make it
+/// untrustworthy); without, it is trusted (test rigs whose clock is known good). The flag is
+/// shared so that a configuration reload can change it.
+pub fn system_clock(require_sync: Arc<AtomicBool>, synchronised: fn() -> bool) -> Clock {
+    let ever = Arc::new(AtomicBool::new(false));
     Arc::new(move || {
-        let synced = ever.load(Ordering::Acquire) || {
+        let synced = !require_sync.load(Ordering::Acquire) || ever.load(Ordering::Acquire) || {
             let now = synchronised();
             if now {
                 ever.store(true, Ordering::Release);
@@ -36,7 +37,7 @@ mod tests {
 
     #[test]
     fn a_clock_without_the_requirement_is_trusted_and_ticks() {
-        let (now, synced) = system_clock(false, || false)();
+        let (now, synced) = system_clock(Arc::new(AtomicBool::new(false)), || false)();
         assert!(synced);
         assert!(now > 1_700_000_000);
     }
@@ -45,7 +46,7 @@ mod tests {
 
     #[test]
     fn once_synchronised_the_clock_stays_trusted() {
-        let clock = system_clock(true, || SYNCED.load(Ordering::SeqCst));
+        let clock = system_clock(Arc::new(AtomicBool::new(true)), || SYNCED.load(Ordering::SeqCst));
         assert!(!clock().1, "never synchronised");
         SYNCED.store(true, Ordering::SeqCst);
         assert!(clock().1);

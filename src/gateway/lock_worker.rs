@@ -190,7 +190,7 @@ impl<T: LockTransport> LockWorker<T> {
                             let _ = self.sync().await;
                         }
                         Err(e) => {
-                            tracing::info!(lock = %self.lock(), error = %e, "the link to the lock dropped");
+                            tracing::info!(lock_id = %self.lock(), error = %e, "the link to the lock dropped");
                             self.report(Vec::new(), None).await;
                         }
                     }
@@ -230,7 +230,7 @@ impl<T: LockTransport> LockWorker<T> {
                 Job::Sync => {
                     sync_queued.store(false, Ordering::Release);
                     if let Err(e) = self.sync().await {
-                        tracing::info!(lock = %self.lock(), error = %e, "could not read the lock's news");
+                        tracing::info!(lock_id = %self.lock(), error = %e, "could not read the lock's news");
                     }
                 }
             }
@@ -309,7 +309,7 @@ impl<T: LockTransport> LockWorker<T> {
                 let page = match self.client.call(Actor::Hub, Op::ReadEvents { after, max }).await {
                     Ok(r) => r.result,
                     Err(e) => {
-                        tracing::info!(lock = %self.lock(), error = %e, "could not read the lock's log");
+                        tracing::info!(lock_id = %self.lock(), error = %e, "could not read the lock's log");
                         break;
                     }
                 };
@@ -365,8 +365,8 @@ impl<T: LockTransport> LockWorker<T> {
                 self.outbox_ready.notify_one();
             }
             // Not recorded: the entries stay unread (last_seq unchanged) and are read again.
-            Ok(Err(e)) => tracing::error!(lock = %lock, error = %e, "could not record the lock's events"),
-            Err(e) => tracing::error!(lock = %lock, error = %e, "the store task failed"),
+            Ok(Err(e)) => tracing::error!(lock_id = %lock, error = %e, "could not record the lock's events"),
+            Err(e) => tracing::error!(lock_id = %lock, error = %e, "the store task failed"),
         }
     }
 

@@ -156,6 +156,12 @@ impl PolicyEngine {
         PolicyEngine { limits, history: HashMap::new() }
     }
 
+    /// Replaces the limits (a configuration reload); the memory of recent decisions stays, so
+    /// a reload neither lifts a lockout nor resets a rate window.
+    pub fn set_limits(&mut self, limits: PolicyLimits) {
+        self.limits = limits;
+    }
+
     /// Decides one command by `signer` and remembers the decision for rate limits and lockouts.
     pub fn decide(&mut self, signer: &PublicKey, command: &Command, facts: &Facts<'_>) -> Result<Role, Denial> {
         let decision = self.judge(signer, command, facts);

@@ -199,16 +199,36 @@ impl<T: LockTransport> Gateway<T> {
     }
 
     /// Takes accepted statements until the channel closes: owner statements in order,
-    /// commands concurrently.
+    /// commands concurrently. Returns once the commands in flight have finished too, so that a
+    /// stopping daemon can close the channel and await this before flushing the outbox.
     pub async fn serve(self: Arc<Self>, mut accepted: mpsc::Receiver<Accepted>) {
-        while let Some(statement) = accepted.recv().await {
-            if matches!(statement.signed.statement, Statement::Command(_)) {
-                let gateway = self.clone();
-                tokio::spawn(async move { gateway.handle(statement).await });
-            } else {
-                self.handle(statement).await;
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                statement = accepted.recv() => {
+                    let Some(statement) = statement else { break };
+                    if matches!(statement.signed.statement, Statement::Command(_)) {
+                        let gateway = self.clone();
+                        in_flight.spawn(async move { gateway.handle(statement).await });
+                    } else {
+                        self.handle(statement).await;
+                    }
+                }
+                // Reap finished commands as they go, so the set stays as small as the load.
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             }
         }
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Replaces the policy limits (a configuration reload).
+    pub fn set_policy_limits(&self, limits: PolicyLimits) {
+        self.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_limits(limits);
+    }
+
+    /// How many locks are paired (and have a task).
+    pub fn lock_count(&self) -> usize {
+        self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
     /// Carries out one statement, recording its outcome.
@@ -315,7 +335,15 @@ impl<T: LockTransport> Gateway<T> {
             let _ = recorded.send(committed.is_ok());
         }
         committed?;
-        tracing::info!(id = %reply.id, action, outcome, "statement decided");
+        // Field names chosen for the journal (LOCK_ID, COMMAND_ID, DECISION, REASON).
+        tracing::info!(
+            command_id = %reply.id,
+            lock_id = lock.map(|l| l.to_string()),
+            action,
+            decision = reply.result.as_str(),
+            reason = outcome,
+            "statement decided"
+        );
         self.outbox_ready.notify_one();
         Ok(())
     }

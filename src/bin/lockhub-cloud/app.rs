@@ -8,11 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use lockhub::auth::keys::PublicKey;
-use lockhub::auth::statement::{
-    Claim, Grant, Operation, Pair, Permission, Policy, Revoke, Schedule, Statement, StatementId,
-};
+use lockhub::auth::statement::{Operation, Permission, Schedule, Statement, StatementId};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::{AppClient, AppKey, command, new_id};
+use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, remote_unlock, revoke};
 use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::store::unix_now;
@@ -189,14 +187,11 @@ pub async fn run(args: AppArgs) -> Result<()> {
         AppCommand::Keygen { .. } | AppCommand::Whoami => unreachable!("handled above"),
         AppCommand::Claim { gateway: g, code } => {
             let gw = gateway(&g)?;
-            (gw.clone(), Statement::Claim(Claim { jti: new_id("k"), gw, code, iat: now, exp: now + 300 }))
+            (gw.clone(), claim(&gw, &code, now))
         }
         AppCommand::Pair { gateway: g, lock: l, setup } => {
             let gw = gateway(&g)?;
-            (
-                gw.clone(),
-                Statement::Pair(Pair { jti: new_id("p"), gw, lock: lock(&l)?, setup, iat: now, exp: now + 300 }),
-            )
+            (gw.clone(), pair(&gw, lock(&l)?, &setup, now))
         }
         AppCommand::Grant { gateway: g, lock: l, user, perms, days, weekdays, from, to, tz } => {
             let gw = gateway(&g)?;
@@ -214,40 +209,18 @@ pub async fn run(args: AppArgs) -> Result<()> {
             if let Some(s) = &schedule {
                 s.validate().map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
             }
-            let jti = new_id("g");
-            println!("grant id: {jti} (to revoke it: --grant {jti})");
-            (
-                gw.clone(),
-                Statement::Grant(Grant {
-                    jti,
-                    gw,
-                    sub,
-                    lock: lock(&l)?,
-                    perms,
-                    nbf: now,
-                    iat: now,
-                    exp: now + i64::from(days) * 86_400,
-                    schedule,
-                }),
-            )
+            let g = grant(&gw, sub, lock(&l)?, perms, schedule, days, now);
+            println!("grant id: {} (to revoke it: --grant {})", g.jti, g.jti);
+            (gw, Statement::Grant(g))
         }
         AppCommand::Revoke { gateway: g, grant } => {
             let gw = gateway(&g)?;
             let grant = StatementId::new(grant).map_err(|e| anyhow::anyhow!("--grant: {e}"))?;
-            (gw.clone(), Statement::Revoke(Revoke { jti: new_id("r"), gw, grant, iat: now, exp: now + 300 }))
+            (gw.clone(), revoke(&gw, grant, now))
         }
-        AppCommand::Policy { gateway: g, lock: l, remote_unlock } => {
+        AppCommand::Policy { gateway: g, lock: l, remote_unlock: on } => {
             let gw = gateway(&g)?;
-            let p = Policy {
-                jti: new_id("pol"),
-                gw: gw.clone(),
-                lock: lock(&l)?,
-                remote_unlock,
-                quiet_hours: None,
-                iat: now,
-                exp: now + 300,
-            };
-            (gw, Statement::Policy(p))
+            (gw.clone(), remote_unlock(&gw, lock(&l)?, on, now))
         }
         AppCommand::Unlock { gateway: g, lock: l } => {
             let gw = gateway(&g)?;

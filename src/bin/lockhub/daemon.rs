@@ -1,20 +1,37 @@
 //! `lockhub run`: the gateway daemon, wired from its configuration — store, BlueZ transport,
-//! per-lock tasks, policy, intake, cloud link, radio watch — until SIGTERM or Ctrl-C, then a
-//! clean stop (the cloud link says `offline` and flushes what it can).
+//! per-lock tasks, policy, intake, cloud link, radio watch — and its life under systemd.
+//!
+//! - Ready (systemd notify) once the store answers and the locks' tasks run; the cloud may
+//!   still be unreachable, which is how the gateway works offline.
+//! - SIGHUP reloads the configuration: the policy limits and the clock requirement change at
+//!   once; keys that only a restart can apply are named in the log. No link is dropped. A
+//!   broken file is refused and the running configuration kept.
+//! - SIGTERM (or Ctrl-C) stops in order: no new statements are taken (unacknowledged ones are
+//!   redelivered after the restart), the commands in flight finish (bounded), the cloud link
+//!   sends what the outbox holds (bounded), says `offline` and disconnects.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lockhub::ble::bluez::BluezTransport;
-use lockhub::cloud::link::{CloudLink, LinkState};
+use lockhub::cloud::link::CloudLink;
 use lockhub::config::Config;
 use lockhub::gateway::clock::system_clock;
 use lockhub::gateway::intake::{self, Intake};
 use lockhub::gateway::statements::Gateway;
 use lockhub::store::{Store, StoreConfig, unix_now};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, mpsc, watch};
+
+use crate::service;
+
+/// How long the commands in flight may take to finish when stopping. A command's own
+/// deadline is at most 60 s away, but systemd's stop timeout (90 s by default) must cover
+/// this, the outbox flush and the disconnect.
+const FINISH_IN_FLIGHT: Duration = Duration::from_secs(20);
 
 /// Whether the kernel says the clock is synchronised (`adjtimex(2)`, read-only).
 pub fn kernel_synchronised() -> bool {
@@ -49,11 +66,15 @@ pub fn open_store(config: &Config) -> Result<Store> {
 /// Runs the daemon until a stop signal.
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
+    config.check_files(config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config_path, config))
 }
 
-async fn serve(config: Config) -> Result<()> {
+async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
+    // Signals first: a SIGTERM during start-up must not kill the process mid-write.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let id = config.gateway_id();
     let mut store = open_store(&config)?;
     if let Some(code) = lockhub::gateway::claim::claim_code(&mut store)? {
@@ -62,10 +83,11 @@ async fn serve(config: Config) -> Result<()> {
     let store = Arc::new(Mutex::new(store));
     let outbox_ready = Arc::new(Notify::new());
     let (inbound_tx, inbound) = mpsc::channel(64);
-    let (link, mut reports) =
+    let (link, reports) =
         CloudLink::new(config.cloud_config(), id.clone(), store.clone(), outbox_ready.clone(), inbound_tx)?;
     let transport = Arc::new(BluezTransport::open(&config.ble).await.context("opening BlueZ")?);
-    let clock = system_clock(config.clock.require_sync, kernel_synchronised);
+    let require_sync = Arc::new(AtomicBool::new(config.clock.require_sync));
+    let clock = system_clock(require_sync.clone(), kernel_synchronised);
     if !clock().1 {
         tracing::warn!("the clock has not been synchronised yet: remote commands are refused until it is");
     }
@@ -76,36 +98,70 @@ async fn serve(config: Config) -> Result<()> {
         transport.clone(),
         config.ble.clone(),
         config.policy,
-        clock,
+        clock.clone(),
     );
     gateway.start_locks()?;
     let (stop, stopped) = watch::channel(false);
     let (accepted_tx, accepted) = mpsc::channel(64);
-    tokio::spawn(intake::serve(Intake::new(store.clone(), id.clone(), outbox_ready), inbound, accepted_tx, unix_now));
-    tokio::spawn(gateway.clone().serve(accepted));
-    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway, stopped.clone()));
-    let link_task = tokio::spawn(link.run(stopped));
+    let intake = Intake::new(store.clone(), id.clone(), outbox_ready);
+    let (stop_intake, mut intake_stopped) = watch::channel(false);
     tokio::spawn(async move {
-        let mut up = false;
-        while reports.state.changed().await.is_ok() {
-            let now_up = matches!(*reports.state.borrow(), LinkState::Connected(_));
-            if now_up != up {
-                up = now_up;
-                // The daemon's readiness line (systemd notify comes with packaging).
-                if up {
-                    tracing::info!("connected to the cloud");
-                }
-            }
+        // Dropping the intake drops its channels: deliveries not yet noted stay unacknowledged
+        // and come again after the restart; the gateway sees its input end.
+        tokio::select! {
+            () = intake::serve(intake, inbound, accepted_tx, unix_now) => {}
+            _ = intake_stopped.changed() => {}
         }
     });
+    let statements = tokio::spawn(gateway.clone().serve(accepted));
+    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
+    let link_task = tokio::spawn(link.run(stopped));
+    let locks = gateway.clone();
+    service::start(service::Health {
+        link: reports.state.clone(),
+        brokers: config.cloud.brokers.len(),
+        locks: Box::new(move || locks.lock_count()),
+        clock_synchronised: Box::new(move || clock().1),
+        store: store.clone(),
+    });
     tracing::info!(gateway = %id, "lockhub running");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => {
+                service::reloading();
+                match reload(config_path, &config) {
+                    Ok(new) => {
+                        gateway.set_policy_limits(new.policy);
+                        require_sync.store(new.clock.require_sync, Ordering::Release);
+                        config = new;
+                        tracing::info!(config = %config_path.display(), "configuration reloaded");
+                    }
+                    Err(e) => tracing::error!(error = %e, "configuration not reloaded; the running one stays"),
+                }
+                service::reloaded();
+            }
+        }
     }
     tracing::info!("stopping");
+    service::stopping();
+    let _ = stop_intake.send(true);
+    if tokio::time::timeout(FINISH_IN_FLIGHT, statements).await.is_err() {
+        tracing::warn!("commands still running after {FINISH_IN_FLIGHT:?}: stopping without their replies");
+    }
     let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), link_task).await;
+    let _ = tokio::time::timeout(lockhub::cloud::link::FLUSH_TIMEOUT + Duration::from_secs(3), link_task).await;
     Ok(())
+}
+
+/// Reads the configuration again; returns it if it can be applied without a restart, after
+/// logging which of its changes need one.
+fn reload(path: &Path, running: &Config) -> Result<Config> {
+    let new = Config::load(path)?;
+    new.check_files(path)?;
+    for key in running.restart_needed(&new) {
+        tracing::warn!(key, "changed in the configuration: takes effect at the next restart");
+    }
+    Ok(new)
 }

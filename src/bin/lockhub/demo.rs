@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lockhub::auth::statement::{Claim, Grant, Operation, Pair, Permission, Policy, Statement};
+use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::ble::BleConfig;
 use lockhub::ble::bluez::BluezTransport;
 use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::{AppClient, AppKey, command, new_id};
+use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, new_id, pair, remote_unlock};
 use lockhub::devcloud::broker::{Broker, BrokerConfig};
 use lockhub::devcloud::pki::Pki;
 use lockhub::firmware::bluez::control::EmulatorProxy;
@@ -238,13 +238,7 @@ async fn script(dir: &Path, bus: &str, locks: u8) -> Result<()> {
     // Claim.
     let code = lockhub::gateway::claim::claim_code(&mut store.lock().expect("store"))?.context("already claimed")?;
     t.note(&format!("the gateway shows its one-time claim code: {}", code.as_str()));
-    let claim = Statement::Claim(Claim {
-        jti: new_id("k"),
-        gw: gw.clone(),
-        code: code.as_str().into(),
-        iat: now,
-        exp: now + 300,
-    });
+    let claim = claim(&gw, code.as_str(), now);
     let (reply, took) = timed(app.send(&claim, &owner, WAIT)).await;
     t.line("owner claims the gateway with the code", &describe(&reply?), took);
 
@@ -252,39 +246,21 @@ async fn script(dir: &Path, bus: &str, locks: u8) -> Result<()> {
     for id in &lock_ids {
         let report: serde_json::Value = serde_json::from_str(&control.lock_state(&id.to_string()).await?)?;
         let setup = report["setup_code"].as_str().context("no setup code")?.to_owned();
-        let pair =
-            Statement::Pair(Pair { jti: new_id("p"), gw: gw.clone(), lock: *id, setup, iat: now, exp: now + 300 });
+        let pair = pair(&gw, *id, &setup, now);
         let (reply, took) = timed(app.send(&pair, &owner, WAIT)).await;
         t.line(&format!("owner pairs lock {id} with the code on its label"), &describe(&reply?), took);
     }
     let lock: LockId = lock_ids[0];
 
     // Grant, and remote unlock on.
-    let grant = Statement::Grant(Grant {
-        jti: new_id("g"),
-        gw: gw.clone(),
-        sub: user.public(),
-        lock,
-        perms: vec![Permission::Lock, Permission::Unlock, Permission::Remote],
-        nbf: now - 60,
-        iat: now,
-        exp: now + 86_400,
-        schedule: None,
-    });
+    let perms = vec![Permission::Lock, Permission::Unlock, Permission::Remote];
+    let grant = Statement::Grant(grant(&gw, user.public(), lock, perms, None, 1, now));
     let (reply, took) = timed(app.send(&grant, &owner, WAIT)).await;
     t.line("owner grants the user lock + unlock + remote", &describe(&reply?), took);
     let cmd = |op| Statement::Command(command(&gw, lock, op, unix_now(), 30));
     let (reply, took) = timed(app.send(&cmd(Operation::Unlock), &user, WAIT)).await;
     t.line("user unlocks remotely (remote unlock still off)", &describe(&reply?), took);
-    let policy = Statement::Policy(Policy {
-        jti: new_id("pol"),
-        gw: gw.clone(),
-        lock,
-        remote_unlock: true,
-        quiet_hours: None,
-        iat: now,
-        exp: now + 300,
-    });
+    let policy = remote_unlock(&gw, lock, true, now);
     let (reply, took) = timed(app.send(&policy, &owner, WAIT)).await;
     t.line("owner turns remote unlock on for the lock", &describe(&reply?), took);
 

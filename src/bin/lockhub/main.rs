@@ -1,73 +1,47 @@
 //! `lockhub`: the gateway daemon and its tools.
 //!
-//! - `run` is the daemon; `check-config` checks its configuration; `claim-code` shows the
-//!   one-time code the owner claims the gateway with.
-//! - `demo` runs the whole system on this machine — the bundled broker with a fresh PKI,
-//!   emulated locks on a private D-Bus bus, the gateway, the phone-app stand-in — and prints
-//!   a transcript of a remote unlock and what the gateway refuses.
+//! - `run` is the daemon; `check-config` checks its configuration (the file and the files it
+//!   names); `claim-code` shows the one-time code the owner claims the gateway with.
+//! - `completions` and `man` print shell completions and the man page (the Debian package
+//!   installs both).
+//! - `demo` (built with the `devtools` feature, not in the Debian package) runs the whole
+//!   system on this machine — the bundled broker with a fresh PKI, emulated locks on a private
+//!   D-Bus bus, the gateway, the phone-app stand-in — and prints a transcript of a remote unlock
+//!   and what the gateway refuses.
 
+mod cli;
 mod daemon;
+#[cfg(feature = "devtools")]
 mod demo;
-
-use std::path::PathBuf;
+mod logging;
+mod service;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser};
+use cli::{Cli, Command};
 
-#[derive(Parser)]
-#[command(name = "lockhub", version, about = "Home-hub gateway for Bluetooth LE smart locks")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the gateway daemon.
-    Run {
-        /// The configuration file.
-        #[arg(long, default_value = "/etc/lockhub/lockhub.toml")]
-        config: PathBuf,
-    },
-    /// Check the configuration file and say what is wrong, with line and column.
-    CheckConfig {
-        /// The configuration file.
-        #[arg(long, default_value = "/etc/lockhub/lockhub.toml")]
-        config: PathBuf,
-    },
-    /// Show the one-time claim code (until an owner has claimed the gateway).
-    ClaimCode {
-        /// The configuration file.
-        #[arg(long, default_value = "/etc/lockhub/lockhub.toml")]
-        config: PathBuf,
-    },
-    /// Run the whole system on this machine, with no hardware, broker install or root, and
-    /// print what happens: claim, pair, grant, remote unlock, a keypad unlock reported by the
-    /// lock, a refused replay and a refused expired command.
-    Demo {
-        /// How many emulated locks.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=16))]
-        locks: u8,
-        /// Show the components' logs too.
-        #[arg(long)]
-        verbose: bool,
-    },
-}
+/// sysexits(3)'s "configuration error".
+const EX_CONFIG: i32 = 78;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("LOCKHUB_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            daemon::run(&config)
+            logging::init("info");
+            let result = daemon::run(&config);
+            if let Err(e) = &result
+                && let Some(config_error) = e.downcast_ref::<lockhub::config::ConfigError>()
+            {
+                // EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78);
+                // restarting cannot fix a configuration, and the log says what to change.
+                tracing::error!("{config_error}");
+                std::process::exit(EX_CONFIG);
+            }
+            result
         }
         Command::CheckConfig { config } => {
             let c = lockhub::config::Config::load(&config)?;
+            c.check_files(&config)?;
             println!("{}: ok (gateway {}, {} broker(s))", config.display(), c.gateway.id, c.cloud.brokers.len());
             Ok(())
         }
@@ -80,14 +54,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lockhub", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        #[cfg(feature = "devtools")]
         Command::Demo { locks, verbose } => {
-            let filter = if verbose { "info" } else { "error" };
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("LOCKHUB_LOG").unwrap_or_else(|_| filter.into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            logging::init(if verbose { "info" } else { "error" });
             demo::run(locks)
         }
     }
