@@ -144,6 +144,9 @@ pub struct Config {
     /// `[clock]`.
     #[serde(default)]
     pub clock: ClockSection,
+    /// `[local]`: Home Assistant and local control.
+    #[serde(default)]
+    pub local: crate::local::config::LocalConfig,
 }
 
 impl Config {
@@ -191,6 +194,34 @@ impl Config {
         if self.policy.rate_commands == 0 || self.policy.lockout_failures == 0 {
             return Err(invalid("policy", "rate_commands and lockout_failures must be at least 1".into()));
         }
+        let local = &self.local;
+        crate::local::codes::CodeBook::new(local).map_err(|e| invalid("local.codes", e.to_string()))?;
+        let prefix_ok = !local.discovery_prefix.is_empty()
+            && local.discovery_prefix.len() <= 64
+            && local.discovery_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'/'));
+        if !prefix_ok {
+            return Err(invalid(
+                "local.discovery_prefix",
+                "letters, digits, '_', '-', '/' (Home Assistant's default is homeassistant)".into(),
+            ));
+        }
+        if local.lockout_failures == 0 || local.lockout_s <= 0 || local.lockout_window_s <= 0 {
+            return Err(invalid("local", "lockout_failures, lockout_window_s and lockout_s must be positive".into()));
+        }
+        if let Some(mqtt) = &local.mqtt {
+            if mqtt.host.is_empty() || mqtt.host.len() > 253 {
+                return Err(invalid("local.mqtt.host", "the local broker's host name or address".into()));
+            }
+            if mqtt.tls && mqtt.ca.is_none() {
+                return Err(invalid(
+                    "local.mqtt.ca",
+                    "tls = true needs the CA that signs the local broker's certificate".into(),
+                ));
+            }
+            if mqtt.password_file.is_some() && mqtt.username.is_none() {
+                return Err(invalid("local.mqtt.username", "a password_file needs a username".into()));
+            }
+        }
         Ok(())
     }
 
@@ -223,6 +254,20 @@ impl Config {
                 ),
             ));
         }
+        if let Some(password) = self.local.mqtt.as_ref().and_then(|m| m.password_file.as_ref()) {
+            let meta =
+                std::fs::metadata(password).map_err(|e| err("local.mqtt.password_file", password, file_problem(&e)))?;
+            if meta.permissions().mode() & 0o007 != 0 {
+                return Err(err(
+                    "local.mqtt.password_file",
+                    password,
+                    "other users can read this password: chmod 0640 it, owned by root and group lockhub".into(),
+                ));
+            }
+        }
+        if let Some(ca) = self.local.mqtt.as_ref().and_then(|m| m.ca.as_ref()) {
+            read_pem(ca).map_err(|m| err("local.mqtt.ca", ca, m))?;
+        }
         let pem = read_pem(key).map_err(|m| err("cloud.key", key, m))?;
         if !matches!(rustls_pemfile::private_key(&mut pem.as_slice()), Ok(Some(_))) {
             return Err(err("cloud.key", key, "holds no PEM private key (-----BEGIN PRIVATE KEY-----)".into()));
@@ -242,6 +287,9 @@ impl Config {
         }
         if self.ble != new.ble {
             keys.push("ble");
+        }
+        if self.local != new.local {
+            keys.push("local");
         }
         keys
     }

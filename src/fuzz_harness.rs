@@ -222,3 +222,12 @@ pub fn config(data: &[u8]) {
         let _ = crate::config::Config::parse(std::path::Path::new("fuzz.toml"), text);
     }
 }
+
+/// A command from the local broker (Home Assistant): the bare payloads or the JSON with a
+/// code; a parsed command must name an operation, and a code is never longer than the payload.
+pub fn local_command(data: &[u8]) {
+    if let Ok(command) = crate::local::command::LocalCommand::parse(data) {
+        assert!(command.code.as_ref().is_none_or(|c| c.len() < data.len()));
+        assert!(!command.operation.as_str().is_empty());
+    }
+}

@@ -17,6 +17,7 @@ pub mod firmware;
 #[cfg(feature = "devtools")]
 pub mod fuzz_harness;
 pub mod gateway;
+pub mod local;
 #[cfg(feature = "devtools")]
 pub mod memlink;
 pub mod protocol;

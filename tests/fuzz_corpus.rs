@@ -16,6 +16,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("mqtt_packets", lockhub::fuzz_harness::mqtt_packets),
     ("statement", lockhub::fuzz_harness::statement),
     ("config", lockhub::fuzz_harness::config),
+    ("local_command", lockhub::fuzz_harness::local_command),
 ];
 
 #[test]

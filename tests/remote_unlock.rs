@@ -5,147 +5,16 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lockhub::auth::statement::{Operation, Permission, Statement};
-use lockhub::ble::BleConfig;
-use lockhub::ble::bluez::BluezTransport;
-use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, remote_unlock, revoke};
-use lockhub::devcloud::pki::Pki;
-use lockhub::gateway::intake::{self, Intake};
+use lockhub::devcloud::app::{AppClient, claim, command, grant, pair, remote_unlock, revoke};
 use lockhub::gateway::policy::PolicyLimits;
-use lockhub::gateway::statements::Gateway;
 use lockhub::protocol::ids::{GatewayId, LockId};
-use lockhub::store::{Store, StoreConfig, unix_now};
-use support::bundled::Bundled;
-use tokio::sync::{Notify, mpsc, watch};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-struct Stack {
-    dir: tempfile::TempDir,
-    pki: Pki,
-    broker: Bundled,
-    gw: GatewayId,
-    store: Arc<Mutex<Store>>,
-    synced: Arc<AtomicBool>,
-    limits: PolicyLimits,
-    stop: watch::Sender<bool>,
-}
-
-/// A BLE configuration that gives up on an unreachable lock within seconds.
-fn ble() -> BleConfig {
-    BleConfig { connect_timeout_ms: 3_000, connect_attempts: 2, ..BleConfig::default() }
-}
-
-impl Stack {
-    async fn start(gw: &str) -> Stack {
-        Self::start_with(gw, PolicyLimits::default()).await
-    }
-
-    async fn start_with(gw: &str, limits: PolicyLimits) -> Stack {
-        support::bed();
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
-        let broker = Bundled::start(&pki);
-        let gw = GatewayId::new(gw).unwrap();
-        let synced = Arc::new(AtomicBool::new(true));
-        let (store, stop) = Self::run_gateway(&dir, &pki, &broker, &gw, &synced, limits).await;
-        Stack { dir, pki, broker, gw, store, synced, limits, stop }
-    }
-
-    /// Starts a gateway (store, cloud link, intake, core, radio watch) on the stack's state
-    /// directory; returns its store and its stop switch.
-    async fn run_gateway(
-        dir: &tempfile::TempDir,
-        pki: &Pki,
-        broker: &Bundled,
-        gw: &GatewayId,
-        synced: &Arc<AtomicBool>,
-        limits: PolicyLimits,
-    ) -> (Arc<Mutex<Store>>, watch::Sender<bool>) {
-        let mut store =
-            Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) })
-                .unwrap();
-        store.transaction(|tx| tx.set_gateway_identity(gw, unix_now())).unwrap();
-        let store = Arc::new(Mutex::new(store));
-        let outbox_ready = Arc::new(Notify::new());
-        let config = CloudConfig {
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
-            ..CloudConfig::new(
-                vec![format!("mqtts://localhost:{}", broker.port)],
-                pki.ca_cert(),
-                pki.client_cert(gw.as_str()),
-                pki.client_key(gw.as_str()),
-            )
-        };
-        let (inbound_tx, inbound) = mpsc::channel(64);
-        let (link, mut reports) =
-            CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
-        let s = synced.clone();
-        let clock: lockhub::gateway::statements::Clock = Arc::new(move || (unix_now(), s.load(Ordering::SeqCst)));
-        let transport = Arc::new(support::transport().await);
-        let gateway: Arc<Gateway<BluezTransport>> =
-            Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), transport.clone(), ble(), limits, clock);
-        gateway.start_locks().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let (accepted_tx, accepted) = mpsc::channel(64);
-        tokio::spawn(intake::serve(
-            Intake::new(store.clone(), gw.clone(), outbox_ready.clone()),
-            inbound,
-            accepted_tx,
-            unix_now,
-        ));
-        tokio::spawn(gateway.clone().serve(accepted));
-        tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway, stopped.clone()));
-        let link = tokio::spawn(link.run(stopped.clone()));
-        reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
-        // Keep the link's task handle alive with the switch: stopping ends it.
-        tokio::spawn(async move {
-            let _ = link.await;
-        });
-        (store, stop)
-    }
-
-    /// Stops the gateway and starts a new one on the same state directory (the store reopened
-    /// from disk), as a restart of the daemon would.
-    async fn restart_gateway(&mut self) {
-        self.stop.send(true).unwrap();
-        let (store, stop) =
-            Self::run_gateway(&self.dir, &self.pki, &self.broker, &self.gw, &self.synced, self.limits).await;
-        self.store = store;
-        self.stop = stop;
-    }
-
-    async fn app(&self) -> AppClient {
-        AppClient::connect(&format!("mqtts://localhost:{}", self.broker.port), &self.pki, &self.gw).await.unwrap()
-    }
-
-    fn key(&self, name: &str) -> AppKey {
-        AppKey::generate(&self.dir.path().join("keys"), name, false).unwrap()
-    }
-
-    fn audit_outcomes(&self, action_prefix: &str) -> Vec<String> {
-        let store = self.store.lock().unwrap();
-        store
-            .audit_records(0, 1000)
-            .unwrap()
-            .into_iter()
-            .filter(|r| r.action.starts_with(action_prefix))
-            .map(|r| r.outcome)
-            .collect()
-    }
-}
-
-fn assert_reply(reply: &Reply, result: Outcome, reason: Option<&str>) {
-    assert_eq!(reply.result, result, "{reply:?}");
-    assert_eq!(reply.reason.map(|r| r.as_str()), reason, "{reply:?}");
-}
+use lockhub::store::unix_now;
+use support::stack::{Stack, WAIT, assert_reply, claim_pair_grant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
@@ -269,40 +138,6 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
     }
     let verified = stack.store.lock().unwrap().verify_audit().unwrap();
     assert!(matches!(verified, lockhub::store::AuditVerification::Intact { .. }), "{verified:?}");
-}
-
-/// A claimed gateway with one paired lock whose remote unlock is on, and a user granted
-/// `perms` (with `schedule`).
-struct Paired {
-    app: AppClient,
-    owner: AppKey,
-    user: AppKey,
-    lock: support::LockReport,
-    lock_id: LockId,
-    grant: lockhub::auth::statement::StatementId,
-}
-
-async fn claim_pair_grant(
-    stack: &Stack,
-    perms: &[Permission],
-    schedule: Option<lockhub::auth::statement::Schedule>,
-) -> Paired {
-    let app = stack.app().await;
-    let (owner, user) = (stack.key("owner"), stack.key("user"));
-    let now = unix_now();
-    let gw = stack.gw.clone();
-    let code = lockhub::gateway::claim::claim_code(&mut stack.store.lock().unwrap()).unwrap().unwrap();
-    assert_reply(&app.send(&claim(&gw, code.as_str(), now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    let ctl = support::control().await;
-    let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
-    let lock_id = LockId::parse(&lock.lock_id).unwrap();
-    let pair = pair(&gw, lock_id, &lock.setup_code, now);
-    assert_reply(&app.send(&pair, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    assert_reply(&app.send(&remote_unlock(&gw, lock_id, true, now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    let grant = grant(&gw, user.public(), lock_id, perms.to_vec(), schedule, 1, now);
-    let id = grant.jti.clone();
-    assert_reply(&app.send(&Statement::Grant(grant), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    Paired { app, owner, user, lock, lock_id, grant: id }
 }
 
 fn other_day_than_today() -> &'static str {
@@ -465,8 +300,7 @@ async fn two_gateways_on_one_broker_cannot_command_each_others_locks() {
     let b_gw = GatewayId::new("gw-b-iso").unwrap();
     let b_dir = tempfile::tempdir().unwrap();
     let b_state = tempfile::TempDir::new_in(b_dir.path()).unwrap();
-    let (_b_store, _b_stop) =
-        Stack::run_gateway(&b_state, &a.pki, &a.broker, &b_gw, &a.synced, PolicyLimits::default()).await;
+    let _b = Stack::run_gateway(&b_state, &a.pki, &a.broker, &b_gw, &a.synced, PolicyLimits::default()).await;
     let p = claim_pair_grant(&a, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let ctl = support::control().await;
     let seq = support::report(&ctl, &p.lock.lock_id).await.status.last_seq;
@@ -490,7 +324,7 @@ async fn two_gateways_on_one_broker_cannot_command_each_others_locks() {
     o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls)));
     // (A client id other than its identity is refused by the bundled broker, so use its own
     // after B's gateway is stopped.)
-    drop(_b_stop);
+    drop(_b);
     let mut o2 = o.clone();
     o2.set_client_id("gw-b-iso".into());
     let (probe, mut events) = rumqttc::AsyncClient::new(o2, 8);

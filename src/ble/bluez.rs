@@ -276,6 +276,10 @@ impl BluezLink {
 }
 
 impl LockLink for BluezLink {
+    fn info(&self) -> LockInfo {
+        self.info
+    }
+
     fn max_fragment(&self) -> usize {
         self.max_fragment
     }

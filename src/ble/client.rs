@@ -185,6 +185,11 @@ impl<T: LockTransport> LockClient<T> {
         self.live.is_some()
     }
 
+    /// The lock's info record (firmware version, capabilities) while a link is up.
+    pub fn info(&self) -> Option<crate::protocol::gatt::LockInfo> {
+        self.live.as_ref().map(|l| l.session.info())
+    }
+
     /// Sends one command and waits for its answer, connecting first if needed.
     pub async fn call(&mut self, actor: Actor, op: Op) -> Result<Response, BleError> {
         self.ensure_session().await?;

@@ -117,6 +117,8 @@ impl BleError {
 
 /// One connection to one lock, carrying raw LHP/1 fragments.
 pub trait LockLink: Send + 'static {
+    /// The lock's info record (firmware version, capabilities), read when the link was made.
+    fn info(&self) -> crate::protocol::gatt::LockInfo;
     /// The largest fragment one write may carry.
     fn max_fragment(&self) -> usize;
     /// Writes one fragment to the lock's write characteristic.

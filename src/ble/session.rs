@@ -31,6 +31,11 @@ impl<L: LockLink> std::fmt::Debug for LockSession<L> {
 }
 
 impl<L: LockLink> LockSession<L> {
+    /// The lock's info record, as read when the link was made.
+    pub fn info(&self) -> crate::protocol::gatt::LockInfo {
+        self.link.info()
+    }
+
     fn new(link: L, gateway_id: GatewayId, lock_id: LockId) -> Result<Self, BleError> {
         let conn = HubConnection::new(gateway_id, lock_id, link.max_fragment())?;
         Ok(LockSession { link, conn, epoch: Instant::now(), events: VecDeque::new() })

@@ -412,20 +412,20 @@ impl CloudLink {
     /// [`FLUSH_TIMEOUT`]: a stopping gateway's last replies should not wait for its restart.
     /// What is left stays in the outbox for the next start.
     async fn flush(&self, client: &AsyncClient, eventloop: &mut rumqttc::EventLoop, flight: &mut InFlight) {
-        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-        self.drain(client, flight).await;
-        while !flight.outbox.is_empty() {
-            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
-                Ok(Ok(event)) => {
-                    let room = matches!(&event, Event::Incoming(Incoming::PubAck(_)));
-                    self.on_event(client, flight, event).await;
-                    if room {
-                        self.drain(client, flight).await;
-                    }
+        // One bound around all of it: handing a late command to a full, no longer read
+        // channel must not hold the stop up either.
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
+            self.drain(client, flight).await;
+            while !flight.outbox.is_empty() {
+                let Ok(event) = eventloop.poll().await else { return };
+                let room = matches!(&event, Event::Incoming(Incoming::PubAck(_)));
+                self.on_event(client, flight, event).await;
+                if room {
+                    self.drain(client, flight).await;
                 }
-                Ok(Err(_)) | Err(_) => return,
             }
-        }
+        })
+        .await;
     }
 
     /// Deletes the acknowledged records from the outbox, in one transaction.

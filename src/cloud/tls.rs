@@ -64,29 +64,38 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         .ok_or_else(|| TlsError::Empty { path: path.to_owned(), what: "private key" })
 }
 
-/// Builds the client configuration: trust only `ca`, present `cert` with `key`.
-pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+/// The trust anchors: the certificates in `ca`, nothing else.
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in certificates(ca)? {
         roots.add(c).map_err(|source| TlsError::BadCa { path: ca.to_owned(), source })?;
     }
+    Ok(roots)
+}
+
+fn client_builder(ca: &Path) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certificates(cert)?, private_key(key)?)?;
-    Ok(Arc::new(config))
+        .with_root_certificates(roots(ca)?))
+}
+
+/// Builds the client configuration: trust only `ca`, present `cert` with `key`.
+pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    Ok(Arc::new(client_builder(ca)?.with_client_auth_cert(certificates(cert)?, private_key(key)?)?))
+}
+
+/// Builds a client configuration that trusts only `ca` and presents no certificate (the
+/// local broker, which authenticates by user name and password).
+pub fn server_auth_config(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    Ok(Arc::new(client_builder(ca)?.with_no_client_auth()))
 }
 
 /// Builds a broker's configuration: present `cert` with `key`, and require a client
 /// certificate signed by `ca` (no anonymous clients, no other CA).
 pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in certificates(ca)? {
-        roots.add(c).map_err(|source| TlsError::BadCa { path: ca.to_owned(), source })?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
         .build()
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let config = rustls::ServerConfig::builder_with_provider(provider)

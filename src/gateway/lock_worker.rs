@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use crate::auth::reason::Reason;
 use crate::ble::budget::ConnectionBudget;
@@ -19,6 +19,7 @@ use crate::ble::client::LockClient;
 use crate::ble::{BleError, LockTransport};
 use crate::cloud::lock_report::{event_payload, state_payload};
 use crate::cloud::topics::Topics;
+use crate::protocol::gatt::LockInfo;
 use crate::protocol::ids::LockId;
 use crate::protocol::message::{Actor, LockError, LockStatus, LogEntry, MAX_EVENTS_PER_PAGE, Op, Reply as LockReply};
 use crate::store::{Store, StoreError, Tx};
@@ -37,6 +38,34 @@ pub struct Failure {
     pub reason: Reason,
     /// What happened, for people.
     pub detail: String,
+}
+
+/// What local consumers (the Home Assistant bridge) hear about a lock, after the store has
+/// recorded it.
+#[derive(Clone, Debug)]
+pub enum LockUpdate {
+    /// News from the lock, or about its link.
+    Report {
+        /// The lock.
+        lock: LockId,
+        /// The gateway's epoch for this lock (event ids).
+        epoch: i64,
+        /// Its status, when it sent one.
+        status: Option<LockStatus>,
+        /// Whether a link is up.
+        connected: bool,
+        /// Whether the last attempt to reach it worked.
+        reachable: bool,
+        /// New log entries, oldest first.
+        entries: Vec<LogEntry>,
+        /// Its info record (firmware, capabilities), once a link has read it.
+        info: Option<LockInfo>,
+    },
+    /// The lock was unbound: everything about it is gone.
+    Unbound {
+        /// The lock.
+        lock: LockId,
+    },
 }
 
 /// Work for a lock's task.
@@ -150,6 +179,10 @@ pub struct LockWorker<T: LockTransport> {
     pub last_status: Option<LockStatus>,
     /// Whether the published state said connected.
     pub published_connected: Option<bool>,
+    /// Where recorded reports are announced (to the local bridge).
+    pub updates: broadcast::Sender<LockUpdate>,
+    /// Whether the last attempt to reach the lock worked.
+    pub reachable: bool,
 }
 
 impl<T: LockTransport> LockWorker<T> {
@@ -211,6 +244,7 @@ impl<T: LockTransport> LockWorker<T> {
             match job {
                 Job::Execute { op, actor, done } => {
                     let (outcome, pushed, status) = self.execute(op, actor).await;
+                    self.note_reachable(!matches!(&outcome, Err(f) if f.reason == Reason::LockUnreachable));
                     let report = self.collect(pushed, status).await;
                     let (recorded_tx, recorded) = oneshot::channel();
                     let jammed = matches!(&outcome, Err(f) if f.reason == Reason::Jammed);
@@ -229,9 +263,13 @@ impl<T: LockTransport> LockWorker<T> {
                 }
                 Job::Sync => {
                     sync_queued.store(false, Ordering::Release);
-                    if let Err(e) = self.sync().await {
+                    let synced = self.sync().await;
+                    if let Err(e) = &synced {
                         tracing::info!(lock_id = %self.lock(), error = %e, "could not read the lock's news");
                     }
+                    self.note_reachable(
+                        !matches!(synced, Err(ref e) if ble_failure(e).reason == Reason::LockUnreachable),
+                    );
                 }
             }
         }
@@ -250,9 +288,12 @@ impl<T: LockTransport> LockWorker<T> {
         match result {
             Ok(response) => match response.result {
                 Ok(LockReply::Done(status) | LockReply::Status(status)) => (Ok(Some(status)), pushed, Some(status)),
-                Ok(LockReply::PasscodeAdded { .. } | LockReply::PasscodeRemoved | LockReply::ClockSet) => {
-                    (Ok(None), pushed, None)
-                }
+                Ok(
+                    LockReply::PasscodeAdded { .. }
+                    | LockReply::PasscodeRemoved
+                    | LockReply::ClockSet
+                    | LockReply::Unpaired,
+                ) => (Ok(None), pushed, None),
                 Ok(other) => (
                     Err(Failure { reason: Reason::Failed, detail: format!("unexpected answer {other:?}") }),
                     pushed,
@@ -370,12 +411,39 @@ impl<T: LockTransport> LockWorker<T> {
         }
     }
 
-    /// Takes note that a report was recorded.
+    /// Takes note that a report was recorded, and announces it.
     fn applied(&mut self, report: &Report) {
         self.last_seq = report.newest;
         if report.status.is_some() {
             self.last_status = report.status;
             self.published_connected = Some(report.connected);
+            self.reachable = true;
+        }
+        // Nobody listening (no local bridge) is fine.
+        let _ = self.updates.send(LockUpdate::Report {
+            lock: report.lock,
+            epoch: report.epoch,
+            status: report.status,
+            connected: report.connected,
+            reachable: self.reachable,
+            entries: report.entries.clone(),
+            info: self.client.info(),
+        });
+    }
+
+    /// Announces a change in whether the lock can be reached.
+    fn note_reachable(&mut self, reachable: bool) {
+        if reachable != self.reachable {
+            self.reachable = reachable;
+            let _ = self.updates.send(LockUpdate::Report {
+                lock: self.lock(),
+                epoch: self.epoch,
+                status: None,
+                connected: self.client.is_connected(),
+                reachable,
+                entries: Vec::new(),
+                info: self.client.info(),
+            });
         }
     }
 }

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::Digest;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 
 use super::claim;
-use super::lock_worker::{Executed, LockHandle, LockWorker};
+use super::lock_worker::{Executed, Failure, LockHandle, LockUpdate, LockWorker};
 use super::policy::{Facts, GrantFacts, LockPolicy, PolicyEngine, PolicyLimits, Role};
 use crate::auth::keys::PublicKey;
 use crate::auth::reason::Reason;
@@ -28,7 +28,7 @@ use crate::cloud::link::InboundCommand;
 use crate::cloud::reply::{Outcome, Reply};
 use crate::cloud::topics::Topics;
 use crate::protocol::ids::{GatewayId, LockId};
-use crate::protocol::message::{Actor, Op, UserRef};
+use crate::protocol::message::{Actor, LockStatus, Op, UserRef};
 use crate::protocol::pairing::SetupCode;
 use crate::store::audit::AuditActor;
 use crate::store::{AuditEntry, CommandSeen, Store, StoreError};
@@ -59,6 +59,20 @@ pub struct Accepted {
     pub delivery: InboundCommand,
 }
 
+/// Lock updates buffered for a slow local consumer before it misses some (it then republishes
+/// every lock's state).
+const UPDATES: usize = 256;
+
+/// The audit name of an operation.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Lock => "lock",
+        Op::Unlock => "unlock",
+        Op::Unlatch => "unlatch",
+        _ => "other",
+    }
+}
+
 /// The gateway's decision-making core over a lock transport `T`.
 pub struct Gateway<T: LockTransport> {
     id: GatewayId,
@@ -71,6 +85,7 @@ pub struct Gateway<T: LockTransport> {
     policy: Mutex<PolicyEngine>,
     locks: Mutex<HashMap<LockId, LockHandle>>,
     clock: Clock,
+    updates: broadcast::Sender<LockUpdate>,
 }
 
 impl<T: LockTransport> std::fmt::Debug for Gateway<T> {
@@ -127,6 +142,7 @@ impl<T: LockTransport> Gateway<T> {
             policy: Mutex::new(PolicyEngine::new(limits)),
             locks: Mutex::new(HashMap::new()),
             clock,
+            updates: broadcast::channel(UPDATES).0,
         })
     }
 
@@ -188,6 +204,8 @@ impl<T: LockTransport> Gateway<T> {
             clock: self.clock.clone(),
             last_status: None,
             published_connected: None,
+            updates: self.updates.clone(),
+            reachable: true,
         };
         let handle = worker.spawn();
         self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(lock, handle);
@@ -219,6 +237,113 @@ impl<T: LockTransport> Gateway<T> {
             }
         }
         while in_flight.join_next().await.is_some() {}
+    }
+
+    /// What the locks' tasks record from now on (subscribe before [`Gateway::start_locks`] to
+    /// miss nothing).
+    pub fn updates(&self) -> broadcast::Receiver<LockUpdate> {
+        self.updates.subscribe()
+    }
+
+    /// Carries out a local command (Home Assistant, the local broker) for `user`, whose code
+    /// the caller has checked, and audits it with its `source`. The inner error is the reason
+    /// code of a command that did not complete (`jammed`, `lock_unreachable`, ...).
+    pub async fn local_command(
+        &self,
+        lock: LockId,
+        op: Op,
+        user: &str,
+        source: &str,
+    ) -> Result<Result<Option<LockStatus>, String>, StoreError> {
+        let action = format!("local.{}", op_name(&op));
+        let actor = AuditActor::User(format!("local:{user}").into_bytes());
+        let outcome = match self.lock(lock) {
+            None => Err(Failure { reason: Reason::UnknownLock, detail: "the lock is not paired".into() }),
+            Some(handle) => {
+                let userref = UserRef(sha2::Sha256::digest(format!("local:{user}"))[..8].try_into().expect("8 bytes"));
+                match handle.execute(op, Actor::Local(userref)).await {
+                    // The lock's task records its own report: no reply shares its commit here.
+                    Ok(executed) => {
+                        let _ = executed.recorded.send(false);
+                        executed.outcome
+                    }
+                    Err(failure) => Err(failure),
+                }
+            }
+        };
+        let (result, detail) = match &outcome {
+            Ok(_) => ("ok", format!("from {source}")),
+            Err(f) => (f.reason.as_str(), format!("from {source}: {}", f.detail)),
+        };
+        let now = (self.clock)().0;
+        self.store().transaction(|tx| {
+            tx.audit(AuditEntry { at: now, action: &action, outcome: result, actor, lock: Some(lock), detail: &detail })
+        })?;
+        tracing::info!(lock_id = %lock, action, decision = if outcome.is_ok() { "ok" } else { "failed" }, reason = result, "local command");
+        Ok(outcome.map_err(|f| f.reason.as_str().to_owned()))
+    }
+
+    /// Audits a local command refused before it reached a lock (a wrong code, a lockout).
+    pub fn local_refusal(
+        &self,
+        lock: Option<LockId>,
+        action: &str,
+        reason: &str,
+        source: &str,
+    ) -> Result<(), StoreError> {
+        let now = (self.clock)().0;
+        let detail = format!("from {source}");
+        self.store().transaction(|tx| {
+            tx.audit(AuditEntry { at: now, action, outcome: reason, actor: AuditActor::Unknown, lock, detail: &detail })
+        })?;
+        tracing::warn!(
+            lock_id = lock.map(|l| l.to_string()),
+            action,
+            decision = "refused",
+            reason,
+            "local command refused"
+        );
+        Ok(())
+    }
+
+    /// Unbinds a paired lock: asks it to forget the gateway (when it can be reached), stops
+    /// its task, deletes everything the store held about it, clears its retained cloud
+    /// topics, and announces it (so that the local bridge clears its own). Returns whether
+    /// the lock itself was told; `None` if it was not paired.
+    pub async fn unbind(&self, lock: LockId, actor: AuditActor) -> Result<Option<bool>, StoreError> {
+        let Some(handle) = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&lock) else {
+            return Ok(None);
+        };
+        let told = match handle.execute(Op::Unpair, Actor::Admin).await {
+            Ok(executed) => {
+                let _ = executed.recorded.send(false);
+                executed.outcome.is_ok()
+            }
+            Err(_) => false,
+        };
+        drop(handle);
+        let now = (self.clock)().0;
+        let store = self.store.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unbind(lock, actor, now)
+        })
+        .await
+        .map_err(|_| StoreError::Invalid("the store task failed"))??;
+        self.store().transaction(|tx| {
+            for topic in &report.retained_topics {
+                tx.append_outbox(None, topic, b"", true, now)?;
+            }
+            Ok(())
+        })?;
+        self.outbox_ready.notify_one();
+        let _ = self.updates.send(LockUpdate::Unbound { lock });
+        tracing::info!(lock_id = %lock, told, "lock unbound");
+        Ok(Some(told))
+    }
+
+    /// The paired locks, with the names the owner gave them.
+    pub fn paired_locks(&self) -> Result<Vec<crate::store::PairedLock>, StoreError> {
+        self.store().locks()
     }
 
     /// Replaces the policy limits (a configuration reload).

@@ -14,6 +14,7 @@ pub mod broker;
 pub mod bundled;
 pub mod floor;
 pub mod mosquitto;
+pub mod stack;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

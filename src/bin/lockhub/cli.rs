@@ -45,6 +45,8 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Hash a local code (read from standard input) for `[[local.codes]]` in the configuration.
+    HashCode,
     /// Print shell completions.
     Completions {
         /// The shell.

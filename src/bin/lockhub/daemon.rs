@@ -6,6 +6,8 @@
 //! - SIGHUP reloads the configuration: the policy limits and the clock requirement change at
 //!   once; keys that only a restart can apply are named in the log. No link is dropped. A
 //!   broken file is refused and the running configuration kept.
+//! - With `[local.mqtt]`, the local bridge (Home Assistant, local commands) runs beside the
+//!   cloud link, on its own connection.
 //! - SIGTERM (or Ctrl-C) stops in order: no new statements are taken (unacknowledged ones are
 //!   redelivered after the restart), the commands in flight finish (bounded), the cloud link
 //!   sends what the outbox holds (bounded), says `offline` and disconnects.
@@ -100,6 +102,15 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         config.policy,
         clock.clone(),
     );
+    // The local bridge hears every lock update from the start: subscribed before the locks run.
+    let local = match &config.local.mqtt {
+        Some(_) => Some((
+            lockhub::local::bridge::LocalBridge::new(&config.local, gateway.clone(), &id)
+                .context("starting local MQTT")?,
+            gateway.updates(),
+        )),
+        None => None,
+    };
     gateway.start_locks()?;
     let (stop, stopped) = watch::channel(false);
     let (accepted_tx, accepted) = mpsc::channel(64);
@@ -115,6 +126,8 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     });
     let statements = tokio::spawn(gateway.clone().serve(accepted));
     tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
+    let local_task =
+        local.map(|(bridge, updates)| tokio::spawn(bridge.run(updates, reports.state.clone(), stopped.clone())));
     let link_task = tokio::spawn(link.run(stopped));
     let locks = gateway.clone();
     service::start(service::Health {
@@ -152,6 +165,9 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     }
     let _ = stop.send(true);
     let _ = tokio::time::timeout(lockhub::cloud::link::FLUSH_TIMEOUT + Duration::from_secs(3), link_task).await;
+    if let Some(local) = local_task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), local).await;
+    }
     Ok(())
 }
 

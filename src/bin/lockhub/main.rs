@@ -54,6 +54,13 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::HashCode => {
+            let mut line = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().read_line(&mut line)?;
+            let hash = lockhub::local::codes::hash_code(line.trim())?;
+            println!("{hash}");
+            Ok(())
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lockhub", &mut std::io::stdout());
             Ok(())

@@ -1,0 +1,366 @@
+//! Home Assistant and local control over Debian's Mosquitto (plain MQTT with a password, as a
+//! home broker is set up), beside the gateway running over the real stack:
+//! - discovery payloads checked field by field against Home Assistant's MQTT lock, sensor and
+//!   binary_sensor schemas (`docs/schemas/ha-*.json`);
+//! - the lock's state through its transitions, jam included, and its availability;
+//! - local commands: the right code, a missing one, wrong ones into the lockout, each audited
+//!   and answered on the result topic; lock without a code;
+//! - discovery republished when Home Assistant says `online`;
+//! - unbind clears every retained config and state.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lockhub::auth::statement::Permission;
+use lockhub::local::bridge::LocalBridge;
+use lockhub::local::codes::hash_code;
+use lockhub::local::config::{LocalCodeEntry, LocalConfig, LocalMqtt};
+use lockhub::local::home_assistant::lock_state;
+use lockhub::protocol::message::LockState;
+use lockhub::store::audit::AuditActor;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::Value;
+use support::stack::{Stack, claim_pair_grant};
+use tokio::sync::{mpsc, watch};
+
+const WAIT: Duration = Duration::from_secs(60);
+const PREFIX: &str = "homeassistant";
+
+/// Debian's Mosquitto on an ephemeral port, users with passwords, no anonymous access.
+struct HomeBroker {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for HomeBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HomeBroker {
+    fn start(users: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let passwd = dir.path().join("passwd");
+        for (i, (user, password)) in users.iter().enumerate() {
+            let mut args = vec!["-b"];
+            if i == 0 {
+                args.push("-c");
+            }
+            let ok = Command::new("mosquitto_passwd").args(args).arg(&passwd).args([user, password]).status().unwrap();
+            assert!(ok.success(), "mosquitto_passwd");
+        }
+        let port = support::mosquitto::free_port();
+        let root = std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t"));
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "{}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+                if root { "user root\n" } else { "" },
+                passwd.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting mosquitto (.ci/run installs it)");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        loop {
+            let line = lines.next().expect("mosquitto exited before it was running").unwrap();
+            if line.contains("running") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        HomeBroker { child, port, _dir: dir }
+    }
+}
+
+/// Home Assistant's side: subscribed to discovery and lockhub's local topics, keeping the
+/// latest payload of every topic and how many times each was published.
+struct HomeAssistant {
+    client: AsyncClient,
+    messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    latest: HashMap<String, Vec<u8>>,
+    count: HashMap<String, usize>,
+}
+
+impl HomeAssistant {
+    async fn connect(port: u16, password: &str) -> Self {
+        let mut options = MqttOptions::new("home-assistant", "127.0.0.1", port);
+        options.set_credentials("homeassistant", password);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        client.subscribe(format!("{PREFIX}/#"), QoS::AtLeastOnce).await.unwrap();
+        client.subscribe("lockhub/local/#", QoS::AtLeastOnce).await.unwrap();
+        let (tx, messages) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if tx.send((p.topic, p.payload.to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("Home Assistant's connection failed: {e}"),
+                }
+            }
+        });
+        HomeAssistant { client, messages, latest: HashMap::new(), count: HashMap::new() }
+    }
+
+    /// Takes messages until `done` holds of what has been seen.
+    async fn until(&mut self, what: &str, done: impl Fn(&HomeAssistant) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done(self) {
+            let Ok(Some((topic, payload))) = tokio::time::timeout_at(deadline, self.messages.recv()).await else {
+                panic!("never saw {what}; latest: {:#?}", self.latest.keys().collect::<Vec<_>>());
+            };
+            *self.count.entry(topic.clone()).or_default() += 1;
+            self.latest.insert(topic, payload);
+        }
+    }
+
+    /// The next message on `topic`.
+    async fn next_on(&mut self, topic: &str) -> Vec<u8> {
+        let seen = self.count.get(topic).copied().unwrap_or(0);
+        self.until(topic, |ha| ha.count.get(topic).copied().unwrap_or(0) > seen).await;
+        self.latest[topic].clone()
+    }
+
+    fn text(&self, topic: &str) -> Option<&str> {
+        self.latest.get(topic).map(|p| std::str::from_utf8(p).unwrap())
+    }
+
+    fn json(&self, topic: &str) -> Value {
+        serde_json::from_slice(&self.latest[topic]).unwrap_or_else(|e| panic!("{topic}: {e}"))
+    }
+
+    async fn publish(&self, topic: &str, payload: &str) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_owned()).await.unwrap();
+    }
+}
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas").join(name);
+    let json: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    jsonschema::validator_for(&json).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn assert_valid(validator: &jsonschema::Validator, topic: &str, value: &Value) {
+    let errors: Vec<String> = validator.iter_errors(value).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "{topic} does not match Home Assistant's schema: {errors:#?}\n{value:#}");
+}
+
+#[test]
+fn every_bolt_state_has_its_home_assistant_value() {
+    let states = [LockState::Locked, LockState::Unlocked, LockState::Locking, LockState::Unlocking, LockState::Jammed];
+    let values: Vec<&str> = states.iter().map(|s| lock_state(*s)).collect();
+    assert_eq!(values, ["LOCKED", "UNLOCKED", "LOCKING", "UNLOCKING", "JAMMED"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_lock() {
+    let stack = Stack::start("gw-ha").await;
+    let broker = HomeBroker::start(&[("lockhub", "hub-secret-1"), ("homeassistant", "ha-secret-2")]);
+    let password_file = stack.dir.path().join("local-mqtt.password");
+    std::fs::write(&password_file, "hub-secret-1\n").unwrap();
+    let local = LocalConfig {
+        mqtt: Some(LocalMqtt {
+            host: "127.0.0.1".into(),
+            port: Some(broker.port),
+            tls: false,
+            ca: None,
+            username: Some("lockhub".into()),
+            password_file: Some(password_file),
+        }),
+        codes: vec![LocalCodeEntry { user: "alice".into(), hash: hash_code("2468").unwrap() }],
+        lockout_failures: 3,
+        ..LocalConfig::default()
+    };
+    let mut ha = HomeAssistant::connect(broker.port, "ha-secret-2").await;
+    let bridge = LocalBridge::new(&local, stack.gateway.clone(), &stack.gw).unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(bridge.run(stack.gateway.updates(), stack.cloud.clone(), stopped));
+
+    // The gateway's own device, online, its cloud link up.
+    let node = "gw-ha";
+    let cloud_config = format!("{PREFIX}/binary_sensor/{node}/cloud/config");
+    let availability = "lockhub/local/gw-ha/availability";
+    ha.until("the gateway's discovery", |ha| {
+        ha.latest.contains_key(&cloud_config) && ha.text(availability) == Some("online")
+    })
+    .await;
+    ha.until("the cloud link's state", |ha| ha.text("lockhub/local/gw-ha/cloud") == Some("ON")).await;
+    let binary_sensor = schema("ha-binary_sensor.json");
+    assert_valid(&binary_sensor, &cloud_config, &ha.json(&cloud_config));
+
+    // A lock is paired (through the cloud): discovered with its five entities.
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock], None).await;
+    let id = p.lock_id.to_string();
+    let lock_config = format!("{PREFIX}/lock/{node}/{id}/config");
+    let battery_config = format!("{PREFIX}/sensor/{node}/{id}_battery/config");
+    let event_config = format!("{PREFIX}/sensor/{node}/{id}_last_event/config");
+    let door_config = format!("{PREFIX}/binary_sensor/{node}/{id}_door/config");
+    let link_config = format!("{PREFIX}/binary_sensor/{node}/{id}_connectivity/config");
+    let state = format!("lockhub/local/gw-ha/{id}/state");
+    ha.until("the lock's discovery and state", |ha| {
+        [&lock_config, &battery_config, &event_config, &door_config, &link_config]
+            .iter()
+            .all(|t| ha.latest.contains_key(*t))
+            && ha.text(&state).is_some()
+            && ha.json(&lock_config)["device"].get("sw_version").is_some()
+    })
+    .await;
+    let lock = ha.json(&lock_config);
+    assert_valid(&schema("ha-lock.json"), &lock_config, &lock);
+    let sensor = schema("ha-sensor.json");
+    for topic in [&battery_config, &event_config] {
+        assert_valid(&sensor, topic, &ha.json(topic));
+    }
+    for topic in [&door_config, &link_config] {
+        assert_valid(&binary_sensor, topic, &ha.json(topic));
+    }
+    // Field by field: what Home Assistant needs to drive and show the lock.
+    let set = format!("lockhub/local/gw-ha/{id}/set");
+    assert_eq!(lock["command_topic"], set.as_str());
+    assert_eq!(lock["state_topic"], state.as_str());
+    for (key, value) in [
+        ("payload_lock", "LOCK"),
+        ("payload_unlock", "UNLOCK"),
+        ("payload_open", "OPEN"),
+        ("state_locked", "LOCKED"),
+        ("state_unlocked", "UNLOCKED"),
+        ("state_locking", "LOCKING"),
+        ("state_unlocking", "UNLOCKING"),
+        ("state_jammed", "JAMMED"),
+        ("availability_mode", "all"),
+        ("code_format", r"^\d{4,12}$"),
+    ] {
+        assert_eq!(lock[key], value, "{key}");
+    }
+    assert_eq!(lock["unique_id"], format!("lockhub_gw-ha_{id}").as_str());
+    let availability_topics: Vec<&str> =
+        lock["availability"].as_array().unwrap().iter().map(|a| a["topic"].as_str().unwrap()).collect();
+    assert_eq!(availability_topics, [availability.to_owned(), format!("lockhub/local/gw-ha/{id}/availability")]);
+    let device = &lock["device"];
+    assert_eq!(device["via_device"], "lockhub_gw-ha");
+    assert_eq!(device["manufacturer"], "LHP/1 lock");
+    assert!(device["model"].as_str().unwrap().contains("latch"), "{device}");
+    assert!(!device["sw_version"].as_str().unwrap().is_empty());
+    let battery = ha.json(&battery_config);
+    assert_eq!(
+        (battery["device_class"].as_str(), battery["unit_of_measurement"].as_str()),
+        (Some("battery"), Some("%"))
+    );
+    assert_eq!(ha.json(&door_config)["device_class"], "door");
+    assert_eq!(ha.json(&link_config)["device_class"], "connectivity");
+    let last_event = ha.json(&event_config);
+    assert_eq!(last_event["json_attributes_topic"], last_event["state_topic"]);
+    let battery_state = format!("lockhub/local/gw-ha/{id}/battery");
+    ha.until("the battery level", |ha| ha.text(&battery_state).is_some_and(|b| b.parse::<u8>().is_ok())).await;
+
+    // Local commands. Unlock needs a code: the right one opens, audited as alice's.
+    let result = format!("lockhub/local/gw-ha/{id}/result");
+    let answer = |payload: Vec<u8>| serde_json::from_slice::<Value>(&payload).unwrap();
+    ha.publish(&set, r#"{"action":"UNLOCK","code":"2468"}"#).await;
+    assert_eq!(answer(ha.next_on(&result).await), serde_json::json!({"action":"unlock","result":"ok","reason":null}));
+    ha.until("UNLOCKED", |ha| ha.text(&state) == Some("UNLOCKED")).await;
+    let event = format!("lockhub/local/gw-ha/{id}/event");
+    ha.until("the last event", |ha| {
+        ha.latest.get(&event).is_some_and(|_| ha.json(&event)["summary"] == "unlocked locally")
+    })
+    .await;
+    // Lock needs none.
+    ha.publish(&set, "LOCK").await;
+    assert_eq!(answer(ha.next_on(&result).await)["result"], "ok");
+    ha.until("LOCKED", |ha| ha.text(&state) == Some("LOCKED")).await;
+    // A jam reaches Home Assistant as JAMMED; locking again clears it.
+    let ctl = support::control().await;
+    ctl.set_faults(&p.lock.lock_id, r#"{"jam_next_operation": true}"#).await.unwrap();
+    ha.publish(&set, r#"{"action":"UNLOCK","code":"2468"}"#).await;
+    assert_eq!(
+        answer(ha.next_on(&result).await),
+        serde_json::json!({"action":"unlock","result":"failed","reason":"jammed"})
+    );
+    ha.until("JAMMED", |ha| ha.text(&state) == Some("JAMMED")).await;
+    ctl.set_faults(&p.lock.lock_id, "{}").await.unwrap();
+    ha.publish(&set, "LOCK").await;
+    assert_eq!(answer(ha.next_on(&result).await)["result"], "ok");
+    ha.until("LOCKED after the jam", |ha| ha.text(&state) == Some("LOCKED")).await;
+    // Unlock without a code, then with wrong ones until local control is locked out: even the
+    // right code is then refused.
+    ha.publish(&set, "UNLOCK").await;
+    assert_eq!(answer(ha.next_on(&result).await)["reason"], "code_required");
+    for _ in 0..3 {
+        ha.publish(&set, r#"{"action":"UNLOCK","code":"1111"}"#).await;
+        assert_eq!(answer(ha.next_on(&result).await)["reason"], "wrong_code");
+    }
+    ha.publish(&set, r#"{"action":"UNLOCK","code":"2468"}"#).await;
+    assert_eq!(answer(ha.next_on(&result).await)["reason"], "locked_out");
+    assert_eq!(ha.text(&state), Some("LOCKED"));
+    ha.publish(&set, "BREAK IN").await;
+    assert_eq!(answer(ha.next_on(&result).await)["reason"], "malformed");
+    let audited: Vec<(String, String)> = {
+        let store = stack.store.lock().unwrap();
+        store
+            .audit_records(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action.starts_with("local."))
+            .map(|r| (r.action, r.outcome))
+            .collect()
+    };
+    let pairs: Vec<(&str, &str)> = audited.iter().map(|(a, o)| (a.as_str(), o.as_str())).collect();
+    assert_eq!(
+        pairs,
+        [
+            ("local.unlock", "ok"),
+            ("local.lock", "ok"),
+            ("local.unlock", "jammed"),
+            ("local.lock", "ok"),
+            ("local.unlock", "code_required"),
+            ("local.unlock", "wrong_code"),
+            ("local.unlock", "wrong_code"),
+            ("local.unlock", "wrong_code"),
+            ("local.unlock", "locked_out"),
+            ("local.command", "malformed"),
+        ]
+    );
+
+    // Home Assistant restarts and says so: everything is published again.
+    let before = ha.count[&lock_config];
+    ha.publish(&format!("{PREFIX}/status"), "online").await;
+    ha.until("discovery again", |ha| ha.count[&lock_config] > before && ha.count[&cloud_config] > 1).await;
+
+    // Unbound: every retained config and state of the lock is cleared.
+    assert_eq!(stack.gateway.unbind(p.lock_id, AuditActor::Admin).await.unwrap(), Some(true));
+    let cleared: Vec<String> =
+        [&lock_config, &battery_config, &event_config, &door_config, &link_config, &state, &battery_state]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+    ha.until("the lock's topics cleared", |ha| cleared.iter().all(|t| ha.latest.get(t).is_some_and(Vec::is_empty)))
+        .await;
+    // And the broker keeps none of it: a new subscriber sees only the gateway's own.
+    let mut fresh = HomeAssistant::connect(broker.port, "ha-secret-2").await;
+    fresh.until("the gateway's retained discovery", |ha| ha.latest.contains_key(&cloud_config)).await;
+    fresh.client.publish(format!("{PREFIX}/probe"), QoS::AtLeastOnce, false, "end").await.unwrap();
+    fresh.until("the probe", |ha| ha.latest.contains_key(&format!("{PREFIX}/probe"))).await;
+    let left: Vec<&String> = fresh.latest.keys().filter(|t| t.contains(&id)).collect();
+    assert!(left.is_empty(), "retained after unbind: {left:?}");
+}

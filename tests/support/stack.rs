@@ -1,0 +1,195 @@
+//! A gateway in process over the real stack, for tests that drive it through the bundled
+//! cloud: its store, cloud link, intake, core and radio watch, on the bundled broker (mutual
+//! TLS) and the test bus; and the usual start of a test — claimed, one lock paired with remote
+//! unlock on, a user granted.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockhub::auth::statement::{Permission, Statement};
+use lockhub::ble::BleConfig;
+use lockhub::ble::bluez::BluezTransport;
+use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
+use lockhub::cloud::reply::{Outcome, Reply};
+use lockhub::devcloud::app::{AppClient, AppKey, claim, grant, pair, remote_unlock};
+use lockhub::devcloud::pki::Pki;
+use lockhub::gateway::intake::{self, Intake};
+use lockhub::gateway::policy::PolicyLimits;
+use lockhub::gateway::statements::Gateway;
+use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::store::{Store, StoreConfig, unix_now};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::bundled::Bundled;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub broker: Bundled,
+    pub gw: GatewayId,
+    pub store: Arc<Mutex<Store>>,
+    pub synced: Arc<AtomicBool>,
+    pub limits: PolicyLimits,
+    pub stop: watch::Sender<bool>,
+    /// The running gateway's core.
+    pub gateway: Arc<Gateway<BluezTransport>>,
+    /// The cloud link's state.
+    pub cloud: watch::Receiver<LinkState>,
+}
+
+/// A BLE configuration that gives up on an unreachable lock within seconds.
+/// What [`Stack::run_gateway`] started.
+pub struct Running {
+    pub store: Arc<Mutex<Store>>,
+    pub stop: watch::Sender<bool>,
+    pub gateway: Arc<Gateway<BluezTransport>>,
+    pub cloud: watch::Receiver<LinkState>,
+}
+
+pub fn ble() -> BleConfig {
+    BleConfig { connect_timeout_ms: 3_000, connect_attempts: 2, ..BleConfig::default() }
+}
+
+impl Stack {
+    pub async fn start(gw: &str) -> Stack {
+        Self::start_with(gw, PolicyLimits::default()).await
+    }
+
+    pub async fn start_with(gw: &str, limits: PolicyLimits) -> Stack {
+        super::bed();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
+        let broker = Bundled::start(&pki);
+        let gw = GatewayId::new(gw).unwrap();
+        let synced = Arc::new(AtomicBool::new(true));
+        let Running { store, stop, gateway, cloud } =
+            Self::run_gateway(&dir, &pki, &broker, &gw, &synced, limits).await;
+        Stack { dir, pki, broker, gw, store, synced, limits, stop, gateway, cloud }
+    }
+
+    /// Starts a gateway (store, cloud link, intake, core, radio watch) on the stack's state
+    /// directory; returns its store and its stop switch.
+    pub async fn run_gateway(
+        dir: &tempfile::TempDir,
+        pki: &Pki,
+        broker: &Bundled,
+        gw: &GatewayId,
+        synced: &Arc<AtomicBool>,
+        limits: PolicyLimits,
+    ) -> Running {
+        let mut store =
+            Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) })
+                .unwrap();
+        store.transaction(|tx| tx.set_gateway_identity(gw, unix_now())).unwrap();
+        let store = Arc::new(Mutex::new(store));
+        let outbox_ready = Arc::new(Notify::new());
+        let config = CloudConfig {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            ..CloudConfig::new(
+                vec![format!("mqtts://localhost:{}", broker.port)],
+                pki.ca_cert(),
+                pki.client_cert(gw.as_str()),
+                pki.client_key(gw.as_str()),
+            )
+        };
+        let (inbound_tx, inbound) = mpsc::channel(64);
+        let (link, mut reports) =
+            CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
+        let s = synced.clone();
+        let clock: lockhub::gateway::statements::Clock = Arc::new(move || (unix_now(), s.load(Ordering::SeqCst)));
+        let transport = Arc::new(super::transport().await);
+        let gateway: Arc<Gateway<BluezTransport>> =
+            Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), transport.clone(), ble(), limits, clock);
+        gateway.start_locks().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let (accepted_tx, accepted) = mpsc::channel(64);
+        tokio::spawn(intake::serve(
+            Intake::new(store.clone(), gw.clone(), outbox_ready.clone()),
+            inbound,
+            accepted_tx,
+            unix_now,
+        ));
+        tokio::spawn(gateway.clone().serve(accepted));
+        tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
+        let link = tokio::spawn(link.run(stopped.clone()));
+        reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
+        // Keep the link's task handle alive with the switch: stopping ends it.
+        tokio::spawn(async move {
+            let _ = link.await;
+        });
+        Running { store, stop, gateway, cloud: reports.state }
+    }
+
+    /// Stops the gateway and starts a new one on the same state directory (the store reopened
+    /// from disk), as a restart of the daemon would.
+    pub async fn restart_gateway(&mut self) {
+        self.stop.send(true).unwrap();
+        let running = Self::run_gateway(&self.dir, &self.pki, &self.broker, &self.gw, &self.synced, self.limits).await;
+        self.store = running.store;
+        self.stop = running.stop;
+        self.gateway = running.gateway;
+        self.cloud = running.cloud;
+    }
+
+    pub async fn app(&self) -> AppClient {
+        AppClient::connect(&format!("mqtts://localhost:{}", self.broker.port), &self.pki, &self.gw).await.unwrap()
+    }
+
+    pub fn key(&self, name: &str) -> AppKey {
+        AppKey::generate(&self.dir.path().join("keys"), name, false).unwrap()
+    }
+
+    pub fn audit_outcomes(&self, action_prefix: &str) -> Vec<String> {
+        let store = self.store.lock().unwrap();
+        store
+            .audit_records(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.action.starts_with(action_prefix))
+            .map(|r| r.outcome)
+            .collect()
+    }
+}
+
+pub fn assert_reply(reply: &Reply, result: Outcome, reason: Option<&str>) {
+    assert_eq!(reply.result, result, "{reply:?}");
+    assert_eq!(reply.reason.map(|r| r.as_str()), reason, "{reply:?}");
+}
+
+/// A claimed gateway with one paired lock whose remote unlock is on, and a user granted
+/// `perms` (with `schedule`).
+pub struct Paired {
+    pub app: AppClient,
+    pub owner: AppKey,
+    pub user: AppKey,
+    pub lock: super::LockReport,
+    pub lock_id: LockId,
+    pub grant: lockhub::auth::statement::StatementId,
+}
+
+pub async fn claim_pair_grant(
+    stack: &Stack,
+    perms: &[Permission],
+    schedule: Option<lockhub::auth::statement::Schedule>,
+) -> Paired {
+    let app = stack.app().await;
+    let (owner, user) = (stack.key("owner"), stack.key("user"));
+    let now = unix_now();
+    let gw = stack.gw.clone();
+    let code = lockhub::gateway::claim::claim_code(&mut stack.store.lock().unwrap()).unwrap().unwrap();
+    assert_reply(&app.send(&claim(&gw, code.as_str(), now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let ctl = super::control().await;
+    let lock = super::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let lock_id = LockId::parse(&lock.lock_id).unwrap();
+    let pair = pair(&gw, lock_id, &lock.setup_code, now);
+    assert_reply(&app.send(&pair, &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_reply(&app.send(&remote_unlock(&gw, lock_id, true, now), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    let grant = grant(&gw, user.public(), lock_id, perms.to_vec(), schedule, 1, now);
+    let id = grant.jti.clone();
+    assert_reply(&app.send(&Statement::Grant(grant), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    Paired { app, owner, user, lock, lock_id, grant: id }
+}
