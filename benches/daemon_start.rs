@@ -31,12 +31,14 @@ fn main() {
         &config,
         format!(
             "[gateway]\nid = \"{GW}\"\nstate_dir = \"{}\"\n\n[cloud]\nbrokers = [\"mqtts://localhost:{}\"]\n\
-             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[clock]\nrequire_sync = false\n",
+             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[clock]\nrequire_sync = false\n\n\
+             [control]\nsocket = \"{}\"\n",
             dir.path().join("state").display(),
             broker.port,
             pki.ca_cert().display(),
             pki.client_cert(GW).display(),
-            pki.client_key(GW).display()
+            pki.client_key(GW).display(),
+            dir.path().join("control.sock").display()
         ),
     )
     .unwrap();

@@ -127,6 +127,22 @@ impl Default for ClockSection {
     }
 }
 
+/// `[control]`: the admin control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// Where the socket is (the unit's RuntimeDirectory).
+    pub socket: PathBuf,
+    /// The group whose members may use it (besides root).
+    pub group: String,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection { socket: PathBuf::from("/run/lockhub/control.sock"), group: "lockhub-admin".into() }
+    }
+}
+
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,6 +163,9 @@ pub struct Config {
     /// `[local]`: Home Assistant and local control.
     #[serde(default)]
     pub local: crate::local::config::LocalConfig,
+    /// `[control]`: the admin control socket.
+    #[serde(default)]
+    pub control: ControlSection,
 }
 
 impl Config {
@@ -290,6 +309,9 @@ impl Config {
         }
         if self.local != new.local {
             keys.push("local");
+        }
+        if self.control != new.control {
+            keys.push("control");
         }
         keys
     }

@@ -231,3 +231,12 @@ pub fn local_command(data: &[u8]) {
         assert!(!command.operation.as_str().is_empty());
     }
 }
+
+/// A control-socket request line: parsed strictly, and what parses serialises back to a line
+/// that parses to the same request.
+pub fn control_request(data: &[u8]) {
+    if let Ok(request) = crate::control::protocol::Request::parse(data) {
+        let again = serde_json::to_vec(&request).expect("requests serialise");
+        assert_eq!(crate::control::protocol::Request::parse(&again).ok(), Some(request));
+    }
+}

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod ble;
 pub mod cloud;
 pub mod config;
+pub mod control;
 #[cfg(feature = "devtools")]
 pub mod devcloud;
 #[cfg(feature = "devtools")]

@@ -24,11 +24,13 @@ fn write_config(dir: &Path, pki: &Pki, port: u16, gw: &str) -> std::path::PathBu
         &path,
         format!(
             "[gateway]\nid = \"{gw}\"\nstate_dir = \"{}\"\n\n[cloud]\nbrokers = [\"mqtts://localhost:{port}\"]\n\
-             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[clock]\nrequire_sync = false\n",
+             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[clock]\nrequire_sync = false\n\n\
+             [control]\nsocket = \"{}\"\n",
             dir.join("state").display(),
             pki.ca_cert().display(),
             pki.client_cert(gw).display(),
-            pki.client_key(gw).display()
+            pki.client_key(gw).display(),
+            dir.join("control.sock").display()
         ),
     )
     .unwrap();
@@ -144,6 +146,39 @@ async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
     let reply = app.send(&claim, &owner, WAIT).await.unwrap();
     assert_eq!(reply.result, Outcome::Ok, "{reply:?}");
 
+    // The doctor finds everything in order.
+    let doctor = |bus: String| {
+        let config = config.clone();
+        let socket = dir.path().join("control.sock");
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_lockhub"))
+                .args(["doctor", "--config"])
+                .arg(&config)
+                .arg("--socket")
+                .arg(&socket)
+                .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = doctor(bed.bus.clone()).await.unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    for check in [
+        "configuration",
+        "gateway certificate",
+        "cloud CA",
+        "clock",
+        "file modes",
+        "bluetooth",
+        "broker",
+        "database",
+        "daemon",
+    ] {
+        assert!(report.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check}: {report}");
+    }
+    assert!(report.contains("reachable, TLS with the pinned CA"), "{report}");
+
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(60), seen.recv()).await.expect("no offline status").unwrap();
@@ -155,6 +190,12 @@ async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
     assert!(exit.success(), "the daemon exited with {exit}");
     let out = lockhub(&["claim-code", "--config", config.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("already claimed"));
+    // With the daemon stopped and BlueZ out of reach, the doctor says so, with fixes.
+    let out = doctor("unix:path=/nonexistent/bus".into()).await.unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("FAIL  daemon") && report.contains("is the daemon running?"), "{report}");
+    assert!(report.contains("FAIL  bluetooth") && report.contains("fix: systemctl status bluetooth"), "{report}");
 }
 
 /// A stand-in for systemd's notify socket: what the daemon tells the service manager, line by

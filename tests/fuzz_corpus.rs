@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("statement", lockhub::fuzz_harness::statement),
     ("config", lockhub::fuzz_harness::config),
     ("local_command", lockhub::fuzz_harness::local_command),
+    ("control_request", lockhub::fuzz_harness::control_request),
 ];
 
 #[test]

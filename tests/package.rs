@@ -164,7 +164,9 @@ fn the_package_installs_runs_as_its_user_and_purges_to_nothing() {
     let fields: Vec<&str> = user.trim().split(':').collect();
     assert!(fields[2].parse::<u32>().unwrap() < 1000, "a system user: {user}");
     assert_eq!((fields[5], fields[6]), ("/var/lib/lockhub", "/usr/sbin/nologin"), "{user}");
-    root.sh("getent group lockhub-admin && getent group bluetooth");
+    let admin = root.sh("getent group lockhub-admin");
+    assert!(admin.trim().ends_with(":lockhub"), "the daemon hands its socket to this group: {admin}");
+    root.sh("getent group bluetooth");
 
     // It runs, and says what the shipped configuration still needs.
     assert_eq!(root.sh("lockhub --version").trim(), format!("lockhub {}", env!("CARGO_PKG_VERSION")));

@@ -577,7 +577,7 @@ impl<T: LockTransport> Gateway<T> {
             return Ok((refused(id, Reason::Expired, "the statement has expired", now), "statement".into()));
         }
         match statement {
-            Statement::Pair(p) => Ok((self.pair(id, p).await?, "lock.pair".into())),
+            Statement::Pair(p) => Ok((self.pair(id, p.lock, &p.setup).await?, "lock.pair".into())),
             Statement::Grant(g) => {
                 if let Some(s) = &g.schedule
                     && let Err(e) = s.validate()
@@ -618,23 +618,47 @@ impl<T: LockTransport> Gateway<T> {
         }
     }
 
-    async fn pair(&self, id: &str, p: &crate::auth::statement::Pair) -> Result<Reply, StoreError> {
+    async fn pair(&self, id: &str, lock: LockId, setup: &str) -> Result<Reply, StoreError> {
         let (now, _) = (self.clock)();
-        let Ok(code) = SetupCode::parse(&p.setup) else {
+        let Ok(code) = SetupCode::parse(setup) else {
             return Ok(refused(id, Reason::Malformed, "the setup code is 8 digits", now));
         };
         // Find the lock on the radio (it must be in pairing mode to accept).
-        let ad = match self.transport.locate(p.lock, Duration::from_secs(10)).await {
+        let ad = match self.transport.locate(lock, Duration::from_secs(10)).await {
             Ok(ad) => ad,
             Err(e) => return Ok(failed(id, Reason::LockUnreachable, &format!("the lock was not seen: {e}"), now)),
         };
-        let key = match pair(&*self.transport, &self.budget, &self.ble, &self.id, p.lock, &ad.address, &code).await {
+        let key = match pair(&*self.transport, &self.budget, &self.ble, &self.id, lock, &ad.address, &code).await {
             Ok(key) => key,
             Err(e) => return Ok(failed(id, Reason::Failed, &format!("pairing failed: {e} ({})", e.code()), now)),
         };
-        self.store().transaction(|tx| tx.add_lock(p.lock, &ad.address, &p.lock.to_string(), &key, now))?;
-        self.start_lock(p.lock, ad.address.clone(), key, now, 0);
+        self.store().transaction(|tx| tx.add_lock(lock, &ad.address, &lock.to_string(), &key, now))?;
+        self.start_lock(lock, ad.address.clone(), key, now, 0);
         Ok(ok(id, "paired", now))
+    }
+
+    /// Pairs a lock for the hub's administrator (the control socket) with the setup code on
+    /// its label; audited as the admin's. The reply says how it went.
+    pub async fn admin_pair(&self, lock: LockId, setup: &str) -> Result<Reply, StoreError> {
+        let reply = self.pair("admin", lock, setup).await?;
+        let outcome = reply.reason.map_or("ok", Reason::as_str);
+        let detail = reply.detail.clone().unwrap_or_default();
+        self.store().transaction(|tx| {
+            tx.audit(AuditEntry {
+                at: reply.at,
+                action: "lock.pair",
+                outcome,
+                actor: AuditActor::Admin,
+                lock: Some(lock),
+                detail: &detail,
+            })
+        })?;
+        Ok(reply)
+    }
+
+    /// Scans the radio for `duration`: every LHP/1 lock in range, strongest first.
+    pub async fn scan(&self, duration: Duration) -> Result<Vec<crate::ble::Advertisement>, crate::ble::BleError> {
+        self.transport.scan(duration).await
     }
 }
 

@@ -288,6 +288,17 @@ impl Store {
         Ok(out)
     }
 
+    /// The known users: public key, when first seen, and how many grants they hold (owners
+    /// are not users unless granted).
+    pub fn users(&self) -> Result<Vec<(Vec<u8>, i64, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT u.public_key, u.created_at, (SELECT COUNT(*) FROM grants g WHERE g.user = u.id) \
+             FROM users u ORDER BY u.created_at, u.id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Forgets a user: deletes their key, grants and passcodes, and their pseudonym key, which
     /// makes every audit record about them unlinkable (the chain still verifies). Returns
     /// whether the user existed.

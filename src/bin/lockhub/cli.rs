@@ -45,6 +45,89 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Show the running daemon's health (through the control socket).
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the paired locks with their state.
+    Locks {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show the audit log, or verify its chain.
+    Audit {
+        /// Verify the hash chain instead of listing records.
+        #[arg(long)]
+        verify: bool,
+        /// Start after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// How many records, 1 to 1000.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the known users (by public key).
+    Users {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a user's data on request: key, grants, passcodes; their audit records become
+    /// unlinkable.
+    ForgetUser {
+        /// Their public key (base64url, as `lockhub users` shows it).
+        key: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Unbind a lock: it forgets this hub and the hub deletes everything about it.
+    Unbind {
+        /// The lock id (16 hex digits, as `lockhub locks` shows it).
+        lock: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Scan for locks in range: a live count, then a table with signal strength.
+    Scan {
+        /// How long, 1 to 60 seconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=60))]
+        seconds: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Pair a lock in pairing mode, with the setup code on its label (read from standard input
+    /// when --setup is not given, so that it stays out of the process list).
+    Pair {
+        /// The lock id (16 hex digits, as `lockhub scan` shows it).
+        lock: String,
+        /// The setup code.
+        #[arg(long)]
+        setup: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Re-seal every secret in the store under a new master key.
+    Rekey {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Check what the hub needs — configuration, certificates, clock, Bluetooth, brokers, store,
+    /// daemon — and say how to fix what fails.
+    Doctor {
+        /// The configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Hash a local code (read from standard input) for `[[local.codes]]` in the configuration.
     HashCode,
     /// Print shell completions.
@@ -67,4 +150,15 @@ pub enum Command {
         #[arg(long)]
         verbose: bool,
     },
+}
+
+/// How the admin subcommands reach the daemon, and how they answer.
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    /// The daemon's control socket.
+    #[arg(long, default_value = "/run/lockhub/control.sock")]
+    pub socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }

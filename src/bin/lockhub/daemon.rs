@@ -50,7 +50,20 @@ pub fn kernel_synchronised() -> bool {
 /// Opens the store of `config`, creating the gateway's identity on first start.
 pub fn open_store(config: &Config) -> Result<Store> {
     let dir = &config.gateway.state_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating the state directory {}", dir.display()))?;
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        // Private, whatever the umask (systemd's StateDirectoryMode= says the same).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the state directory {}", dir.display()))?;
+        let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{mode:04o}"), "tightening to 0700");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
     let mut store = Store::open(StoreConfig::in_dir(dir)).context("opening the store")?;
     let id = config.gateway_id();
     if let Some(existing) = store.gateway_identity()?
@@ -111,6 +124,25 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         )),
         None => None,
     };
+    let control_group = lockhub::control::peer::AdminGroup::load(&config.control.group);
+    if control_group.gid.is_none() {
+        tracing::warn!(group = %config.control.group, "no such group: only root can use the control socket");
+    }
+    if let Some(dir) = config.control.socket.parent() {
+        // systemd's RuntimeDirectory= makes it; by hand, it may be missing.
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let control_listener = lockhub::control::server::bind(&config.control.socket, &control_group)
+        .with_context(|| format!("creating the control socket {}", config.control.socket.display()))?;
+    let control = lockhub::control::server::ControlServer::new(
+        gateway.clone(),
+        store.clone(),
+        reports.state.clone(),
+        control_group,
+        clock.clone(),
+        &config.control.socket,
+    );
+    let control_updates = gateway.updates();
     gateway.start_locks()?;
     let (stop, stopped) = watch::channel(false);
     let (accepted_tx, accepted) = mpsc::channel(64);
@@ -128,6 +160,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
     let local_task =
         local.map(|(bridge, updates)| tokio::spawn(bridge.run(updates, reports.state.clone(), stopped.clone())));
+    tokio::spawn(control.run(control_listener, control_updates, stopped.clone()));
     let link_task = tokio::spawn(link.run(stopped));
     let locks = gateway.clone();
     service::start(service::Health {

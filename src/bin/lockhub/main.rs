@@ -9,16 +9,25 @@
 //!   D-Bus bus, the gateway, the phone-app stand-in — and prints a transcript of a remote unlock
 //!   and what the gateway refuses.
 
+mod admin;
 mod cli;
 mod daemon;
 #[cfg(feature = "devtools")]
 mod demo;
+mod doctor;
 mod logging;
 mod service;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser};
-use cli::{Cli, Command};
+use cli::{AdminArgs, Cli, Command};
+use lockhub::control::protocol::Request;
+
+fn run_admin(admin: &AdminArgs, request: Request) -> Result<()> {
+    let value = admin::call(&admin.socket, &request)?;
+    admin::show(&request, &value, admin.json);
+    Ok(())
+}
 
 /// sysexits(3)'s "configuration error".
 const EX_CONFIG: i32 = 78;
@@ -54,6 +63,50 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Status { admin } => run_admin(&admin, Request::Status),
+        Command::Locks { admin } => run_admin(&admin, Request::Locks),
+        Command::Audit { verify, after, limit, admin } => {
+            if verify {
+                let value = admin::call(&admin.socket, &Request::AuditVerify)?;
+                admin::show(&Request::AuditVerify, &value, admin.json);
+                if value["intact"] != true {
+                    std::process::exit(1);
+                }
+                Ok(())
+            } else {
+                run_admin(&admin, Request::Audit { after, limit })
+            }
+        }
+        Command::Users { admin } => run_admin(&admin, Request::Users),
+        Command::ForgetUser { key, yes, admin } => {
+            if !yes {
+                admin::confirm(&format!("Delete every record of user {key}? This cannot be undone"))?;
+            }
+            run_admin(&admin, Request::ForgetUser { key })
+        }
+        Command::Unbind { lock, yes, admin } => {
+            if !yes {
+                admin::confirm(&format!(
+                    "Unbind lock {lock}? It forgets this hub, and the hub deletes its key, grants and codes"
+                ))?;
+            }
+            run_admin(&admin, Request::Unbind { lock })
+        }
+        Command::Rekey { admin } => run_admin(&admin, Request::Rekey),
+        Command::Scan { seconds, admin } => run_admin(&admin, Request::Scan { seconds }),
+        Command::Pair { lock, setup, admin } => {
+            let setup = match setup {
+                Some(s) => s,
+                None => {
+                    eprint!("setup code (on the lock's label): ");
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim().to_owned()
+                }
+            };
+            run_admin(&admin, Request::Pair { lock, setup })
+        }
+        Command::Doctor { config, admin } => doctor::run(&config, &admin.socket, admin.json),
         Command::HashCode => {
             let mut line = zeroize::Zeroizing::new(String::new());
             std::io::stdin().read_line(&mut line)?;

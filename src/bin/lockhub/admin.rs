@@ -1,0 +1,184 @@
+//! The admin subcommands: a client of the daemon's control socket. Tables for people, `--json`
+//! for scripts; every failure to reach the daemon says why and what to do.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use lockhub::control::protocol::{Answer, Request};
+use serde_json::Value;
+
+/// Sends `request` and returns the final answer's value, showing progress on stderr.
+pub fn call(socket: &Path, request: &Request) -> Result<Value> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        let path = socket.display();
+        match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("no control socket at {path}: is the daemon running? (systemctl status lockhub)")
+            }
+            std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+                "permission denied on {path}: the control socket is for root and the lockhub-admin group; \
+                 use sudo, or join the group (sudo usermod -aG lockhub-admin $USER, then log in again)"
+            ),
+            std::io::ErrorKind::ConnectionRefused => {
+                anyhow::anyhow!("nothing listens on {path}: the daemon is not running (systemctl start lockhub)")
+            }
+            _ => anyhow::anyhow!("{path}: {e}"),
+        }
+    })?;
+    let mut line = serde_json::to_vec(request).expect("requests serialise");
+    line.push(b'\n');
+    // A refused peer is answered (and the connection closed) before its request is read: a
+    // failed write still leaves that answer to read.
+    let sent = stream.write_all(&line);
+    for line in BufReader::new(stream).lines() {
+        let line = line.context("reading the answer")?;
+        match serde_json::from_str::<Answer>(&line).with_context(|| format!("unreadable answer: {line}"))? {
+            Answer::Progress(text) => eprintln!("{text}…"),
+            Answer::Ok(value) => return Ok(value),
+            Answer::Error { code, message } => bail!("{message} ({code})"),
+        }
+    }
+    sent.context("sending the request")?;
+    bail!("the daemon closed the connection without an answer")
+}
+
+/// Asks "question [y/N]" on the terminal; refuses without one (scripts pass --yes).
+pub fn confirm(question: &str) -> Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("{question}: not confirmed (no terminal); pass --yes to confirm from a script");
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        bail!("not confirmed: nothing done");
+    }
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Prints rows as an aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let print = |cells: Vec<String>| {
+        let line: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    };
+    print(headers.iter().map(|h| h.to_string()).collect());
+    if rows.is_empty() {
+        println!("(none)");
+    }
+    for row in rows {
+        print(row);
+    }
+}
+
+fn time(unix: &Value) -> String {
+    unix.as_i64()
+        .and_then(|t| jiff::Timestamp::from_second(t).ok())
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Prints an answer for people (or as JSON).
+pub fn show(request: &Request, value: &Value, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value).expect("values serialise"));
+        return;
+    }
+    match request {
+        Request::Status => {
+            let cloud = if value["cloud"]["connected"] == true {
+                format!("connected (broker {})", value["cloud"]["broker"])
+            } else {
+                "unreachable: working offline".into()
+            };
+            println!("gateway:         {}", text(&value["gateway"]));
+            println!("version:         {}", text(&value["version"]));
+            println!("cloud:           {cloud}");
+            println!("locks:           {}", value["locks"]);
+            println!("reports queued:  {}", value["reports_queued"]);
+            println!("claimed:         {}", if value["claimed"] == true { "yes" } else { "no (lockhub claim-code)" });
+            println!(
+                "clock:           {}",
+                if value["clock_synchronised"] == true { "synchronised" } else { "NOT synchronised" }
+            );
+        }
+        Request::Locks => table(
+            &["LOCK", "NAME", "STATE", "BATTERY", "DOOR", "LINK", "PAIRED"],
+            rows(value, |l| {
+                vec![
+                    text(&l["lock"]),
+                    text(&l["name"]),
+                    text(&l["status"]["state"]),
+                    l["status"]["battery"].as_u64().map_or("-".into(), |b| format!("{b}%")),
+                    text(&l["status"]["door"]),
+                    if l["connected"] == true {
+                        "up".into()
+                    } else if l["reachable"] == false {
+                        "unreachable".into()
+                    } else {
+                        "idle".into()
+                    },
+                    time(&l["paired_at"]),
+                ]
+            }),
+        ),
+        Request::Audit { .. } => table(
+            &["SEQ", "TIME", "ACTION", "OUTCOME", "DETAIL"],
+            rows(value, |r| {
+                vec![text(&r["seq"]), time(&r["at"]), text(&r["action"]), text(&r["outcome"]), text(&r["detail"])]
+            }),
+        ),
+        Request::AuditVerify => {
+            if value["intact"] == true {
+                println!("audit chain intact: {} record(s) verified", value["records"]);
+            } else {
+                println!("audit chain BROKEN at record {}: {}", value["seq"], text(&value["reason"]));
+            }
+        }
+        Request::Users => table(
+            &["KEY", "SINCE", "GRANTS"],
+            rows(value, |u| vec![text(&u["key"]), time(&u["since"]), text(&u["grants"])]),
+        ),
+        Request::ForgetUser { key } => println!("forgot user {key}: their key, grants and passcodes are deleted"),
+        Request::Unbind { lock } => {
+            println!("unbound lock {lock}");
+            if value["lock_told"] != true {
+                println!("the lock could not be reached and still holds its pairing: factory-reset it");
+            }
+        }
+        Request::Scan { .. } => table(
+            &["LOCK", "ADDRESS", "RSSI", "PAIRING MODE", "PAIRED HERE"],
+            rows(value, |a| {
+                vec![
+                    text(&a["lock"]),
+                    text(&a["address"]),
+                    format!("{} dBm", a["rssi"]),
+                    if a["pairing_mode"] == true { "yes".into() } else { "no".into() },
+                    if a["paired_here"] == true { "yes".into() } else { "no".into() },
+                ]
+            }),
+        ),
+        Request::Pair { lock, .. } => println!("paired lock {lock}"),
+        Request::Rekey => println!("store re-sealed under a new master key ({} secret(s))", value["resealed"]),
+    }
+}
+
+fn rows(value: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    value.as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default()
+}

@@ -1,0 +1,158 @@
+//! The admin control socket and its command line, against a gateway running over the real
+//! stack: status, locks, audit (and its verification), users, forget-user, unbind and rekey as
+//! root, with tables and `--json`; an unprivileged user outside the admin group is refused with
+//! a message that says what to do — by the socket's mode, and by the server's own check when
+//! the mode is loosened.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use lockhub::auth::statement::Permission;
+use lockhub::control::peer::AdminGroup;
+use lockhub::control::server::{ControlServer, bind};
+use support::stack::{Stack, claim_pair_grant};
+use tokio::sync::watch;
+
+fn lockhub(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lockhub")).args(args).arg("--socket").arg(socket).output().unwrap()
+}
+
+/// Runs the CLI in a blocking task (the server runs on this test's runtime).
+async fn cli(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let socket = socket.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lockhub(&socket, &args)
+    })
+    .await
+    .unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+async fn as_nobody(socket: &Path, args: &[&str]) -> (bool, String) {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", env!("CARGO_BIN_EXE_lockhub")])
+        .args(args)
+        .arg("--socket")
+        .arg(socket);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    (out.status.success(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_over_the_control_socket() {
+    let stack = Stack::start("gw-admin").await;
+    let run = tempfile::tempdir().unwrap();
+    // Others may traverse the directory, so that the socket's own mode is what decides.
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let socket = run.path().join("control.sock");
+    // The admin group here is root's: `nobody` is outside it.
+    let group = AdminGroup::load("root");
+    let listener = bind(&socket, &group).unwrap();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
+    let server =
+        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket);
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock], None).await;
+    let lock = p.lock_id.to_string();
+
+    // As root.
+    let (ok, out, err) = cli(&socket, &["status"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("gateway:         gw-admin") && out.contains("cloud:           connected (broker 1)"),
+        "{out}"
+    );
+    assert!(out.contains("locks:           1") && out.contains("claimed:         yes"), "{out}");
+    let (ok, out, err) = cli(&socket, &["locks"]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("LOCK") && out.contains(&lock), "{out}");
+    let (ok, out, _) = cli(&socket, &["locks", "--json"]).await;
+    let locks: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok);
+    assert_eq!(locks[0]["lock"], lock.as_str());
+    let (ok, out, _) = cli(&socket, &["audit", "--limit", "100"]).await;
+    assert!(ok && out.contains("lock.pair") && out.contains("gateway.claim"), "{out}");
+    let (ok, out, _) = cli(&socket, &["audit", "--json"]).await;
+    let records: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && records.as_array().unwrap().len() >= 3, "{out}");
+    let (ok, out, _) = cli(&socket, &["audit", "--verify"]).await;
+    assert!(ok && out.starts_with("audit chain intact:"), "{out}");
+    let (ok, out, _) = cli(&socket, &["users", "--json"]).await;
+    let users: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok);
+    let user_key = p.user.public().to_string();
+    assert_eq!(users[0]["key"], user_key.as_str());
+    assert_eq!(users[0]["grants"], 1);
+
+    // Destructive commands want a confirmation; without a terminal, --yes.
+    let (ok, _, err) = cli(&socket, &["unbind", &lock]).await;
+    assert!(!ok && err.contains("pass --yes to confirm from a script"), "{err}");
+    let (ok, out, err) = cli(&socket, &["unbind", &lock, "--yes"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("asking the lock to forget this hub") && out.contains(&format!("unbound lock {lock}")),
+        "{out}{err}"
+    );
+    let (ok, _, err) = cli(&socket, &["unbind", &lock, "--yes"]).await;
+    assert!(!ok && err.contains("is not paired (not_found)"), "{err}");
+    let (ok, out, _) = cli(&socket, &["locks"]).await;
+    assert!(ok && out.contains("(none)"), "{out}");
+    let (ok, _, err) = cli(&socket, &["forget-user", &user_key, "--yes"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&socket, &["users"]).await;
+    assert!(ok && out.contains("(none)"), "{out}");
+    let (ok, _, err) = cli(&socket, &["forget-user", "not-a-key", "--yes"]).await;
+    assert!(!ok && err.contains("(malformed)"), "{err}");
+    let (ok, out, err) = cli(&socket, &["rekey"]).await;
+    assert!(ok && out.contains("re-sealed under a new master key"), "{out}{err}");
+    let (ok, out, _) = cli(&socket, &["audit", "--verify"]).await;
+    assert!(ok && out.starts_with("audit chain intact:"), "{out}");
+
+    // A new lock: scanned (progress each second), then paired with the code on its label.
+    let ctl = support::control().await;
+    let fresh = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    assert!(fresh.pairing_mode);
+    let (ok, out, err) = cli(&socket, &["scan", "--seconds", "2"]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("scanning: 1 of 2 s") && err.contains("scanning: 2 of 2 s"), "{err}");
+    let row = out.lines().find(|l| l.starts_with(&fresh.lock_id)).unwrap_or_else(|| panic!("not seen: {out}"));
+    assert!(row.contains("dBm") && row.contains("yes  ") && row.trim_end().ends_with("no"), "{row}");
+    let (ok, _, err) = cli(&socket, &["pair", &fresh.lock_id, "--setup", "00000000"]).await;
+    assert!(!ok && err.contains("pairing failed"), "a wrong setup code: {err}");
+    let (ok, out, err) = cli(&socket, &["pair", &fresh.lock_id, "--setup", &fresh.setup_code]).await;
+    assert!(ok && out.contains(&format!("paired lock {}", fresh.lock_id)), "{out}{err}");
+    let (ok, out, _) = cli(&socket, &["locks"]).await;
+    assert!(ok && out.contains(&fresh.lock_id), "{out}");
+
+    // As `nobody`: the socket's mode keeps them out, and the message says what to do.
+    let (ok, err) = as_nobody(&socket, &["status"]).await;
+    assert!(!ok);
+    assert!(err.contains("permission denied") && err.contains("lockhub-admin group"), "{err}");
+    // Loosened, the server itself refuses them.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, err) = as_nobody(&socket, &["status"]).await;
+    assert!(!ok);
+    assert!(err.contains("nobody may not administer this hub") && err.contains("(unauthorised)"), "{err}");
+
+    // A malformed request gets a typed answer, and the server keeps serving.
+    let raw = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.write_all(b"{\"cmd\":\"reboot\"}\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(raw.contains("\"code\":\"malformed\""), "{raw}");
+    assert!(cli(&socket, &["status"]).await.0);
+    stop.send(true).unwrap();
+}
