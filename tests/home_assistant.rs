@@ -97,6 +97,7 @@ struct HomeAssistant {
     messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     latest: HashMap<String, Vec<u8>>,
     count: HashMap<String, usize>,
+    history: HashMap<String, Vec<String>>,
 }
 
 impl HomeAssistant {
@@ -120,7 +121,7 @@ impl HomeAssistant {
                 }
             }
         });
-        HomeAssistant { client, messages, latest: HashMap::new(), count: HashMap::new() }
+        HomeAssistant { client, messages, latest: HashMap::new(), count: HashMap::new(), history: HashMap::new() }
     }
 
     /// Takes messages until `done` holds of what has been seen.
@@ -131,6 +132,7 @@ impl HomeAssistant {
                 panic!("never saw {what}; latest: {:#?}", self.latest.keys().collect::<Vec<_>>());
             };
             *self.count.entry(topic.clone()).or_default() += 1;
+            self.history.entry(topic.clone()).or_default().push(String::from_utf8_lossy(&payload).into_owned());
             self.latest.insert(topic, payload);
         }
     }
@@ -280,6 +282,9 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
     ha.publish(&set, r#"{"action":"UNLOCK","code":"2468"}"#).await;
     assert_eq!(answer(ha.next_on(&result).await), serde_json::json!({"action":"unlock","result":"ok","reason":null}));
     ha.until("UNLOCKED", |ha| ha.text(&state) == Some("UNLOCKED")).await;
+    // The bolt was shown moving first.
+    let states = &ha.history[&state];
+    assert_eq!(states[states.len() - 2..], ["UNLOCKING", "UNLOCKED"], "{states:?}");
     let event = format!("lockhub/local/gw-ha/{id}/event");
     ha.until("the last event", |ha| {
         ha.latest.get(&event).is_some_and(|_| ha.json(&event)["summary"] == "unlocked locally")
@@ -289,6 +294,8 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
     ha.publish(&set, "LOCK").await;
     assert_eq!(answer(ha.next_on(&result).await)["result"], "ok");
     ha.until("LOCKED", |ha| ha.text(&state) == Some("LOCKED")).await;
+    let states = &ha.history[&state];
+    assert_eq!(states[states.len() - 2..], ["LOCKING", "LOCKED"], "{states:?}");
     // A jam reaches Home Assistant as JAMMED; locking again clears it.
     let ctl = support::control().await;
     ctl.set_faults(&p.lock.lock_id, r#"{"jam_next_operation": true}"#).await.unwrap();
@@ -298,6 +305,8 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
         serde_json::json!({"action":"unlock","result":"failed","reason":"jammed"})
     );
     ha.until("JAMMED", |ha| ha.text(&state) == Some("JAMMED")).await;
+    let states = &ha.history[&state];
+    assert_eq!(states[states.len() - 2..], ["UNLOCKING", "JAMMED"], "{states:?}");
     ctl.set_faults(&p.lock.lock_id, "{}").await.unwrap();
     ha.publish(&set, "LOCK").await;
     assert_eq!(answer(ha.next_on(&result).await)["result"], "ok");

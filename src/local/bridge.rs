@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 use super::codes::{CodeBook, CodeCheck, CodeError};
 use super::command::LocalCommand;
 use super::config::{LocalConfig, LocalMqtt, LocalOperation};
-use super::home_assistant::{HomeAssistant, LockDescription, OFFLINE, ONLINE, Retained};
+use super::home_assistant::{HomeAssistant, LockDescription, OFFLINE, ONLINE, Retained, lock_state};
 use crate::ble::LockTransport;
 use crate::cloud::link::LinkState;
 use crate::cloud::tls::{TlsError, server_auth_config};
@@ -28,7 +28,7 @@ use crate::gateway::lock_worker::LockUpdate;
 use crate::gateway::statements::Gateway;
 use crate::protocol::gatt::LockInfo;
 use crate::protocol::ids::LockId;
-use crate::protocol::message::{LockStatus, Op};
+use crate::protocol::message::{LockState, LockStatus, Op};
 use crate::store::unix_now;
 
 /// Where local commands come from, in audit records.
@@ -86,6 +86,8 @@ pub struct LocalBridge<T: LockTransport> {
     password: Option<Zeroizing<String>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     client_id: String,
+    /// Each lock's last reported bolt state, to restore after a command that moved nothing.
+    last_state: Mutex<HashMap<LockId, LockState>>,
 }
 
 impl<T: LockTransport> std::fmt::Debug for LocalBridge<T> {
@@ -125,6 +127,7 @@ impl<T: LockTransport> LocalBridge<T> {
             gateway,
             password,
             tls,
+            last_state: Mutex::new(HashMap::new()),
         })
     }
 
@@ -208,6 +211,9 @@ impl<T: LockTransport> LocalBridge<T> {
                 },
                 update = updates.recv() => match update {
                     Ok(update) => {
+                        if let LockUpdate::Report { lock, status: Some(status), .. } = &update {
+                            this.last_state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(*lock, status.state);
+                        }
                         let out = apply(&this.ha, &mut locks, update, this.code_required());
                         if connected {
                             publish(&client, out).await;
@@ -258,13 +264,18 @@ impl<T: LockTransport> LocalBridge<T> {
     /// Checks and carries out one local command; every outcome is audited and published on
     /// the lock's result topic.
     async fn command(&self, client: &AsyncClient, lock: LockId, payload: &[u8]) {
-        let (action, result, reason) = self.decide(lock, payload).await;
+        let (action, result, reason) = self.decide(client, lock, payload).await;
         let message = serde_json::json!({ "action": action, "result": result, "reason": reason });
         let _ = client.publish(self.ha.result_topic(lock), QoS::AtLeastOnce, false, message.to_string()).await;
     }
 
     /// Returns the action, `ok` / `refused` / `failed`, and the reason.
-    async fn decide(&self, lock: LockId, payload: &[u8]) -> (&'static str, &'static str, Option<String>) {
+    async fn decide(
+        &self,
+        client: &AsyncClient,
+        lock: LockId,
+        payload: &[u8],
+    ) -> (&'static str, &'static str, Option<String>) {
         let refused = |reason: &str| ("refused", Some(reason.to_owned()));
         let command = match LocalCommand::parse(payload) {
             Ok(c) => c,
@@ -304,9 +315,24 @@ impl<T: LockTransport> LocalBridge<T> {
             LocalOperation::Unlock => Op::Unlock,
             LocalOperation::Unlatch => Op::Unlatch,
         };
+        // Home Assistant shows the bolt moving from the moment the command is on its way; it is
+        // queued on the connection before the command reaches the lock, so the lock's own
+        // report of where the bolt ended always comes after it.
+        let moving = if op == Op::Lock { LockState::Locking } else { LockState::Unlocking };
+        let state = self.ha.state_topic(lock);
+        let _ = client.publish(&state, QoS::AtLeastOnce, true, lock_state(moving)).await;
         match self.gateway.local_command(lock, op, &user, SOURCE).await {
             Ok(Ok(_)) => (name, "ok", None),
-            Ok(Err(reason)) => (name, "failed", Some(reason)),
+            Ok(Err(reason)) => {
+                // A jam reports its own state; otherwise nothing moved: show the last known
+                // state again (or none: Home Assistant's reset payload).
+                if reason != "jammed" {
+                    let last =
+                        self.last_state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&lock).copied();
+                    let _ = client.publish(&state, QoS::AtLeastOnce, true, last.map_or("None", lock_state)).await;
+                }
+                (name, "failed", Some(reason))
+            }
             Err(e) => {
                 tracing::error!(lock_id = %lock, error = %e, "could not record a local command");
                 (name, "failed", Some("store".into()))

@@ -111,6 +111,11 @@ impl HomeAssistant {
         format!("{}/{lock}/{leaf}", self.base)
     }
 
+    /// A lock's state topic (LOCKED, UNLOCKED, LOCKING, UNLOCKING, JAMMED).
+    pub fn state_topic(&self, lock: LockId) -> String {
+        self.lock_topic(lock, "state")
+    }
+
     /// Where the outcome of each local command is published (not retained):
     /// `{"action":"unlock","result":"refused","reason":"wrong_code"}` — for automations that
     /// tell someone a code was wrong or a lock jammed.
