@@ -168,6 +168,16 @@ impl<T: LockTransport> LocalBridge<T> {
         }
         let this = Arc::new(self);
         let (client, mut eventloop) = AsyncClient::new(this.options(), 256);
+        // Publishing waits for room in rumqttc's request queue, which only the event loop
+        // below empties: batches go through a task of their own, in order, so that this loop
+        // never waits on itself however many locks there are.
+        let (outgoing, mut batches) = tokio::sync::mpsc::unbounded_channel::<Vec<Retained>>();
+        let publisher = client.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = batches.recv().await {
+                publish(&publisher, batch).await;
+            }
+        });
         let mut connected = false;
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -180,14 +190,14 @@ impl<T: LockTransport> LocalBridge<T> {
                         let _ = client.subscribe(this.ha.ha_status(), QoS::AtLeastOnce).await;
                         let _ = client.subscribe(this.ha.command_filter(), QoS::AtLeastOnce).await;
                         let state = *cloud.borrow();
-                        this.publish_all(&client, &locks, &state).await;
+                        let _ = outgoing.send(this.everything(&locks, &state));
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
                         if p.topic == this.ha.ha_status() {
                             // Home Assistant (re)started: it forgets what it was told before.
                             if p.payload.as_ref() == ONLINE.as_bytes() {
                                 let state = *cloud.borrow();
-                                this.publish_all(&client, &locks, &state).await;
+                                let _ = outgoing.send(this.everything(&locks, &state));
                             }
                         } else if let Some(lock) = this.ha.command_lock(&p.topic) {
                             let this = this.clone();
@@ -216,7 +226,7 @@ impl<T: LockTransport> LocalBridge<T> {
                         }
                         let out = apply(&this.ha, &mut locks, update, this.code_required());
                         if connected {
-                            publish(&client, out).await;
+                            let _ = outgoing.send(out);
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -230,14 +240,15 @@ impl<T: LockTransport> LocalBridge<T> {
                     }
                     if connected {
                         let state = cloud_state(&cloud.borrow_and_update());
-                        publish(&client, vec![Retained { topic: this.ha.cloud_topic(), payload: state.into() }]).await;
+                        let _ = outgoing.send(vec![Retained { topic: this.ha.cloud_topic(), payload: state.into() }]);
                     }
                 }
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         if connected {
-                            let _ = client.publish(this.ha.availability(), QoS::AtLeastOnce, true, OFFLINE).await;
-                            let _ = client.disconnect().await;
+                            // try_: a full request queue must not hold the stop up.
+                            let _ = client.try_publish(this.ha.availability(), QoS::AtLeastOnce, true, OFFLINE);
+                            let _ = client.try_disconnect();
                             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                                 while eventloop.poll().await.is_ok() {}
                             })
@@ -251,14 +262,14 @@ impl<T: LockTransport> LocalBridge<T> {
     }
 
     /// Everything retained: availability, the gateway's and every lock's discovery, states.
-    async fn publish_all(&self, client: &AsyncClient, locks: &HashMap<LockId, LockView>, cloud: &LinkState) {
+    fn everything(&self, locks: &HashMap<LockId, LockView>, cloud: &LinkState) -> Vec<Retained> {
         let mut out = vec![Retained { topic: self.ha.availability(), payload: ONLINE.into() }];
         out.extend(self.ha.gateway_discovery());
         out.push(Retained { topic: self.ha.cloud_topic(), payload: cloud_state(cloud).into() });
         for (id, view) in locks {
             out.extend(view.publications(&self.ha, *id, self.code_required()));
         }
-        publish(client, out).await;
+        out
     }
 
     /// Checks and carries out one local command; every outcome is audited and published on
