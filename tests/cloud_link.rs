@@ -311,6 +311,19 @@ async fn malformed_oversized_and_wrong_schema_payloads_get_typed_errors(kind: Ki
     task.await.unwrap();
 }
 
+/// How long delivery may make no progress before the test says so (instead of hanging).
+const STALL: Duration = Duration::from_secs(60);
+
+/// What a stalled delivery looked like.
+fn stalled(rig: &Rig, reports: &lockhub::cloud::link::LinkReports) -> String {
+    format!(
+        "{} delivered, {} still in the outbox, link {:?}",
+        *reports.delivered.borrow(),
+        rig.store.lock().unwrap().outbox_len().unwrap(),
+        *reports.state.borrow()
+    )
+}
+
 /// The broker restarted three times in the middle of a stream of 300 events. The bundled broker
 /// is killed with SIGKILL and its event sink must hold every event once; Mosquitto is stopped
 /// and started (it saves its sessions), and a persistent relay session must see every event.
@@ -328,12 +341,15 @@ async fn the_broker_restarted_while_events_flow_loses_nothing(kind: Kind) {
     for round in 0..rounds {
         rig.append_events(round * 100..round * 100 + 100);
         // Restart in the middle of the stream.
-        reports.delivered.wait_for(|n| *n >= u64::from(round * 100 + 20)).await.unwrap();
+        let want = u64::from(round * 100 + 20);
+        let waited = tokio::time::timeout(STALL, reports.delivered.wait_for(|n| *n >= want)).await.is_ok();
+        assert!(waited, "delivery stalled in round {round}: {}", stalled(&rig, &reports));
         tokio::task::block_in_place(|| rig.broker.restart());
     }
     // Every record leaves the outbox, each only after its acknowledgement.
     while rig.store.lock().unwrap().outbox_len().unwrap() > 0 {
-        reports.delivered.changed().await.unwrap();
+        let waited = tokio::time::timeout(STALL, reports.delivered.changed()).await.is_ok();
+        assert!(waited, "delivery stalled after the restarts: {}", stalled(&rig, &reports));
     }
     let stored = match (&rig.broker, &mut relay) {
         (TestBroker::Bundled(broker), _) => {
