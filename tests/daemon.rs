@@ -100,6 +100,16 @@ fn check_config_says_where_what_and_how_to_fix_it() {
         ),
         "{err}"
     );
+    // The local broker's password, readable by others.
+    let password = dir.path().join("local.password");
+    std::fs::write(&password, "secret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let local = format!(
+        "\n[local.mqtt]\nhost = \"localhost\"\nusername = \"hub\"\npassword_file = \"{}\"\n",
+        password.display()
+    );
+    let err = broken(&config, |t| format!("{t}{local}"));
+    assert!(err.contains("local.mqtt.password_file = ") && err.contains("other users can read this password"), "{err}");
     // No file at all.
     let out = lockhub(&["check-config", "--config", "/nonexistent/lockhub.toml"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/nonexistent/lockhub.toml"));

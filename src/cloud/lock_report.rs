@@ -11,7 +11,8 @@ use serde::Serialize;
 use crate::protocol::ids::LockId;
 use crate::protocol::message::{Actor, Cause, DoorState, Event, LockState, LockStatus, LogEntry};
 
-fn state_name(state: LockState) -> &'static str {
+/// A bolt state's wire name (`locked`, `unlocking`, ...), as in events and lock states.
+pub fn state_name(state: LockState) -> &'static str {
     match state {
         LockState::Locked => "locked",
         LockState::Unlocking => "unlocking",
@@ -21,7 +22,8 @@ fn state_name(state: LockState) -> &'static str {
     }
 }
 
-fn door_name(door: DoorState) -> &'static str {
+/// A door state's wire name (`closed`, `open`, `unknown`).
+pub fn door_name(door: DoorState) -> &'static str {
     match door {
         DoorState::Closed => "closed",
         DoorState::Open => "open",

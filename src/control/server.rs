@@ -328,9 +328,9 @@ impl<T: LockTransport> ControlServer<T> {
                     let now = latest.get(&l.lock_id).copied().unwrap_or_default();
                     let status = now.status.map(|s| {
                         json!({
-                            "state": crate::local::home_assistant::lock_state(s.state).to_lowercase(),
+                            "state": crate::cloud::lock_report::state_name(s.state),
                             "battery": s.battery_pct,
-                            "door": format!("{:?}", s.door).to_lowercase(),
+                            "door": crate::cloud::lock_report::door_name(s.door),
                         })
                     });
                     json!({

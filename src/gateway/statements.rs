@@ -96,7 +96,16 @@ impl<T: LockTransport> std::fmt::Debug for Gateway<T> {
 
 /// A user's 8-byte reference in the lock's log: the start of SHA-256 of their public key.
 pub fn user_ref(key: &PublicKey) -> UserRef {
-    let digest = sha2::Sha256::digest(key.as_bytes());
+    reference(key.as_bytes())
+}
+
+/// A local user's reference in the lock's log, from their name in `[[local.codes]]`.
+pub fn local_user_ref(name: &str) -> UserRef {
+    reference(format!("local:{name}").as_bytes())
+}
+
+fn reference(bytes: &[u8]) -> UserRef {
+    let digest = sha2::Sha256::digest(bytes);
     UserRef(digest[..8].try_into().expect("8 bytes"))
 }
 
@@ -105,17 +114,6 @@ fn op_of(op: Operation) -> Op {
         Operation::Lock => Op::Lock,
         Operation::Unlock => Op::Unlock,
         Operation::Unlatch => Op::Unlatch,
-    }
-}
-
-fn lock_state_name(state: crate::protocol::message::LockState) -> &'static str {
-    use crate::protocol::message::LockState::*;
-    match state {
-        Locked => "locked",
-        Unlocking => "unlocking",
-        Unlocked => "unlocked",
-        Locking => "locking",
-        Jammed => "jammed",
     }
 }
 
@@ -260,8 +258,7 @@ impl<T: LockTransport> Gateway<T> {
         let outcome = match self.lock(lock) {
             None => Err(Failure { reason: Reason::UnknownLock, detail: "the lock is not paired".into() }),
             Some(handle) => {
-                let userref = UserRef(sha2::Sha256::digest(format!("local:{user}"))[..8].try_into().expect("8 bytes"));
-                match handle.execute(op, Actor::Local(userref)).await {
+                match handle.execute(op, Actor::Local(local_user_ref(user))).await {
                     // The lock's task records its own report: no reply shares its commit here.
                     Ok(executed) => {
                         let _ = executed.recorded.send(false);
@@ -550,7 +547,7 @@ impl<T: LockTransport> Gateway<T> {
         };
         let (at, _) = (self.clock)();
         let reply = match outcome {
-            Ok(status) => ok(id, status.map_or("done", |s| lock_state_name(s.state)), at),
+            Ok(status) => ok(id, status.map_or("done", |s| crate::cloud::lock_report::state_name(s.state)), at),
             Err(failure) => failed(id, failure.reason, &failure.detail, at),
         };
         Ok((reply, pending))
