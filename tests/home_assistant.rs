@@ -35,6 +35,8 @@ const PREFIX: &str = "homeassistant";
 struct HomeBroker {
     child: Child,
     port: u16,
+    /// A second listener with TLS (the certificate of `pki`), when asked for.
+    tls_port: Option<u16>,
     _dir: tempfile::TempDir,
 }
 
@@ -47,6 +49,10 @@ impl Drop for HomeBroker {
 
 impl HomeBroker {
     fn start(users: &[(&str, &str)]) -> Self {
+        Self::start_with_tls(users, None)
+    }
+
+    fn start_with_tls(users: &[(&str, &str)], pki: Option<&lockhub::devcloud::pki::Pki>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let passwd = dir.path().join("passwd");
         for (i, (user, password)) in users.iter().enumerate() {
@@ -60,16 +66,27 @@ impl HomeBroker {
         let port = support::mosquitto::free_port();
         let root = std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t"));
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "{}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
-                if root { "user root\n" } else { "" },
-                passwd.display()
-            ),
-        )
-        .unwrap();
+        let tls_port = pki.map(|_| support::mosquitto::free_port());
+        // Listener settings apply per listener: each gets the password file.
+        let listener = |port: u16| {
+            format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n", passwd.display())
+        };
+        let mut text = format!(
+            "{}per_listener_settings true\npersistence false\n\
+             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n{}",
+            if root { "user root\n" } else { "" },
+            listener(port)
+        );
+        if let (Some(pki), Some(tls_port)) = (pki, tls_port) {
+            text += &format!(
+                "{}cafile {}\ncertfile {}\nkeyfile {}\ntls_version tlsv1.3\n",
+                listener(tls_port),
+                pki.ca_cert().display(),
+                pki.broker_cert().display(),
+                pki.broker_key().display()
+            );
+        }
+        std::fs::write(&conf, text).unwrap();
         let mut child = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
             .arg(&conf)
@@ -86,7 +103,7 @@ impl HomeBroker {
             }
         }
         std::thread::spawn(move || for _ in lines {});
-        HomeBroker { child, port, _dir: dir }
+        HomeBroker { child, port, tls_port, _dir: dir }
     }
 }
 
@@ -372,4 +389,98 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
     fresh.until("the probe", |ha| ha.latest.contains_key(&format!("{PREFIX}/probe"))).await;
     let left: Vec<&String> = fresh.latest.keys().filter(|t| t.contains(&id)).collect();
     assert!(left.is_empty(), "retained after unbind: {left:?}");
+}
+
+/// Owner-signed local codes, with the hub reaching the home broker over TLS: the owner's app
+/// gives a granted user a code for one lock (only its Argon2id hash travels); it opens that
+/// lock through the local broker, audited under the same pseudonym as the user's remote
+/// commands; a user cannot give one; revoking it, or forgetting the user, removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_forgotten() {
+    use lockhub::auth::statement::{Operation, Statement};
+    use lockhub::cloud::reply::Outcome;
+    use lockhub::devcloud::app::{command, local_code, revoke};
+    use lockhub::store::unix_now;
+    use support::stack::assert_reply;
+
+    let stack = Stack::start("gw-hk").await;
+    let broker =
+        HomeBroker::start_with_tls(&[("lockhub", "hub-secret-3"), ("homeassistant", "ha-secret-4")], Some(&stack.pki));
+    let password_file = stack.dir.path().join("local-mqtt.password");
+    std::fs::write(&password_file, "hub-secret-3\n").unwrap();
+    let local = LocalConfig {
+        mqtt: Some(LocalMqtt {
+            host: "localhost".into(),
+            port: broker.tls_port,
+            tls: true,
+            ca: Some(stack.pki.ca_cert()),
+            username: Some("lockhub".into()),
+            password_file: Some(password_file),
+        }),
+        lockout_failures: 10,
+        ..LocalConfig::default()
+    };
+    let mut ha = HomeAssistant::connect(broker.port, "ha-secret-4").await;
+    let bridge = LocalBridge::new(&local, stack.gateway.clone(), &stack.gw).unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(bridge.run(stack.gateway.updates(), stack.cloud.clone(), stopped));
+    ha.until("the hub online through TLS", |ha| ha.text("lockhub/local/gw-hk/availability") == Some("online")).await;
+
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
+    let id = p.lock_id.to_string();
+    let (set, result, state) = (
+        format!("lockhub/local/gw-hk/{id}/set"),
+        format!("lockhub/local/gw-hk/{id}/result"),
+        format!("lockhub/local/gw-hk/{id}/state"),
+    );
+    ha.until("the lock's state", |ha| ha.text(&state).is_some()).await;
+    let reason = |payload: Vec<u8>| serde_json::from_slice::<Value>(&payload).unwrap()["reason"].clone();
+    let unlock = r#"{"action":"UNLOCK","code":"97531"}"#;
+    ha.publish(&set, unlock).await;
+    assert_eq!(reason(ha.next_on(&result).await), "wrong_code", "no code given yet");
+
+    // The user's own remote command names them in the audit log by their pseudonym.
+    let now = unix_now();
+    let remote = Statement::Command(command(&stack.gw, p.lock_id, Operation::Lock, now, 30));
+    assert_reply(&p.app.send(&remote, &p.user, WAIT).await.unwrap(), Outcome::Ok, None);
+
+    // Only the owner gives codes; only the hash travels; a hash too costly to check is refused.
+    let given = local_code(&stack.gw, p.user.public(), p.lock_id, "97531", 1, now).unwrap();
+    let signed = Statement::LocalCode(given.clone());
+    assert!(!String::from_utf8(signed.to_json()).unwrap().contains("97531"));
+    let by_user = Statement::LocalCode(local_code(&stack.gw, p.user.public(), p.lock_id, "1111", 1, now).unwrap());
+    assert_reply(&p.app.send(&by_user, &p.user, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
+    let mut costly = local_code(&stack.gw, p.user.public(), p.lock_id, "1111", 1, now).unwrap();
+    costly.hash = costly.hash.replace("m=19456", "m=4194304");
+    let reply = p.app.send(&Statement::LocalCode(costly), &p.owner, WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Refused, Some("malformed"));
+    assert!(reply.detail.as_deref().unwrap().contains("64 MiB"), "{reply:?}");
+    assert_reply(&p.app.send(&signed, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
+
+    ha.publish(&set, unlock).await;
+    assert_eq!(reason(ha.next_on(&result).await), Value::Null);
+    ha.until("UNLOCKED", |ha| ha.text(&state) == Some("UNLOCKED")).await;
+    let actor_of = |action: &str| {
+        let store = stack.store.lock().unwrap();
+        let records = store.audit_records(0, 1000).unwrap();
+        records.into_iter().rev().find(|r| r.action == action && r.outcome == "ok").and_then(|r| r.actor)
+    };
+    assert_eq!(actor_of("local.unlock"), actor_of("command.lock"));
+    assert!(actor_of("local.unlock").is_some());
+
+    // Revoked: the code no longer opens.
+    let revocation = revoke(&stack.gw, given.jti.clone(), now);
+    assert_reply(&p.app.send(&revocation, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_eq!(stack.audit_outcomes("local_code.revoke"), ["ok"]);
+    ha.publish(&set, unlock).await;
+    assert_eq!(reason(ha.next_on(&result).await), "wrong_code");
+
+    // Given again, then the user forgotten: gone with the rest of their data.
+    let again = Statement::LocalCode(local_code(&stack.gw, p.user.public(), p.lock_id, "97531", 1, now).unwrap());
+    assert_reply(&p.app.send(&again, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_eq!(stack.gateway.local_codes(p.lock_id).unwrap().len(), 1);
+    assert!(stack.store.lock().unwrap().forget_user(p.user.public().as_bytes(), unix_now()).unwrap());
+    assert!(stack.gateway.local_codes(p.lock_id).unwrap().is_empty());
+    ha.publish(&set, unlock).await;
+    assert_eq!(reason(ha.next_on(&result).await), "wrong_code");
 }

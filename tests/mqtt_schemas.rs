@@ -73,6 +73,16 @@ fn statements() -> Vec<lockhub::auth::statement::Statement> {
             schedule: Some(schedule.clone()),
         }),
         Statement::Revoke(Revoke { jti: jti.clone(), gw: gw.clone(), grant: jti.clone(), iat: 1, exp: 2 }),
+        Statement::LocalCode(LocalCode {
+            jti: jti.clone(),
+            gw: gw.clone(),
+            sub: PublicKey::from_bytes([4; 32]),
+            lock,
+            hash: lockhub::local::codes::hash_code("2468").unwrap(),
+            nbf: 0,
+            iat: 1,
+            exp: 2,
+        }),
         Statement::Policy(Policy { jti, gw, lock, remote_unlock: true, quiet_hours: Some(schedule), iat: 1, exp: 2 }),
     ]
 }

@@ -571,3 +571,28 @@ fn passcodes_are_stored_only_as_argon2id_hashes() {
         })
         .unwrap();
 }
+
+#[test]
+fn a_users_local_code_for_a_lock_is_replaced_windowed_and_removed_by_its_id() {
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let lock = LockId([7; 8]);
+    let (alice, hash_a, hash_b) =
+        ([1u8; 32], "$argon2id$v=19$m=256,t=2,p=1$c2FsdA$YQ", "$argon2id$v=19$m=256,t=2,p=1$c2FsdA$Yg");
+    store.transaction(|tx| tx.add_lock(lock, "C0:00:00:00:00:07", "L", &PairingKey::from_bytes([1; 32]), 1)).unwrap();
+    let unknown_user = store.transaction(|tx| tx.put_local_code("k-0", lock, &alice, hash_a, 0, 100));
+    assert!(matches!(unknown_user, Err(StoreError::NotFound(_))), "{unknown_user:?}");
+    store.transaction(|tx| tx.add_user(&alice, 1)).unwrap();
+    assert!(matches!(
+        store.transaction(|tx| tx.put_local_code("k-0", lock, &alice, "2468", 0, 100)),
+        Err(StoreError::Invalid(_))
+    ));
+    store.transaction(|tx| tx.put_local_code("k-1", lock, &alice, hash_a, 10, 100)).unwrap();
+    store.transaction(|tx| tx.put_local_code("k-2", lock, &alice, hash_b, 10, 100)).unwrap();
+    assert_eq!(store.local_codes(lock, 50).unwrap(), [(alice.to_vec(), hash_b.to_owned())]);
+    assert!(store.local_codes(lock, 5).unwrap().is_empty(), "not yet valid");
+    assert!(store.local_codes(lock, 101).unwrap().is_empty(), "expired");
+    assert!(!store.transaction(|tx| tx.remove_local_code("k-1")).unwrap(), "replaced already");
+    assert!(store.transaction(|tx| tx.remove_local_code("k-2")).unwrap());
+    assert!(store.local_codes(lock, 50).unwrap().is_empty());
+}

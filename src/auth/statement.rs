@@ -29,6 +29,8 @@ pub mod typ {
     pub const POLICY: &str = "lockhub.policy";
     /// A user operates a lock.
     pub const COMMAND: &str = "lockhub.command";
+    /// The owner gives a user a local code for a lock.
+    pub const LOCAL_CODE: &str = "lockhub.local_code";
 }
 
 /// Longest a command may be valid: `exp - iat` at most this many seconds.
@@ -247,6 +249,32 @@ pub struct Policy {
     pub exp: i64,
 }
 
+/// The owner gives a user a code for local control of a lock (Home Assistant, the local
+/// broker). Only the code's Argon2id hash travels: the owner's app hashes it, so neither the
+/// cloud nor the gateway ever sees the code. A newer local code for the same user and lock
+/// replaces the older; a revocation naming this statement's id removes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalCode {
+    /// Statement id (revocations name it).
+    pub jti: StatementId,
+    /// The gateway.
+    pub gw: GatewayId,
+    /// The user's public key.
+    pub sub: PublicKey,
+    /// The lock.
+    #[serde(with = "lock_hex")]
+    pub lock: LockId,
+    /// The code's Argon2id hash, as a PHC string (`$argon2id$v=19$m=…,t=…,p=…$salt$hash`).
+    pub hash: String,
+    /// Valid from.
+    pub nbf: i64,
+    /// Issued at.
+    pub iat: i64,
+    /// Valid until.
+    pub exp: i64,
+}
+
 /// A user operates a lock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,6 +311,8 @@ pub enum Statement {
     Policy(Policy),
     /// See [`Command`].
     Command(Command),
+    /// See [`LocalCode`].
+    LocalCode(LocalCode),
 }
 
 impl Statement {
@@ -295,6 +325,7 @@ impl Statement {
             Statement::Revoke(s) => &s.jti,
             Statement::Policy(s) => &s.jti,
             Statement::Command(s) => &s.jti,
+            Statement::LocalCode(s) => &s.jti,
         }
     }
 
@@ -307,6 +338,7 @@ impl Statement {
             Statement::Revoke(s) => &s.gw,
             Statement::Policy(s) => &s.gw,
             Statement::Command(s) => &s.gw,
+            Statement::LocalCode(s) => &s.gw,
         }
     }
 
@@ -319,6 +351,7 @@ impl Statement {
             Statement::Revoke(s) => (s.iat, s.exp),
             Statement::Policy(s) => (s.iat, s.exp),
             Statement::Command(s) => (s.iat, s.exp),
+            Statement::LocalCode(s) => (s.iat, s.exp),
         }
     }
 
@@ -331,6 +364,7 @@ impl Statement {
             Statement::Revoke(_) => typ::REVOKE,
             Statement::Policy(_) => typ::POLICY,
             Statement::Command(_) => typ::COMMAND,
+            Statement::LocalCode(_) => typ::LOCAL_CODE,
         }
     }
 
@@ -343,6 +377,7 @@ impl Statement {
             Statement::Revoke(s) => serde_json::to_vec(s),
             Statement::Policy(s) => serde_json::to_vec(s),
             Statement::Command(s) => serde_json::to_vec(s),
+            Statement::LocalCode(s) => serde_json::to_vec(s),
         };
         json.expect("statements always serialise")
     }
@@ -397,6 +432,7 @@ pub fn open(text: &str) -> Result<Signed, Refusal> {
         typ::REVOKE => claims(&jws.payload).map(Statement::Revoke),
         typ::POLICY => claims(&jws.payload).map(Statement::Policy),
         typ::COMMAND => claims(&jws.payload).map(Statement::Command),
+        typ::LOCAL_CODE => claims(&jws.payload).map(Statement::LocalCode),
         _ => Err(format!("unknown statement type {:?}", jws.header.typ.chars().take(32).collect::<String>())),
     };
     let statement = statement.map_err(|detail| {

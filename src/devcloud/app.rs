@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::keys::{PublicKey, generate};
 use crate::auth::statement::{
-    Claim, Command, Grant, Operation, Pair, Permission, Policy, Revoke, Schedule, Statement, StatementId,
+    Claim, Command, Grant, LocalCode, Operation, Pair, Permission, Policy, Revoke, Schedule, Statement, StatementId,
 };
 use crate::cloud::link::BrokerUrl;
 use crate::cloud::reply::Reply;
@@ -186,7 +186,29 @@ pub fn grant(
     }
 }
 
-/// The owner's revocation of `grant`.
+/// The owner's local code for `user` on `lock`, valid from a minute ago for `days`: the code
+/// is hashed here (Argon2id), so only its hash leaves the app.
+pub fn local_code(
+    gateway: &GatewayId,
+    user: PublicKey,
+    lock: LockId,
+    code: &str,
+    days: u32,
+    now: i64,
+) -> Result<LocalCode, crate::local::codes::CodeError> {
+    Ok(LocalCode {
+        jti: new_id("k"),
+        gw: gateway.clone(),
+        sub: user,
+        lock,
+        hash: crate::local::codes::hash_code(code)?,
+        nbf: now - 60,
+        iat: now,
+        exp: now + i64::from(days) * 86_400,
+    })
+}
+
+/// The owner's revocation of `grant` (a grant's or a local code's id).
 pub fn revoke(gateway: &GatewayId, grant: StatementId, now: i64) -> Statement {
     Statement::Revoke(Revoke {
         jti: new_id("r"),

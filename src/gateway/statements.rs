@@ -27,6 +27,7 @@ use crate::ble::{BleConfig, LockTransport};
 use crate::cloud::link::InboundCommand;
 use crate::cloud::reply::{Outcome, Reply};
 use crate::cloud::topics::Topics;
+use crate::local::codes::{CodeHolder, IssuedCode, validate_hash};
 use crate::protocol::ids::{GatewayId, LockId};
 use crate::protocol::message::{Actor, LockStatus, Op, UserRef};
 use crate::protocol::pairing::SetupCode;
@@ -243,6 +244,19 @@ impl<T: LockTransport> Gateway<T> {
         self.updates.subscribe()
     }
 
+    /// The local codes owner-signed statements gave for `lock`, valid now.
+    pub fn local_codes(&self, lock: LockId) -> Result<Vec<IssuedCode>, StoreError> {
+        let now = (self.clock)().0;
+        let rows = self.store().local_codes(lock, now)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, hash)| {
+                let user = PublicKey::from_bytes(key.try_into().ok()?);
+                Some(IssuedCode { user, hash })
+            })
+            .collect())
+    }
+
     /// Carries out a local command (Home Assistant, the local broker) for `user`, whose code
     /// the caller has checked, and audits it with its `source`. The inner error is the reason
     /// code of a command that did not complete (`jammed`, `lock_unreachable`, ...).
@@ -250,15 +264,20 @@ impl<T: LockTransport> Gateway<T> {
         &self,
         lock: LockId,
         op: Op,
-        user: &str,
+        user: &CodeHolder,
         source: &str,
     ) -> Result<Result<Option<LockStatus>, String>, StoreError> {
         let action = format!("local.{}", op_name(&op));
-        let actor = AuditActor::User(format!("local:{user}").into_bytes());
+        // A user known by key is audited under their pseudonym (forget-user unlinks it); a
+        // configured name is the hub owner's label.
+        let (actor, user_ref) = match user {
+            CodeHolder::Named(name) => (AuditActor::User(format!("local:{name}").into_bytes()), local_user_ref(name)),
+            CodeHolder::Key(key) => (AuditActor::User(key.as_bytes().to_vec()), user_ref(key)),
+        };
         let outcome = match self.lock(lock) {
             None => Err(Failure { reason: Reason::UnknownLock, detail: "the lock is not paired".into() }),
             Some(handle) => {
-                match handle.execute(op, Actor::Local(local_user_ref(user))).await {
+                match handle.execute(op, Actor::Local(user_ref)).await {
                     // The lock's task records its own report: no reply shares its commit here.
                     Ok(executed) => {
                         let _ = executed.recorded.send(false);
@@ -368,7 +387,10 @@ impl<T: LockTransport> Gateway<T> {
         let lock = match statement {
             Statement::Command(c) => Some(c.lock),
             Statement::Pair(p) => Some(p.lock),
-            _ => None,
+            Statement::Grant(g) => Some(g.lock),
+            Statement::Policy(p) => Some(p.lock),
+            Statement::LocalCode(c) => Some(c.lock),
+            Statement::Claim(_) | Statement::Revoke(_) => None,
         };
         let (_, exp) = statement.validity();
         let seen = self.store().transaction(|tx| {
@@ -553,7 +575,7 @@ impl<T: LockTransport> Gateway<T> {
         Ok((reply, pending))
     }
 
-    /// Claim, pair, grant, revoke, policy.
+    /// Claim, pair, grant, revoke, policy, local code.
     async fn owner_statement(&self, signed: &Signed, text: &str, owner: bool) -> Result<(Reply, String), StoreError> {
         let (now, synced) = (self.clock)();
         let statement = &signed.statement;
@@ -591,8 +613,28 @@ impl<T: LockTransport> Gateway<T> {
                 Ok((ok(id, "granted", now), "grant.add".into()))
             }
             Statement::Revoke(r) => {
-                self.store().transaction(|tx| tx.put_revocation(r.grant.as_str(), None, text.as_bytes(), now))?;
-                Ok((ok(id, "revoked", now), "grant.revoke".into()))
+                // The id names a grant or a local code; a local code is removed outright.
+                let removed_code = self.store().transaction(|tx| {
+                    tx.put_revocation(r.grant.as_str(), None, text.as_bytes(), now)?;
+                    tx.remove_local_code(r.grant.as_str())
+                })?;
+                Ok((ok(id, "revoked", now), if removed_code { "local_code.revoke" } else { "grant.revoke" }.into()))
+            }
+            Statement::LocalCode(c) => {
+                if let Err(e) = validate_hash(&c.hash) {
+                    return Ok((refused(id, Reason::Malformed, &format!("hash: {e}"), now), "local_code.set".into()));
+                }
+                if self.lock(c.lock).is_none() {
+                    return Ok((
+                        refused(id, Reason::UnknownLock, "the lock is not paired", now),
+                        "local_code.set".into(),
+                    ));
+                }
+                self.store().transaction(|tx| {
+                    tx.add_user(c.sub.as_bytes(), now)?;
+                    tx.put_local_code(c.jti.as_str(), c.lock, c.sub.as_bytes(), &c.hash, c.nbf, c.exp)
+                })?;
+                Ok((ok(id, "local code set", now), "local_code.set".into()))
             }
             Statement::Policy(p) => {
                 if let Some(s) = &p.quiet_hours

@@ -17,7 +17,7 @@ use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 use zeroize::Zeroizing;
 
-use super::codes::{CodeBook, CodeCheck, CodeError};
+use super::codes::{CodeBook, CodeCheck, CodeError, CodeHolder};
 use super::command::LocalCommand;
 use super::config::{LocalConfig, LocalMqtt, LocalOperation};
 use super::home_assistant::{HomeAssistant, LockDescription, OFFLINE, ONLINE, Retained, lock_state};
@@ -306,8 +306,9 @@ impl<T: LockTransport> LocalBridge<T> {
                 let (r, why) = refused("code_required");
                 return (name, r, why);
             }
-            (false, None) => "local".to_owned(),
-            (_, Some(code)) => match self.check_code(code).await {
+            // No code asked: the hub's owner allowed anyone on the local broker this operation.
+            (false, None) => CodeHolder::Named("local".to_owned()),
+            (_, Some(code)) => match self.check_code(lock, code).await {
                 CodeCheck::Accepted { user } => user,
                 CodeCheck::Wrong => {
                     self.refuse(lock, &action, "wrong_code");
@@ -351,11 +352,16 @@ impl<T: LockTransport> LocalBridge<T> {
         }
     }
 
-    async fn check_code(&self, code: Zeroizing<String>) -> CodeCheck {
+    async fn check_code(&self, lock: LockId, code: Zeroizing<String>) -> CodeCheck {
         let codes = self.codes.clone();
+        let issued = self.gateway.local_codes(lock).unwrap_or_else(|e| {
+            // The configured codes still work; the owner's codes wait for the store.
+            tracing::error!(lock_id = %lock, error = %e, "could not read the lock's local codes");
+            Vec::new()
+        });
         // Argon2id takes tens of milliseconds on a Pi: off the async threads.
         tokio::task::spawn_blocking(move || {
-            codes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).check(code, unix_now())
+            codes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).check(code, unix_now(), &issued)
         })
         .await
         .unwrap_or(CodeCheck::Wrong)

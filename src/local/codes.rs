@@ -1,8 +1,11 @@
 //! Local codes: who may command a lock through local control (Home Assistant, the local
 //! broker), checked against Argon2id hashes, with a lockout after repeated wrong codes.
 //!
-//! Only hashes are configured or stored; a code arrives, is checked against every hash (so the
-//! time taken does not tell how many users there are before the matching one) and is zeroized.
+//! Codes come from two places: `[[local.codes]]` in the configuration (a user by name) and
+//! owner-signed `lockhub.local_code` statements (a user by key, for one lock, for a window).
+//! Only hashes are configured or stored; a code arrives, is checked against every hash that
+//! could open the lock (so the time taken does not tell how many users there are before the
+//! matching one) and is zeroized.
 //! Wrong codes count for local control as a whole, not per user: the code is what tells the
 //! users apart, so a guesser has no user to be counted against.
 
@@ -14,18 +17,58 @@ use thiserror::Error;
 use zeroize::Zeroizing;
 
 use super::config::{LocalCodeEntry, LocalConfig};
+use crate::auth::keys::PublicKey;
 
 /// Shortest and longest code, in digits (Home Assistant's `code_format` says the same).
 pub const CODE_DIGITS: std::ops::RangeInclusive<usize> = 4..=12;
 
+/// Most memory a stored hash may ask of each check, in KiB: a hash is attacker-influenced
+/// input (a configuration typo, a statement), and each wrong code tries every hash.
+const MAX_MEMORY_KIB: u32 = 64 * 1024;
+/// Most passes a stored hash may ask for.
+const MAX_PASSES: u32 = 8;
+/// Most lanes a stored hash may ask for.
+const MAX_LANES: u32 = 4;
+/// Longest PHC string accepted.
+pub const MAX_HASH_LEN: usize = 256;
+
+/// Why a hash cannot be a local code's.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum HashError {
+    /// Not an Argon2id PHC string.
+    #[error("not an Argon2id PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash)")]
+    NotArgon2id,
+    /// Its parameters would make every check too slow.
+    #[error("its Argon2id parameters exceed 64 MiB, 8 passes or 4 lanes")]
+    TooCostly,
+}
+
+/// Checks that `hash` is an Argon2id PHC string whose cost a hub can afford on every check.
+pub fn validate_hash(hash: &str) -> Result<(), HashError> {
+    if hash.len() > MAX_HASH_LEN {
+        return Err(HashError::NotArgon2id);
+    }
+    let parsed = PasswordHash::new(hash).map_err(|_| HashError::NotArgon2id)?;
+    if parsed.algorithm.as_str() != "argon2id" || parsed.hash.is_none() {
+        return Err(HashError::NotArgon2id);
+    }
+    let params = Params::try_from(&parsed).map_err(|_| HashError::NotArgon2id)?;
+    if params.m_cost() > MAX_MEMORY_KIB || params.t_cost() > MAX_PASSES || params.p_cost() > MAX_LANES {
+        return Err(HashError::TooCostly);
+    }
+    Ok(())
+}
+
 /// Why a configured code entry is unusable.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CodeError {
-    /// Not an Argon2id PHC string.
-    #[error("the hash for {user:?} is not an Argon2id PHC string ($argon2id$...); make one with `lockhub hash-code`")]
-    NotArgon2id {
+    /// Not a usable hash.
+    #[error("the hash for {user:?} is {source}; make one with `lockhub hash-code`")]
+    BadHash {
         /// Whose.
         user: String,
+        /// What is wrong with it.
+        source: HashError,
     },
     /// The same user twice.
     #[error("{user:?} appears twice")]
@@ -38,13 +81,31 @@ pub enum CodeError {
     BadCode,
 }
 
+/// Whose a local code is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodeHolder {
+    /// A `[[local.codes]]` entry, by its user name.
+    Named(String),
+    /// A user the owner gave the code to in a `lockhub.local_code` statement.
+    Key(PublicKey),
+}
+
+/// A code an owner-signed statement gave a user for a lock, as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedCode {
+    /// The user.
+    pub user: PublicKey,
+    /// Its Argon2id hash.
+    pub hash: String,
+}
+
 /// What checking a code found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CodeCheck {
     /// The code is this user's.
     Accepted {
         /// Who.
-        user: String,
+        user: CodeHolder,
     },
     /// Nobody's code (it counts toward the lockout).
     Wrong,
@@ -90,10 +151,7 @@ impl CodeBook {
     /// Checks the configured entries and builds the book.
     pub fn new(config: &LocalConfig) -> Result<Self, CodeError> {
         for (i, entry) in config.codes.iter().enumerate() {
-            let argon2id = PasswordHash::new(&entry.hash).is_ok_and(|h| h.algorithm.as_str() == "argon2id");
-            if !argon2id {
-                return Err(CodeError::NotArgon2id { user: entry.user.clone() });
-            }
+            validate_hash(&entry.hash).map_err(|source| CodeError::BadHash { user: entry.user.clone(), source })?;
             if config.codes[..i].iter().any(|e| e.user == entry.user) {
                 return Err(CodeError::Duplicate { user: entry.user.clone() });
             }
@@ -108,19 +166,28 @@ impl CodeBook {
         })
     }
 
-    /// Checks `code` at `now` (Unix seconds). A malformed code is a wrong one.
-    pub fn check(&mut self, code: Zeroizing<String>, now: i64) -> CodeCheck {
+    /// Checks `code` at `now` (Unix seconds) against the configured codes and `issued`, the
+    /// codes statements gave for the lock commanded (valid now). A malformed code is a wrong one.
+    pub fn check(&mut self, code: Zeroizing<String>, now: i64, issued: &[IssuedCode]) -> CodeCheck {
         if self.locked_until > now {
             return CodeCheck::LockedOut { for_s: self.locked_until - now };
         }
+        let matches = |hash: &str| {
+            // A stored hash that fails validation is skipped, never tried at any cost.
+            validate_hash(hash).is_ok()
+                && PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(code.as_bytes(), &h).is_ok())
+        };
         let mut found = None;
         if well_formed(&code) {
             // Every hash is tried, whichever matches.
             for entry in &self.entries {
-                let matches = PasswordHash::new(&entry.hash)
-                    .is_ok_and(|h| Argon2::default().verify_password(code.as_bytes(), &h).is_ok());
-                if matches && found.is_none() {
-                    found = Some(entry.user.clone());
+                if matches(&entry.hash) && found.is_none() {
+                    found = Some(CodeHolder::Named(entry.user.clone()));
+                }
+            }
+            for issued in issued {
+                if matches(&issued.hash) && found.is_none() {
+                    found = Some(CodeHolder::Key(issued.user));
                 }
             }
         }
@@ -156,11 +223,15 @@ mod tests {
         Zeroizing::new(s.into())
     }
 
+    fn named(user: &str) -> CodeCheck {
+        CodeCheck::Accepted { user: CodeHolder::Named(user.into()) }
+    }
+
     #[test]
     fn the_right_code_names_its_user_and_hashes_are_salted() {
         let mut book = book(&[("alice", "2468"), ("bob", "13579")], 5);
-        assert_eq!(book.check(code("13579"), 100), CodeCheck::Accepted { user: "bob".into() });
-        assert_eq!(book.check(code("2468"), 100), CodeCheck::Accepted { user: "alice".into() });
+        assert_eq!(book.check(code("13579"), 100, &[]), named("bob"));
+        assert_eq!(book.check(code("2468"), 100, &[]), named("alice"));
         assert_ne!(hash_code("2468").unwrap(), hash_code("2468").unwrap());
         assert!(hash_code("2468").unwrap().starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
     }
@@ -168,20 +239,20 @@ mod tests {
     #[test]
     fn wrong_codes_lock_local_control_out_for_a_while() {
         let mut book = book(&[("alice", "2468")], 3);
-        assert_eq!(book.check(code("0000"), 100), CodeCheck::Wrong);
-        assert_eq!(book.check(code("not digits"), 101), CodeCheck::Wrong);
-        assert_eq!(book.check(code("1111"), 102), CodeCheck::Wrong);
+        assert_eq!(book.check(code("0000"), 100, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("not digits"), 101, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("1111"), 102, &[]), CodeCheck::Wrong);
         // Locked out: even the right code is not checked.
-        assert_eq!(book.check(code("2468"), 103), CodeCheck::LockedOut { for_s: 299 });
-        assert_eq!(book.check(code("2468"), 402), CodeCheck::Accepted { user: "alice".into() });
+        assert_eq!(book.check(code("2468"), 103, &[]), CodeCheck::LockedOut { for_s: 299 });
+        assert_eq!(book.check(code("2468"), 402, &[]), named("alice"));
     }
 
     #[test]
     fn old_failures_leave_the_window() {
         let mut book = book(&[("alice", "2468")], 2);
-        assert_eq!(book.check(code("0000"), 100), CodeCheck::Wrong);
-        assert_eq!(book.check(code("0000"), 100 + 601), CodeCheck::Wrong);
-        assert_eq!(book.check(code("2468"), 100 + 602), CodeCheck::Accepted { user: "alice".into() });
+        assert_eq!(book.check(code("0000"), 100, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("0000"), 100 + 601, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("2468"), 100 + 602, &[]), named("alice"));
     }
 
     #[test]
@@ -189,10 +260,31 @@ mod tests {
         let entry = |user: &str, hash: &str| LocalCodeEntry { user: user.into(), hash: hash.into() };
         let config = |codes| LocalConfig { codes, ..LocalConfig::default() };
         let err = CodeBook::new(&config(vec![entry("a", "2468")])).unwrap_err();
-        assert_eq!(err, CodeError::NotArgon2id { user: "a".into() });
+        assert_eq!(err, CodeError::BadHash { user: "a".into(), source: HashError::NotArgon2id });
         let h = hash_code("2468").unwrap();
         let err = CodeBook::new(&config(vec![entry("a", &h), entry("a", &h)])).unwrap_err();
         assert_eq!(err, CodeError::Duplicate { user: "a".into() });
         assert_eq!(hash_code("12"), Err(CodeError::BadCode));
+    }
+
+    #[test]
+    fn issued_codes_name_their_key_and_costly_hashes_are_refused() {
+        let mut book = book(&[("alice", "2468")], 5);
+        let carol = PublicKey::from_bytes([7; 32]);
+        let issued = [IssuedCode { user: carol, hash: hash_code("97531").unwrap() }];
+        assert_eq!(book.check(code("97531"), 100, &issued), CodeCheck::Accepted { user: CodeHolder::Key(carol) });
+        assert_eq!(book.check(code("97531"), 100, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("2468"), 100, &issued), named("alice"));
+
+        let costly = hash_code("2468").unwrap().replace("m=19456", "m=1048576");
+        assert_eq!(validate_hash(&costly), Err(HashError::TooCostly));
+        assert_eq!(
+            validate_hash("$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"),
+            Err(HashError::NotArgon2id)
+        );
+        assert_eq!(validate_hash(&"x".repeat(300)), Err(HashError::NotArgon2id));
+        // A costly hash that reached the store is never tried.
+        let bad = [IssuedCode { user: carol, hash: costly }];
+        assert_eq!(book.check(code("2468"), 100, &bad), named("alice"));
     }
 }

@@ -160,6 +160,45 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Stores a local code an owner-signed statement gave `user_public_key` for `lock`: its
+    /// Argon2id hash (never the code) and window, under the statement's id. It replaces the
+    /// user's earlier local code for the lock. The user must be known.
+    pub fn put_local_code(
+        &mut self,
+        code_id: &str,
+        lock: LockId,
+        user_public_key: &[u8],
+        argon2id_hash: &str,
+        valid_from: i64,
+        valid_until: i64,
+    ) -> Result<(), StoreError> {
+        if code_id.len() > 64 || !argon2id_hash.starts_with("$argon2id$") || argon2id_hash.len() > 256 {
+            return Err(StoreError::Invalid("local code (id size, or not an Argon2id PHC string)"));
+        }
+        let lock_row = self.lock_rowid(lock)?;
+        let user_row: i64 = self
+            .tx
+            .query_row("SELECT id FROM users WHERE public_key = ?1", [user_public_key], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound("user".into()))?;
+        self.tx.execute(
+            "DELETE FROM passcodes WHERE lock = ?1 AND user = ?2 AND code_id IS NOT NULL",
+            params![lock_row, user_row],
+        )?;
+        self.tx.execute(
+            "INSERT INTO passcodes (lock, user, hash, valid_from, valid_until, code_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (code_id) DO NOTHING",
+            params![lock_row, user_row, argon2id_hash, valid_from, valid_until, code_id],
+        )?;
+        Ok(())
+    }
+
+    /// Removes the local code a statement gave (a revocation naming it); returns whether
+    /// there was one.
+    pub fn remove_local_code(&mut self, code_id: &str) -> Result<bool, StoreError> {
+        Ok(self.tx.execute("DELETE FROM passcodes WHERE code_id = ?1", [code_id])? > 0)
+    }
+
     /// Sets a policy document (JSON) for `scope`: `global`, or a lock's id.
     pub fn set_policy(&mut self, lock: Option<LockId>, policy_json: &str) -> Result<(), StoreError> {
         if policy_json.len() > 16 * 1024 {
@@ -286,6 +325,19 @@ impl Store {
             out.push(StoredGrant { grant_id: id, user_public_key: pk, statement });
         }
         Ok(out)
+    }
+
+    /// The local codes statements gave for `lock` that are valid at `now`: the user's public
+    /// key and the Argon2id hash.
+    pub fn local_codes(&self, lock: LockId, now: i64) -> Result<Vec<(Vec<u8>, String)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT u.public_key, p.hash FROM passcodes p JOIN locks l ON l.id = p.lock \
+             JOIN users u ON u.id = p.user \
+             WHERE l.lock_id = ?1 AND p.code_id IS NOT NULL AND p.valid_from <= ?2 AND p.valid_until >= ?2 \
+             ORDER BY p.id",
+        )?;
+        let rows = stmt.query_map(params![lock.to_string(), now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The known users: public key, when first seen, and how many grants they hold (owners

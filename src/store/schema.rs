@@ -120,6 +120,13 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE seen_commands ADD COLUMN digest BLOB;
     "#,
+    // 3: local codes given by owner-signed statements live among the passcodes (no slot: the
+    // hub checks them, not the lock), named by the statement's id so a revocation can remove
+    // them.
+    r#"
+    ALTER TABLE passcodes ADD COLUMN code_id TEXT;
+    CREATE UNIQUE INDEX passcodes_by_code_id ON passcodes(code_id);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use lockhub::auth::keys::PublicKey;
 use lockhub::auth::statement::{Operation, Permission, Schedule, Statement, StatementId};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, remote_unlock, revoke};
+use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, local_code, pair, remote_unlock, revoke};
 use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::store::unix_now;
@@ -96,7 +96,21 @@ enum AppCommand {
         #[arg(long, default_value = "UTC")]
         tz: String,
     },
-    /// Revoke a grant by its id (printed when granted).
+    /// Give a user (by public key) a code for local control of a lock (Home Assistant). The
+    /// code is read from stdin and only its Argon2id hash is sent.
+    LocalCode {
+        #[arg(long)]
+        gateway: String,
+        #[arg(long)]
+        lock: String,
+        /// The user's public key (`lockhub-cloud app whoami` on their side).
+        #[arg(long)]
+        user: String,
+        /// Valid for this many days from now.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Revoke a grant or a local code by its id (printed when given).
     Revoke {
         #[arg(long)]
         gateway: String,
@@ -212,6 +226,15 @@ pub async fn run(args: AppArgs) -> Result<()> {
             let g = grant(&gw, sub, lock(&l)?, perms, schedule, days, now);
             println!("grant id: {} (to revoke it: --grant {})", g.jti, g.jti);
             (gw, Statement::Grant(g))
+        }
+        AppCommand::LocalCode { gateway: g, lock: l, user, days } => {
+            let gw = gateway(&g)?;
+            let sub = PublicKey::from_base64(&user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
+            let mut code = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().read_line(&mut code).context("reading the code from stdin")?;
+            let c = local_code(&gw, sub, lock(&l)?, code.trim(), days, now).context("the code")?;
+            println!("local code id: {} (to revoke it: --grant {})", c.jti, c.jti);
+            (gw, Statement::LocalCode(c))
         }
         AppCommand::Revoke { gateway: g, grant } => {
             let gw = gateway(&g)?;
