@@ -188,6 +188,12 @@ async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
         assert!(report.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check}: {report}");
     }
     assert!(report.contains("reachable, TLS with the pinned CA"), "{report}");
+    // Online, claimed, its control socket up: still no port open to the network.
+    let open = open_ports(daemon.id());
+    assert!(open.is_empty(), "the daemon has ports open: {open:?}");
+    // The same check does see a listener: the broker's.
+    let broker_port = format!(":{:04X}", broker.port);
+    assert!(open_ports(broker.pid()).iter().any(|p| p.ends_with(&broker_port)), "{:?}", open_ports(broker.pid()));
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     loop {
@@ -206,6 +212,37 @@ async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
     assert!(!out.status.success(), "{report}");
     assert!(report.contains("FAIL  daemon") && report.contains("is the daemon running?"), "{report}");
     assert!(report.contains("FAIL  bluetooth") && report.contains("fix: systemctl status bluetooth"), "{report}");
+}
+
+/// The process's sockets that accept from the network: TCP in LISTEN state, and UDP sockets
+/// bound to a port with no peer. Read from its fd table and its network namespace's tables.
+fn open_ports(pid: u32) -> Vec<String> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    assert!(!inodes.is_empty(), "the daemon holds no socket at all: the check would prove nothing");
+    let mut open = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, state, inode) = (f[1], f[2], f[3], f[9]);
+            let accepts = if table.starts_with("tcp") {
+                state == "0A"
+            } else {
+                !local.ends_with(":0000") && remote.trim_start_matches(['0', ':']).is_empty()
+            };
+            if accepts && inodes.contains(inode) {
+                open.push(format!("{table} {local}"));
+            }
+        }
+    }
+    open
 }
 
 /// A stand-in for systemd's notify socket: what the daemon tells the service manager, line by

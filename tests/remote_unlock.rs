@@ -109,13 +109,13 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
         Outcome::Refused,
         Some("not_granted"),
     );
-    stack.synced.store(false, Ordering::SeqCst);
+    stack.clock.synced.store(false, Ordering::SeqCst);
     assert_reply(
         &app.send(&unlock(Operation::Lock), &user, WAIT).await.unwrap(),
         Outcome::Refused,
         Some("clock_unsynchronised"),
     );
-    stack.synced.store(true, Ordering::SeqCst);
+    stack.clock.synced.store(true, Ordering::SeqCst);
 
     // Lock again, then revoke: refused from then on.
     assert_reply(&app.send(&unlock(Operation::Lock), &user, WAIT).await.unwrap(), Outcome::Ok, None);
@@ -300,7 +300,7 @@ async fn two_gateways_on_one_broker_cannot_command_each_others_locks() {
     let b_gw = GatewayId::new("gw-b-iso").unwrap();
     let b_dir = tempfile::tempdir().unwrap();
     let b_state = tempfile::TempDir::new_in(b_dir.path()).unwrap();
-    let _b = Stack::run_gateway(&b_state, &a.pki, &a.broker, &b_gw, &a.synced, PolicyLimits::default()).await;
+    let _b = Stack::run_gateway(&b_state, &a.pki, &a.broker, &b_gw, &a.clock, PolicyLimits::default()).await;
     let p = claim_pair_grant(&a, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let ctl = support::control().await;
     let seq = support::report(&ctl, &p.lock.lock_id).await.status.last_seq;
@@ -478,4 +478,46 @@ async fn the_app_command_line_claims_pairs_grants_and_unlocks() {
     // Bad input: a clear error, no panic.
     let (success, _, stderr) = app_cli(&stack, &["unlock", "--gateway", &gw, "--lock", "not-a-lock"]);
     assert!(!success && stderr.contains("16 hex digits"), "{stderr}");
+}
+
+/// The gateway's clock jumps a day ahead, comes back, then falls a day behind. While it is off,
+/// commands signed on true time are refused truthfully (`expired`, `not_yet_valid`) and the
+/// store's housekeeping forgets nothing it must remember, so a command captured before the jump
+/// does not run again when the clock comes back; once the clock is right, commands work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clock_jumping_ahead_and_back_neither_replays_nor_wedges() {
+    use lockhub::gateway::maintenance::{SafeClock, tidy};
+    use std::time::Instant;
+
+    let stack = Stack::start("gw-clock").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
+    let mut safe = SafeClock::default();
+    let mut housekeeping = || {
+        let cutoff = safe.now(stack.clock.now(), Instant::now()).expect("the clock is trusted");
+        tidy(&stack.store, cutoff).unwrap();
+    };
+    housekeeping();
+    let captured = Statement::Command(command(&stack.gw, p.lock_id, Operation::Unlock, unix_now(), 60));
+    let text = captured.sign(&p.user.key);
+    let reply = p.app.send_text(captured.id().as_str(), text.clone(), WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Ok, None);
+    let shift = |s: i64| stack.clock.offset_s.store(s, Ordering::SeqCst);
+
+    shift(86_400);
+    let lock = || Statement::Command(command(&stack.gw, p.lock_id, Operation::Lock, unix_now(), 30));
+    assert_reply(&p.app.send(&lock(), &p.user, WAIT).await.unwrap(), Outcome::Refused, Some("expired"));
+    housekeeping();
+
+    shift(0);
+    // The captured command, still inside its window: the stored reply, not a second unlock.
+    assert_eq!(p.app.send_text(captured.id().as_str(), text, WAIT).await.unwrap(), reply);
+
+    shift(-86_400);
+    assert_reply(&p.app.send(&lock(), &p.user, WAIT).await.unwrap(), Outcome::Refused, Some("not_yet_valid"));
+    housekeeping();
+
+    shift(0);
+    assert_reply(&p.app.send(&lock(), &p.user, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_eq!(stack.audit_outcomes("command.unlock"), ["ok"], "the unlock ran once");
+    assert_eq!(stack.audit_outcomes("command.lock"), ["expired", "not_yet_valid", "ok"]);
 }

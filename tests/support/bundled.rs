@@ -44,6 +44,11 @@ impl Bundled {
     }
 
     /// The event sink's database (readable while the broker runs).
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn events(&self) -> EventSink {
         EventSink::open(&self.data.path().join("events.db")).unwrap()
     }

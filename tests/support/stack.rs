@@ -3,7 +3,7 @@
 //! TLS) and the test bus; and the usual start of a test — claimed, one lock paired with remote
 //! unlock on, a user granted.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,13 +25,26 @@ use super::bundled::Bundled;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// The gateway's clock in a test: the system clock, shifted by `offset_s`, synchronised or not.
+#[derive(Debug)]
+pub struct TestClock {
+    pub synced: AtomicBool,
+    pub offset_s: AtomicI64,
+}
+
+impl TestClock {
+    pub fn now(&self) -> (i64, bool) {
+        (unix_now() + self.offset_s.load(Ordering::SeqCst), self.synced.load(Ordering::SeqCst))
+    }
+}
+
 pub struct Stack {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
     pub broker: Bundled,
     pub gw: GatewayId,
     pub store: Arc<Mutex<Store>>,
-    pub synced: Arc<AtomicBool>,
+    pub clock: Arc<TestClock>,
     pub limits: PolicyLimits,
     pub stop: watch::Sender<bool>,
     /// The running gateway's core.
@@ -64,10 +77,9 @@ impl Stack {
         let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
         let broker = Bundled::start(&pki);
         let gw = GatewayId::new(gw).unwrap();
-        let synced = Arc::new(AtomicBool::new(true));
-        let Running { store, stop, gateway, cloud } =
-            Self::run_gateway(&dir, &pki, &broker, &gw, &synced, limits).await;
-        Stack { dir, pki, broker, gw, store, synced, limits, stop, gateway, cloud }
+        let clock = Arc::new(TestClock { synced: AtomicBool::new(true), offset_s: AtomicI64::new(0) });
+        let Running { store, stop, gateway, cloud } = Self::run_gateway(&dir, &pki, &broker, &gw, &clock, limits).await;
+        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, cloud }
     }
 
     /// Starts a gateway (store, cloud link, intake, core, radio watch) on the stack's state
@@ -77,7 +89,7 @@ impl Stack {
         pki: &Pki,
         broker: &Bundled,
         gw: &GatewayId,
-        synced: &Arc<AtomicBool>,
+        clock: &Arc<TestClock>,
         limits: PolicyLimits,
     ) -> Running {
         let mut store =
@@ -99,8 +111,8 @@ impl Stack {
         let (inbound_tx, inbound) = mpsc::channel(64);
         let (link, mut reports) =
             CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
-        let s = synced.clone();
-        let clock: lockhub::gateway::statements::Clock = Arc::new(move || (unix_now(), s.load(Ordering::SeqCst)));
+        let c = clock.clone();
+        let clock: lockhub::gateway::statements::Clock = Arc::new(move || c.now());
         let transport = Arc::new(super::transport().await);
         let gateway: Arc<Gateway<BluezTransport>> =
             Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), transport.clone(), ble(), limits, clock);
@@ -128,7 +140,7 @@ impl Stack {
     /// from disk), as a restart of the daemon would.
     pub async fn restart_gateway(&mut self) {
         self.stop.send(true).unwrap();
-        let running = Self::run_gateway(&self.dir, &self.pki, &self.broker, &self.gw, &self.synced, self.limits).await;
+        let running = Self::run_gateway(&self.dir, &self.pki, &self.broker, &self.gw, &self.clock, self.limits).await;
         self.store = running.store;
         self.stop = running.stop;
         self.gateway = running.gateway;
