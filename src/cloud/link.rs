@@ -274,6 +274,16 @@ impl CloudLink {
                             }
                         }
                         Err(e) => {
+                            // What rumqttc read before the connection failed (acknowledgements,
+                            // publishes it wrote) is still queued in its state, and would be
+                            // handed out after the next CONNACK, where its packet ids would be
+                            // taken for the new connection's: one record acknowledged in
+                            // another's name, another never. It belongs to the old
+                            // connection's bookkeeping: take it in now.
+                            let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+                            for event in stale {
+                                self.on_event(&client, &mut flight, event).await;
+                            }
                             if connected || !logged_down {
                                 tracing::warn!(broker = %broker.host, error = %e, "cloud link down; reconnecting with backoff");
                                 logged_down = true;
