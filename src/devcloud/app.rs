@@ -277,10 +277,9 @@ impl AppClient {
         // Room for bursts of replies and events between two reads of a watcher.
         let (seen, _) = broadcast::channel(1 << 16);
         let (subscribed_tx, subscribed) = oneshot::channel::<Result<(), String>>();
-        client
-            .subscribe(format!("lockhub/v1/{gateway}/#"), QoS::AtLeastOnce)
-            .await
-            .map_err(|e| AppError::Mqtt(e.to_string()))?;
+        let filter = format!("lockhub/v1/{gateway}/#");
+        client.subscribe(filter.clone(), QoS::AtLeastOnce).await.map_err(|e| AppError::Mqtt(e.to_string()))?;
+        let resubscriber = client.clone();
         let replies_topic = topics.replies();
         let retained: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>> = Arc::default();
         let (w, s, r) = (waiting.clone(), seen.clone(), retained.clone());
@@ -288,6 +287,10 @@ impl AppClient {
             let mut subscribed_tx = Some(subscribed_tx);
             loop {
                 match eventloop.poll().await {
+                    // A broker that lost the session (restarted) lost the subscription too.
+                    Ok(Event::Incoming(Incoming::ConnAck(ack))) if subscribed_tx.is_none() && !ack.session_present => {
+                        let _ = resubscriber.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
                         if let Some(tx) = subscribed_tx.take() {
                             let _ = tx.send(Ok(()));

@@ -51,6 +51,8 @@ pub struct Stack {
     pub gateway: Arc<Gateway<BluezTransport>>,
     /// The cloud link's state.
     pub cloud: watch::Receiver<LinkState>,
+    /// Outbox records the link has delivered (acknowledged and deleted), counted.
+    pub delivered: watch::Receiver<u64>,
 }
 
 /// A BLE configuration that gives up on an unreachable lock within seconds.
@@ -60,6 +62,8 @@ pub struct Running {
     pub stop: watch::Sender<bool>,
     pub gateway: Arc<Gateway<BluezTransport>>,
     pub cloud: watch::Receiver<LinkState>,
+    /// Outbox records the link has delivered (acknowledged and deleted), counted.
+    pub delivered: watch::Receiver<u64>,
 }
 
 pub fn ble() -> BleConfig {
@@ -78,8 +82,9 @@ impl Stack {
         let broker = Bundled::start(&pki);
         let gw = GatewayId::new(gw).unwrap();
         let clock = Arc::new(TestClock { synced: AtomicBool::new(true), offset_s: AtomicI64::new(0) });
-        let Running { store, stop, gateway, cloud } = Self::run_gateway(&dir, &pki, &broker, &gw, &clock, limits).await;
-        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, cloud }
+        let Running { store, stop, gateway, cloud, delivered } =
+            Self::run_gateway(&dir, &pki, &broker, &gw, &clock, limits).await;
+        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, cloud, delivered }
     }
 
     /// Starts a gateway (store, cloud link, intake, core, radio watch) on the stack's state
@@ -133,7 +138,7 @@ impl Stack {
         tokio::spawn(async move {
             let _ = link.await;
         });
-        Running { store, stop, gateway, cloud: reports.state }
+        Running { store, stop, gateway, cloud: reports.state, delivered: reports.delivered }
     }
 
     /// Stops the gateway and starts a new one on the same state directory (the store reopened
@@ -145,6 +150,7 @@ impl Stack {
         self.stop = running.stop;
         self.gateway = running.gateway;
         self.cloud = running.cloud;
+        self.delivered = running.delivered;
     }
 
     pub async fn app(&self) -> AppClient {
