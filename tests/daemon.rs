@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::daemon::write_config;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -17,25 +19,6 @@ use lockhub::protocol::ids::GatewayId;
 use lockhub::store::unix_now;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn write_config(dir: &Path, pki: &Pki, port: u16, gw: &str) -> std::path::PathBuf {
-    let path = dir.join("lockhub.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[gateway]\nid = \"{gw}\"\nstate_dir = \"{}\"\n\n[cloud]\nbrokers = [\"mqtts://localhost:{port}\"]\n\
-             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[clock]\nrequire_sync = false\n\n\
-             [control]\nsocket = \"{}\"\n",
-            dir.join("state").display(),
-            pki.ca_cert().display(),
-            pki.client_cert(gw).display(),
-            pki.client_key(gw).display(),
-            dir.join("control.sock").display()
-        ),
-    )
-    .unwrap();
-    path
-}
 
 fn lockhub(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_lockhub")).args(args).output().unwrap()

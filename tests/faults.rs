@@ -1,7 +1,9 @@
 //! The gateway on its worst days, over the real stack (bundled broker over TLS, BlueZ stand-in
 //! on a private bus, the store on disk):
 //! - the broker killed and restarted ten times while remote commands flow: every command gets
-//!   exactly one outcome, and the lock's own log shows each ran exactly once.
+//!   exactly one outcome, and the lock's own log shows each ran exactly once;
+//! - `lockhub run` killed with SIGKILL in the middle of a burst of 1,000 lock events, and
+//!   started again: every event reaches the cloud, exactly once after deduplication.
 
 mod support;
 
@@ -98,4 +100,107 @@ async fn the_broker_restarted_ten_times_during_remote_commands_each_runs_once_wi
         "broker killed {RESTARTS} times during {COMMANDS} remote commands: {} replies seen, each command once in the lock's log",
         outcomes.values().map(Vec::len).sum::<usize>()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_killed_during_a_burst_of_a_thousand_lock_events_delivers_each_once() {
+    use lockhub::devcloud::app::{AppClient, AppKey, claim, pair};
+    use lockhub::devcloud::pki::Pki;
+    use lockhub::protocol::ids::{GatewayId, LockId};
+    use std::collections::BTreeSet;
+    use support::daemon::{Daemon, write_config};
+
+    const EVENTS: usize = 1_000;
+    const WAIT: Duration = Duration::from_secs(60);
+    let bed = support::bed();
+    let dir = tempfile::tempdir().unwrap();
+    let gw_name = "gw-killed";
+    let gw = GatewayId::new(gw_name).unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), &[gw_name]).unwrap();
+    let broker = support::bundled::Bundled::start(&pki);
+    let config = write_config(dir.path(), &pki, broker.port, gw_name);
+    let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port), &pki, &gw).await.unwrap();
+    let mut seen = app.watch();
+    let mut daemon = Daemon::spawn(&config, &bed.bus);
+
+    // Claimed and paired through the cloud, like any hub.
+    let status_topic = format!("lockhub/v1/{gw_name}/status");
+    let online = |m: &lockhub::devcloud::app::Seen| {
+        m.topic == status_topic && String::from_utf8_lossy(&m.payload).contains("\"online\"")
+    };
+    while !online(&tokio::time::timeout(WAIT, seen.recv()).await.expect("the daemon never came online").unwrap()) {}
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
+        .args(["claim-code", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let owner = AppKey::generate(&dir.path().join("keys"), "owner", false).unwrap();
+    let reply = app.send(&claim(&gw, &code, unix_now()), &owner, WAIT).await.unwrap();
+    assert_eq!(reply.result, Outcome::Ok, "{reply:?}");
+    let ctl = support::control().await;
+    let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let lock_id = LockId::parse(&lock.lock_id).unwrap();
+    let reply = app.send(&pair(&gw, lock_id, &lock.setup_code, unix_now()), &owner, WAIT).await.unwrap();
+    assert_eq!(reply.result, Outcome::Ok, "{reply:?}");
+
+    // The burst: a thousand turns of the thumb-turn. A third of the way in, the daemon is
+    // killed; two thirds in, it is back.
+    for i in 0..EVENTS {
+        ctl.turn_knob(&lock.lock_id).await.unwrap();
+        if i == EVENTS / 3 {
+            daemon.kill();
+        }
+        if i == 2 * EVENTS / 3 {
+            daemon = Daemon::spawn(&config, &bed.bus);
+        }
+    }
+
+    // Every turn reaches the cloud: the app sees each of the lock's log entries at least
+    // once, in one unbroken run of its sequence numbers (the hub's own entries, such as the
+    // clock being set, among them)...
+    let events_topic = format!("lockhub/v1/{gw_name}/events");
+    let mut seqs = BTreeSet::new();
+    let mut turns = BTreeSet::new();
+    let mut deliveries = 0;
+    while turns.len() < EVENTS {
+        let m = tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .unwrap_or_else(|_| panic!("events stopped at {} of {EVENTS}: {}", turns.len(), gaps(&seqs)))
+            .unwrap();
+        if m.topic != events_topic {
+            continue;
+        }
+        let event: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let seq = event["seq"].as_u64().unwrap();
+        seqs.insert(seq);
+        if event["cause"] == "manual" {
+            deliveries += 1;
+            turns.insert(seq);
+        }
+    }
+    let (first, last) = (*turns.first().unwrap(), *turns.last().unwrap());
+    assert!((first..=last).all(|s| seqs.contains(&s)), "a gap in the lock's log: {}", gaps(&seqs));
+    // ...and the cloud's store, which deduplicates on the id, holds each exactly once.
+    let sink = broker.events();
+    let stored: Vec<serde_json::Value> = sink
+        .events(gw_name, 0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| serde_json::from_slice(&e.payload).unwrap())
+        .filter(|e: &serde_json::Value| e["cause"] == "manual")
+        .collect();
+    assert_eq!(stored.len(), EVENTS, "events in the cloud's store");
+    println!(
+        "lockhub run killed during {EVENTS} lock events: {EVENTS} in the cloud once each; {} duplicate deliveries before dedupe",
+        deliveries - EVENTS
+    );
+    drop(daemon);
+}
+
+/// The sequence numbers missing between the first and the last of `seqs`, and the range seen.
+fn gaps(seqs: &std::collections::BTreeSet<u64>) -> String {
+    let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else { return "none seen".into() };
+    let missing: Vec<u64> = (*first..=*last).filter(|s| !seqs.contains(s)).collect();
+    format!("seen {first}..={last}, missing inside: {missing:?}")
 }

@@ -204,7 +204,16 @@ impl LockTransport for BluezTransport {
     async fn connect(&self, address: &str) -> Result<BluezLink, BleError> {
         let addr: Address = address.parse().map_err(|_| BleError::NotFound(format!("{address} (not an address)")))?;
         let device = self.adapter.device(addr).map_err(bus_error)?;
-        match device.connect().await {
+        let mut connected = device.connect().await;
+        if connected.as_ref().is_err_and(|e| e.kind == ErrorKind::AlreadyConnected) {
+            // BlueZ keeps a link when its client goes away: this one was left up by a gateway
+            // process that died with it, and nobody holds its characteristics. Start clean;
+            // the lock drops that session's state with the link.
+            tracing::info!(address, "the lock was left connected by an earlier run: reconnecting");
+            let _ = device.disconnect().await;
+            connected = device.connect().await;
+        }
+        match connected {
             Ok(()) => {}
             Err(e) => {
                 return Err(match e.kind {

@@ -341,9 +341,18 @@ impl<T: LockTransport> LockWorker<T> {
 
     /// Reads the log entries after `last_seq` that `entries` does not hold (when the status
     /// says there are more), and makes the report of what is new; `None` if nothing is.
+    ///
+    /// Only an unbroken run of sequence numbers after `last_seq` is reported: a pushed entry
+    /// beyond a gap (the lock logged more while we were away) waits until the log has been
+    /// read up to it, or `last_seq` would pass over the entries in between. A gap the log
+    /// itself has (the lock's ring overwrote entries never read) is reported as such and
+    /// passed over.
     async fn collect(&mut self, mut entries: Vec<LogEntry>, status: Option<LockStatus>) -> Option<Report> {
+        // Where the lock's own log has been read up to: nothing before it remains to fetch.
+        let mut read_to = self.last_seq;
         if let Some(status) = status {
-            let mut after = self.last_seq.max(entries.iter().map(|e| e.seq).max().unwrap_or(0));
+            let mut after = run_end(self.last_seq, entries.iter().map(|e| e.seq));
+            read_to = after;
             // The lock has more than it pushed (events while we were away): read them.
             while status.last_seq > after && self.client.is_connected() {
                 let max = MAX_EVENTS_PER_PAGE;
@@ -356,7 +365,17 @@ impl<T: LockTransport> LockWorker<T> {
                 };
                 match page {
                     Ok(LockReply::Events { entries: page, more }) => {
+                        if let Some(first) = page.first()
+                            && first.seq > after + 1
+                        {
+                            tracing::warn!(
+                                lock_id = %self.lock(),
+                                lost = first.seq - after - 1,
+                                "the lock overwrote log entries before they could be read"
+                            );
+                        }
                         after = page.last().map_or(after, |e| e.seq);
+                        read_to = after;
                         entries.extend(page);
                         if !more {
                             break;
@@ -370,6 +389,8 @@ impl<T: LockTransport> LockWorker<T> {
         entries.sort_by_key(|e| e.seq);
         entries.dedup_by_key(|e| e.seq);
         entries.retain(|e| e.seq > self.last_seq);
+        let end = run_end(read_to.max(self.last_seq), entries.iter().map(|e| e.seq));
+        entries.retain(|e| e.seq <= end);
         let connected = self.client.is_connected();
         // Without a fresh status, the state is republished only when the link came or went.
         let status = status.or(self.last_status.filter(|_| self.published_connected != Some(connected)));
@@ -458,4 +479,33 @@ fn ble_failure(e: &BleError) -> Failure {
         _ => Reason::Failed,
     };
     Failure { reason, detail: format!("{} ({})", e, e.code()) }
+}
+
+/// The end of the unbroken run of sequence numbers in `seqs` that continues `from`: `from`
+/// itself when `from + 1` is missing.
+fn run_end(from: u64, seqs: impl Iterator<Item = u64>) -> u64 {
+    let mut seqs: Vec<u64> = seqs.filter(|s| *s > from).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut end = from;
+    for s in seqs {
+        if s != end + 1 {
+            break;
+        }
+        end = s;
+    }
+    end
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::run_end;
+
+    #[test]
+    fn a_run_stops_at_the_first_gap() {
+        assert_eq!(run_end(5, [6, 7, 9].into_iter()), 7);
+        assert_eq!(run_end(5, [9, 10].into_iter()), 5, "a push beyond a gap waits for the log");
+        assert_eq!(run_end(5, [3, 5, 7, 6, 6].into_iter()), 7);
+        assert_eq!(run_end(0, std::iter::empty()), 0);
+    }
 }

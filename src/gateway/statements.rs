@@ -330,13 +330,18 @@ impl<T: LockTransport> Gateway<T> {
         let Some(handle) = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&lock) else {
             return Ok(None);
         };
-        let told = match handle.execute(Op::Unpair, Actor::Admin).await {
+        let outcome = match handle.execute(Op::Unpair, Actor::Admin).await {
             Ok(executed) => {
                 let _ = executed.recorded.send(false);
-                executed.outcome.is_ok()
+                executed.outcome.map(|_| ())
             }
-            Err(_) => false,
+            Err(failure) => Err(failure),
         };
+        if let Err(f) = &outcome {
+            // Unbound here all the same; the lock keeps its pairing until it is reset by hand.
+            tracing::warn!(lock_id = %lock, reason = f.reason.as_str(), detail = %f.detail, "the lock could not be told to forget this gateway");
+        }
+        let told = outcome.is_ok();
         drop(handle);
         let now = (self.clock)().0;
         let store = self.store.clone();

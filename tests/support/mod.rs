@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod bundled;
+pub mod daemon;
 pub mod floor;
 pub mod mosquitto;
 pub mod stack;

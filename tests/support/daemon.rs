@@ -1,0 +1,66 @@
+//! `lockhub run` as a child process on the test bus, as systemd would run it: its
+//! configuration file, and a handle that kills it when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use lockhub::devcloud::pki::Pki;
+
+/// Writes a configuration for gateway `gw` in `dir`: state in `dir/state`, the control socket
+/// at `dir/control.sock`, the broker on 127.0.0.1:`port`, the clock trusted.
+pub fn write_config(dir: &Path, pki: &Pki, port: u16, gw: &str) -> PathBuf {
+    let path = dir.join("lockhub.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[gateway]\nid = \"{gw}\"\nstate_dir = \"{}\"\n\n[cloud]\nbrokers = [\"mqtts://localhost:{port}\"]\n\
+             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[clock]\nrequire_sync = false\n\n\
+             [control]\nsocket = \"{}\"\n",
+            dir.join("state").display(),
+            pki.ca_cert().display(),
+            pki.client_cert(gw).display(),
+            pki.client_key(gw).display(),
+            dir.join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A running `lockhub run`; killed (SIGKILL) and reaped when dropped.
+pub struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `lockhub run --config config` on the D-Bus `bus`, logging warnings and errors to
+    /// the test's stderr; it dies with the test process however that ends.
+    pub fn spawn(config: &Path, bus: &str) -> Daemon {
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
+            .arg(config)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
+            .env("LOCKHUB_LOG", std::env::var("LOCKHUB_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting lockhub run");
+        Daemon { child }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it with SIGKILL (no goodbye: as a power cut would) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
