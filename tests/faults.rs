@@ -3,7 +3,9 @@
 //! - the broker killed and restarted ten times while remote commands flow: every command gets
 //!   exactly one outcome, and the lock's own log shows each ran exactly once;
 //! - `lockhub run` killed with SIGKILL in the middle of a burst of 1,000 lock events, and
-//!   started again: every event reaches the cloud, exactly once after deduplication.
+//!   started again: every event reaches the cloud, exactly once after deduplication;
+//! - the store's filesystem full (a small tmpfs): a typed, plain error, nothing already
+//!   stored lost or corrupted, writes working again once there is room.
 
 mod support;
 
@@ -203,4 +205,81 @@ fn gaps(seqs: &std::collections::BTreeSet<u64>) -> String {
     let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else { return "none seen".into() };
     let missing: Vec<u64> = (*first..=*last).filter(|s| !seqs.contains(s)).collect();
     format!("seen {first}..={last}, missing inside: {missing:?}")
+}
+
+/// A tmpfs of `size` mounted on a fresh temporary directory, unmounted when dropped.
+struct SmallFilesystem {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFilesystem {
+    fn mount(size: &str) -> Self {
+        let root = std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t"));
+        assert!(root, "mounting a small filesystem needs root: run .ci/run, or cargo test as root");
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "lockhub-test"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount -t tmpfs");
+        SmallFilesystem { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_full_filesystem_is_a_plain_error_loses_nothing_and_passes() {
+    use lockhub::store::{Store, StoreConfig, StoreError};
+
+    let fs = SmallFilesystem::mount("2m");
+    let config = || StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&fs.path().join("state")) };
+    let mut store = Store::open(config()).unwrap();
+    // Most of the room taken by something else.
+    let filler = fs.path().join("filler");
+    let free = nix::sys::statvfs::statvfs(fs.path()).unwrap();
+    let room = free.blocks_available() as usize * free.fragment_size() as usize;
+    std::fs::write(&filler, vec![0u8; room.saturating_sub(256 * 1024)]).unwrap();
+
+    // Events pile up in the outbox until the disk is full.
+    let payload = vec![b'e'; 4096];
+    let append = |store: &mut Store, i: usize| {
+        store.transaction(|tx| tx.append_outbox(None, &format!("lockhub/v1/gw/events/{i}"), &payload, false, 0))
+    };
+    let mut stored = 0;
+    let error = loop {
+        match append(&mut store, stored) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 10_000, "the filesystem never filled");
+    };
+    assert!(matches!(error, StoreError::Full), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("full") && message.contains("nothing saved before is lost"), "{message}");
+    assert!(stored > 0, "some events fitted first");
+    // Nothing accepted is lost, and the database is intact.
+    assert_eq!(store.outbox_len().unwrap(), stored as u64);
+    store.integrity_check().unwrap();
+    // Still full: still a plain error, still nothing lost.
+    assert!(matches!(append(&mut store, stored), Err(StoreError::Full)));
+    assert_eq!(store.outbox_len().unwrap(), stored as u64);
+
+    // Room again: writes work without a restart, and everything survives reopening.
+    std::fs::remove_file(&filler).unwrap();
+    append(&mut store, stored).unwrap();
+    drop(store);
+    let store = Store::open(config()).unwrap();
+    assert_eq!(store.outbox_len().unwrap(), stored as u64 + 1);
+    store.integrity_check().unwrap();
+    println!("filesystem full after {stored} events of 4 KiB: a plain error, none lost, writes resumed");
 }

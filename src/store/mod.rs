@@ -81,7 +81,14 @@ impl Default for Retention {
 pub enum StoreError {
     /// SQLite failed.
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// The filesystem holding the store is full. The change was not made; nothing stored
+    /// before is lost, and writes work again once there is room.
+    #[error(
+        "the filesystem holding the store is full: this change was not saved (nothing saved before is lost); \
+         free some space on it and lockhub carries on"
+    )]
+    Full,
     /// The master key could not be had.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -124,6 +131,17 @@ pub enum StoreError {
     /// Rekeying needs the store to manage its key file.
     #[error("the master key is a systemd credential ({0}): rekey by providing a new credential, not here")]
     CredentialKey(PathBuf),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        // A full disk is the caller's to report plainly (and to retry later), not an opaque
+        // database failure.
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => StoreError::Full,
+            _ => StoreError::Sqlite(e),
+        }
+    }
 }
 
 const KEY_CHECK: &[u8] = b"lockhub key check v1";
