@@ -262,10 +262,33 @@ impl AppClient {
     /// Connects to `broker` with the relay's certificate from `pki` and subscribes to
     /// `gateway`'s replies, events, status and lock states; returns once subscribed.
     pub async fn connect(broker: &str, pki: &Pki, gateway: &GatewayId) -> Result<Self, AppError> {
+        let suffix: String = new_id("app").as_str().chars().filter(|c| c.is_ascii_alphanumeric()).take(16).collect();
+        Self::connect_with(broker, pki, gateway, &suffix, false).await
+    }
+
+    /// Connects as [`AppClient::connect`] with a persistent session named `name`: what the
+    /// broker queues for it while its connection is down (a broker node failing over) comes
+    /// when it is back, as for the cloud's relay.
+    pub async fn connect_persistent(
+        broker: &str,
+        pki: &Pki,
+        gateway: &GatewayId,
+        name: &str,
+    ) -> Result<Self, AppError> {
+        Self::connect_with(broker, pki, gateway, name, true).await
+    }
+
+    async fn connect_with(
+        broker: &str,
+        pki: &Pki,
+        gateway: &GatewayId,
+        suffix: &str,
+        persistent: bool,
+    ) -> Result<Self, AppError> {
         let url = BrokerUrl::parse(broker)?;
         let tls = client_config(&pki.ca_cert(), &pki.client_cert(RELAY_IDENTITY), &pki.client_key(RELAY_IDENTITY))?;
-        let suffix: String = new_id("app").as_str().chars().filter(|c| c.is_ascii_alphanumeric()).take(16).collect();
         let mut o = MqttOptions::new(format!("{RELAY_IDENTITY}-{suffix}"), url.host, url.port);
+        o.set_clean_session(!persistent);
         o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
         o.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(o, 64);

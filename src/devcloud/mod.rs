@@ -6,5 +6,6 @@ pub mod acl;
 pub mod app;
 pub mod broker;
 pub mod mosquitto_config;
+pub mod nats_config;
 pub mod pki;
 pub mod sink;

@@ -15,6 +15,7 @@ pub mod bundled;
 pub mod daemon;
 pub mod floor;
 pub mod mosquitto;
+pub mod nats;
 pub mod stack;
 
 use std::io::{BufRead, BufReader};

@@ -3,7 +3,8 @@
 //! - `pki init` creates a CA, a broker certificate for the local machine and client
 //!   certificates (one per gateway, plus the relay); `pki issue` adds one.
 //! - `serve` runs the broker (mutual TLS, per-gateway ACLs) with the event sink.
-//! - `mosquitto-config` prints the equivalent Mosquitto configuration.
+//! - `mosquitto-config` prints the equivalent Mosquitto configuration; `nats-config` one
+//!   node's configuration of a NATS cluster serving the fleet over MQTT.
 //!
 //! - `app …` is the phone-app stand-in: keys in a directory, statements signed and sent,
 //!   typed replies printed.
@@ -17,7 +18,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lockhub::devcloud::broker::{Broker, BrokerConfig};
 use lockhub::devcloud::mosquitto_config::MosquittoConfig;
+use lockhub::devcloud::nats_config::NatsNode;
 use lockhub::devcloud::pki::Pki;
+use lockhub::protocol::ids::GatewayId;
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -68,6 +71,37 @@ enum Command {
         #[arg(long)]
         acl: bool,
     },
+    /// Print the configuration of one node of a NATS cluster serving the fleet over MQTT
+    /// (mutual TLS, a user per certificate, per-gateway permissions, JetStream replicas).
+    NatsConfig {
+        /// Directory of an initialised PKI (the paths printed point into it).
+        #[arg(long)]
+        pki: PathBuf,
+        /// This node's name, unique in the cluster.
+        #[arg(long)]
+        name: String,
+        /// Address the listeners bind.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Port of the NATS protocol listener (nobody can authenticate on it: MQTT only).
+        #[arg(long, default_value_t = 4222)]
+        client_port: u16,
+        /// Port of the cluster routes.
+        #[arg(long, default_value_t = 6222)]
+        cluster_port: u16,
+        /// Port of the MQTT (TLS) listener.
+        #[arg(long, default_value_t = 8883)]
+        mqtt_port: u16,
+        /// Another node's route, nats-route://host:port (repeatable).
+        #[arg(long = "route")]
+        routes: Vec<String>,
+        /// JetStream's directory.
+        #[arg(long, default_value = "/var/lib/nats/jetstream")]
+        store_dir: PathBuf,
+        /// A gateway allowed to connect (repeatable; its certificate's CN).
+        #[arg(long = "gateway")]
+        gateways: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +144,28 @@ fn main() -> Result<()> {
             let pki = open_pki(&pki)?;
             let config = MosquittoConfig::for_pki(&pki, &bind, port, acl_file);
             print!("{}", if acl { config.render_acl() } else { config.render() });
+        }
+        Command::NatsConfig { pki, name, bind, client_port, cluster_port, mqtt_port, routes, store_dir, gateways } => {
+            let pki = open_pki(&pki)?;
+            let gateways = gateways
+                .iter()
+                .map(|g| GatewayId::new(g.as_str()).map_err(|e| anyhow::anyhow!("--gateway {g:?}: {e}")))
+                .collect::<Result<Vec<_>>>()?;
+            for route in &routes {
+                if !route.starts_with("nats-route://") {
+                    anyhow::bail!("--route {route:?}: expected nats-route://host:port");
+                }
+            }
+            let node = NatsNode::for_pki(
+                &pki,
+                &name,
+                &bind,
+                (client_port, cluster_port, mqtt_port),
+                routes,
+                store_dir,
+                gateways,
+            );
+            print!("{}", node.render());
         }
         Command::Pki(PkiCommand::Init { dir, gateways }) => {
             let names: Vec<&str> = gateways.iter().map(String::as_str).collect();
