@@ -31,7 +31,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// One minute's sample.
 struct Sample {
-    minute: u64,
+    elapsed_s: u64,
     rss_kib: u64,
     hwm_kib: u64,
     fds: usize,
@@ -173,7 +173,7 @@ async fn soak(length: Duration, sample_every: Duration) {
             };
             latencies.clear();
             let s = Sample {
-                minute: started.elapsed().as_secs() / 60,
+                elapsed_s: started.elapsed().as_secs(),
                 rss_kib: status_kib(pid, "VmRSS:"),
                 hwm_kib: status_kib(pid, "VmHWM:"),
                 fds: fds(pid),
@@ -185,7 +185,15 @@ async fn soak(length: Duration, sample_every: Duration) {
             };
             println!(
                 "{:>6} {:>9} {:>9} {:>5} {:>7} {:>6} {:>7} {:>9.2?} {:>9.2?}",
-                s.minute, s.rss_kib, s.hwm_kib, s.fds, s.ok, s.failed, s.events, s.p50, s.p99
+                format!("{}:{:02}", s.elapsed_s / 60, s.elapsed_s % 60),
+                s.rss_kib,
+                s.hwm_kib,
+                s.fds,
+                s.ok,
+                s.failed,
+                s.events,
+                s.p50,
+                s.p99
             );
             samples.push(s);
         }

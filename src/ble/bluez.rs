@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bluer::gatt::remote::Characteristic;
@@ -28,16 +29,31 @@ fn bus_error(e: bluer::Error) -> BleError {
     }
 }
 
+/// One connection to BlueZ: the D-Bus session and the adapter chosen on it.
+struct Bluez {
+    session: bluer::Session,
+    adapter: Adapter,
+}
+
+/// What happened to BlueZ under a running transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BluezChange {
+    /// The adapter in use appeared again: BlueZ restarted, or the adapter was reset. The
+    /// discovery and the links made before are gone.
+    AdapterBack,
+}
+
 /// BlueZ through bluer.
 pub struct BluezTransport {
-    _session: bluer::Session,
-    adapter: Adapter,
+    /// The current connection; replaced by [`BluezTransport::reconnect`] when the bus went away.
+    bluez: std::sync::RwLock<Arc<Bluez>>,
+    config: BleConfig,
     resolve_timeout: Duration,
 }
 
 impl std::fmt::Debug for BluezTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BluezTransport").field("adapter", &self.adapter.name()).finish()
+        f.debug_struct("BluezTransport").field("adapter", &self.adapter_name()).finish()
     }
 }
 
@@ -45,6 +61,27 @@ impl BluezTransport {
     /// Connects to BlueZ on the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set) and picks the
     /// adapter: `config.adapter`, or the first powered one.
     pub async fn open(config: &BleConfig) -> Result<Self, BleError> {
+        let bluez = Self::connect_bluez(config).await?;
+        Ok(BluezTransport {
+            bluez: std::sync::RwLock::new(Arc::new(bluez)),
+            config: config.clone(),
+            resolve_timeout: config.resolve_timeout(),
+        })
+    }
+
+    /// Connects to the bus again and picks the adapter again: after the D-Bus daemon
+    /// restarted, the old connection is dead for good.
+    pub async fn reconnect(&self) -> Result<(), BleError> {
+        let bluez = Self::connect_bluez(&self.config).await?;
+        *self.bluez.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(bluez);
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Bluez> {
+        self.bluez.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    async fn connect_bluez(config: &BleConfig) -> Result<Bluez, BleError> {
         let adapter = config.adapter.as_deref();
         let session = bluer::Session::new().await.map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
         let names = session.adapter_names().await.map_err(bus_error)?;
@@ -75,44 +112,52 @@ impl BluezTransport {
                 }
             }
         };
-        Ok(BluezTransport { _session: session, adapter, resolve_timeout: config.resolve_timeout() })
+        Ok(Bluez { session, adapter })
     }
 
     /// The adapter in use.
-    pub fn adapter_name(&self) -> &str {
-        self.adapter.name()
+    pub fn adapter_name(&self) -> String {
+        self.current().adapter.name().to_owned()
+    }
+
+    /// What happens to BlueZ from now on; the stream ends when the connection to the bus is
+    /// lost (call [`BluezTransport::reconnect`]).
+    pub async fn changes(&self) -> Result<impl Stream<Item = BluezChange> + Send + use<>, BleError> {
+        let bluez = self.current();
+        let name = bluez.adapter.name().to_owned();
+        let events = bluez.session.events().await.map_err(bus_error)?;
+        Ok(events.filter_map(move |event| {
+            let back = matches!(&event, bluer::SessionEvent::AdapterAdded(n) if *n == name);
+            async move { back.then_some(BluezChange::AdapterBack) }
+        }))
     }
 
     /// Starts LE discovery filtered by the LHP/1 service and yields every advertisement as it
     /// is seen (a lock appears again whenever its RSSI or flags change). Discovery stops when
     /// the stream is dropped.
-    pub async fn discover(&self) -> Result<impl Stream<Item = Advertisement> + Send + '_, BleError> {
+    pub async fn discover(&self) -> Result<impl Stream<Item = Advertisement> + Send + use<>, BleError> {
+        let bluez = self.current();
         let filter = DiscoveryFilter {
             uuids: HashSet::from([bluer::Uuid::from_u128(SERVICE_UUID)]),
             transport: DiscoveryTransport::Le,
             duplicate_data: true,
             ..DiscoveryFilter::default()
         };
-        match self.adapter.set_discovery_filter(filter).await {
+        match bluez.adapter.set_discovery_filter(filter).await {
             // Another discovery of this process runs, under this same filter: join it.
             Err(e) if e.kind == ErrorKind::DiscoveryActive => {}
             r => r.map_err(bus_error)?,
         }
-        let events = self.adapter.discover_devices_with_changes().await.map_err(bus_error)?;
-        Ok(events.filter_map(move |ev| async move {
-            match ev {
-                AdapterEvent::DeviceAdded(address) => self.advertisement(address).await,
-                _ => None,
+        let events = bluez.adapter.discover_devices_with_changes().await.map_err(bus_error)?;
+        Ok(events.filter_map(move |ev| {
+            let adapter = bluez.adapter.clone();
+            async move {
+                match ev {
+                    AdapterEvent::DeviceAdded(address) => advertisement(&adapter, address).await,
+                    _ => None,
+                }
             }
         }))
-    }
-
-    async fn advertisement(&self, address: Address) -> Option<Advertisement> {
-        let device = self.adapter.device(address).ok()?;
-        let rssi = device.rssi().await.ok()??;
-        let data = device.manufacturer_data().await.ok()??;
-        let payload = data.get(&COMPANY_ID).or_else(|| data.values().next())?;
-        Advertisement::from_scan(address.to_string(), rssi, payload)
     }
 
     async fn find_characteristics(&self, device: &bluer::Device) -> Result<[Characteristic; 3], BleError> {
@@ -146,6 +191,14 @@ impl BluezTransport {
             _ => Err(BleError::NotALock("LHP/1 service lacks a characteristic".into())),
         }
     }
+}
+
+async fn advertisement(adapter: &Adapter, address: Address) -> Option<Advertisement> {
+    let device = adapter.device(address).ok()?;
+    let rssi = device.rssi().await.ok()??;
+    let data = device.manufacturer_data().await.ok()??;
+    let payload = data.get(&COMPANY_ID).or_else(|| data.values().next())?;
+    Advertisement::from_scan(address.to_string(), rssi, payload)
 }
 
 impl LockTransport for BluezTransport {
@@ -203,7 +256,8 @@ impl LockTransport for BluezTransport {
 
     async fn connect(&self, address: &str) -> Result<BluezLink, BleError> {
         let addr: Address = address.parse().map_err(|_| BleError::NotFound(format!("{address} (not an address)")))?;
-        let device = self.adapter.device(addr).map_err(bus_error)?;
+        let bluez = self.current();
+        let device = bluez.adapter.device(addr).map_err(bus_error)?;
         let mut connected = device.connect().await;
         if connected.as_ref().is_err_and(|e| e.kind == ErrorKind::AlreadyConnected) {
             // BlueZ keeps a link when its client goes away: this one was left up by a gateway
@@ -218,7 +272,7 @@ impl LockTransport for BluezTransport {
             Err(e) => {
                 return Err(match e.kind {
                     ErrorKind::NotFound | ErrorKind::DoesNotExist => BleError::NotFound(address.to_owned()),
-                    ErrorKind::NotReady => BleError::AdapterOff(self.adapter.name().to_owned()),
+                    ErrorKind::NotReady => BleError::AdapterOff(bluez.adapter.name().to_owned()),
                     ErrorKind::Failed | ErrorKind::ConnectionAttemptFailed | ErrorKind::NotAvailable => {
                         BleError::Unreachable { address: address.to_owned(), detail: e.message }
                     }

@@ -8,19 +8,25 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::statements::Gateway;
-use crate::ble::bluez::BluezTransport;
+use crate::ble::bluez::{BluezChange, BluezTransport};
 
-/// Watches advertisements until `shutdown` turns true; restarts discovery after an error
-/// (BlueZ restarted, adapter reset) with a pause.
+/// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ
+/// comes back (restarted: its discovery died with it) and after an error, with a pause; when
+/// the connection to the bus is lost (the D-Bus daemon restarted), the transport connects again.
 pub async fn watch_advertisements(
     transport: Arc<BluezTransport>,
     gateway: Arc<Gateway<BluezTransport>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        match transport.discover().await {
-            Ok(stream) => {
-                let mut stream = std::pin::pin!(stream);
+        let watched = async {
+            let changes = transport.changes().await?;
+            let stream = transport.discover().await?;
+            Ok::<_, crate::ble::BleError>((changes, stream))
+        };
+        match watched.await {
+            Ok((changes, stream)) => {
+                let (mut changes, mut stream) = (std::pin::pin!(changes), std::pin::pin!(stream));
                 loop {
                     tokio::select! {
                         ad = stream.next() => match ad {
@@ -32,11 +38,30 @@ pub async fn watch_advertisements(
                             Some(_) => {}
                             None => break,
                         },
+                        change = changes.next() => match change {
+                            Some(BluezChange::AdapterBack) => {
+                                tracing::info!("the Bluetooth adapter came back (BlueZ restarted?): discovery restarted");
+                                break;
+                            }
+                            None => {
+                                tracing::warn!("lost the connection to D-Bus: connecting again");
+                                if let Err(e) = transport.reconnect().await {
+                                    tracing::warn!(error = %e, "BlueZ is not back yet; retrying");
+                                }
+                                break;
+                            }
+                        },
                         _ = shutdown.changed() => return,
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "discovery failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery failed; retrying");
+                // The bus may be the one that failed: a fresh connection costs little.
+                if let Err(e) = transport.reconnect().await {
+                    tracing::debug!(error = %e, "BlueZ still out of reach");
+                }
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -42,6 +42,9 @@ pub struct Bed {
 enum BedCommand {
     /// Stop the emulator gracefully (it saves its locks), start it again, then answer.
     RestartEmulator(std::sync::mpsc::Sender<()>),
+    /// Kill the dbus-daemon, start a new one on the same address, then restart the emulator
+    /// on it (as a system's D-Bus restart takes BlueZ with it), then answer.
+    RestartBus(std::sync::mpsc::Sender<()>),
 }
 
 impl Bed {
@@ -51,6 +54,15 @@ impl Bed {
         let (tx, rx) = std::sync::mpsc::channel();
         self.commands.lock().unwrap().send(BedCommand::RestartEmulator(tx)).expect("test bed thread");
         rx.recv().expect("emulator restarted");
+    }
+
+    /// Kills the bus (SIGKILL) and starts a new one on the same address, with the emulator
+    /// (`org.bluez`) restarted on it; returns once both are ready. Every connection to the old
+    /// bus is gone: clients must connect again.
+    pub fn restart_bus(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commands.lock().unwrap().send(BedCommand::RestartBus(tx)).expect("test bed thread");
+        rx.recv().expect("bus restarted");
     }
 }
 
@@ -105,14 +117,21 @@ pub fn bed() -> &'static Bed {
                 let dir = std::env::temp_dir().join(format!("lockhub-test-{}", std::process::id()));
                 std::fs::create_dir_all(&dir).expect("temporary directory");
                 let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dbus/bus.conf");
-                let listen = format!("unix:path={}", dir.join("bus").display());
-                let mut dbus = spawn_reaped(
-                    "dbus-daemon",
-                    &["--config-file", conf, "--address", &listen, "--nofork", "--nopidfile", "--print-address=1"],
-                    // It warns that it cannot raise its fd limit when not run as a system service.
-                    Stdio::null(),
-                );
-                let bus = first_line(&mut dbus, "dbus-daemon");
+                let socket = dir.join("bus");
+                let listen = format!("unix:path={}", socket.display());
+                let start_bus = || {
+                    let mut dbus = spawn_reaped(
+                        "dbus-daemon",
+                        &["--config-file", conf, "--address", &listen, "--nofork", "--nopidfile", "--print-address=1"],
+                        // It warns that it cannot raise its fd limit when not run as a system service.
+                        Stdio::null(),
+                    );
+                    // Without the server's guid: a restarted bus on the same socket has another.
+                    let printed = first_line(&mut dbus, "dbus-daemon");
+                    let bus = printed.split(",guid=").next().unwrap_or(&printed).to_owned();
+                    (dbus, bus)
+                };
+                let (mut dbus, bus) = start_bus();
                 let state = dir.join("locks");
                 let start_emulator = || {
                     let mut emulator = spawn_reaped(
@@ -144,6 +163,18 @@ pub fn bed() -> &'static Bed {
                             // Closing its stdin stops it gracefully (it saves every lock).
                             drop(emulator.stdin.take());
                             let _ = emulator.wait();
+                            emulator = start_emulator();
+                            let _ = done.send(());
+                        }
+                        BedCommand::RestartBus(done) => {
+                            drop(emulator.stdin.take());
+                            let _ = dbus.kill();
+                            let _ = dbus.wait();
+                            let _ = emulator.wait();
+                            let _ = std::fs::remove_file(&socket);
+                            let (new_bus, address) = start_bus();
+                            assert_eq!(address, bus, "the new bus has the old address");
+                            dbus = new_bus;
                             emulator = start_emulator();
                             let _ = done.send(());
                         }

@@ -442,9 +442,11 @@ impl BluezEmulator {
         });
         let server = conn.object_server();
         server.at("/", zbus::fdo::ObjectManager).await?;
-        server.at(ADAPTER_PATH, adapter::Adapter { shared: shared.clone() }).await?;
         server.at(CONTROL_PATH, control::Control { shared: shared.clone() }).await?;
         conn.request_name("org.bluez").await?;
+        // As bluetoothd does: the name first, then the adapter, announced with InterfacesAdded
+        // to whoever already listens to org.bluez (a gateway that saw BlueZ restart).
+        server.at(ADAPTER_PATH, adapter::Adapter { shared: shared.clone() }).await?;
         conn.request_name(CONTROL_NAME).await?;
         let weak = Arc::downgrade(&shared);
         let ticker = tokio::spawn(async move {
