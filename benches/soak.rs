@@ -22,7 +22,7 @@ use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, rem
 use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::store::unix_now;
-use support::daemon::{Daemon, write_config};
+use support::daemon::{Daemon, claim_code, until_online, write_config};
 use support::floor::at;
 
 const GW: &str = "gw-soak";
@@ -87,21 +87,10 @@ async fn soak(length: Duration, sample_every: Duration) {
     let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port), &pki, &gw).await.unwrap();
     let mut seen = app.watch();
     let daemon = Daemon::spawn(&config, &bed.bus);
-    let status_topic = format!("lockhub/v1/{GW}/status");
-    loop {
-        let m = tokio::time::timeout(WAIT, seen.recv()).await.expect("the daemon never came online").unwrap();
-        if m.topic == status_topic && String::from_utf8_lossy(&m.payload).contains("\"online\"") {
-            break;
-        }
-    }
+    until_online(&mut seen, GW, WAIT).await;
 
     // Claimed, three locks paired, a user granted all of them.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
-        .args(["claim-code", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let code = claim_code(&config);
     let keys = dir.path().join("keys");
     let (owner, user) =
         (AppKey::generate(&keys, "owner", false).unwrap(), AppKey::generate(&keys, "user", false).unwrap());
@@ -136,7 +125,7 @@ async fn soak(length: Duration, sample_every: Duration) {
     println!("soak: {} min, sampling every {} s; lockhub run pid {pid}", length.as_secs() / 60, sample_every.as_secs());
     println!(
         "{:>6} {:>9} {:>9} {:>5} {:>7} {:>6} {:>7} {:>9} {:>9}",
-        "minute", "RSS KiB", "peak KiB", "fds", "ok", "failed", "events", "p50", "p99"
+        "m:ss", "RSS KiB", "peak KiB", "fds", "ok", "failed", "events", "p50", "p99"
     );
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));

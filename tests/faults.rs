@@ -110,7 +110,7 @@ async fn the_gateway_killed_during_a_burst_of_a_thousand_lock_events_delivers_ea
     use lockhub::devcloud::pki::Pki;
     use lockhub::protocol::ids::{GatewayId, LockId};
     use std::collections::BTreeSet;
-    use support::daemon::{Daemon, write_config};
+    use support::daemon::{Daemon, claim_code, until_online, write_config};
 
     const EVENTS: usize = 1_000;
     const WAIT: Duration = Duration::from_secs(60);
@@ -126,17 +126,8 @@ async fn the_gateway_killed_during_a_burst_of_a_thousand_lock_events_delivers_ea
     let mut daemon = Daemon::spawn(&config, &bed.bus);
 
     // Claimed and paired through the cloud, like any hub.
-    let status_topic = format!("lockhub/v1/{gw_name}/status");
-    let online = |m: &lockhub::devcloud::app::Seen| {
-        m.topic == status_topic && String::from_utf8_lossy(&m.payload).contains("\"online\"")
-    };
-    while !online(&tokio::time::timeout(WAIT, seen.recv()).await.expect("the daemon never came online").unwrap()) {}
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
-        .args(["claim-code", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    until_online(&mut seen, gw_name, WAIT).await;
+    let code = claim_code(&config);
     let owner = AppKey::generate(&dir.path().join("keys"), "owner", false).unwrap();
     let reply = app.send(&claim(&gw, &code, unix_now()), &owner, WAIT).await.unwrap();
     assert_eq!(reply.result, Outcome::Ok, "{reply:?}");

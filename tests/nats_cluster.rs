@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::cloud::reply::Outcome;
-use lockhub::devcloud::app::{AppClient, AppKey, Seen, claim, command, grant, pair, remote_unlock};
+use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, remote_unlock};
 use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::store::unix_now;
-use support::daemon::{Daemon, write_config};
+use support::daemon::{Daemon, claim_code, until_online, write_config};
 use support::nats::NatsCluster;
 
 const GW: &str = "gw-nats";
@@ -63,17 +63,10 @@ async fn remote_unlocks_cross_the_cluster_and_survive_the_death_of_the_gateways_
     let app = AppClient::connect_persistent(&urls[2], &pki, &gw, "nats-test").await.unwrap();
     let mut seen = app.watch();
     let daemon = Daemon::spawn(&config, &bed.bus);
-    let status_topic = format!("lockhub/v1/{GW}/status");
-    let is_online = |m: &Seen| m.topic == status_topic && String::from_utf8_lossy(&m.payload).contains("\"online\"");
-    while !is_online(&tokio::time::timeout(WAIT, seen.recv()).await.expect("never online on node 1").unwrap()) {}
+    until_online(&mut seen, GW, WAIT).await;
 
     // Claimed, a lock paired, a user granted: all through node 3 to the gateway on node 1.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
-        .args(["claim-code", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let code = claim_code(&config);
     let keys = dir.path().join("keys");
     let (owner, user) =
         (AppKey::generate(&keys, "owner", false).unwrap(), AppKey::generate(&keys, "user", false).unwrap());

@@ -80,6 +80,14 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// The row of a known user.
+    fn user_rowid(&self, public_key: &[u8]) -> Result<i64, StoreError> {
+        self.tx
+            .query_row("SELECT id FROM users WHERE public_key = ?1", [public_key], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound("user".into()))
+    }
+
     /// Stores an owner-signed grant (sealed) for a known user and a paired lock.
     pub fn put_grant(
         &mut self,
@@ -93,11 +101,7 @@ impl Tx<'_> {
             return Err(StoreError::Invalid("grant (id or statement size)"));
         }
         let lock_row = self.lock_rowid(lock)?;
-        let user_row: i64 = self
-            .tx
-            .query_row("SELECT id FROM users WHERE public_key = ?1", [user_public_key], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound("user".into()))?;
+        let user_row = self.user_rowid(user_public_key)?;
         let sealed =
             self.sealer.seal(Place { table: "grants", column: "statement", row: grant_id.as_bytes() }, statement);
         self.tx.execute(
@@ -145,12 +149,7 @@ impl Tx<'_> {
         }
         let lock_row = self.lock_rowid(lock)?;
         let user_row: Option<i64> = match user_public_key {
-            Some(pk) => Some(
-                self.tx
-                    .query_row("SELECT id FROM users WHERE public_key = ?1", [pk], |r| r.get(0))
-                    .optional()?
-                    .ok_or_else(|| StoreError::NotFound("user".into()))?,
-            ),
+            Some(pk) => Some(self.user_rowid(pk)?),
             None => None,
         };
         self.tx.execute(
@@ -176,11 +175,7 @@ impl Tx<'_> {
             return Err(StoreError::Invalid("local code (id size, or not an Argon2id PHC string)"));
         }
         let lock_row = self.lock_rowid(lock)?;
-        let user_row: i64 = self
-            .tx
-            .query_row("SELECT id FROM users WHERE public_key = ?1", [user_public_key], |r| r.get(0))
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound("user".into()))?;
+        let user_row = self.user_rowid(user_public_key)?;
         self.tx.execute(
             "DELETE FROM passcodes WHERE lock = ?1 AND user = ?2 AND code_id IS NOT NULL",
             params![lock_row, user_row],

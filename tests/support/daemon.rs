@@ -27,6 +27,29 @@ pub fn write_config(dir: &Path, pki: &Pki, port: u16, gw: &str) -> PathBuf {
     path
 }
 
+/// The claim code `lockhub claim-code --config config` prints.
+pub fn claim_code(config: &Path) -> String {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_lockhub")).args(["claim-code", "--config"]).arg(config).output().unwrap();
+    assert!(out.status.success(), "lockhub claim-code: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Waits (at most `wait`) until `seen` shows gateway `gw` announce itself online.
+pub async fn until_online(
+    seen: &mut tokio::sync::broadcast::Receiver<lockhub::devcloud::app::Seen>,
+    gw: &str,
+    wait: std::time::Duration,
+) {
+    let status = format!("lockhub/v1/{gw}/status");
+    loop {
+        let m = tokio::time::timeout(wait, seen.recv()).await.expect("the daemon never came online").unwrap();
+        if m.topic == status && String::from_utf8_lossy(&m.payload).contains("\"online\"") {
+            return;
+        }
+    }
+}
+
 /// A running `lockhub run`; killed (SIGKILL) and reaped when dropped.
 pub struct Daemon {
     child: Child,
