@@ -154,5 +154,12 @@ async fn the_admin_cli_over_the_control_socket() {
     };
     assert!(raw.contains("\"code\":\"malformed\""), "{raw}");
     assert!(cli(&socket, &["status"]).await.0);
+
+    // Someone edits an audit record behind the daemon's back: --verify names it and fails.
+    let db = rusqlite::Connection::open(stack.dir.path().join("state").join("lockhub.db")).unwrap();
+    let seq: i64 = db.query_row("SELECT MIN(seq) + 1 FROM audit", [], |r| r.get(0)).unwrap();
+    db.execute("UPDATE audit SET outcome = 'ok', detail = 'nothing happened' WHERE seq = ?1", [seq]).unwrap();
+    let (ok, out, _) = cli(&socket, &["audit", "--verify"]).await;
+    assert!(!ok && out.starts_with(&format!("audit chain BROKEN at record {seq}")), "{out}");
     stop.send(true).unwrap();
 }

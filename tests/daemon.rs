@@ -380,9 +380,11 @@ async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on
     let cmd = |op| Statement::Command(command(&gw_id, lock_id, op, unix_now(), 30));
     ok(app.send(&cmd(Operation::Unlock), &owner, WAIT).await.unwrap());
 
-    // SIGHUP with a stricter rate limit: applied at once.
+    // SIGHUP with a stricter rate limit: applied at once; a changed keep-alive (the cloud
+    // link's) is named as needing a restart.
     let original = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{original}\n[policy]\nrate_commands = 1\n")).unwrap();
+    let stricter = original.replace("[clock]", "keep_alive_s = 45\n\n[clock]");
+    std::fs::write(&config, format!("{stricter}\n[policy]\nrate_commands = 1\n")).unwrap();
     signal(&daemon, Signal::SIGHUP);
     notified(&mut notes, |n| n == "RELOADING=1").await;
     notified(&mut notes, |n| n == "READY=1").await;
@@ -432,6 +434,9 @@ async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on
     assert!(!decided["COMMAND_ID"].is_empty());
     assert_eq!(decided["SYSLOG_IDENTIFIER"], "lockhub");
     assert_eq!(decided["PRIORITY"], "5", "info is the journal's notice");
+    let restart =
+        entries.iter().find(|e| e.get("MESSAGE").is_some_and(|m| m.contains("takes effect at the next restart")));
+    assert_eq!(restart.map(|e| e["KEY"].as_str()), Some("cloud"), "{entries:#?}");
     let refused = entries.iter().find(|e| e.get("REASON").is_some_and(|r| r == "rate_limited"));
     assert_eq!(refused.map(|e| e["DECISION"].as_str()), Some("refused"), "{entries:#?}");
     let mut written = String::new();
