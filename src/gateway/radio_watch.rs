@@ -57,8 +57,10 @@ pub async fn watch_advertisements(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "discovery failed; retrying");
-                // The bus may be the one that failed: a fresh connection costs little.
-                if let Err(e) = transport.reconnect().await {
+                // A failure of the bus itself (not an adapter switched off): connect afresh.
+                if matches!(e, crate::ble::BleError::Bus(_))
+                    && let Err(e) = transport.reconnect().await
+                {
                     tracing::debug!(error = %e, "BlueZ still out of reach");
                 }
             }
