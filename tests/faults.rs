@@ -220,6 +220,15 @@ impl SmallFilesystem {
     fn path(&self) -> &std::path::Path {
         self.dir.path()
     }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount -o remount");
+    }
 }
 
 impl Drop for SmallFilesystem {
@@ -232,14 +241,9 @@ impl Drop for SmallFilesystem {
 fn a_full_filesystem_is_a_plain_error_loses_nothing_and_passes() {
     use lockhub::store::{Store, StoreConfig, StoreError};
 
-    let fs = SmallFilesystem::mount("2m");
+    let fs = SmallFilesystem::mount("1m");
     let config = || StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&fs.path().join("state")) };
     let mut store = Store::open(config()).unwrap();
-    // Most of the room taken by something else.
-    let filler = fs.path().join("filler");
-    let free = nix::sys::statvfs::statvfs(fs.path()).unwrap();
-    let room = free.blocks_available() as usize * free.fragment_size() as usize;
-    std::fs::write(&filler, vec![0u8; room.saturating_sub(256 * 1024)]).unwrap();
 
     // Events pile up in the outbox until the disk is full.
     let payload = vec![b'e'; 4096];
@@ -265,8 +269,9 @@ fn a_full_filesystem_is_a_plain_error_loses_nothing_and_passes() {
     assert!(matches!(append(&mut store, stored), Err(StoreError::Full)));
     assert_eq!(store.outbox_len().unwrap(), stored as u64);
 
-    // Room again: writes work without a restart, and everything survives reopening.
-    std::fs::remove_file(&filler).unwrap();
+    // Room again (the filesystem grown, as an operator would): writes work without a
+    // restart, and everything survives reopening.
+    fs.resize("16m");
     append(&mut store, stored).unwrap();
     drop(store);
     let store = Store::open(config()).unwrap();

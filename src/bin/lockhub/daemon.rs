@@ -172,6 +172,10 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         store: store.clone(),
     });
     tracing::info!(gateway = %id, "lockhub running");
+    match crate::text_pages::trim() {
+        Ok(bytes) => tracing::debug!(bytes, "start-up code handed back"),
+        Err(e) => tracing::debug!(error = %e, "could not advise the kernel on the daemon's code pages"),
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -17,6 +17,7 @@ mod demo;
 mod doctor;
 mod logging;
 mod service;
+mod text_pages;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser};
