@@ -77,8 +77,9 @@ enum AppCommand {
         gateway: String,
         #[arg(long)]
         lock: String,
-        /// The user's public key (`lockhub-cloud app whoami` on their side).
-        #[arg(long)]
+        /// The user's public key (`lockhub-cloud app whoami` on their side; base64url, so it
+        /// may begin with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         user: String,
         /// Permissions, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -103,8 +104,9 @@ enum AppCommand {
         gateway: String,
         #[arg(long)]
         lock: String,
-        /// The user's public key (`lockhub-cloud app whoami` on their side).
-        #[arg(long)]
+        /// The user's public key (`lockhub-cloud app whoami` on their side; base64url, so it
+        /// may begin with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         user: String,
         /// Valid for this many days from now.
         #[arg(long, default_value_t = 365)]

@@ -77,7 +77,8 @@ pub enum Command {
     /// Delete a user's data on request: key, grants, passcodes; their audit records become
     /// unlinkable.
     ForgetUser {
-        /// Their public key (base64url, as `lockhub users` shows it).
+        /// Their public key (base64url, as `lockhub users` shows it; it may begin with `-`).
+        #[arg(allow_hyphen_values = true)]
         key: String,
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -161,4 +162,21 @@ pub struct AdminArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn a_key_that_begins_with_a_hyphen_is_a_key() {
+        // Public keys are base64url: one in 64 begins with `-`.
+        let cli = Cli::try_parse_from(["lockhub", "forget-user", "-pQ1xKeyKeyKey", "--yes"]).unwrap();
+        match cli.command {
+            Command::ForgetUser { key, yes, .. } => assert_eq!((key.as_str(), yes), ("-pQ1xKeyKeyKey", true)),
+            _ => panic!("not forget-user"),
+        }
+    }
 }
