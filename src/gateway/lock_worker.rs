@@ -389,7 +389,8 @@ impl<T: LockTransport> LockWorker<T> {
         entries.sort_by_key(|e| e.seq);
         entries.dedup_by_key(|e| e.seq);
         entries.retain(|e| e.seq > self.last_seq);
-        let end = run_end(read_to.max(self.last_seq), entries.iter().map(|e| e.seq));
+        // `read_to` never falls below `last_seq`: it starts there and only moves on.
+        let end = run_end(read_to, entries.iter().map(|e| e.seq));
         entries.retain(|e| e.seq <= end);
         let connected = self.client.is_connected();
         // Without a fresh status, the state is republished only when the link came or went.
