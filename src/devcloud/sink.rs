@@ -96,6 +96,34 @@ impl EventSink {
         Ok(if inserted == 1 { Recorded::New } else { Recorded::Duplicate })
     }
 
+    /// Stores a batch of events from `gateway` in one transaction (one durable commit for all
+    /// of them). Each payload gets its own answer: stored, already stored, or not an event
+    /// (the reason); a storage failure fails the whole batch and stores none of it.
+    pub fn record_all<'a>(
+        &mut self,
+        gateway: &str,
+        payloads: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<Result<Recorded, String>>, SinkError> {
+        let tx = self.conn.transaction()?;
+        let mut answers = Vec::new();
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT OR IGNORE INTO events (gateway, id, payload) VALUES (?1, ?2, ?3)")?;
+            for payload in payloads {
+                answers.push(match event_id(payload) {
+                    Ok(id) => {
+                        let inserted = insert.execute(params![gateway, id, payload])?;
+                        Ok(if inserted == 1 { Recorded::New } else { Recorded::Duplicate })
+                    }
+                    Err(SinkError::Malformed(why)) => Err(why),
+                    Err(e) => return Err(e),
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(answers)
+    }
+
     /// How many events are stored for `gateway` (all gateways with `None`).
     pub fn count(&self, gateway: Option<&str>) -> Result<u64, SinkError> {
         let n: i64 = match gateway {
@@ -158,6 +186,20 @@ mod tests {
         assert_eq!(sink.count(None).unwrap(), 2);
         assert_eq!(sink.events("gw-a", 0, 10).unwrap()[0].payload, br#"{"id":"e1","kind":"x"}"#);
         assert!(sink.get("gw-b", "e1").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_batch_is_stored_in_one_go_with_an_answer_per_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = EventSink::open(&dir.path().join("events.db")).unwrap();
+        sink.record("gw", br#"{"id":"e0"}"#).unwrap();
+        let batch: [&[u8]; 4] = [br#"{"id":"e1"}"#, br#"{"id":"e0"}"#, b"not an event", br#"{"id":"e1"}"#];
+        let answers = sink.record_all("gw", batch).unwrap();
+        assert_eq!(answers[0], Ok(Recorded::New));
+        assert_eq!(answers[1], Ok(Recorded::Duplicate));
+        assert!(answers[2].as_ref().unwrap_err().contains("JSON"), "{answers:?}");
+        assert_eq!(answers[3], Ok(Recorded::Duplicate), "a repeat within the batch");
+        assert_eq!(sink.count(Some("gw")).unwrap(), 2);
     }
 
     #[test]

@@ -6,11 +6,17 @@
 //! beyond its keep-alive) is disconnected; one that only oversteps its ACL is not: its
 //! publish is acknowledged and dropped, its subscription refused in the SUBACK, as Mosquitto
 //! does, so a misconfigured gateway keeps working on its own topics.
+//!
+//! A gateway's events are stored in the sink before they are routed and acknowledged. The
+//! storing runs beside the packet loop (a task per gateway connection, one commit per batch of
+//! whatever arrived meanwhile), so the loop keeps writing to the gateway — the next command for
+//! it must not wait behind an fsync. Publishes that arrive while events wait are held behind
+//! them: the client's publishes are still routed, and acknowledged, in the order it sent them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck, Publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -29,6 +35,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Packets waiting to be written to one client before it counts as too slow and is dropped.
 pub(super) const OUTBOUND_QUEUE: usize = 1024;
+
+/// Publishes of one gateway waiting to be stored before the connection stops reading more.
+const STORE_QUEUE: usize = 1024;
+
+/// Most events stored in one commit.
+const STORE_BATCH: usize = 256;
 
 type Tls = TlsStream<TcpStream>;
 
@@ -105,7 +117,11 @@ pub(super) async fn serve(
     });
     tracing::info!(conn, client_id = %client_id, clean = connect.clean_session, "client connected");
     let keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    let mut session = Session { shared: &shared, conn, identity, reader, writer, buf, rx, keep_alive };
+    let events = match (&identity, &shared.sink) {
+        (Identity::Gateway(gateway), Some(sink)) => Some(EventStore::start(sink.clone(), gateway.as_str(), conn)),
+        _ => None,
+    };
+    let mut session = Session { shared: &shared, conn, identity, reader, writer, buf, rx, keep_alive, events };
     let result = session.run(shutdown).await;
     let graceful = matches!(result, Ok(()));
     match &result {
@@ -127,6 +143,79 @@ struct Session<'a> {
     buf: BytesMut,
     rx: mpsc::Receiver<Packet>,
     keep_alive: Option<Duration>,
+    /// A gateway's events on their way to the sink (none for other clients, or without a sink).
+    events: Option<EventStore>,
+}
+
+/// A publish held until the events before it, and itself if it is one, are stored.
+struct Held {
+    /// Routed then (`None`: the ACL dropped it).
+    route: Option<Publish>,
+    /// Acknowledged then (QoS 1).
+    ack: Option<u16>,
+}
+
+/// One gateway connection's events on their way into the sink.
+struct EventStore {
+    /// Held publishes in arrival order, with the payload to store if it is an event.
+    jobs: mpsc::Sender<(Held, Option<Bytes>)>,
+    /// Held publishes given back in order once stored, or why storing failed. Unbounded, but
+    /// never longer than `jobs` allows: each batch takes at least one job.
+    stored: mpsc::UnboundedReceiver<Result<Vec<Held>, Ended>>,
+    /// Publishes handed over and not given back yet.
+    waiting: usize,
+}
+
+impl EventStore {
+    fn start(sink: Arc<std::sync::Mutex<crate::devcloud::sink::EventSink>>, gateway: &str, conn: ConnId) -> Self {
+        let (jobs, mut queue) = mpsc::channel::<(Held, Option<Bytes>)>(STORE_QUEUE);
+        let (done, stored) = mpsc::unbounded_channel();
+        let gateway = gateway.to_owned();
+        // Ends when the connection drops its end of `jobs`.
+        tokio::spawn(async move {
+            while let Some(first) = queue.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < STORE_BATCH
+                    && let Ok(next) = queue.try_recv()
+                {
+                    batch.push(next);
+                }
+                let (sink, gateway) = (sink.clone(), gateway.clone());
+                let written = tokio::task::spawn_blocking(move || {
+                    let mut sink = sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let answers = sink.record_all(&gateway, batch.iter().filter_map(|(_, event)| event.as_deref()));
+                    (batch, answers)
+                })
+                .await;
+                let outcome = match written {
+                    Ok((batch, Ok(answers))) => {
+                        // Not an event: routed and acknowledged like any message, just not
+                        // stored (a redelivery would not make it better).
+                        for why in answers.into_iter().filter_map(Result::err) {
+                            tracing::warn!(conn, %why, "event not stored");
+                        }
+                        Ok(batch.into_iter().map(|(held, _)| held).collect())
+                    }
+                    // Not acknowledged: the gateway sends them again on its next connection.
+                    Ok((_, Err(e))) => Err(Ended::Sink(e)),
+                    Err(_) => Err(Ended::Protocol("the event store task failed")),
+                };
+                let failed = outcome.is_err();
+                if done.send(outcome).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        EventStore { jobs, stored, waiting: 0 }
+    }
+}
+
+/// The next stored batch of `events`; never, for a connection without them.
+async fn next_stored(events: &mut Option<EventStore>) -> Option<Result<Vec<Held>, Ended>> {
+    match events {
+        Some(events) => events.stored.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Session<'_> {
@@ -169,6 +258,11 @@ impl Session<'_> {
                         self.writer.write_all(&bytes).await?;
                     }
                     None => return Err(Ended::Protocol("closed by the broker (taken over, or too slow to read)")),
+                },
+                stored = next_stored(&mut self.events) => match stored {
+                    Some(Ok(held)) => self.release(held).await?,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(Ended::Protocol("the event store task failed")),
                 },
                 () = keep_alive_expired => return Err(Ended::KeepAlive),
                 _ = shutdown.changed() => return Ok(()),
@@ -220,44 +314,55 @@ impl Session<'_> {
         if super::topic::validate_name(&publish.topic).is_err() {
             return Err(Ended::Protocol("invalid topic name"));
         }
-        let ack = publish.qos == QoS::AtLeastOnce;
-        if !self.identity.may_publish(&publish.topic) {
+        let allowed = self.identity.may_publish(&publish.topic);
+        if !allowed {
             tracing::warn!(conn = self.conn, identity = ?self.identity, topic = %publish.topic, "publish denied by the ACL: dropped");
-        } else {
-            self.record_event(&publish).await?;
-            self.shared.with_hub(|hub| hub.router.publish(&publish));
         }
-        if ack {
-            write(&mut self.writer, &Packet::PubAck(PubAck::new(publish.pkid)), max).await?;
+        let ack = (publish.qos == QoS::AtLeastOnce).then_some(publish.pkid);
+        let event = allowed && self.is_event(&publish.topic);
+        match &mut self.events {
+            // An event, or anything behind one: held until stored.
+            Some(events) if event || events.waiting > 0 => {
+                let payload = event.then(|| publish.payload.clone());
+                events.waiting += 1;
+                let held = Held { route: allowed.then_some(publish), ack };
+                events.jobs.send((held, payload)).await.map_err(|_| Ended::Protocol("the event store task failed"))
+            }
+            _ => {
+                if allowed {
+                    self.shared.with_hub(|hub| hub.router.publish(&publish));
+                }
+                match ack {
+                    Some(pkid) => write(&mut self.writer, &Packet::PubAck(PubAck::new(pkid)), max).await,
+                    None => Ok(()),
+                }
+            }
         }
-        Ok(())
     }
 
-    /// A gateway's event goes to the sink before the gateway hears it was received.
-    async fn record_event(&self, publish: &Publish) -> Result<(), Ended> {
-        let (Identity::Gateway(gateway), Some(sink)) = (&self.identity, &self.shared.sink) else { return Ok(()) };
-        if publish.topic.strip_prefix(ROOT).and_then(|t| t.strip_prefix(gateway.as_str())) != Some("/events") {
-            return Ok(());
+    /// Whether `topic` is this gateway's event topic.
+    fn is_event(&self, topic: &str) -> bool {
+        let Identity::Gateway(gateway) = &self.identity else { return false };
+        topic.strip_prefix(ROOT).and_then(|t| t.strip_prefix(gateway.as_str())) == Some("/events")
+    }
+
+    /// Routes and acknowledges held publishes, now stored, in their order.
+    async fn release(&mut self, held: Vec<Held>) -> Result<(), Ended> {
+        let max = self.shared.max_packet;
+        if let Some(events) = &mut self.events {
+            events.waiting -= held.len();
         }
-        let sink = sink.clone();
-        let gateway = gateway.as_str().to_owned();
-        let payload = publish.payload.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(&gateway, &payload)
-        })
-        .await
-        .map_err(|_| Ended::Protocol("the event store task failed"))?;
-        match stored {
-            Ok(_) => Ok(()),
-            // Not an event: routed and acknowledged like any message, just not stored (a
-            // redelivery would not make it better).
-            Err(SinkError::Malformed(why)) => {
-                tracing::warn!(conn = self.conn, identity = ?self.identity, %why, "event not stored");
-                Ok(())
+        let mut acks = BytesMut::new();
+        for Held { route, ack } in held {
+            if let Some(publish) = route {
+                self.shared.with_hub(|hub| hub.router.publish(&publish));
             }
-            // Not acknowledged: the gateway sends it again on its next connection.
-            Err(e) => Err(Ended::Sink(e)),
+            if let Some(pkid) = ack {
+                encode(&Packet::PubAck(PubAck::new(pkid)), &mut acks, max);
+            }
         }
+        self.writer.write_all(&acks).await?;
+        Ok(())
     }
 }
 
