@@ -9,6 +9,10 @@
 //! - The outbox is drained with a bounded in-flight window; a record is deleted only when its
 //!   PUBACK arrives. After a restart, unacknowledged records are sent again (at least once on
 //!   the wire; receivers dedupe by id).
+//! - A reply someone waits for can take the express lane: handed to the link before its
+//!   outbox commit and published at once; the writer then says which outbox record holds it,
+//!   and from there it is that record (not sent twice, deleted on its PUBACK, sent again from
+//!   the outbox if the connection drops first). The commit is then off the reply's path.
 //! - Inbound commands are acknowledged to the broker only once the handler says it stored
 //!   them (manual acks). Oversized ones (and anything on another topic) are dropped unread
 //!   with an audit record, and the link carries on.
@@ -131,6 +135,45 @@ pub struct InboundCommand {
     pub stored: oneshot::Sender<()>,
 }
 
+/// A record published ahead of its outbox commit (see [`ExpressLane`]).
+#[derive(Debug)]
+struct Express {
+    topic: String,
+    payload: Vec<u8>,
+    /// The outbox record holding it once committed; `None` (or dropped): not committed.
+    record: oneshot::Receiver<Option<i64>>,
+}
+
+/// Hands the link a record to publish before the transaction that writes it to the outbox has
+/// committed, so that the commit is not on the way of a reply someone waits for.
+#[derive(Clone, Debug)]
+pub struct ExpressLane(mpsc::Sender<Express>);
+
+/// Where an express publish learns its outbox record: send it, while the store is still locked
+/// for the transaction that wrote it (so the link can never read the record back as pending
+/// before it knows it is already in flight), or `None` if the transaction failed.
+#[derive(Debug)]
+pub struct ExpressRecord(oneshot::Sender<Option<i64>>);
+
+impl ExpressRecord {
+    /// Tells the link which outbox record holds the express publish (`None`: none does).
+    pub fn committed(self, record: Option<i64>) {
+        let _ = self.0.send(record);
+    }
+}
+
+impl ExpressLane {
+    /// Hands `payload` for `topic` to the link. `None` when the link cannot take it now (its
+    /// lane is full, or it is gone): the outbox alone carries the record then.
+    pub fn send(&self, topic: String, payload: Vec<u8>) -> Option<ExpressRecord> {
+        let (tx, record) = oneshot::channel();
+        self.0.try_send(Express { topic, payload, record }).ok().map(|()| ExpressRecord(tx))
+    }
+}
+
+/// Express publishes waiting in the lane at most.
+const EXPRESS_LANE: usize = 64;
+
 /// What the link reports about itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkState {
@@ -144,7 +187,18 @@ pub enum LinkState {
 #[derive(Clone, Copy, Debug)]
 enum Tag {
     Outbox(i64),
+    /// An express publish, by its number on this connection.
+    Express(u64),
     Status,
+}
+
+/// What is known of an express publish in flight.
+#[derive(Debug, Default)]
+struct ExpressState {
+    /// Its outbox record, once committed.
+    record: Option<i64>,
+    /// Its PUBACK arrived before its record was known.
+    acked: bool,
 }
 
 /// The cloud link.
@@ -159,6 +213,8 @@ pub struct CloudLink {
     commands: mpsc::Sender<InboundCommand>,
     state: watch::Sender<LinkState>,
     delivered: watch::Sender<u64>,
+    express: mpsc::Receiver<Express>,
+    express_lane: ExpressLane,
 }
 
 /// What a running link tells its owner.
@@ -187,6 +243,49 @@ struct InFlight {
     outbox: HashSet<i64>,
     /// Outbox ids acknowledged by the broker, to delete in the next batch.
     acked: Vec<i64>,
+    /// Express publishes sent on this connection, by number.
+    express: HashMap<u64, ExpressState>,
+    /// Express publishes still to learn their outbox record.
+    unresolved: Vec<(u64, oneshot::Receiver<Option<i64>>)>,
+    /// The next express publish's number.
+    next_express: u64,
+}
+
+impl InFlight {
+    /// Learns the outbox records of express publishes whose transactions have finished. Call
+    /// with the store locked, before reading pending records: a record committed by then has
+    /// been announced (the writer announces it before unlocking), so it is known to be in
+    /// flight and not read back as pending.
+    fn resolve_express(&mut self) {
+        let unresolved = std::mem::take(&mut self.unresolved);
+        for (number, mut record) in unresolved {
+            let record = match record.try_recv() {
+                Ok(record) => record,
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    self.unresolved.push((number, record));
+                    continue;
+                }
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            let Some(state) = self.express.get_mut(&number) else { continue };
+            match (record, state.acked) {
+                // Acknowledged already: only the deletion is left.
+                (Some(id), true) => {
+                    self.express.remove(&number);
+                    self.acked.push(id);
+                }
+                (Some(id), false) => {
+                    state.record = Some(id);
+                    self.outbox.insert(id);
+                }
+                // Never written: nothing to delete or send again.
+                (None, true) => {
+                    self.express.remove(&number);
+                }
+                (None, false) => {}
+            }
+        }
+    }
 }
 
 impl CloudLink {
@@ -207,9 +306,27 @@ impl CloudLink {
         let (state, state_rx) = watch::channel(LinkState::Connecting);
         let (delivered, delivered_rx) = watch::channel(0);
         let topics = Topics::new(&gateway_id);
-        let link =
-            CloudLink { brokers, tls, config, topics, gateway_id, store, outbox_ready, commands, state, delivered };
+        let (express_tx, express) = mpsc::channel(EXPRESS_LANE);
+        let link = CloudLink {
+            brokers,
+            tls,
+            config,
+            topics,
+            gateway_id,
+            store,
+            outbox_ready,
+            commands,
+            state,
+            delivered,
+            express,
+            express_lane: ExpressLane(express_tx),
+        };
         Ok((link, LinkReports { state: state_rx, delivered: delivered_rx }))
+    }
+
+    /// The lane for publishes ahead of their outbox commit (take it before [`CloudLink::run`]).
+    pub fn express_lane(&self) -> ExpressLane {
+        self.express_lane.clone()
     }
 
     fn options(&self, broker: &BrokerUrl) -> MqttOptions {
@@ -229,7 +346,7 @@ impl CloudLink {
     }
 
     /// Runs until `shutdown` turns true; then publishes `offline` and disconnects.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut index = 0;
         let mut backoff = self.config.min_backoff;
         let mut failures_here = 0u32;
@@ -307,6 +424,18 @@ impl CloudLink {
                         }
                     },
                     () = self.outbox_ready.notified(), if connected => self.drain(&client, &mut flight).await,
+                    Some(express) = self.express.recv() => {
+                        // Disconnected: the outbox carries it once the link is back.
+                        if connected
+                            && client.try_publish(express.topic, QoS::AtLeastOnce, false, express.payload).is_ok()
+                        {
+                            let number = flight.next_express;
+                            flight.next_express += 1;
+                            flight.unassigned.push_back(Tag::Express(number));
+                            flight.express.insert(number, ExpressState::default());
+                            flight.unresolved.push((number, express.record));
+                        }
+                    }
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
                             if connected {
@@ -339,6 +468,10 @@ impl CloudLink {
             flight.unassigned.clear();
             flight.by_pkid.clear();
             flight.outbox.clear();
+            // Express publishes are lost with the session too: their records, once committed,
+            // are pending records like the others.
+            flight.express.clear();
+            flight.unresolved.clear();
         }
         if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, online_payload()).is_ok() {
             flight.unassigned.push_back(Tag::Status);
@@ -359,7 +492,24 @@ impl CloudLink {
                 }
             }
             Event::Incoming(Incoming::PubAck(ack)) => {
-                if let Some(Tag::Outbox(id)) = flight.by_pkid.remove(&ack.pkid) {
+                let id = match flight.by_pkid.remove(&ack.pkid) {
+                    Some(Tag::Outbox(id)) => Some(id),
+                    Some(Tag::Express(number)) => match flight.express.get_mut(&number) {
+                        Some(ExpressState { record: Some(id), .. }) => {
+                            let id = *id;
+                            flight.express.remove(&number);
+                            Some(id)
+                        }
+                        // Its record is learnt later, and deleted then.
+                        Some(state) => {
+                            state.acked = true;
+                            None
+                        }
+                        None => None,
+                    },
+                    _ => None,
+                };
+                if let Some(id) = id {
                     flight.outbox.remove(&id);
                     flight.acked.push(id);
                     // Deletions are batched (one durable transaction each): a crash before
@@ -466,16 +616,29 @@ impl CloudLink {
         self.delete_acked(flight).await;
         let store = self.store.clone();
         let want = (window + flight.outbox.len()) as u32;
-        let pending =
-            match tokio::task::spawn_blocking(move || store.lock().expect("store poisoned").outbox_pending(want)).await
-            {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "could not read the outbox");
-                    return;
+        let mut taken = std::mem::take(flight);
+        let read = tokio::task::spawn_blocking(move || {
+            let store = store.lock().expect("store poisoned");
+            taken.resolve_express();
+            let pending = store.outbox_pending(want);
+            (taken, pending)
+        })
+        .await;
+        let pending = match read {
+            Ok((taken, pending)) => {
+                *flight = taken;
+                match pending {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not read the outbox");
+                        return;
+                    }
                 }
-                Err(_) => return,
-            };
+            }
+            // Only a panic gets here; the bookkeeping went with it, and the records are sent
+            // again from the outbox.
+            Err(_) => return,
+        };
         // Replies first: someone is waiting for each, while events and states are reports
         // (their own order is kept, so a lock's retained state still ends on its latest).
         let replies = self.topics.replies();

@@ -24,7 +24,7 @@ use crate::auth::statement::{Command, Operation, Signed, Statement, open};
 use crate::ble::budget::ConnectionBudget;
 use crate::ble::client::{LockClient, pair};
 use crate::ble::{BleConfig, LockTransport};
-use crate::cloud::link::InboundCommand;
+use crate::cloud::link::{ExpressLane, InboundCommand};
 use crate::cloud::reply::{Outcome, Reply};
 use crate::cloud::topics::Topics;
 use crate::local::codes::{CodeHolder, IssuedCode, validate_hash};
@@ -87,6 +87,8 @@ pub struct Gateway<T: LockTransport> {
     locks: Mutex<HashMap<LockId, LockHandle>>,
     clock: Clock,
     updates: broadcast::Sender<LockUpdate>,
+    /// Replies go out through it ahead of their commit, once the cloud link is wired in.
+    express: std::sync::OnceLock<ExpressLane>,
 }
 
 impl<T: LockTransport> std::fmt::Debug for Gateway<T> {
@@ -142,7 +144,14 @@ impl<T: LockTransport> Gateway<T> {
             locks: Mutex::new(HashMap::new()),
             clock,
             updates: broadcast::channel(UPDATES).0,
+            express: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sends replies through the cloud link's express lane: published while their outcome is
+    /// being committed rather than after (the outbox still holds each until acknowledged).
+    pub fn send_replies_through(&self, lane: ExpressLane) {
+        let _ = self.express.set(lane);
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -465,9 +474,12 @@ impl<T: LockTransport> Gateway<T> {
             Some(Pending { report, recorded }) => (report, Some(recorded)),
             None => (None, None),
         };
-        let committed = self.store().transaction(|tx| {
+        // The reply leaves now; the link learns below which outbox record is this one.
+        let express = self.express.get().and_then(|lane| lane.send(self.topics.replies(), payload.clone()));
+        let mut store = self.store();
+        let committed = store.transaction(|tx| {
             // The reply first: it leaves the outbox ahead of the lock's reports.
-            tx.append_outbox(None, &self.topics.replies(), &payload, false, reply.at)?;
+            let record = tx.append_outbox(None, &self.topics.replies(), &payload, false, reply.at)?;
             if let Some(report) = &report {
                 report.write(tx)?;
             }
@@ -477,8 +489,13 @@ impl<T: LockTransport> Gateway<T> {
             if keep {
                 tx.set_command_reply(key, &payload)?;
             }
-            Ok(())
+            Ok(record)
         });
+        // Still under the store's lock: see `ExpressRecord`.
+        if let Some(express) = express {
+            express.committed(committed.as_ref().ok().copied());
+        }
+        drop(store);
         // The lock's task records its report itself unless it is in this commit.
         if let Some(recorded) = recorded {
             let _ = recorded.send(committed.is_ok());

@@ -121,6 +121,7 @@ impl Stack {
         let transport = Arc::new(super::transport().await);
         let gateway: Arc<Gateway<BluezTransport>> =
             Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), transport.clone(), ble(), limits, clock);
+        gateway.send_replies_through(link.express_lane());
         gateway.start_locks().unwrap();
         let (stop, stopped) = watch::channel(false);
         let (accepted_tx, accepted) = mpsc::channel(64);

@@ -115,6 +115,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         config.policy,
         clock.clone(),
     );
+    gateway.send_replies_through(link.express_lane());
     // The local bridge hears every lock update from the start: subscribed before the locks run.
     let local = match &config.local.mqtt {
         Some(_) => Some((

@@ -211,6 +211,7 @@ async fn script(dir: &Path, bus: &str, locks: u8) -> Result<()> {
         PolicyLimits::default(),
         clock,
     );
+    gateway.send_replies_through(link.express_lane());
     gateway.start_locks()?;
     let (accepted_tx, accepted) = mpsc::channel(64);
     tokio::spawn(intake::serve(Intake::new(store.clone(), gw.clone(), outbox_ready), inbound, accepted_tx, unix_now));
