@@ -31,7 +31,7 @@ use super::topics::Topics;
 use crate::auth::reason::Reason;
 use crate::protocol::ids::GatewayId;
 use crate::store::audit::AuditActor;
-use crate::store::{AuditEntry, Store, StoreError};
+use crate::store::{AuditEntry, OutboxRecord, Store, StoreError};
 
 /// How long a stopping link keeps sending the outbox.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -252,39 +252,95 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Learns the outbox records of express publishes whose transactions have finished. Call
-    /// with the store locked, before reading pending records: a record committed by then has
-    /// been announced (the writer announces it before unlocking), so it is known to be in
-    /// flight and not read back as pending.
-    fn resolve_express(&mut self) {
-        let unresolved = std::mem::take(&mut self.unresolved);
-        for (number, mut record) in unresolved {
-            let record = match record.try_recv() {
-                Ok(record) => record,
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    self.unresolved.push((number, record));
-                    continue;
-                }
-                Err(oneshot::error::TryRecvError::Closed) => None,
-            };
-            let Some(state) = self.express.get_mut(&number) else { continue };
-            match (record, state.acked) {
-                // Acknowledged already: only the deletion is left.
-                (Some(id), true) => {
-                    self.express.remove(&number);
-                    self.acked.push(id);
-                }
-                (Some(id), false) => {
-                    state.record = Some(id);
-                    self.outbox.insert(id);
-                }
-                // Never written: nothing to delete or send again.
-                (None, true) => {
-                    self.express.remove(&number);
-                }
-                (None, false) => {}
+    /// Takes in that express publish `number` is held by outbox record `record` (`None`: by
+    /// none, its transaction failed).
+    fn learn(&mut self, number: u64, record: Option<i64>) {
+        let Some(state) = self.express.get_mut(&number) else { return };
+        match (record, state.acked) {
+            // Acknowledged already: only the deletion is left.
+            (Some(id), true) => {
+                self.express.remove(&number);
+                self.acked.push(id);
             }
+            (Some(id), false) => {
+                state.record = Some(id);
+                self.outbox.insert(id);
+            }
+            // Never written: nothing to delete or send again.
+            (None, true) => {
+                self.express.remove(&number);
+            }
+            (None, false) => {}
         }
+    }
+
+    /// Learns the records of express publishes whose transactions have finished.
+    fn resolve_express(&mut self) {
+        for (number, record) in resolve(&mut self.unresolved) {
+            self.learn(number, record);
+        }
+    }
+}
+
+/// Takes out of `unresolved` the express publishes whose transactions have finished, with
+/// their records.
+fn resolve(unresolved: &mut Vec<(u64, oneshot::Receiver<Option<i64>>)>) -> Vec<(u64, Option<i64>)> {
+    let mut resolved = Vec::new();
+    unresolved.retain_mut(|(number, record)| match record.try_recv() {
+        Ok(record) => {
+            resolved.push((*number, record));
+            false
+        }
+        Err(oneshot::error::TryRecvError::Empty) => true,
+        Err(oneshot::error::TryRecvError::Closed) => {
+            resolved.push((*number, None));
+            false
+        }
+    });
+    resolved
+}
+
+/// A drain's store work, on the blocking pool while the link's loop goes on: acknowledged
+/// records deleted, express publishes' records learnt, pending records read — under one lock
+/// of the store. Learning before reading, under the lock, is what keeps an express publish
+/// from being read back as pending: its writer announces the record before unlocking.
+struct Drained {
+    /// How many acknowledged records were deleted.
+    deleted: Result<u64, StoreError>,
+    /// Express publishes' records learnt.
+    resolved: Vec<(u64, Option<i64>)>,
+    /// Express publishes still waiting for their transactions.
+    unresolved: Vec<(u64, oneshot::Receiver<Option<i64>>)>,
+    /// Records waiting to be sent (none asked for when the window had no room).
+    pending: Result<Vec<OutboxRecord>, StoreError>,
+}
+
+/// The drain running beside the link's loop, if any, and whether another was asked for
+/// meanwhile.
+#[derive(Default)]
+struct Draining {
+    job: Option<tokio::task::JoinHandle<Drained>>,
+    again: bool,
+}
+
+impl Draining {
+    /// The running drain's result, awaited; `None` when none runs (unlike [`Draining::finished`],
+    /// which then never returns, for `select!`).
+    async fn finished_now(&mut self) -> Option<Drained> {
+        match self.job.take() {
+            Some(job) => job.await.ok(),
+            None => None,
+        }
+    }
+
+    /// The running drain's result, once it is done; never, while none runs.
+    async fn finished(&mut self) -> Option<Drained> {
+        let drained = match &mut self.job {
+            Some(job) => job.await.ok(),
+            None => std::future::pending().await,
+        };
+        self.job = None;
+        drained
     }
 }
 
@@ -358,6 +414,7 @@ impl CloudLink {
             network.set_tcp_nodelay(true);
             eventloop.set_network_options(network);
             let mut flight = InFlight::default();
+            let mut draining = Draining::default();
             let mut connected = false;
             let mut logged_down = false;
             loop {
@@ -387,7 +444,7 @@ impl CloudLink {
                             let room = matches!(&event, Event::Incoming(Incoming::ConnAck(_) | Incoming::PubAck(_)));
                             self.on_event(&client, &mut flight, event).await;
                             if connected && room {
-                                self.drain(&client, &mut flight).await;
+                                self.drain(&mut flight, &mut draining);
                             }
                         }
                         Err(e) => {
@@ -415,6 +472,9 @@ impl CloudLink {
                                 _ = shutdown.changed() => return,
                             }
                             if self.brokers.len() > 1 && failures_here >= 3 {
+                                if let Some(drained) = draining.finished_now().await {
+                                    self.drained(&client, &mut flight, drained, false);
+                                }
                                 self.delete_acked(&mut flight).await;
                                 // This broker stays away: try the next one, with a fresh session.
                                 index = (index + 1) % self.brokers.len();
@@ -423,7 +483,15 @@ impl CloudLink {
                             }
                         }
                     },
-                    () = self.outbox_ready.notified(), if connected => self.drain(&client, &mut flight).await,
+                    () = self.outbox_ready.notified(), if connected => self.drain(&mut flight, &mut draining),
+                    drained = draining.finished() => {
+                        if let Some(drained) = drained {
+                            self.drained(&client, &mut flight, drained, connected);
+                        }
+                        if std::mem::take(&mut draining.again) && connected {
+                            self.drain(&mut flight, &mut draining);
+                        }
+                    }
                     Some(express) = self.express.recv() => {
                         // Disconnected: the outbox carries it once the link is back.
                         if connected
@@ -438,6 +506,9 @@ impl CloudLink {
                     }
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
+                            if let Some(drained) = draining.finished_now().await {
+                                self.drained(&client, &mut flight, drained, connected);
+                            }
                             if connected {
                                 self.flush(&client, &mut eventloop, &mut flight).await;
                             }
@@ -509,14 +580,11 @@ impl CloudLink {
                     },
                     _ => None,
                 };
+                // Deleted by the next drain (each PUBACK asks for one), in batches: a crash
+                // before a batch commits only means those records are sent again.
                 if let Some(id) = id {
                     flight.outbox.remove(&id);
                     flight.acked.push(id);
-                    // Deletions are batched (one durable transaction each): a crash before
-                    // the batch commits only means those records are sent again.
-                    if flight.acked.len() >= usize::from(self.config.inflight.max(2)) / 2 || flight.outbox.is_empty() {
-                        self.delete_acked(flight).await;
-                    }
                 }
             }
             Event::Incoming(Incoming::Publish(publish)) => {
@@ -575,13 +643,13 @@ impl CloudLink {
         // One bound around all of it: handing a late command to a full, no longer read
         // channel must not hold the stop up either.
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
-            self.drain(client, flight).await;
+            self.drain_now(client, flight).await;
             while !flight.outbox.is_empty() {
                 let Ok(event) = eventloop.poll().await else { return };
                 let room = matches!(&event, Event::Incoming(Incoming::PubAck(_)));
                 self.on_event(client, flight, event).await;
                 if room {
-                    self.drain(client, flight).await;
+                    self.drain_now(client, flight).await;
                 }
             }
         })
@@ -605,50 +673,83 @@ impl CloudLink {
         }
     }
 
-    /// Publishes outbox records until the in-flight window is full. Refills only once half
-    /// the window is free, so that the outbox is read in batches.
-    async fn drain(&self, client: &AsyncClient, flight: &mut InFlight) {
+    /// Starts a drain beside the loop (see [`Drained`]), or asks for another once the running
+    /// one is done.
+    fn drain(&self, flight: &mut InFlight, draining: &mut Draining) {
+        if draining.job.is_some() {
+            draining.again = true;
+        } else {
+            draining.job = self.start_drain(flight);
+        }
+    }
+
+    /// A drain, awaited (when stopping: nothing else is served meanwhile).
+    async fn drain_now(&self, client: &AsyncClient, flight: &mut InFlight) {
+        let mut draining = Draining { job: self.start_drain(flight), again: false };
+        if let Some(drained) = draining.finished_now().await {
+            self.drained(client, flight, drained, true);
+        }
+    }
+
+    /// Hands a drain's store work to the blocking pool; `None` if there is none to do. Pending
+    /// records are read only once half the window is free, so that the outbox is read in
+    /// batches.
+    fn start_drain(&self, flight: &mut InFlight) -> Option<tokio::task::JoinHandle<Drained>> {
         let window = usize::from(self.config.inflight.max(1));
-        if flight.outbox.len() > window / 2 {
+        let room = flight.outbox.len() <= window / 2;
+        if !room && flight.acked.is_empty() && flight.unresolved.is_empty() {
+            return None;
+        }
+        // Acknowledged records are deleted before the read: they must not come back as pending.
+        let acked = std::mem::take(&mut flight.acked);
+        let mut unresolved = std::mem::take(&mut flight.unresolved);
+        let want = if room { (window + flight.outbox.len()) as u32 } else { 0 };
+        let store = self.store.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let deleted = if acked.is_empty() { Ok(0) } else { store.outbox_ack(&acked).map(|()| acked.len() as u64) };
+            let resolved = resolve(&mut unresolved);
+            let pending = if want == 0 { Ok(Vec::new()) } else { store.outbox_pending(want) };
+            Drained { deleted, resolved, unresolved, pending }
+        }))
+    }
+
+    /// Takes in what a drain found, and publishes the pending records (while `connected`)
+    /// until the in-flight window is full.
+    fn drained(&self, client: &AsyncClient, flight: &mut InFlight, drained: Drained, connected: bool) {
+        let Drained { deleted, resolved, unresolved, pending } = drained;
+        match deleted {
+            Ok(0) => {}
+            Ok(n) => self.delivered.send_modify(|d| *d += n),
+            Err(e) => {
+                tracing::error!(error = %e, "could not delete acknowledged outbox records; they will be sent again")
+            }
+        }
+        for (number, record) in resolved {
+            flight.learn(number, record);
+        }
+        // Express publishes that arrived while the drain ran may have committed before its
+        // read: their records are announced by now, so they are known before the filter below.
+        flight.unresolved.extend(unresolved);
+        flight.resolve_express();
+        let mut pending = match pending {
+            Ok(pending) => pending,
+            Err(e) => return tracing::error!(error = %e, "could not read the outbox"),
+        };
+        if !connected {
             return;
         }
-        // Acknowledged but not yet deleted records must not be read back as pending.
-        self.delete_acked(flight).await;
-        let store = self.store.clone();
-        let want = (window + flight.outbox.len()) as u32;
-        let mut taken = std::mem::take(flight);
-        let read = tokio::task::spawn_blocking(move || {
-            let store = store.lock().expect("store poisoned");
-            taken.resolve_express();
-            let pending = store.outbox_pending(want);
-            (taken, pending)
-        })
-        .await;
-        let pending = match read {
-            Ok((taken, pending)) => {
-                *flight = taken;
-                match pending {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not read the outbox");
-                        return;
-                    }
-                }
-            }
-            // Only a panic gets here; the bookkeeping went with it, and the records are sent
-            // again from the outbox.
-            Err(_) => return,
-        };
+        let window = usize::from(self.config.inflight.max(1));
         // Replies first: someone is waiting for each, while events and states are reports
         // (their own order is kept, so a lock's retained state still ends on its latest).
         let replies = self.topics.replies();
-        let mut pending = pending;
         pending.sort_by_key(|r| (r.topic != replies, r.id));
         for record in pending {
             if flight.outbox.len() >= window {
                 break;
             }
-            if flight.outbox.contains(&record.id) {
+            // In flight, or acknowledged while the drain ran (it is deleted by the next one).
+            if flight.outbox.contains(&record.id) || flight.acked.contains(&record.id) {
                 continue;
             }
             match client.try_publish(record.topic, QoS::AtLeastOnce, record.retain, record.payload) {

@@ -24,7 +24,7 @@ use crate::auth::statement::{Command, Operation, Signed, Statement, open};
 use crate::ble::budget::ConnectionBudget;
 use crate::ble::client::{LockClient, pair};
 use crate::ble::{BleConfig, LockTransport};
-use crate::cloud::link::{ExpressLane, InboundCommand};
+use crate::cloud::link::{ExpressLane, ExpressRecord, InboundCommand};
 use crate::cloud::reply::{Outcome, Reply};
 use crate::cloud::topics::Topics;
 use crate::local::codes::{CodeHolder, IssuedCode, validate_hash};
@@ -179,7 +179,10 @@ impl<T: LockTransport> Gateway<T> {
                 detail: Some("interrupted by a gateway restart; the lock's events tell whether it ran".into()),
                 at: now,
             };
-            self.finish(&key, &reply, "command.interrupted", Some(AuditActor::Hub), None, true, None)?;
+            let record =
+                self.outcome_record(&key, &reply, "command.interrupted", Some(AuditActor::Hub), None, true, None);
+            let committed = record_outcome(&self.store, record);
+            self.decided(&reply, "command.interrupted", None, committed)?;
         }
         Ok(())
     }
@@ -446,7 +449,7 @@ impl<T: LockTransport> Gateway<T> {
             (_, Some(Reason::UnknownKey)) => Some(AuditActor::Unknown),
             _ => Some(actor),
         };
-        self.finish(&key, &reply, &action, actor, lock, !replayed, pending)
+        self.finish(&key, &reply, &action, actor, lock, !replayed, pending).await
     }
 
     fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
@@ -455,9 +458,11 @@ impl<T: LockTransport> Gateway<T> {
 
     /// Records an outcome: the reply to the outbox, the lock's report if the command produced
     /// one, the audit record, and (for the first delivery) the reply kept for redeliveries —
-    /// one transaction, so a command costs one durable commit after it ran.
+    /// one transaction, so a command costs one durable commit after it ran. The reply itself
+    /// leaves first, through the express lane; the commit runs on the blocking pool, so that
+    /// this worker is free for the link to send it meanwhile.
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    async fn finish(
         &self,
         key: &str,
         reply: &Reply,
@@ -467,39 +472,59 @@ impl<T: LockTransport> Gateway<T> {
         keep: bool,
         pending: Option<Pending>,
     ) -> Result<(), StoreError> {
+        let record = self.outcome_record(key, reply, action, actor, lock, keep, pending);
+        let store = self.store.clone();
+        let committed = tokio::task::spawn_blocking(move || record_outcome(&store, record))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        self.decided(reply, action, lock, committed)
+    }
+
+    /// What [`record_outcome`] writes, with the reply handed to the express lane.
+    #[allow(clippy::too_many_arguments)]
+    fn outcome_record(
+        &self,
+        key: &str,
+        reply: &Reply,
+        action: &str,
+        actor: Option<AuditActor>,
+        lock: Option<LockId>,
+        keep: bool,
+        pending: Option<Pending>,
+    ) -> OutcomeRecord {
         let payload = reply.to_json();
-        let outcome = reply.reason.map_or("ok", Reason::as_str);
-        let detail = reply.detail.clone().unwrap_or_default();
         let (report, recorded) = match pending {
             Some(Pending { report, recorded }) => (report, Some(recorded)),
             None => (None, None),
         };
-        // The reply leaves now; the link learns below which outbox record is this one.
-        let express = self.express.get().and_then(|lane| lane.send(self.topics.replies(), payload.clone()));
-        let mut store = self.store();
-        let committed = store.transaction(|tx| {
-            // The reply first: it leaves the outbox ahead of the lock's reports.
-            let record = tx.append_outbox(None, &self.topics.replies(), &payload, false, reply.at)?;
-            if let Some(report) = &report {
-                report.write(tx)?;
-            }
-            if let Some(actor) = actor {
-                tx.audit(AuditEntry { at: reply.at, action, outcome, actor, lock, detail: &detail })?;
-            }
-            if keep {
-                tx.set_command_reply(key, &payload)?;
-            }
-            Ok(record)
-        });
-        // Still under the store's lock: see `ExpressRecord`.
-        if let Some(express) = express {
-            express.committed(committed.as_ref().ok().copied());
+        let topic = self.topics.replies();
+        // The reply leaves now; the link learns which outbox record is this one when committed.
+        let express = self.express.get().and_then(|lane| lane.send(topic.clone(), payload.clone()));
+        OutcomeRecord {
+            key: key.to_owned(),
+            topic,
+            payload,
+            at: reply.at,
+            action: action.to_owned(),
+            outcome: reply.reason.map_or("ok", Reason::as_str),
+            detail: reply.detail.clone().unwrap_or_default(),
+            actor,
+            lock,
+            keep,
+            report,
+            recorded,
+            express,
         }
-        drop(store);
-        // The lock's task records its report itself unless it is in this commit.
-        if let Some(recorded) = recorded {
-            let _ = recorded.send(committed.is_ok());
-        }
+    }
+
+    /// Logs a recorded decision and wakes the link.
+    fn decided(
+        &self,
+        reply: &Reply,
+        action: &str,
+        lock: Option<LockId>,
+        committed: Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         committed?;
         // Field names chosen for the journal (LOCK_ID, COMMAND_ID, DECISION, REASON).
         tracing::info!(
@@ -507,7 +532,7 @@ impl<T: LockTransport> Gateway<T> {
             lock_id = lock.map(|l| l.to_string()),
             action,
             decision = reply.result.as_str(),
-            reason = outcome,
+            reason = reply.reason.map_or("ok", Reason::as_str),
             "statement decided"
         );
         self.outbox_ready.notify_one();
@@ -721,6 +746,55 @@ impl<T: LockTransport> Gateway<T> {
     pub async fn scan(&self, duration: Duration) -> Result<Vec<crate::ble::Advertisement>, crate::ble::BleError> {
         self.transport.scan(duration).await
     }
+}
+
+/// An outcome to record in one transaction (see [`Gateway::finish`]).
+struct OutcomeRecord {
+    key: String,
+    topic: String,
+    payload: Vec<u8>,
+    at: i64,
+    action: String,
+    outcome: &'static str,
+    detail: String,
+    actor: Option<AuditActor>,
+    lock: Option<LockId>,
+    /// Keep the reply for redeliveries (first deliveries only).
+    keep: bool,
+    report: Option<super::lock_worker::Report>,
+    /// Told whether `report` was committed (the lock's task records it otherwise).
+    recorded: Option<tokio::sync::oneshot::Sender<bool>>,
+    /// Told which outbox record holds the reply.
+    express: Option<ExpressRecord>,
+}
+
+/// Writes an outcome in one transaction; blocking (a durable commit).
+fn record_outcome(store: &Mutex<Store>, r: OutcomeRecord) -> Result<(), StoreError> {
+    let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let committed = store.transaction(|tx| {
+        // The reply first: it leaves the outbox ahead of the lock's reports.
+        let record = tx.append_outbox(None, &r.topic, &r.payload, false, r.at)?;
+        if let Some(report) = &r.report {
+            report.write(tx)?;
+        }
+        if let Some(actor) = r.actor.clone() {
+            let (action, outcome, lock, detail) = (r.action.as_str(), r.outcome, r.lock, r.detail.as_str());
+            tx.audit(AuditEntry { at: r.at, action, outcome, actor, lock, detail })?;
+        }
+        if r.keep {
+            tx.set_command_reply(&r.key, &r.payload)?;
+        }
+        Ok(record)
+    });
+    // Still under the store's lock: see `ExpressRecord`.
+    if let Some(express) = r.express {
+        express.committed(committed.as_ref().ok().copied());
+    }
+    drop(store);
+    if let Some(recorded) = r.recorded {
+        let _ = recorded.send(committed.is_ok());
+    }
+    committed.map(|_| ())
 }
 
 fn ok(id: &str, detail: &str, at: i64) -> Reply {

@@ -10,8 +10,9 @@
 //! A gateway's events are stored in the sink before they are routed and acknowledged. The
 //! storing runs beside the packet loop (a task per gateway connection, one commit per batch of
 //! whatever arrived meanwhile), so the loop keeps writing to the gateway — the next command for
-//! it must not wait behind an fsync. Publishes that arrive while events wait are held behind
-//! them: the client's publishes are still routed, and acknowledged, in the order it sent them.
+//! it must not wait behind an fsync. Other publishes are routed at once (the order MQTT keeps is
+//! per topic, and events have a topic of their own); their PUBACKs wait behind the events'
+//! while any are being stored, so acknowledgements still come in the order of the publishes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,9 +148,10 @@ struct Session<'a> {
     events: Option<EventStore>,
 }
 
-/// A publish held until the events before it, and itself if it is one, are stored.
+/// A publish whose acknowledgement waits until the events before it, and itself if it is one,
+/// are stored.
 struct Held {
-    /// Routed then (`None`: the ACL dropped it).
+    /// An event, routed then.
     route: Option<Publish>,
     /// Acknowledged then (QoS 1).
     ack: Option<u16>,
@@ -320,23 +322,21 @@ impl Session<'_> {
         }
         let ack = (publish.qos == QoS::AtLeastOnce).then_some(publish.pkid);
         let event = allowed && self.is_event(&publish.topic);
+        if allowed && !event {
+            self.shared.with_hub(|hub| hub.router.publish(&publish));
+        }
         match &mut self.events {
-            // An event, or anything behind one: held until stored.
-            Some(events) if event || events.waiting > 0 => {
+            // An event, or an acknowledgement behind one: held until stored.
+            Some(events) if event || (events.waiting > 0 && ack.is_some()) => {
                 let payload = event.then(|| publish.payload.clone());
                 events.waiting += 1;
-                let held = Held { route: allowed.then_some(publish), ack };
+                let held = Held { route: event.then_some(publish), ack };
                 events.jobs.send((held, payload)).await.map_err(|_| Ended::Protocol("the event store task failed"))
             }
-            _ => {
-                if allowed {
-                    self.shared.with_hub(|hub| hub.router.publish(&publish));
-                }
-                match ack {
-                    Some(pkid) => write(&mut self.writer, &Packet::PubAck(PubAck::new(pkid)), max).await,
-                    None => Ok(()),
-                }
-            }
+            _ => match ack {
+                Some(pkid) => write(&mut self.writer, &Packet::PubAck(PubAck::new(pkid)), max).await,
+                None => Ok(()),
+            },
         }
     }
 
@@ -346,7 +346,7 @@ impl Session<'_> {
         topic.strip_prefix(ROOT).and_then(|t| t.strip_prefix(gateway.as_str())) == Some("/events")
     }
 
-    /// Routes and acknowledges held publishes, now stored, in their order.
+    /// Routes the held events, now stored, and acknowledges the held publishes, in their order.
     async fn release(&mut self, held: Vec<Held>) -> Result<(), Ended> {
         let max = self.shared.max_packet;
         if let Some(events) = &mut self.events {
