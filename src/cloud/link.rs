@@ -249,6 +249,9 @@ struct InFlight {
     unresolved: Vec<(u64, oneshot::Receiver<Option<i64>>)>,
     /// The next express publish's number.
     next_express: u64,
+    /// The outbox may hold records not sent yet: something was appended since the last read,
+    /// or the last read stopped at the window. Without it a PUBACK costs no outbox read.
+    unsent: bool,
 }
 
 impl InFlight {
@@ -313,6 +316,8 @@ struct Drained {
     unresolved: Vec<(u64, oneshot::Receiver<Option<i64>>)>,
     /// Records waiting to be sent (none asked for when the window had no room).
     pending: Result<Vec<OutboxRecord>, StoreError>,
+    /// How many were asked for.
+    want: usize,
 }
 
 /// The drain running beside the link's loop, if any, and whether another was asked for
@@ -443,7 +448,10 @@ impl CloudLink {
                             // window; other events (pings, deliveries) must not cost a store read.
                             let room = matches!(&event, Event::Incoming(Incoming::ConnAck(_) | Incoming::PubAck(_)));
                             self.on_event(&client, &mut flight, event).await;
-                            if connected && room {
+                            // Deletions wait for a batch, or for the window to empty.
+                            let window = usize::from(self.config.inflight.max(2));
+                            let delete = flight.acked.len() >= window / 2 || flight.outbox.is_empty();
+                            if connected && room && (flight.unsent || delete) {
                                 self.drain(&mut flight, &mut draining);
                             }
                         }
@@ -483,7 +491,10 @@ impl CloudLink {
                             }
                         }
                     },
-                    () = self.outbox_ready.notified(), if connected => self.drain(&mut flight, &mut draining),
+                    () = self.outbox_ready.notified(), if connected => {
+                        flight.unsent = true;
+                        self.drain(&mut flight, &mut draining);
+                    }
                     drained = draining.finished() => {
                         if let Some(drained) = drained {
                             self.drained(&client, &mut flight, drained, connected);
@@ -544,6 +555,8 @@ impl CloudLink {
             flight.express.clear();
             flight.unresolved.clear();
         }
+        // Whatever the outbox holds is to be sent (again) on this connection.
+        flight.unsent = true;
         if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, online_payload()).is_ok() {
             flight.unassigned.push_back(Tag::Status);
         }
@@ -696,28 +709,32 @@ impl CloudLink {
     /// batches.
     fn start_drain(&self, flight: &mut InFlight) -> Option<tokio::task::JoinHandle<Drained>> {
         let window = usize::from(self.config.inflight.max(1));
-        let room = flight.outbox.len() <= window / 2;
-        if !room && flight.acked.is_empty() && flight.unresolved.is_empty() {
+        let read = flight.unsent && flight.outbox.len() <= window / 2;
+        if !read && flight.acked.is_empty() && flight.unresolved.is_empty() {
             return None;
+        }
+        if read {
+            // Set again by an append meanwhile, or by this read stopping at the window.
+            flight.unsent = false;
         }
         // Acknowledged records are deleted before the read: they must not come back as pending.
         let acked = std::mem::take(&mut flight.acked);
         let mut unresolved = std::mem::take(&mut flight.unresolved);
-        let want = if room { (window + flight.outbox.len()) as u32 } else { 0 };
+        let want = if read { (window + flight.outbox.len()) as u32 } else { 0 };
         let store = self.store.clone();
         Some(tokio::task::spawn_blocking(move || {
             let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let deleted = if acked.is_empty() { Ok(0) } else { store.outbox_ack(&acked).map(|()| acked.len() as u64) };
             let resolved = resolve(&mut unresolved);
             let pending = if want == 0 { Ok(Vec::new()) } else { store.outbox_pending(want) };
-            Drained { deleted, resolved, unresolved, pending }
+            Drained { deleted, resolved, unresolved, pending, want: want as usize }
         }))
     }
 
     /// Takes in what a drain found, and publishes the pending records (while `connected`)
     /// until the in-flight window is full.
     fn drained(&self, client: &AsyncClient, flight: &mut InFlight, drained: Drained, connected: bool) {
-        let Drained { deleted, resolved, unresolved, pending } = drained;
+        let Drained { deleted, resolved, unresolved, pending, want } = drained;
         match deleted {
             Ok(0) => {}
             Ok(n) => self.delivered.send_modify(|d| *d += n),
@@ -734,18 +751,27 @@ impl CloudLink {
         flight.resolve_express();
         let mut pending = match pending {
             Ok(pending) => pending,
-            Err(e) => return tracing::error!(error = %e, "could not read the outbox"),
+            Err(e) => {
+                flight.unsent = true;
+                return tracing::error!(error = %e, "could not read the outbox");
+            }
         };
         if !connected {
+            flight.unsent = true;
             return;
         }
         let window = usize::from(self.config.inflight.max(1));
+        // A full read may have left more behind.
+        if want > 0 && pending.len() >= want {
+            flight.unsent = true;
+        }
         // Replies first: someone is waiting for each, while events and states are reports
         // (their own order is kept, so a lock's retained state still ends on its latest).
         let replies = self.topics.replies();
         pending.sort_by_key(|r| (r.topic != replies, r.id));
         for record in pending {
             if flight.outbox.len() >= window {
+                flight.unsent = true;
                 break;
             }
             // In flight, or acknowledged while the drain ran (it is deleted by the next one).
@@ -758,7 +784,10 @@ impl CloudLink {
                     flight.outbox.insert(record.id);
                 }
                 // rumqttc's request queue is full: the rest goes out when acknowledgements free it.
-                Err(_) => break,
+                Err(_) => {
+                    flight.unsent = true;
+                    break;
+                }
             }
         }
     }

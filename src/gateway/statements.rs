@@ -20,7 +20,7 @@ use super::lock_worker::{Executed, Failure, LockHandle, LockUpdate, LockWorker};
 use super::policy::{Facts, GrantFacts, LockPolicy, PolicyEngine, PolicyLimits, Role};
 use crate::auth::keys::PublicKey;
 use crate::auth::reason::Reason;
-use crate::auth::statement::{Command, Operation, Signed, Statement, open};
+use crate::auth::statement::{Command, Grant, Operation, Signed, Statement, open};
 use crate::ble::budget::ConnectionBudget;
 use crate::ble::client::{LockClient, pair};
 use crate::ble::{BleConfig, LockTransport};
@@ -89,7 +89,14 @@ pub struct Gateway<T: LockTransport> {
     updates: broadcast::Sender<LockUpdate>,
     /// Replies go out through it ahead of their commit, once the cloud link is wired in.
     express: std::sync::OnceLock<ExpressLane>,
+    /// Grants whose signatures were checked, by the SHA-256 of their text: a stored grant is
+    /// checked again on every command that uses it, unless these very bytes passed before.
+    verified_grants: Mutex<HashMap<[u8; 32], Grant>>,
 }
+
+/// Verified grants remembered at most (the memory is emptied when full: a miss only costs a
+/// signature check).
+const VERIFIED_GRANTS: usize = 1024;
 
 impl<T: LockTransport> std::fmt::Debug for Gateway<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,6 +152,7 @@ impl<T: LockTransport> Gateway<T> {
             clock,
             updates: broadcast::channel(UPDATES).0,
             express: std::sync::OnceLock::new(),
+            verified_grants: Mutex::new(HashMap::new()),
         })
     }
 
@@ -561,13 +569,8 @@ impl<T: LockTransport> Gateway<T> {
                     .into_iter()
                     .filter(|g| g.user_public_key.as_slice() == signer.as_bytes())
                     .filter_map(|g| {
-                        let text = std::str::from_utf8(&g.statement).ok()?;
-                        match open(text).ok()?.statement {
-                            Statement::Grant(grant) => {
-                                Some(GrantFacts { revoked: revoked.contains(grant.jti.as_str()), grant })
-                            }
-                            _ => None,
-                        }
+                        let grant = self.verified_grant(&g.statement)?;
+                        Some(GrantFacts { revoked: revoked.contains(grant.jti.as_str()), grant })
                     })
                     .collect()
             } else {
@@ -620,6 +623,21 @@ impl<T: LockTransport> Gateway<T> {
             Err(failure) => failed(id, failure.reason, &failure.detail, at),
         };
         Ok((reply, pending))
+    }
+
+    /// The grant a stored statement holds, if its signature holds (checked once per text).
+    fn verified_grant(&self, statement: &[u8]) -> Option<Grant> {
+        let digest: [u8; 32] = sha2::Sha256::digest(statement).into();
+        let mut verified = self.verified_grants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(grant) = verified.get(&digest) {
+            return Some(grant.clone());
+        }
+        let Statement::Grant(grant) = open(std::str::from_utf8(statement).ok()?).ok()?.statement else { return None };
+        if verified.len() >= VERIFIED_GRANTS {
+            verified.clear();
+        }
+        verified.insert(digest, grant.clone());
+        Some(grant)
     }
 
     /// Claim, pair, grant, revoke, policy, local code.

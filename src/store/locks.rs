@@ -87,7 +87,8 @@ impl Tx<'_> {
 
     pub(super) fn lock_rowid(&self, lock_id: LockId) -> Result<i64, StoreError> {
         self.tx
-            .query_row("SELECT id FROM locks WHERE lock_id = ?1", [lock_id.to_string()], |r| r.get(0))
+            .prepare_cached("SELECT id FROM locks WHERE lock_id = ?1")?
+            .query_row([lock_id.to_string()], |r| r.get(0))
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("lock {lock_id}")))
     }

@@ -203,6 +203,8 @@ impl Store {
         // A hub's database is small and its reads are few: SQLite's default 2 MiB page cache
         // would only grow the daemon's memory as the audit log grows. 512 KiB (negative: KiB).
         conn.pragma_update(None, "cache_size", -512)?;
+        // The statements of the command path, prepared once (rusqlite keeps 16 by default).
+        conn.set_prepared_statement_cache_capacity(32);
         schema::migrate(&mut conn)?;
         for suffix in ["-wal", "-shm"] {
             let mut p = config.database.as_os_str().to_owned();

@@ -252,11 +252,11 @@ impl Tx<'_> {
         }
         // (reply, digest)
         type Row = (Option<Vec<u8>>, Option<Vec<u8>>);
+        // Every command passes here: statements prepared once, kept in the connection's cache.
         let seen: Option<Row> = self
             .tx
-            .query_row("SELECT reply, digest FROM seen_commands WHERE command_id = ?1", [command_id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .prepare_cached("SELECT reply, digest FROM seen_commands WHERE command_id = ?1")?
+            .query_row([command_id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((reply, stored)) = seen {
             let same = stored.is_some_and(|d| bool::from(subtle::ConstantTimeEq::ct_eq(d.as_slice(), digest)));
@@ -266,10 +266,9 @@ impl Tx<'_> {
             Some(l) => self.lock_rowid(l).ok(),
             None => None,
         };
-        self.tx.execute(
-            "INSERT INTO seen_commands (command_id, lock, expires_at, digest) VALUES (?1, ?2, ?3, ?4)",
-            params![command_id, lock_row, expires_at, digest],
-        )?;
+        self.tx
+            .prepare_cached("INSERT INTO seen_commands (command_id, lock, expires_at, digest) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![command_id, lock_row, expires_at, digest])?;
         Ok(CommandSeen::New)
     }
 
@@ -300,13 +299,13 @@ impl Store {
 
     /// The pinned owner keys.
     pub fn owner_keys(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT public_key FROM owners ORDER BY id")?;
+        let mut stmt = self.conn.prepare_cached("SELECT public_key FROM owners ORDER BY id")?;
         Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
     }
 
     /// The grants stored for a lock, unsealed.
     pub fn grants_for(&self, lock: LockId) -> Result<Vec<StoredGrant>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT g.grant_id, u.public_key, g.statement FROM grants g \
              JOIN locks l ON l.id = g.lock JOIN users u ON u.id = g.user WHERE l.lock_id = ?1 ORDER BY g.id",
         )?;
@@ -373,7 +372,10 @@ impl Store {
 
     /// Whether a user key is known (has been granted something).
     pub fn user_known(&self, public_key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.conn.query_row("SELECT count(*) FROM users WHERE public_key = ?1", [public_key], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .prepare_cached("SELECT count(*) FROM users WHERE public_key = ?1")?
+            .query_row([public_key], |r| r.get(0))?)
     }
 
     /// The ids of revoked grants (a revocation's id is the id of the grant it revokes).
@@ -385,7 +387,11 @@ impl Store {
     /// The policy document of `lock` (or the global one), if set.
     pub fn policy(&self, lock: Option<LockId>) -> Result<Option<String>, StoreError> {
         let scope = lock.map_or_else(|| "global".to_owned(), |l| l.to_string());
-        Ok(self.conn.query_row("SELECT policy FROM policies WHERE scope = ?1", [scope], |r| r.get(0)).optional()?)
+        Ok(self
+            .conn
+            .prepare_cached("SELECT policy FROM policies WHERE scope = ?1")?
+            .query_row([scope], |r| r.get(0))
+            .optional()?)
     }
 
     /// Deletes remembered command ids past their expiry; returns how many.
