@@ -75,6 +75,67 @@ pub async fn mqtt_round_trips(pki: &Pki, port: u16, gateway: &str, n: usize) -> 
     samples
 }
 
+/// `n` QoS 1 request/reply round trips through the broker on `port`, after 100 to warm up: a
+/// request published to a responder (a second client, which publishes its reply the moment
+/// the request arrives) and the reply delivered back — the four TLS hops of a remote command
+/// (app → broker → gateway → broker → app) with nothing done in between. Both clients are the
+/// relay, on `lockhub/v1/<gateway>/rt/…`.
+pub async fn mqtt_request_replies(pki: &Pki, port: u16, gateway: &str, n: usize) -> Vec<Duration> {
+    let connect = |name: &str| {
+        let tls =
+            client_config(&pki.ca_cert(), &pki.client_cert(RELAY_IDENTITY), &pki.client_key(RELAY_IDENTITY)).unwrap();
+        let mut o = MqttOptions::new(format!("{RELAY_IDENTITY}-{name}"), "localhost", port);
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+        let (client, mut eventloop) = AsyncClient::new(o, 16);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(ev) = eventloop.poll().await {
+                match ev {
+                    Event::Incoming(Incoming::SubAck(_)) => {
+                        let _ = tx.send(None);
+                    }
+                    Event::Incoming(Incoming::Publish(p)) => {
+                        let _ = tx.send(Some(p.payload));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        (client, rx)
+    };
+    let (request, reply) = (format!("lockhub/v1/{gateway}/rt/req"), format!("lockhub/v1/{gateway}/rt/resp"));
+    let (responder, mut requests) = connect("echo");
+    responder.subscribe(&request, QoS::AtLeastOnce).await.unwrap();
+    requests.recv().await.unwrap();
+    let echo = {
+        let reply = reply.clone();
+        tokio::spawn(async move {
+            while let Some(got) = requests.recv().await {
+                if let Some(payload) = got {
+                    responder.publish(&reply, QoS::AtLeastOnce, false, payload).await.unwrap();
+                }
+            }
+        })
+    };
+    let (client, mut replies) = connect("req");
+    client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
+    replies.recv().await.unwrap();
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + 100 {
+        let t = Instant::now();
+        client.publish(&request, QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
+        while replies.recv().await.unwrap().is_none() {}
+        if i >= 100 {
+            samples.push(t.elapsed());
+        }
+    }
+    echo.abort();
+    samples
+}
+
 /// `n` GATT round trips (a Status request written, its answer notified back) to a fresh
 /// emulated lock with `mtu`, over bluer and the test bus, on a warm link; and the first
 /// command's time including connection and session set-up.
