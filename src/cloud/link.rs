@@ -269,11 +269,32 @@ impl InFlight {
                 state.record = Some(id);
                 self.outbox.insert(id);
             }
-            // Never written: nothing to delete or send again.
-            (None, true) => {
+            // Never written: nothing to delete or send again (a PUBACK still to come finds
+            // nothing, as it should).
+            (None, _) => {
                 self.express.remove(&number);
             }
-            (None, false) => {}
+        }
+    }
+
+    /// The outbox record to delete now that the publish tagged `tag` was acknowledged, if any.
+    fn acknowledged(&mut self, tag: Tag) -> Option<i64> {
+        match tag {
+            Tag::Outbox(id) => Some(id),
+            Tag::Express(number) => match self.express.get_mut(&number) {
+                Some(ExpressState { record: Some(id), .. }) => {
+                    let id = *id;
+                    self.express.remove(&number);
+                    Some(id)
+                }
+                // Its record is learnt later, and deleted then.
+                Some(state) => {
+                    state.acked = true;
+                    None
+                }
+                None => None,
+            },
+            Tag::Status => None,
         }
     }
 
@@ -576,23 +597,7 @@ impl CloudLink {
                 }
             }
             Event::Incoming(Incoming::PubAck(ack)) => {
-                let id = match flight.by_pkid.remove(&ack.pkid) {
-                    Some(Tag::Outbox(id)) => Some(id),
-                    Some(Tag::Express(number)) => match flight.express.get_mut(&number) {
-                        Some(ExpressState { record: Some(id), .. }) => {
-                            let id = *id;
-                            flight.express.remove(&number);
-                            Some(id)
-                        }
-                        // Its record is learnt later, and deleted then.
-                        Some(state) => {
-                            state.acked = true;
-                            None
-                        }
-                        None => None,
-                    },
-                    _ => None,
-                };
+                let id = flight.by_pkid.remove(&ack.pkid).and_then(|tag| flight.acknowledged(tag));
                 // Deleted by the next drain (each PUBACK asks for one), in batches: a crash
                 // before a batch commits only means those records are sent again.
                 if let Some(id) = id {
@@ -812,6 +817,27 @@ pub fn offline_payload() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_express_publish_is_forgotten_whatever_the_order_of_its_puback_and_its_record() {
+        // (record committed?, PUBACK before the record is learnt?) → what is deleted.
+        for (record, ack_first) in [(Some(7), true), (Some(7), false), (None, true), (None, false)] {
+            let mut flight = InFlight::default();
+            flight.express.insert(0, ExpressState::default());
+            let deleted = if ack_first {
+                let now = flight.acknowledged(Tag::Express(0));
+                flight.learn(0, record);
+                assert_eq!(now, None, "nothing known to delete at the PUBACK");
+                flight.acked.clone()
+            } else {
+                flight.learn(0, record);
+                assert_eq!(flight.outbox.contains(&7), record.is_some(), "in flight once known");
+                flight.acknowledged(Tag::Express(0)).into_iter().collect()
+            };
+            assert_eq!(deleted, record.into_iter().collect::<Vec<_>>(), "{record:?} ack first {ack_first}");
+            assert!(flight.express.is_empty(), "{record:?} ack first {ack_first}: {:?}", flight.express);
+        }
+    }
 
     #[test]
     fn broker_urls_are_parsed_strictly() {
