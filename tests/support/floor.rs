@@ -39,27 +39,7 @@ pub fn median(mut samples: Vec<Duration>) -> Duration {
 /// `n` QoS 1 round trips (publish → delivered back to the same client) through the broker on
 /// `port`, as the relay, on `lockhub/v1/<gateway>/rt`, after 100 to warm up.
 pub async fn mqtt_round_trips(pki: &Pki, port: u16, gateway: &str, n: usize) -> Vec<Duration> {
-    let tls = client_config(&pki.ca_cert(), &pki.client_cert(RELAY_IDENTITY), &pki.client_key(RELAY_IDENTITY)).unwrap();
-    let mut o = MqttOptions::new(format!("{RELAY_IDENTITY}-rtt"), "localhost", port);
-    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    let (client, mut eventloop) = AsyncClient::new(o, 16);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(ev) = eventloop.poll().await {
-            match ev {
-                Event::Incoming(Incoming::SubAck(_)) => {
-                    let _ = tx.send(None);
-                }
-                Event::Incoming(Incoming::Publish(p)) => {
-                    let _ = tx.send(Some(p.payload));
-                }
-                _ => {}
-            }
-        }
-    });
+    let (client, mut rx) = relay_client(pki, port, "rtt");
     let topic = format!("lockhub/v1/{gateway}/rt");
     client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
     rx.recv().await.unwrap();
@@ -75,39 +55,42 @@ pub async fn mqtt_round_trips(pki: &Pki, port: u16, gateway: &str, n: usize) -> 
     samples
 }
 
+/// A TLS client of the broker on `port` as the relay (client id `<relay>-<name>`), Nagle off as
+/// the gateway has it; what it receives comes on the channel: `None` for a SUBACK, the payload
+/// for a publish.
+fn relay_client(pki: &Pki, port: u16, name: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Option<bytes::Bytes>>) {
+    let tls = client_config(&pki.ca_cert(), &pki.client_cert(RELAY_IDENTITY), &pki.client_key(RELAY_IDENTITY)).unwrap();
+    let mut o = MqttOptions::new(format!("{RELAY_IDENTITY}-{name}"), "localhost", port);
+    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            match ev {
+                Event::Incoming(Incoming::SubAck(_)) => {
+                    let _ = tx.send(None);
+                }
+                Event::Incoming(Incoming::Publish(p)) => {
+                    let _ = tx.send(Some(p.payload));
+                }
+                _ => {}
+            }
+        }
+    });
+    (client, rx)
+}
+
 /// `n` QoS 1 request/reply round trips through the broker on `port`, after 100 to warm up: a
 /// request published to a responder (a second client, which publishes its reply the moment
 /// the request arrives) and the reply delivered back — the four TLS hops of a remote command
 /// (app → broker → gateway → broker → app) with nothing done in between. Both clients are the
 /// relay, on `lockhub/v1/<gateway>/rt/…`.
 pub async fn mqtt_request_replies(pki: &Pki, port: u16, gateway: &str, n: usize) -> Vec<Duration> {
-    let connect = |name: &str| {
-        let tls =
-            client_config(&pki.ca_cert(), &pki.client_cert(RELAY_IDENTITY), &pki.client_key(RELAY_IDENTITY)).unwrap();
-        let mut o = MqttOptions::new(format!("{RELAY_IDENTITY}-{name}"), "localhost", port);
-        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-        let (client, mut eventloop) = AsyncClient::new(o, 16);
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(ev) = eventloop.poll().await {
-                match ev {
-                    Event::Incoming(Incoming::SubAck(_)) => {
-                        let _ = tx.send(None);
-                    }
-                    Event::Incoming(Incoming::Publish(p)) => {
-                        let _ = tx.send(Some(p.payload));
-                    }
-                    _ => {}
-                }
-            }
-        });
-        (client, rx)
-    };
     let (request, reply) = (format!("lockhub/v1/{gateway}/rt/req"), format!("lockhub/v1/{gateway}/rt/resp"));
-    let (responder, mut requests) = connect("echo");
+    let (responder, mut requests) = relay_client(pki, port, "echo");
     responder.subscribe(&request, QoS::AtLeastOnce).await.unwrap();
     requests.recv().await.unwrap();
     let echo = {
@@ -120,7 +103,7 @@ pub async fn mqtt_request_replies(pki: &Pki, port: u16, gateway: &str, n: usize)
             }
         })
     };
-    let (client, mut replies) = connect("req");
+    let (client, mut replies) = relay_client(pki, port, "req");
     client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
     replies.recv().await.unwrap();
     let mut samples = Vec::with_capacity(n);
