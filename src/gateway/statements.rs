@@ -457,7 +457,8 @@ impl<T: LockTransport> Gateway<T> {
             (_, Some(Reason::UnknownKey)) => Some(AuditActor::Unknown),
             _ => Some(actor),
         };
-        self.finish(&key, &reply, &action, actor, lock, !replayed, pending).await
+        let record = self.outcome_record(&key, &reply, &action, actor, lock, !replayed, pending);
+        self.finish(record, &reply).await
     }
 
     fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
@@ -469,23 +470,13 @@ impl<T: LockTransport> Gateway<T> {
     /// one transaction, so a command costs one durable commit after it ran. The reply itself
     /// leaves first, through the express lane; the commit runs on the blocking pool, so that
     /// this worker is free for the link to send it meanwhile.
-    #[allow(clippy::too_many_arguments)]
-    async fn finish(
-        &self,
-        key: &str,
-        reply: &Reply,
-        action: &str,
-        actor: Option<AuditActor>,
-        lock: Option<LockId>,
-        keep: bool,
-        pending: Option<Pending>,
-    ) -> Result<(), StoreError> {
-        let record = self.outcome_record(key, reply, action, actor, lock, keep, pending);
+    async fn finish(&self, record: OutcomeRecord, reply: &Reply) -> Result<(), StoreError> {
+        let (action, lock) = (record.action.clone(), record.lock);
         let store = self.store.clone();
         let committed = tokio::task::spawn_blocking(move || record_outcome(&store, record))
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        self.decided(reply, action, lock, committed)
+        self.decided(reply, &action, lock, committed)
     }
 
     /// What [`record_outcome`] writes, with the reply handed to the express lane.
