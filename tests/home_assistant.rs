@@ -460,6 +460,7 @@ async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_for
     ha.publish(&set, unlock).await;
     assert_eq!(reason(ha.next_on(&result).await), Value::Null);
     ha.until("UNLOCKED", |ha| ha.text(&state) == Some("UNLOCKED")).await;
+    stack.audited("command.lock", &["ok"]).await;
     let actor_of = |action: &str| {
         let store = stack.store.lock().unwrap();
         let records = store.audit_records(0, 1000).unwrap();
@@ -471,7 +472,7 @@ async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_for
     // Revoked: the code no longer opens.
     let revocation = revoke(&stack.gw, given.jti.clone(), now);
     assert_reply(&p.app.send(&revocation, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    assert_eq!(stack.audit_outcomes("local_code.revoke"), ["ok"]);
+    assert_eq!(stack.audited("local_code.revoke", &["ok"]).await, ["ok"]);
     ha.publish(&set, unlock).await;
     assert_eq!(reason(ha.next_on(&result).await), "wrong_code");
 

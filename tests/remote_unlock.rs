@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::{AppClient, claim, command, grant, pair, remote_unlock, revoke};
+use lockhub::devcloud::app::{AppClient, Seen, claim, command, grant, pair, remote_unlock, revoke};
 use lockhub::gateway::policy::PolicyLimits;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::store::unix_now;
@@ -123,8 +123,7 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
     assert_reply(&app.send(&unlock(Operation::Unlock), &user, WAIT).await.unwrap(), Outcome::Refused, Some("revoked"));
 
     // Every decision is in the audit chain with its reason, and the chain verifies.
-    let outcomes = stack.audit_outcomes("command.");
-    for expected in [
+    let expected = [
         "unknown_key",
         "remote_disabled",
         "ok",
@@ -133,7 +132,9 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
         "not_granted",
         "clock_unsynchronised",
         "revoked",
-    ] {
+    ];
+    let outcomes = stack.audited("command.", &expected).await;
+    for expected in expected {
         assert!(outcomes.iter().any(|o| o == expected), "no audit record {expected} in {outcomes:?}");
     }
     let verified = stack.store.lock().unwrap().verify_audit().unwrap();
@@ -168,7 +169,7 @@ async fn outside_the_schedule_then_locked_out_after_repeated_refusals() {
     assert_reply(&reply, Outcome::Refused, Some("locked_out"));
     // The owner is not affected by the user's lockout.
     assert_reply(&p.app.send(&cmd(Operation::Lock), &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
-    let outcomes = stack.audit_outcomes("command.");
+    let outcomes = stack.audited("command.", &["locked_out", "outside_schedule"]).await;
     assert!(outcomes.iter().any(|o| o == "locked_out") && outcomes.iter().any(|o| o == "outside_schedule"));
 }
 
@@ -182,7 +183,8 @@ async fn commands_beyond_the_rate_limit_are_refused() {
         assert_reply(&p.app.send(&cmd(), &p.user, WAIT).await.unwrap(), Outcome::Ok, None);
     }
     assert_reply(&p.app.send(&cmd(), &p.user, WAIT).await.unwrap(), Outcome::Refused, Some("rate_limited"));
-    assert!(stack.audit_outcomes("command.").iter().any(|o| o == "rate_limited"));
+    let outcomes = stack.audited("command.", &["ok", "ok", "ok", "rate_limited"]).await;
+    assert_eq!(outcomes.iter().filter(|o| *o == "rate_limited").count(), 1, "{outcomes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,28 +193,44 @@ async fn a_jam_and_an_unreachable_lock_are_reported_truthfully() {
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let cmd = |op| Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
     let ctl = support::control().await;
+    let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
+    let mut seen = p.app.watch();
     ctl.set_faults(&p.lock.lock_id, r#"{"jam_next_operation": true}"#).await.unwrap();
     assert_reply(&p.app.send(&cmd(Operation::Unlock), &p.user, WAIT).await.unwrap(), Outcome::Failed, Some("jammed"));
     ctl.set_faults(&p.lock.lock_id, "{}").await.unwrap();
+    assert_reply(&p.app.send(&cmd(Operation::Lock), &p.user, WAIT).await.unwrap(), Outcome::Ok, None);
+    // The link drops while the gateway reads the lock's news after a thumb-turn (its status
+    // request is the next frame the lock receives), not during a command: the retained state
+    // still says the link is gone.
+    while seen.try_recv().is_ok() {}
+    ctl.set_faults(&p.lock.lock_id, r#"{"drop_link_after_frames": 1}"#).await.unwrap();
+    ctl.turn_knob(&p.lock.lock_id).await.unwrap();
+    next_connected(&mut seen, &state_topic, false).await;
+    ctl.set_faults(&p.lock.lock_id, "{}").await.unwrap();
+    assert_reply(&p.app.send(&cmd(Operation::Lock), &p.user, WAIT).await.unwrap(), Outcome::Ok, None);
+    next_connected(&mut seen, &state_topic, true).await;
     // Out of range: the gateway sees the link drop (its retained state says so), no command
     // reaches the lock, and the reply says so before the deadline.
-    let mut seen = p.app.watch();
     ctl.set_in_range(&p.lock.lock_id, false).await.unwrap();
-    let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
-    loop {
-        let msg = tokio::time::timeout(WAIT, seen.recv()).await.expect("no disconnected state").unwrap();
-        if msg.topic == state_topic {
-            let state: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
-            if state["connected"] == false {
-                break;
-            }
-        }
-    }
+    next_connected(&mut seen, &state_topic, false).await;
     let reply = p.app.send(&cmd(Operation::Unlock), &p.user, WAIT).await.unwrap();
     assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));
     ctl.set_in_range(&p.lock.lock_id, true).await.unwrap();
-    let outcomes = stack.audit_outcomes("command.");
+    let outcomes = stack.audited("command.", &["jammed", "lock_unreachable"]).await;
     assert!(outcomes.iter().any(|o| o == "jammed") && outcomes.iter().any(|o| o == "lock_unreachable"), "{outcomes:?}");
+}
+
+/// Waits for the next retained state of the lock on `topic` saying whether its link is up.
+async fn next_connected(seen: &mut tokio::sync::broadcast::Receiver<Seen>, topic: &str, connected: bool) {
+    loop {
+        let msg = tokio::time::timeout(WAIT, seen.recv()).await.expect("no state with the link's change").unwrap();
+        if msg.topic == topic {
+            let state: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+            if state["connected"] == connected {
+                return;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,9 +421,10 @@ async fn twenty_locks_times_fifty_commands_get_one_outcome_each() {
             answers.insert(reply.id.clone(), reply);
         }
     }
-    // One decision per command in the audit chain: it ran (or was refused) once.
-    let records = stack.store.lock().unwrap().audit_records(0, 100_000).unwrap();
-    let decisions = records.iter().filter(|r| r.action == "command.lock" || r.action == "command.unlock").count();
+    // One decision per command in the audit chain: it ran (or was refused) once. A reply leaves
+    // while its outcome (audit record included) commits: each commit is followed by its reply's
+    // outbox record being deleted, so read again after each deletion until all are there.
+    let decisions = stack.audited_until("command.", |outcomes| outcomes.len() >= ids.len()).await.len();
     let ok = answers.values().filter(|r| r.result == Outcome::Ok).count();
     let overloaded = answers.values().filter(|r| r.reason.map(|x| x.as_str()) == Some("overloaded")).count();
     println!(
@@ -518,6 +537,6 @@ async fn the_clock_jumping_ahead_and_back_neither_replays_nor_wedges() {
 
     shift(0);
     assert_reply(&p.app.send(&lock(), &p.user, WAIT).await.unwrap(), Outcome::Ok, None);
-    assert_eq!(stack.audit_outcomes("command.unlock"), ["ok"], "the unlock ran once");
-    assert_eq!(stack.audit_outcomes("command.lock"), ["expired", "not_yet_valid", "ok"]);
+    assert_eq!(stack.audited("command.unlock", &["ok"]).await, ["ok"], "the unlock ran once");
+    assert_eq!(stack.audited("command.lock", &["ok"; 1]).await, ["expired", "not_yet_valid", "ok"]);
 }

@@ -201,6 +201,7 @@ impl<T: LockTransport> LockWorker<T> {
 
     async fn run(mut self, mut queue: mpsc::Receiver<Job>, sync_queued: Arc<AtomicBool>) {
         loop {
+            self.report_lost_link().await;
             let idle = self.client.idle_deadline();
             let connected = self.client.is_connected();
             let job = tokio::select! {
@@ -274,6 +275,15 @@ impl<T: LockTransport> LockWorker<T> {
             }
         }
         self.client.disconnect().await;
+    }
+
+    /// Republishes the state when the link went and nothing reported it (a sync broken off
+    /// half-way, after a command or a pushed event): the loop only watches a live link, so
+    /// without this the retained state would say connected until the next command.
+    async fn report_lost_link(&mut self) {
+        if self.published_connected == Some(true) && !self.client.is_connected() {
+            self.report(Vec::new(), None).await;
+        }
     }
 
     /// Runs one operation; returns its outcome, the events the lock pushed meanwhile and its

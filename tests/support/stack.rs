@@ -162,10 +162,50 @@ impl Stack {
         AppKey::generate(&self.dir.path().join("keys"), name, false).unwrap()
     }
 
+    /// The outcomes audited under `action_prefix` once `ready` holds for them.
+    ///
+    /// A reply leaves through the express lane while its outcome (audit record included)
+    /// commits, so the records can trail the replies a test has seen. Each commit is followed
+    /// by the deletion of its reply's outbox record, which `delivered` counts: read again after
+    /// each one, for at most a minute without one.
+    pub async fn audited_until(&self, action_prefix: &str, ready: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let mut delivered = self.delivered.clone();
+        loop {
+            delivered.borrow_and_update();
+            let outcomes = self.audit_outcomes(action_prefix);
+            if ready(&outcomes) {
+                return outcomes;
+            }
+            let changed = tokio::time::timeout(Duration::from_secs(60), delivered.changed()).await;
+            assert!(
+                matches!(changed, Ok(Ok(()))),
+                "audited under {action_prefix:?}: {outcomes:?}, and nothing more delivered in a minute"
+            );
+        }
+    }
+
+    /// The outcomes audited under `action_prefix` once each of `expected` is among them (as
+    /// many times as it is listed).
+    pub async fn audited(&self, action_prefix: &str, expected: &[&str]) -> Vec<String> {
+        self.audited_until(action_prefix, |outcomes| {
+            let mut left: Vec<&str> = outcomes.iter().map(String::as_str).collect();
+            expected.iter().all(|want| match left.iter().position(|o| o == want) {
+                Some(i) => {
+                    left.swap_remove(i);
+                    true
+                }
+                None => false,
+            })
+        })
+        .await
+    }
+
+    /// The outcomes audited under `action_prefix` so far (see [`Stack::audited`] to await
+    /// those of replies already seen).
     pub fn audit_outcomes(&self, action_prefix: &str) -> Vec<String> {
         let store = self.store.lock().unwrap();
         store
-            .audit_records(0, 1000)
+            .audit_records(0, 100_000)
             .unwrap()
             .into_iter()
             .filter(|r| r.action.starts_with(action_prefix))
