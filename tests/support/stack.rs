@@ -250,5 +250,9 @@ pub async fn claim_pair_grant(
     let grant = grant(&gw, user.public(), lock_id, perms.to_vec(), schedule, 1, now);
     let id = grant.jti.clone();
     assert_reply(&app.send(&Statement::Grant(grant), &owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    // Audit records commit as their replies leave: tests reading the chain start with these in.
+    for action in ["lock.pair", "policy.set", "grant.add"] {
+        stack.audited(action, &["ok"]).await;
+    }
     Paired { app, owner, user, lock, lock_id, grant: id }
 }
