@@ -69,6 +69,76 @@ async fn wait_for(seen: &mut broadcast::Receiver<Seen>, want: impl Fn(&str, &ser
     .expect("nothing within 30 s");
 }
 
+/// The stages `lockhub::timing` logs for each command, in order.
+const STAGES: [&str; 6] = ["opened", "noted", "decided", "answered", "replied", "committed"];
+
+/// The stage records (µs since the link received the command) of a daemon's log, as its lines
+/// come; every other line passes through to stderr.
+#[derive(Clone, Default)]
+struct StageLog(std::sync::Arc<std::sync::Mutex<Vec<[Option<u64>; 6]>>>);
+
+impl StageLog {
+    fn follow(&self, stderr: std::process::ChildStderr) {
+        let records = self.0.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                if !line.contains("command stages") {
+                    eprintln!("{line}");
+                    continue;
+                }
+                let mut record = [None; 6];
+                for field in line.split_whitespace() {
+                    if let Some((key, value)) = field.split_once("_us=")
+                        && let Some(i) = STAGES.iter().position(|s| *s == key)
+                    {
+                        record[i] = value.parse().ok();
+                    }
+                }
+                records.lock().unwrap().push(record);
+            }
+        });
+    }
+
+    /// The records so far, leaving none.
+    fn take(&self) -> Vec<[Option<u64>; 6]> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// "stage at p50 µs" for each stage the records reached.
+fn stage_medians(records: &[[Option<u64>; 6]]) -> String {
+    let mut parts = Vec::new();
+    for (i, stage) in STAGES.iter().enumerate() {
+        let mut at: Vec<u64> = records.iter().filter_map(|r| r[i]).collect();
+        if at.is_empty() {
+            continue;
+        }
+        at.sort_unstable();
+        parts.push(format!("{stage} {} µs", at[at.len() / 2]));
+    }
+    format!("{} (n = {})", parts.join(", "), records.len())
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
@@ -104,17 +174,27 @@ fn main() {
         let gw = GatewayId::new(GW).unwrap();
         let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port()), &pki, &gw).await.unwrap();
         let mut seen = app.watch();
-        let daemon = Daemon(
+        // BENCH_DAEMON: another build of `lockhub` to run as the daemon, such as the packaged
+        // one (`cargo build --release --no-default-features`: no demo, emulator or broker).
+        let daemon_bin = std::env::var_os("BENCH_DAEMON")
+            .map_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_lockhub")), std::path::PathBuf::from);
+        println!("daemon: {}", daemon_bin.display());
+        let mut daemon = Daemon(
             Command::new("setpriv")
-                .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(&daemon_bin)
+                .args(["run", "--config"])
                 .arg(&config)
                 .env("DBUS_SYSTEM_BUS_ADDRESS", &bed.bus)
-                .env("LOCKHUB_LOG", std::env::var("BENCH_LOG").unwrap_or("error".into()))
+                .env("LOCKHUB_LOG", format!("{},lockhub::timing=debug", std::env::var("BENCH_LOG").unwrap_or("error".into())))
                 .envs(std::env::var("BENCH_MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
                 .stdin(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap(),
         );
+        let stages = StageLog::default();
+        stages.follow(daemon.0.stderr.take().unwrap());
         let status_topic = format!("lockhub/v1/{GW}/status");
         wait_for(&mut seen, |t, j| t == status_topic && j["status"] == "online").await;
 
@@ -122,7 +202,7 @@ fn main() {
         let keys = dir.path().join("keys");
         let (owner, user) = (AppKey::generate(&keys, "owner", false).unwrap(), AppKey::generate(&keys, "user", false).unwrap());
         let now = unix_now();
-        let out = Command::new(env!("CARGO_BIN_EXE_lockhub")).args(["claim-code", "--config"]).arg(&config).output().unwrap();
+        let out = Command::new(&daemon_bin).args(["claim-code", "--config"]).arg(&config).output().unwrap();
         let code = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         let ok = |r: lockhub::cloud::reply::Reply| assert_eq!(r.result, Outcome::Ok, "{r:?}");
         ok(app.send(&claim(&gw, &code, now), &owner, WAIT).await.unwrap());
@@ -179,6 +259,7 @@ fn main() {
         // The emulated battery drains per operation, as a real one does: fresh batteries now
         // and then, outside the timed sections.
         let refill = || async { ctl.set_battery(&lock.to_string(), 100).await.unwrap() };
+        stages.take();
         let mut warm = Vec::with_capacity(WARM);
         for i in 0..WARM {
             if i % 200 == 0 {
@@ -186,6 +267,9 @@ fn main() {
             }
             warm.push(send(i).await);
         }
+        // Records of the last commands may still be on their way through the log pipe: those
+        // of the warm run are nearly all in, which is enough for medians.
+        let warm_stages = stages.take();
         refill().await;
 
         // Cold: the link dropped before each command (connect + session + command).
@@ -242,6 +326,10 @@ fn main() {
             "  (with the two-hop MQTT loopback {loopback:.1?} instead: floor {old_floor:.1?}, p50 {:.2}x, p99 {:.2}x)",
             old_ratio(at(&sorted, 0.5)),
             old_ratio(at(&sorted, 0.99))
+        );
+        println!(
+            "  inside the gateway, warm, from the link receiving the command (medians): {}",
+            stage_medians(&warm_stages)
         );
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
         let mib = |kib: u64| kib as f64 / 1024.0;

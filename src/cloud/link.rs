@@ -130,6 +130,8 @@ impl BrokerUrl {
 pub struct InboundCommand {
     /// The raw payload (at most [`MAX_COMMAND_BYTES`]).
     pub payload: Vec<u8>,
+    /// When the link took it from the broker: where a command's time in the gateway starts.
+    pub received: std::time::Instant,
     /// Send `()` once the command is stored; dropping without sending leaves it
     /// unacknowledged, so the broker delivers it again.
     pub stored: oneshot::Sender<()>,
@@ -639,7 +641,8 @@ impl CloudLink {
                     return;
                 }
                 let (stored, was_stored) = oneshot::channel();
-                let command = InboundCommand { payload: publish.payload.to_vec(), stored };
+                let command =
+                    InboundCommand { payload: publish.payload.to_vec(), received: std::time::Instant::now(), stored };
                 if self.commands.send(command).await.is_err() {
                     return;
                 }

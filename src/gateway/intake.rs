@@ -15,6 +15,7 @@ use crate::auth::reason::Reason;
 use sha2::Digest;
 
 use super::statements::Accepted;
+use super::timing::{Stage, Timing};
 use crate::auth::statement::{Refusal, Signed, open};
 use crate::cloud::link::InboundCommand;
 use crate::cloud::reply::Reply;
@@ -105,7 +106,9 @@ pub async fn serve(
                 let digest = sha2::Sha256::digest(&payload).into();
                 // `open` checked it is UTF-8; trailing whitespace is not part of the statement.
                 let text = String::from_utf8_lossy(&payload).trim_end().to_owned();
-                if accepted.send(Accepted { signed, text, digest, delivery: command }).await.is_err() {
+                let mut timing = Timing::starting(command.received);
+                timing.mark(Stage::Opened);
+                if accepted.send(Accepted { signed, text, digest, delivery: command, timing }).await.is_err() {
                     return;
                 }
             }

@@ -10,3 +10,4 @@ pub mod maintenance;
 pub mod policy;
 pub mod radio_watch;
 pub mod statements;
+pub mod timing;

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use super::claim;
 use super::lock_worker::{Executed, Failure, LockHandle, LockUpdate, LockWorker};
 use super::policy::{Facts, GrantFacts, LockPolicy, PolicyEngine, PolicyLimits, Role};
+use super::timing::{Stage, Timing};
 use crate::auth::keys::PublicKey;
 use crate::auth::reason::Reason;
 use crate::auth::statement::{Command, Grant, Operation, Signed, Statement, open};
@@ -58,6 +59,8 @@ pub struct Accepted {
     pub digest: [u8; 32],
     /// The delivery, acknowledged once the statement is noted.
     pub delivery: InboundCommand,
+    /// Its stages so far (logged for commands).
+    pub timing: Timing,
 }
 
 /// Lock updates buffered for a slow local consumer before it misses some (it then republishes
@@ -406,7 +409,7 @@ impl<T: LockTransport> Gateway<T> {
     }
 
     async fn try_handle(&self, accepted: Accepted) -> Result<(), StoreError> {
-        let Accepted { signed, text, digest, delivery } = accepted;
+        let Accepted { signed, text, digest, delivery, mut timing } = accepted;
         let statement = &signed.statement;
         let key = format!("{}:{}", signed.signer, statement.id());
         let lock = match statement {
@@ -425,6 +428,7 @@ impl<T: LockTransport> Gateway<T> {
             }
             Ok(seen)
         })?;
+        timing.mark(Stage::Noted);
         // Noted: the broker may forget it now.
         let _ = delivery.stored.send(());
         let replayed = match seen {
@@ -441,7 +445,7 @@ impl<T: LockTransport> Gateway<T> {
         let mut pending = None;
         let (reply, action) = match statement {
             Statement::Command(command) => {
-                let (reply, p) = self.command(&signed.signer, command, owner, replayed).await?;
+                let (reply, p) = self.command(&signed.signer, command, owner, replayed, &mut timing).await?;
                 pending = p;
                 (reply, format!("command.{}", command.op.as_str()))
             }
@@ -458,7 +462,13 @@ impl<T: LockTransport> Gateway<T> {
             _ => Some(actor),
         };
         let record = self.outcome_record(&key, &reply, &action, actor, lock, !replayed, pending);
-        self.finish(record, &reply).await
+        timing.mark(Stage::Replied);
+        self.finish(record, &reply).await?;
+        if matches!(statement, Statement::Command(_)) {
+            timing.mark(Stage::Committed);
+            timing.log(statement.id().as_str());
+        }
+        Ok(())
     }
 
     fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
@@ -544,6 +554,7 @@ impl<T: LockTransport> Gateway<T> {
         command: &Command,
         owner: bool,
         replayed: bool,
+        timing: &mut Timing,
     ) -> Result<(Reply, Option<Pending>), StoreError> {
         let (now, synced) = (self.clock)();
         let id = command.jti.as_str();
@@ -586,6 +597,7 @@ impl<T: LockTransport> Gateway<T> {
         };
         let decision =
             self.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).decide(signer, command, &facts);
+        timing.mark(Stage::Decided);
         let role = match decision {
             Ok(role) => role,
             Err(denial) => return Ok((refused(id, denial.reason, &denial.detail, now), None)),
@@ -604,6 +616,7 @@ impl<T: LockTransport> Gateway<T> {
                 detail: "no answer from the lock before the command's deadline".into(),
             }),
         };
+        timing.mark(Stage::Answered);
         let (outcome, pending) = match executed {
             Ok(Executed { outcome, report, recorded }) => (outcome, Some(Pending { report, recorded })),
             Err(failure) => (Err(failure), None),

@@ -1,0 +1,60 @@
+//! Where a command's time goes inside the gateway: the moment each stage ended, from the link
+//! taking the command off the broker, logged once per command at debug level under the
+//! `lockhub::timing` target. The remote-unlock benchmark turns these records into a median
+//! per stage beside its end-to-end figures; a running hub logs nothing of it by default.
+
+use std::time::{Duration, Instant};
+
+/// The stages of a command, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Parsed and its signature checked (the intake).
+    Opened,
+    /// Its id noted durably (the one commit before the lock moves).
+    Noted,
+    /// The policy decided.
+    Decided,
+    /// The lock answered (or the command failed on the way to it).
+    Answered,
+    /// The reply handed to the link.
+    Replied,
+    /// The outcome committed.
+    Committed,
+}
+
+const STAGES: usize = 6;
+
+/// The end of each stage of one command, since the link received it.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    received: Instant,
+    ended: [Option<Duration>; STAGES],
+}
+
+impl Timing {
+    /// Timing a command the link received at `received`.
+    pub fn starting(received: Instant) -> Self {
+        Timing { received, ended: [None; STAGES] }
+    }
+
+    /// Notes that `stage` ended now.
+    pub fn mark(&mut self, stage: Stage) {
+        self.ended[stage as usize] = Some(self.received.elapsed());
+    }
+
+    /// Logs the record of command `id` (µs since it was received; absent: not reached).
+    pub fn log(&self, id: &str) {
+        let us = |stage: Stage| self.ended[stage as usize].map(|d| d.as_micros() as u64);
+        tracing::debug!(
+            target: "lockhub::timing",
+            command_id = id,
+            opened_us = us(Stage::Opened),
+            noted_us = us(Stage::Noted),
+            decided_us = us(Stage::Decided),
+            answered_us = us(Stage::Answered),
+            replied_us = us(Stage::Replied),
+            committed_us = us(Stage::Committed),
+            "command stages"
+        );
+    }
+}
