@@ -528,14 +528,8 @@ impl CloudLink {
                     }
                     Some(express) = self.express.recv() => {
                         // Disconnected: the outbox carries it once the link is back.
-                        if connected
-                            && client.try_publish(express.topic, QoS::AtLeastOnce, false, express.payload).is_ok()
-                        {
-                            let number = flight.next_express;
-                            flight.next_express += 1;
-                            flight.unassigned.push_back(Tag::Express(number));
-                            flight.express.insert(number, ExpressState::default());
-                            flight.unresolved.push((number, express.record));
+                        if connected {
+                            send_express(&client, &mut flight, express);
                         }
                     }
                     _ = shutdown.changed() => {
@@ -660,7 +654,7 @@ impl CloudLink {
     /// Sends what the outbox holds and waits for the broker's acknowledgements, for at most
     /// [`FLUSH_TIMEOUT`]: a stopping gateway's last replies should not wait for its restart.
     /// What is left stays in the outbox for the next start.
-    async fn flush(&self, client: &AsyncClient, eventloop: &mut rumqttc::EventLoop, flight: &mut InFlight) {
+    async fn flush(&mut self, client: &AsyncClient, eventloop: &mut rumqttc::EventLoop, flight: &mut InFlight) {
         // One bound around all of it: handing a late command to a full, no longer read
         // channel must not hold the stop up either.
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
@@ -705,7 +699,7 @@ impl CloudLink {
     }
 
     /// A drain, awaited (when stopping: nothing else is served meanwhile).
-    async fn drain_now(&self, client: &AsyncClient, flight: &mut InFlight) {
+    async fn drain_now(&mut self, client: &AsyncClient, flight: &mut InFlight) {
         let mut draining = Draining { job: self.start_drain(flight), again: false };
         if let Some(drained) = draining.finished_now().await {
             self.drained(client, flight, drained, true);
@@ -741,7 +735,7 @@ impl CloudLink {
 
     /// Takes in what a drain found, and publishes the pending records (while `connected`)
     /// until the in-flight window is full.
-    fn drained(&self, client: &AsyncClient, flight: &mut InFlight, drained: Drained, connected: bool) {
+    fn drained(&mut self, client: &AsyncClient, flight: &mut InFlight, drained: Drained, connected: bool) {
         let Drained { deleted, resolved, unresolved, pending, want } = drained;
         match deleted {
             Ok(0) => {}
@@ -752,6 +746,14 @@ impl CloudLink {
         }
         for (number, record) in resolved {
             flight.learn(number, record);
+        }
+        // Express publishes still waiting in the lane may be held by records this read found
+        // (committed after being handed over, before the loop took them): taken now, they go
+        // out once, as express publishes, and their records are learnt just below.
+        if connected {
+            while let Ok(express) = self.express.try_recv() {
+                send_express(client, flight, express);
+            }
         }
         // Express publishes that arrived while the drain ran may have committed before its
         // read: their records are announced by now, so they are known before the filter below.
@@ -801,6 +803,18 @@ impl CloudLink {
     }
 }
 
+/// Publishes an express record and keeps track of it until its PUBACK and its outbox record
+/// are both known. rumqttc's request queue full: left to the outbox.
+fn send_express(client: &AsyncClient, flight: &mut InFlight, express: Express) {
+    if client.try_publish(express.topic, QoS::AtLeastOnce, false, express.payload).is_ok() {
+        let number = flight.next_express;
+        flight.next_express += 1;
+        flight.unassigned.push_back(Tag::Express(number));
+        flight.express.insert(number, ExpressState::default());
+        flight.unresolved.push((number, express.record));
+    }
+}
+
 fn jittered(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
     let jitter = rand_core::RngCore::next_u64(&mut rand_core::OsRng) % (ms / 2 + 1);
@@ -820,6 +834,48 @@ pub fn offline_payload() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "devtools")]
+    #[tokio::test]
+    async fn an_express_publish_still_in_the_lane_when_a_drain_reads_its_record_goes_out_once() {
+        use crate::store::StoreConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::devcloud::pki::Pki::init(&dir.path().join("pki"), &["gw-1"]).unwrap();
+        let state = StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) };
+        let store = Arc::new(Mutex::new(Store::open(state).unwrap()));
+        let config = CloudConfig::new(
+            vec!["mqtts://localhost:8883".into()],
+            pki.ca_cert(),
+            pki.client_cert("gw-1"),
+            pki.client_key("gw-1"),
+        );
+        let (commands, _inbound) = mpsc::channel(1);
+        let gateway = GatewayId::new("gw-1").unwrap();
+        let (mut link, _reports) = CloudLink::new(config, gateway, store.clone(), Arc::default(), commands).unwrap();
+        let (client, _eventloop) = AsyncClient::new(link.options(&link.brokers[0].clone()), 16);
+        // A reply handed to the lane, then committed (its record announced under the lock)…
+        let topic = link.topics.replies();
+        let handed = link.express_lane().send(topic.clone(), b"reply".to_vec()).unwrap();
+        let id = {
+            let mut store = store.lock().unwrap();
+            let id = store.transaction(|tx| tx.append_outbox(None, &topic, b"reply", false, 1)).unwrap();
+            handed.committed(Some(id));
+            id
+        };
+        // …and an outbox read finding it before the link's loop took it from the lane.
+        let mut flight = InFlight { unsent: true, ..InFlight::default() };
+        let drained = link.start_drain(&mut flight).unwrap().await.unwrap();
+        assert_eq!(drained.pending.as_ref().unwrap().len(), 1);
+        link.drained(&client, &mut flight, drained, true);
+        // Published once, as the express publish, its record known to be in flight.
+        assert!(
+            matches!(flight.unassigned.iter().collect::<Vec<_>>()[..], [Tag::Express(0)]),
+            "{:?}",
+            flight.unassigned
+        );
+        assert!(flight.outbox.contains(&id));
+        assert!(link.express.try_recv().is_err(), "the lane is empty");
+    }
 
     #[test]
     fn an_express_publish_is_forgotten_whatever_the_order_of_its_puback_and_its_record() {
