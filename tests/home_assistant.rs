@@ -450,6 +450,9 @@ async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_for
     assert!(!String::from_utf8(signed.to_json()).unwrap().contains("97531"));
     let by_user = Statement::LocalCode(local_code(&stack.gw, p.user.public(), p.lock_id, "1111", 1, now).unwrap());
     assert_reply(&p.app.send(&by_user, &p.user, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
+    let unpaired = lockhub::protocol::ids::LockId([0xab; 8]);
+    let for_unpaired = Statement::LocalCode(local_code(&stack.gw, p.user.public(), unpaired, "1111", 1, now).unwrap());
+    assert_reply(&p.app.send(&for_unpaired, &p.owner, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_lock"));
     let mut costly = local_code(&stack.gw, p.user.public(), p.lock_id, "1111", 1, now).unwrap();
     costly.hash = costly.hash.replace("m=19456", "m=4194304");
     let reply = p.app.send(&Statement::LocalCode(costly), &p.owner, WAIT).await.unwrap();

@@ -451,3 +451,27 @@ fn read_password(path: &std::path::Path) -> Result<Zeroizing<String>, BridgeErro
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(err)?);
     Ok(Zeroizing::new(text.lines().next().unwrap_or("").to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_file_is_read_bounded_and_its_errors_name_the_file_never_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("local-mqtt.password");
+        std::fs::write(&path, "s3cret-local\nsecond line ignored\n").unwrap();
+        assert_eq!(read_password(&path).unwrap().as_str(), "s3cret-local");
+
+        std::fs::write(&path, "s3cret-local".repeat(200)).unwrap();
+        let too_big = read_password(&path).unwrap_err().to_string();
+        assert!(too_big.contains("local-mqtt.password") && too_big.contains("larger than 1 KiB"), "{too_big}");
+        assert!(!too_big.contains("s3cret"), "{too_big}");
+
+        let missing = read_password(&dir.path().join("absent")).unwrap_err();
+        assert!(
+            matches!(&missing, BridgeError::Password { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        );
+        assert!(missing.to_string().starts_with("local.mqtt.password_file "), "{missing}");
+    }
+}
