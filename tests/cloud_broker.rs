@@ -1,6 +1,7 @@
 //! What the bundled broker (`lockhub-cloud serve`) enforces beyond the ACL tests it shares with
 //! Mosquitto (`cloud_acl.rs`): client ids bound to certificates, wills confined to the
-//! client's subtree, QoS 2 and malformed packets refused without disturbing other clients; and
+//! client's subtree, QoS 2 and malformed packets refused without disturbing other clients; a
+//! gateway's events stored before their PUBACK, every PUBACK in publish order; and
 //! `lockhub-cloud mosquitto-config`.
 
 mod support;
@@ -58,6 +59,49 @@ fn setup() -> (tempfile::TempDir, Pki, Bundled) {
     let pki = Pki::init(dir.path(), &["gw-a", "gw-b"]).unwrap();
     let broker = Bundled::start(&pki);
     (dir, pki, broker)
+}
+
+#[tokio::test]
+async fn events_are_stored_before_their_puback_and_pubacks_keep_publish_order() {
+    let (_dir, pki, broker) = setup();
+    let (client, mut eventloop) = connect_outcome(options(&pki, "gw-a", "gw-a", broker.port)).await.unwrap();
+    // Events (held until the sink has them) interleaved with other publishes (routed at once):
+    // the others' PUBACKs must still wait for the events before them.
+    const N: usize = 60;
+    let kinds: Vec<bool> = (0..N).map(|i| i % 3 != 2).collect();
+    let to_publish = kinds.clone();
+    // Published by a task while this one polls the event loop (which takes them in).
+    tokio::spawn(async move {
+        for (i, event) in to_publish.into_iter().enumerate() {
+            let topic = if event { "lockhub/v1/gw-a/events" } else { "lockhub/v1/gw-a/lock/1/state" };
+            client
+                .publish(topic, QoS::AtLeastOnce, false, format!("{{\"id\":\"e{i}\",\"n\":{i}}}").into_bytes())
+                .await
+                .unwrap();
+        }
+    });
+    let (mut published, mut acked) = (Vec::new(), Vec::new());
+    let sink = broker.events();
+    let mut events_acked = 0;
+    while acked.len() < N {
+        let event = tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await.unwrap().unwrap();
+        match event {
+            Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => published.push(pkid),
+            Event::Incoming(Incoming::PubAck(ack)) => {
+                let at = published.iter().position(|p| *p == ack.pkid).expect("a PUBACK for a publish sent");
+                if kinds[at] {
+                    events_acked += 1;
+                }
+                acked.push(ack.pkid);
+                // Acknowledged: the sink has it (and every event before it).
+                let stored = sink.events("gw-a", 0, 1_000).unwrap().len();
+                assert!(stored >= events_acked, "{events_acked} events acknowledged, {stored} stored");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(acked, published, "PUBACKs in publish order");
+    assert_eq!(sink.events("gw-a", 0, 1_000).unwrap().len(), kinds.iter().filter(|e| **e).count());
 }
 
 #[tokio::test]
