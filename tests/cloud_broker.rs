@@ -1,7 +1,8 @@
 //! What the bundled broker (`lockhub-cloud serve`) enforces beyond the ACL tests it shares with
 //! Mosquitto (`cloud_acl.rs`): client ids bound to certificates, wills confined to the
 //! client's subtree, QoS 2 and malformed packets refused without disturbing other clients; a
-//! gateway's events stored before their PUBACK, every PUBACK in publish order; and
+//! gateway's events stored before their PUBACK, every PUBACK in publish order; a full event
+//! store ending the gateway's connection with nothing it acknowledged lost; and
 //! `lockhub-cloud mosquitto-config`.
 
 mod support;
@@ -102,6 +103,81 @@ async fn events_are_stored_before_their_puback_and_pubacks_keep_publish_order() 
     }
     assert_eq!(acked, published, "PUBACKs in publish order");
     assert_eq!(sink.events("gw-a", 0, 1_000).unwrap().len(), kinds.iter().filter(|e| **e).count());
+}
+
+/// Publishes events `ids` (about 48 KiB each) as gw-a; returns those the broker acknowledged,
+/// and whether the connection ended before all were.
+async fn publish_events(pki: &Pki, port: u16, ids: &[usize]) -> (Vec<usize>, bool) {
+    let mut o = options(pki, "gw-a", "gw-a", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = connect_outcome(o).await.unwrap();
+    let to_publish = ids.to_vec();
+    tokio::spawn(async move {
+        for i in to_publish {
+            let event = format!("{{\"id\":\"e{i}\",\"pad\":\"{}\"}}", "x".repeat(48 * 1024));
+            if client.publish("lockhub/v1/gw-a/events", QoS::AtLeastOnce, false, event.into_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (mut published, mut acked) = (Vec::new(), Vec::new());
+    while acked.len() < ids.len() {
+        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await.expect("no event within 20 s") {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => published.push(pkid),
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                acked.push(ids[published.iter().position(|p| *p == ack.pkid).unwrap()]);
+            }
+            Ok(_) => {}
+            Err(_) => return (acked, true),
+        }
+    }
+    (acked, false)
+}
+
+#[tokio::test]
+async fn a_full_event_store_ends_the_gateways_connection_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(dir.path(), &["gw-a"]).unwrap();
+    let fs = support::small_fs::SmallFilesystem::mount("1m");
+    let broker = Bundled::start_in(&pki, fs.path());
+    // 40 events of 48 KiB into 1 MiB: the sink fills up on the way.
+    let all: Vec<usize> = (0..40).collect();
+    let (acked, ended) = publish_events(&pki, broker.port, &all).await;
+    assert!(
+        ended && acked.len() < all.len(),
+        "{} of {} acknowledged, connection ended: {ended}",
+        acked.len(),
+        all.len()
+    );
+    // Everything acknowledged is stored; the broker serves on.
+    let stored = |sink: &lockhub::devcloud::sink::EventSink| -> Vec<String> {
+        sink.events("gw-a", 0, 1_000).unwrap().into_iter().map(|e| e.id).collect()
+    };
+    let sink = broker.events();
+    for i in &acked {
+        assert!(stored(&sink).contains(&format!("e{i}")), "event {i} acknowledged but not stored");
+    }
+    still_serving(&pki, broker.port).await;
+    // Room again: the gateway sends what was not acknowledged, and the sink has each event once.
+    fs.resize("64m");
+    let rest: Vec<usize> = all.iter().copied().filter(|i| !acked.contains(i)).collect();
+    let (acked_now, ended) = publish_events(&pki, broker.port, &rest).await;
+    assert!(
+        !ended && acked_now.len() == rest.len(),
+        "{} of {} acknowledged after the resize",
+        acked_now.len(),
+        rest.len()
+    );
+    let mut ids = stored(&sink);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all.len(), "each event stored once");
+    assert_eq!(stored(&sink).len(), all.len());
+    println!(
+        "the sink filled up after {} of {} events were acknowledged; the rest stored after the resize",
+        acked.len(),
+        all.len()
+    );
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ use lockhub::cloud::reply::{Outcome, Reply};
 use lockhub::devcloud::app::command;
 use lockhub::gateway::policy::PolicyLimits;
 use lockhub::store::unix_now;
+use support::small_fs::SmallFilesystem;
 use support::stack::{Stack, claim_pair_grant};
 
 /// How long the app waits for a reply before sending the same bytes again, as a phone app
@@ -209,45 +210,6 @@ fn gaps(seqs: &std::collections::BTreeSet<u64>) -> String {
     let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else { return "none seen".into() };
     let missing: Vec<u64> = (*first..=*last).filter(|s| !seqs.contains(s)).collect();
     format!("seen {first}..={last}, missing inside: {missing:?}")
-}
-
-/// A tmpfs of `size` mounted on a fresh temporary directory, unmounted when dropped.
-struct SmallFilesystem {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFilesystem {
-    fn mount(size: &str) -> Self {
-        let root = std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t"));
-        assert!(root, "mounting a small filesystem needs root: run .ci/run, or cargo test as root");
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "lockhub-test"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount -t tmpfs");
-        SmallFilesystem { dir }
-    }
-
-    fn path(&self) -> &std::path::Path {
-        self.dir.path()
-    }
-
-    fn resize(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount -o remount");
-    }
-}
-
-impl Drop for SmallFilesystem {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
-    }
 }
 
 #[test]

@@ -13,7 +13,8 @@ use lockhub::devcloud::sink::EventSink;
 pub struct Bundled {
     child: Child,
     pki: PathBuf,
-    data: tempfile::TempDir,
+    data: PathBuf,
+    _temp: Option<tempfile::TempDir>,
     /// Its TLS port on 127.0.0.1.
     pub port: u16,
 }
@@ -28,10 +29,17 @@ impl Drop for Bundled {
 impl Bundled {
     /// Starts the broker on a free port.
     pub fn start(pki: &Pki) -> Self {
-        let data = tempfile::tempdir().unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let mut broker = Self::start_in(pki, temp.path());
+        broker._temp = Some(temp);
+        broker
+    }
+
+    /// Starts the broker on a free port, with its data (the event sink) in `data`.
+    pub fn start_in(pki: &Pki, data: &std::path::Path) -> Self {
         let pki = pki.dir().to_owned();
-        let (child, port) = Self::spawn(&pki, data.path(), 0);
-        Bundled { child, pki, data, port }
+        let (child, port) = Self::spawn(&pki, data, 0);
+        Bundled { child, pki, data: data.to_owned(), _temp: None, port }
     }
 
     /// Kills the broker (SIGKILL: no goodbye, nothing saved beyond what is on disk) and starts
@@ -39,18 +47,18 @@ impl Bundled {
     pub fn restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        let (child, _) = Self::spawn(&self.pki, self.data.path(), self.port);
+        let (child, _) = Self::spawn(&self.pki, &self.data, self.port);
         self.child = child;
     }
 
-    /// The event sink's database (readable while the broker runs).
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The event sink's database (readable while the broker runs).
     pub fn events(&self) -> EventSink {
-        EventSink::open(&self.data.path().join("events.db")).unwrap()
+        EventSink::open(&self.data.join("events.db")).unwrap()
     }
 
     fn spawn(pki: &std::path::Path, data: &std::path::Path, port: u16) -> (Child, u16) {

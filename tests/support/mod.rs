@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod floor;
 pub mod mosquitto;
 pub mod nats;
+pub mod small_fs;
 pub mod stack;
 
 use std::io::{BufRead, BufReader};
