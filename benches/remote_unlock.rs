@@ -72,10 +72,20 @@ async fn wait_for(seen: &mut broadcast::Receiver<Seen>, want: impl Fn(&str, &ser
 /// The stages `lockhub::timing` logs for each command, in order.
 const STAGES: [&str; 6] = ["opened", "noted", "decided", "answered", "replied", "committed"];
 
-/// The stage records (µs since the link received the command) of a daemon's log, as its lines
-/// come; every other line passes through to stderr.
+/// One command's record from `lockhub::timing`.
+#[derive(Clone, Debug, Default)]
+struct StageRecord {
+    id: String,
+    /// When the link received it, µs since the Unix epoch.
+    received_unix_us: Option<u64>,
+    /// When each of [`STAGES`] ended, µs since then.
+    ended: [Option<u64>; 6],
+}
+
+/// The stage records of a daemon's log, as its lines come; every other line passes through to
+/// stderr.
 #[derive(Clone, Default)]
-struct StageLog(std::sync::Arc<std::sync::Mutex<Vec<[Option<u64>; 6]>>>);
+struct StageLog(std::sync::Arc<std::sync::Mutex<Vec<StageRecord>>>);
 
 impl StageLog {
     fn follow(&self, stderr: std::process::ChildStderr) {
@@ -88,12 +98,17 @@ impl StageLog {
                     eprintln!("{line}");
                     continue;
                 }
-                let mut record = [None; 6];
-                for field in line.split_whitespace() {
-                    if let Some((key, value)) = field.split_once("_us=")
-                        && let Some(i) = STAGES.iter().position(|s| *s == key)
-                    {
-                        record[i] = value.parse().ok();
+                let mut record = StageRecord::default();
+                for (key, value) in line.split_whitespace().filter_map(|f| f.split_once('=')) {
+                    match key {
+                        // A string field is printed quoted.
+                        "command_id" => record.id = value.trim_matches('"').to_owned(),
+                        "received_unix_us" => record.received_unix_us = value.parse().ok(),
+                        _ => {
+                            if let Some(i) = key.strip_suffix("_us").and_then(|k| STAGES.iter().position(|s| *s == k)) {
+                                record.ended[i] = value.parse().ok();
+                            }
+                        }
                     }
                 }
                 records.lock().unwrap().push(record);
@@ -102,9 +117,14 @@ impl StageLog {
     }
 
     /// The records so far, leaving none.
-    fn take(&self) -> Vec<[Option<u64>; 6]> {
+    fn take(&self) -> Vec<StageRecord> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
+}
+
+/// Now, µs since the Unix epoch (the clock the daemon's records share).
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }
 
 fn strip_ansi(line: &str) -> String {
@@ -126,17 +146,42 @@ fn strip_ansi(line: &str) -> String {
 }
 
 /// "stage at p50 µs" for each stage the records reached.
-fn stage_medians(records: &[[Option<u64>; 6]]) -> String {
+fn stage_medians(records: &[StageRecord]) -> String {
     let mut parts = Vec::new();
     for (i, stage) in STAGES.iter().enumerate() {
-        let mut at: Vec<u64> = records.iter().filter_map(|r| r[i]).collect();
-        if at.is_empty() {
-            continue;
+        let at: Vec<u64> = records.iter().filter_map(|r| r.ended[i]).collect();
+        if let Some(m) = median_us(at) {
+            parts.push(format!("{stage} {m} µs"));
         }
-        at.sort_unstable();
-        parts.push(format!("{stage} {} µs", at[at.len() / 2]));
     }
     format!("{} (n = {})", parts.join(", "), records.len())
+}
+
+fn median_us(mut v: Vec<u64>) -> Option<u64> {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
+}
+
+/// The way in (app's publish → the link receiving it) and the way back (the reply handed to
+/// the link → the app having it), medians over the commands both sides recorded.
+fn legs(records: &[StageRecord], sent: &std::collections::HashMap<String, (u64, u64)>) -> String {
+    let replied = STAGES.iter().position(|s| *s == "replied").unwrap();
+    let (mut inward, mut back) = (Vec::new(), Vec::new());
+    for r in records {
+        let (Some(received), Some(handed), Some(&(at, done))) = (r.received_unix_us, r.ended[replied], sent.get(&r.id))
+        else {
+            continue;
+        };
+        inward.push(received.saturating_sub(at));
+        back.push(done.saturating_sub(received + handed));
+    }
+    let n = inward.len();
+    match (median_us(inward), median_us(back)) {
+        (Some(i), Some(b)) => {
+            format!("app sends (signing included) → link has it {i} µs; reply handed on → app has it {b} µs (n = {n})")
+        }
+        _ => "no commands matched".into(),
+    }
 }
 
 fn main() {
@@ -219,15 +264,20 @@ fn main() {
         let perms = vec![Permission::Lock, Permission::Unlock, Permission::Remote];
         ok(app.send(&Statement::Grant(grant(&gw, user.public(), lock, perms, None, 1, now)), &owner, WAIT).await.unwrap());
         let op = |i: usize| if i % 2 == 0 { Operation::Unlock } else { Operation::Lock };
+        // Each command's id → (sent, reply received), µs since the Unix epoch.
+        let sent_at = std::sync::Mutex::new(std::collections::HashMap::<String, (u64, u64)>::new());
         let send = |i: usize| {
             let statement = Statement::Command(command(&gw, lock, op(i), unix_now(), 30));
             let app = &app;
             let user = &user;
+            let sent_at = &sent_at;
             async move {
-                let t = Instant::now();
+                let (t, at) = (Instant::now(), unix_us());
                 let reply = app.send(&statement, user, WAIT).await.unwrap();
+                let elapsed = t.elapsed();
+                sent_at.lock().unwrap().insert(statement.id().as_str().to_owned(), (at, unix_us()));
                 assert_eq!(reply.result, Outcome::Ok, "{reply:?}");
-                t.elapsed()
+                elapsed
             }
         };
 
@@ -331,6 +381,7 @@ fn main() {
             "  inside the gateway, warm, from the link receiving the command (medians): {}",
             stage_medians(&warm_stages)
         );
+        println!("  outside it, warm (medians): {}", legs(&warm_stages, &sent_at.lock().unwrap()));
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(

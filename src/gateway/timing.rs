@@ -1,9 +1,11 @@
 //! Where a command's time goes inside the gateway: the moment each stage ended, from the link
 //! taking the command off the broker, logged once per command at debug level under the
 //! `lockhub::timing` target. The remote-unlock benchmark turns these records into a median
-//! per stage beside its end-to-end figures; a running hub logs nothing of it by default.
+//! per stage beside its end-to-end figures; a running hub logs nothing of it by default. The
+//! moment of receipt is also given on the wall clock, which other processes on the machine
+//! share, so that the benchmark can tell the way in from the way back.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The stages of a command, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +44,18 @@ impl Timing {
         self.ended[stage as usize] = Some(self.received.elapsed());
     }
 
-    /// Logs the record of command `id` (µs since it was received; absent: not reached).
+    /// Logs the record of command `id` (µs since it was received; absent: not reached), and
+    /// when it was received (µs since the Unix epoch).
     pub fn log(&self, id: &str) {
         let us = |stage: Stage| self.ended[stage as usize].map(|d| d.as_micros() as u64);
+        let received = SystemTime::now()
+            .checked_sub(self.received.elapsed())
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_micros() as u64);
         tracing::debug!(
             target: "lockhub::timing",
             command_id = id,
+            received_unix_us = received,
             opened_us = us(Stage::Opened),
             noted_us = us(Stage::Noted),
             decided_us = us(Stage::Decided),
