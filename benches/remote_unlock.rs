@@ -5,7 +5,9 @@
 //! client that answers at once, and its reply: the four TLS hops of the path) + the D-Bus GATT
 //! round trip + one durable SQLite commit. Also the time from a lock-side event (the
 //! thumb-turn) to the lock's retained state on the broker, and the daemon's memory (peak during
-//! the run; idle with 10 paired locks).
+//! the run; idle with 10 paired locks). And where a warm command's time goes: the daemon's
+//! `lockhub::timing` records (each stage's end inside the gateway) as medians, and the way in
+//! and the way back outside it.
 //!
 //! Run: `cargo bench --bench remote_unlock` (needs dbus-daemon; `.ci/run` installs it).
 
@@ -127,6 +129,7 @@ fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }
 
+/// `line` without its terminal colour codes (the daemon's log lines carry them).
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
@@ -162,8 +165,9 @@ fn median_us(mut v: Vec<u64>) -> Option<u64> {
     v.get(v.len() / 2).copied()
 }
 
-/// The way in (app's publish → the link receiving it) and the way back (the reply handed to
-/// the link → the app having it), medians over the commands both sides recorded.
+/// The way in (the app's send, signing included → the link receiving it) and the way back (the
+/// reply handed to the link → the app having it), medians over the commands both sides
+/// recorded.
 fn legs(records: &[StageRecord], sent: &std::collections::HashMap<String, (u64, u64)>) -> String {
     let replied = STAGES.iter().position(|s| *s == "replied").unwrap();
     let (mut inward, mut back) = (Vec::new(), Vec::new());
