@@ -64,10 +64,12 @@ async fn the_broker_restarted_ten_times_during_remote_commands_each_runs_once_wi
     assert_eq!(restarts, RESTARTS);
 
     // The outbox drains: everything the gateway stored reaches the broker.
-    while stack.store.lock().unwrap().outbox_len().unwrap() > 0 {
-        let delivered = tokio::time::timeout(Duration::from_secs(60), stack.delivered.changed()).await;
-        assert!(delivered.is_ok(), "the outbox stopped draining");
-    }
+    stack
+        .after_deliveries(|| match stack.store.lock().unwrap().outbox_len().unwrap() {
+            0 => Ok(()),
+            n => Err(format!("{n} records still in the outbox")),
+        })
+        .await;
 
     // One outcome per command: every reply seen for an id is the same reply.
     let mut outcomes: HashMap<String, Vec<Reply>> = HashMap::new();
@@ -101,16 +103,12 @@ async fn the_broker_restarted_ten_times_during_remote_commands_each_runs_once_wi
             })
             .count()
     };
-    let mut delivered = stack.delivered.clone();
-    let remote_moves = loop {
-        delivered.borrow_and_update();
-        let moves = remote_moves();
-        if moves >= COMMANDS {
-            break moves;
-        }
-        let waited = tokio::time::timeout(Duration::from_secs(60), delivered.changed()).await;
-        assert!(matches!(waited, Ok(Ok(()))), "{moves} of {COMMANDS} moves in the cloud, and nothing more delivered");
-    };
+    let remote_moves = stack
+        .after_deliveries(|| match remote_moves() {
+            moves if moves >= COMMANDS => Ok(moves),
+            moves => Err(format!("{moves} of {COMMANDS} moves in the cloud")),
+        })
+        .await;
     assert_eq!(remote_moves, COMMANDS, "the lock's log");
     println!(
         "broker killed {RESTARTS} times during {COMMANDS} remote commands: {} replies seen, each command once in the lock's log",

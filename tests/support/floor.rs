@@ -43,10 +43,21 @@ pub async fn mqtt_round_trips(pki: &Pki, port: u16, gateway: &str, n: usize) -> 
     let topic = format!("lockhub/v1/{gateway}/rt");
     client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
     rx.recv().await.unwrap();
+    timed(&client, &topic, &mut rx, n).await
+}
+
+/// `n` timings of a publish by `client` on `topic` until the next publish arrives on `rx`,
+/// after 100 to warm up.
+async fn timed(
+    client: &AsyncClient,
+    topic: &str,
+    rx: &mut mpsc::UnboundedReceiver<Option<bytes::Bytes>>,
+    n: usize,
+) -> Vec<Duration> {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + 100 {
         let t = Instant::now();
-        client.publish(&topic, QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
+        client.publish(topic, QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
         while rx.recv().await.unwrap().is_none() {}
         if i >= 100 {
             samples.push(t.elapsed());
@@ -106,15 +117,7 @@ pub async fn mqtt_request_replies(pki: &Pki, port: u16, gateway: &str, n: usize)
     let (client, mut replies) = relay_client(pki, port, "req");
     client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
     replies.recv().await.unwrap();
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n + 100 {
-        let t = Instant::now();
-        client.publish(&request, QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
-        while replies.recv().await.unwrap().is_none() {}
-        if i >= 100 {
-            samples.push(t.elapsed());
-        }
-    }
+    let samples = timed(&client, &request, &mut replies, n).await;
     echo.abort();
     samples
 }

@@ -162,26 +162,33 @@ impl Stack {
         AppKey::generate(&self.dir.path().join("keys"), name, false).unwrap()
     }
 
-    /// The outcomes audited under `action_prefix` once `ready` holds for them.
+    /// What `check` finds once it finds it (`Ok`), reading again after each outbox record the
+    /// link delivers, for at most a minute without one (then it fails with `check`'s `Err`).
     ///
-    /// A reply leaves through the express lane while its outcome (audit record included)
-    /// commits, so the records can trail the replies a test has seen. Each commit is followed
-    /// by the deletion of its reply's outbox record, which `delivered` counts: read again after
-    /// each one, for at most a minute without one.
-    pub async fn audited_until(&self, action_prefix: &str, ready: impl Fn(&[String]) -> bool) -> Vec<String> {
+    /// For what trails the replies a test has seen: a reply leaves through the express lane
+    /// while its outcome (audit record, the lock's events) commits, and each commit is followed
+    /// by the deletion of its reply's outbox record, which `delivered` counts.
+    pub async fn after_deliveries<T>(&self, mut check: impl FnMut() -> Result<T, String>) -> T {
         let mut delivered = self.delivered.clone();
         loop {
             delivered.borrow_and_update();
-            let outcomes = self.audit_outcomes(action_prefix);
-            if ready(&outcomes) {
-                return outcomes;
-            }
+            let why = match check() {
+                Ok(found) => return found,
+                Err(why) => why,
+            };
             let changed = tokio::time::timeout(Duration::from_secs(60), delivered.changed()).await;
-            assert!(
-                matches!(changed, Ok(Ok(()))),
-                "audited under {action_prefix:?}: {outcomes:?}, and nothing more delivered in a minute"
-            );
+            assert!(matches!(changed, Ok(Ok(()))), "{why}, and nothing more delivered in a minute");
         }
+    }
+
+    /// The outcomes audited under `action_prefix` once `ready` holds for them (see
+    /// [`Stack::after_deliveries`]).
+    pub async fn audited_until(&self, action_prefix: &str, ready: impl Fn(&[String]) -> bool) -> Vec<String> {
+        self.after_deliveries(|| {
+            let outcomes = self.audit_outcomes(action_prefix);
+            if ready(&outcomes) { Ok(outcomes) } else { Err(format!("audited under {action_prefix:?}: {outcomes:?}")) }
+        })
+        .await
     }
 
     /// The outcomes audited under `action_prefix` once each of `expected` is among them (as
