@@ -441,3 +441,64 @@ async fn gateway_killed_with_sigkill_turns_offline(kind: Kind) {
     child.wait().unwrap();
     assert_eq!(next_on(&mut seen, "/status").await, br#"{"status":"offline"}"#);
 }
+
+/// Reads one MQTT packet: (its first byte, its body).
+async fn read_packet(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let kind = stream.read_u8().await.unwrap();
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let byte = stream.read_u8().await.unwrap();
+        len |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        assert!(shift < 28, "remaining length over four bytes");
+    }
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body).await.unwrap();
+    (kind, body)
+}
+
+/// "online" tells the app it can send commands now: the subscription to them must already be
+/// in place. A broker handles one connection's packets in order, so the order the link sends
+/// them in is what counts; a scripted TLS server reads it. (Found under callgrind, which
+/// slowed the gateway enough for a command sent on "online" to be routed before the
+/// subscription existed, and dropped.)
+#[tokio::test]
+async fn the_command_subscription_goes_out_before_online() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
+    let server = lockhub::cloud::tls::server_config(&pki.ca_cert(), &pki.broker_cert(), &pki.broker_key()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = CloudConfig::new(
+        vec![format!("mqtts://localhost:{}", listener.local_addr().unwrap().port())],
+        pki.ca_cert(),
+        pki.client_cert(GW),
+        pki.client_key(GW),
+    );
+    let store =
+        Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) }).unwrap();
+    let (tx, _commands) = mpsc::channel(16);
+    let (link, _reports) =
+        CloudLink::new(config, GatewayId::new(GW).unwrap(), Arc::new(Mutex::new(store)), Arc::new(Notify::new()), tx)
+            .unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut tls = tokio_rustls::TlsAcceptor::from(server).accept(tcp).await.unwrap();
+    assert_eq!(read_packet(&mut tls).await.0 >> 4, 1, "CONNECT first");
+    // CONNACK: no session, accepted.
+    tls.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+    let (first, second) = (read_packet(&mut tls).await, read_packet(&mut tls).await);
+    assert_eq!(first.0 >> 4, 8, "SUBSCRIBE (8) first, then the status; got {} then {}", first.0 >> 4, second.0 >> 4);
+    assert_eq!(second.0 >> 4, 3, "then PUBLISH (3): the status");
+    let topic_len = usize::from(u16::from_be_bytes([second.1[0], second.1[1]]));
+    assert_eq!(&second.1[2..2 + topic_len], format!("lockhub/v1/{GW}/status").as_bytes());
+    stop.send(true).unwrap();
+    drop(tls);
+    task.await.unwrap();
+}

@@ -574,11 +574,13 @@ impl CloudLink {
         }
         // Whatever the outbox holds is to be sent (again) on this connection.
         flight.unsent = true;
-        if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, online_payload()).is_ok() {
-            flight.unassigned.push_back(Tag::Status);
-        }
+        // Subscribed before saying online: an app that answers "online" with a command must
+        // find the subscription there (a broker takes one connection's packets in order).
         if !session_present {
             let _ = client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
+        }
+        if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, online_payload()).is_ok() {
+            flight.unassigned.push_back(Tag::Status);
         }
     }
 
