@@ -1,58 +1,99 @@
-//! The daemon's own machine code in memory.
+//! The daemon's machine code in memory.
 //!
-//! A hub has little RAM, and the kernel maps an executable's pages around each page fault
-//! (fault-around) and reads ahead: nearly all of the binary's text ends up resident, although
-//! most of it (start-up, configuration, the other subcommands) never runs again once the
-//! daemon serves. After start-up the daemon marks its read-only mappings random-access (no
-//! fault-around, no read-ahead) and hands back the pages resident so far (`MADV_PAGEOUT`,
-//! Linux 5.4+; older kernels refuse it and only the first part applies). What runs while
-//! serving comes back page by page, from the page cache. The pages are clean and shared with
-//! the file: nothing is lost, only the count of what this process holds.
+//! A hub has little RAM, and code stays mapped once touched: start-up, configuration, the
+//! other subcommands, all of it resident although it never runs again once the daemon serves;
+//! the same holds for what start-up touched in the libraries (the dynamic linker binding
+//! symbols, libm, libsystemd). After start-up the daemon unmaps the pages of its read-only file
+//! mappings (`MADV_DONTNEED`), and marks its own random-access (no read-ahead when a page comes
+//! back from disk): what runs while serving comes back page by page from the page cache, where
+//! the rest stays as clean cache the kernel may drop. Two things keep this from bringing
+//! everything back: the kernel maps the cached neighbours of each fault too (fault-around,
+//! 64 KiB, which `MADV_RANDOM` does not stop), so the release build lays the serving code out
+//! together (build.rs); and only mappings without private pages are unmapped (the relocated
+//! read-only data is private: unmapping it would lose the relocations).
+//!
+//! Not `MADV_PAGEOUT`, which would also drop the pages from the cache: the kernel refuses it
+//! for a file the process could not open for writing, which is how a packaged daemon runs
+//! (its binary is root's, it runs as `lockhub`) — there it did nothing at all. A library's
+//! pages that other processes map stay in memory for them: for those, unmapping changes what
+//! this process's RSS counts, not what the machine holds (its PSS counts them shared).
 
 use std::io;
 
-/// The read-only mappings of this executable: (start, length).
-fn own_read_only_mappings() -> io::Result<Vec<(usize, usize)>> {
+/// One read-only file mapping: this executable's, or a library's.
+#[derive(Debug)]
+struct Mapping {
+    start: usize,
+    len: usize,
+    /// Whether it is this executable's own.
+    own: bool,
+    /// KiB of private (copied-on-write) pages: contents that exist nowhere else.
+    private_kib: u64,
+}
+
+/// The read-only file mappings of this process, from `/proc/self/smaps`.
+fn read_only_file_mappings() -> io::Result<Vec<Mapping>> {
     let exe = std::env::current_exe()?;
     let exe = exe.to_string_lossy();
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut out = Vec::new();
-    for line in maps.lines() {
-        // start-end perms offset dev inode path
+    let mut current: Option<Mapping> = None;
+    for line in smaps.lines() {
         let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        let path = fields.nth(3).unwrap_or("");
-        if path != exe || perms.contains('w') {
-            continue;
-        }
-        let Some((start, end)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) else {
-            continue;
-        };
-        if end > start {
-            out.push((start, end - start));
+        let (Some(first), Some(second)) = (fields.next(), fields.next()) else { continue };
+        // A mapping's header: start-end perms offset dev inode [path].
+        if let Some((start, end)) = first.split_once('-')
+            && second.len() == 4
+        {
+            out.extend(current.take());
+            let path = fields.nth(3).unwrap_or("");
+            // Files only: not the stack, the heap, [vdso] or [vvar].
+            if !path.starts_with('/') || second.contains('w') {
+                continue;
+            }
+            let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) else {
+                continue;
+            };
+            if end > start {
+                current = Some(Mapping { start, len: end - start, own: path == exe, private_kib: 0 });
+            }
+        } else if let Some(mapping) = current.as_mut()
+            && first == "Anonymous:"
+        {
+            // Unparsable counts as private: such a mapping is left alone.
+            mapping.private_kib = second.parse().unwrap_or(u64::MAX);
         }
     }
+    out.extend(current);
     Ok(out)
 }
 
-/// Marks the executable's read-only mappings random-access and pages them out; returns how
-/// many bytes of mappings were advised.
+/// Marks the executable's read-only mappings random-access, and unmaps the pages of every
+/// read-only file mapping (its own and the libraries') without private pages; returns how many
+/// bytes of mappings were unmapped.
+///
+/// Never inlined: `packaging/profile-hot-code` cuts its profile where this is entered.
+#[inline(never)]
 pub fn trim() -> io::Result<usize> {
-    let mut advised = 0;
-    for (start, len) in own_read_only_mappings()? {
+    let mut unmapped = 0;
+    for Mapping { start, len, own, private_kib } in read_only_file_mappings()? {
         // SAFETY: the range is one of this process's own file-backed, read-only mappings, as
-        // the kernel lists them; both advices only change how its pages are cached (they are
-        // clean and come back from the file on the next touch), never their contents.
-        let random = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_RANDOM) };
-        if random != 0 {
+        // the kernel lists them; the advice only changes how its pages are read, never their
+        // contents.
+        if own && unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_RANDOM) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: as above.
-        let _ = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
-        advised += len;
+        if private_kib != 0 {
+            continue;
+        }
+        // SAFETY: as above, and the mapping holds no private page: every page unmapped is a
+        // clean copy of the file, and comes back from it, unchanged, on the next touch.
+        if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        unmapped += len;
     }
-    Ok(advised)
+    Ok(unmapped)
 }
 
 #[cfg(test)]
@@ -73,13 +114,52 @@ mod tests {
         total
     }
 
+    /// Set in the child that [`an_unprivileged_daemon_hands_its_code_back`] starts.
+    const CHILD: &str = "LOCKHUB_TEXT_PAGES_CHILD";
+
     #[test]
     fn the_executables_own_pages_are_found_and_handed_back() {
-        assert!(!own_read_only_mappings().unwrap().is_empty(), "the test binary has read-only mappings");
+        let mappings = read_only_file_mappings().unwrap();
+        assert!(
+            mappings.iter().any(|m| m.own && m.private_kib == 0),
+            "the test binary has clean read-only mappings: {mappings:?}"
+        );
         let before = resident_kib_of_own_text();
         assert!(trim().unwrap() > 0);
         let after = resident_kib_of_own_text();
         println!("resident pages of this executable: {before} KiB before, {after} KiB after");
         assert!(after < before, "{before} KiB before, {after} KiB after");
+        if std::env::var_os(CHILD).is_some() {
+            // The parent reads this line.
+            println!("handed back: {before} -> {after} KiB");
+        }
+    }
+
+    /// As packaged, the daemon runs as its own user and its binary is root's: the hand-back
+    /// must work for a process that cannot write its executable (`MADV_PAGEOUT` does not).
+    /// Root runs this test binary again as `nobody`, from a root-owned copy.
+    #[test]
+    fn an_unprivileged_daemon_hands_its_code_back() {
+        // SAFETY: geteuid has no preconditions.
+        if std::env::var_os(CHILD).is_some() || unsafe { libc::geteuid() } != 0 {
+            println!("not root: nothing to drop, and the test binary is this user's own");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.path().join("text-pages-test");
+        std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&copy)
+            .args(["--exact", "text_pages::tests::the_executables_own_pages_are_found_and_handed_back", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("handed back:"), "the child ran the hand-back: {stdout}");
     }
 }
