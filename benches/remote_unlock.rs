@@ -35,11 +35,44 @@ const WAIT: Duration = Duration::from_secs(30);
 
 struct Daemon(Child);
 
+impl Daemon {
+    /// Stops the daemon as systemd does (SIGTERM, then its graceful shutdown), so that a
+    /// wrapper around it (`packaging/profile-hot-code` runs it under callgrind) sees an
+    /// ordinary exit. A daemon still running after a minute is killed on drop.
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            match self.0.try_wait() {
+                Ok(Some(status)) if status.success() => return,
+                Ok(Some(status)) => return eprintln!("lockhub run ended with {status} after SIGTERM"),
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => return,
+            }
+        }
+        eprintln!("lockhub run did not stop within a minute of SIGTERM: killed");
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A process's proportional set size in KiB: its mappings' pages, each divided by the number
+/// of processes mapping it (libc counts fully in RSS, a fraction of it here).
+fn pss_kib(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// (VmRSS, VmHWM, RssAnon, RssFile) of a process, in KiB.
@@ -290,6 +323,7 @@ fn main() {
             send(0).await;
         }
         let (idle_rss, _, idle_anon, idle_file) = memory_kib(daemon.0.id());
+        let idle_pss = pss_kib(daemon.0.id());
         if std::env::var_os("BENCH_SMAPS").is_some() {
             let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", daemon.0.id())).unwrap();
             let mut per_file = std::collections::BTreeMap::<String, u64>::new();
@@ -389,12 +423,13 @@ fn main() {
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
-            "lockhub run memory: idle with {LOCKS} paired locks {:.1} MiB RSS ({:.1} MiB heap and stacks, {:.1} MiB mapped code and libraries); peak during the run {:.1} MiB (target idle ≤ 8 MiB)",
+            "lockhub run memory: idle with {LOCKS} paired locks {:.1} MiB RSS ({:.1} MiB heap and stacks, {:.1} MiB mapped code and libraries; PSS {:.1} MiB); peak during the run {:.1} MiB (target idle ≤ 8 MiB)",
             mib(idle_rss),
             mib(idle_anon),
             mib(idle_file),
+            mib(idle_pss),
             mib(peak_rss)
         );
-        drop(daemon);
+        daemon.stop();
     });
 }
