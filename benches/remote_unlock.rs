@@ -331,14 +331,16 @@ fn main() {
             for line in smaps.lines() {
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 if fields.len() >= 5 && fields[0].contains('-') {
-                    current = fields.get(5).unwrap_or(&"[anon]").to_string();
+                    // Per mapping kind: the binary's code (r-xp), read-only data (r--p) and
+                    // relocated data are different stories.
+                    current = format!("{} ({})", fields.get(5).unwrap_or(&"[anon]"), fields[1]);
                 } else if fields.first() == Some(&"Rss:") {
                     *per_file.entry(current.clone()).or_default() += fields[1].parse::<u64>().unwrap();
                 }
             }
             let mut v: Vec<_> = per_file.into_iter().collect();
             v.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
-            for (file, kib) in v.iter().take(8) {
+            for (file, kib) in v.iter().take(12) {
                 eprintln!("  {kib:>6} KiB  {file}");
             }
         }
