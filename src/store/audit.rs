@@ -146,7 +146,8 @@ impl Tx<'_> {
     fn user_pseudonym(&self, public_key: &[u8]) -> Result<String, StoreError> {
         let sealed: Option<Vec<u8>> = self
             .tx
-            .query_row("SELECT pseudonym_key FROM users WHERE public_key = ?1", [public_key], |r| r.get(0))
+            .prepare_cached("SELECT pseudonym_key FROM users WHERE public_key = ?1")?
+            .query_row([public_key], |r| r.get(0))
             .optional()?;
         let Some(sealed) = sealed else { return Ok("user:unknown".into()) };
         let key = self.sealer.open(Place { table: "users", column: "pseudonym_key", row: public_key }, &sealed)?;
@@ -155,8 +156,11 @@ impl Tx<'_> {
 
     pub(super) fn lock_pseudonym(&self, lock: LockId) -> Result<String, StoreError> {
         let id = lock.to_string();
-        let sealed: Option<Vec<u8>> =
-            self.tx.query_row("SELECT pseudonym_key FROM locks WHERE lock_id = ?1", [&id], |r| r.get(0)).optional()?;
+        let sealed: Option<Vec<u8>> = self
+            .tx
+            .prepare_cached("SELECT pseudonym_key FROM locks WHERE lock_id = ?1")?
+            .query_row([&id], |r| r.get(0))
+            .optional()?;
         let Some(sealed) = sealed else { return Ok("lock:unknown".into()) };
         let key = self.sealer.open(Place { table: "locks", column: "pseudonym_key", row: id.as_bytes() }, &sealed)?;
         Ok(pseudonym("lock", &key, id.as_bytes()))
@@ -173,7 +177,8 @@ impl Tx<'_> {
         let subject = entry.lock.map(|l| self.lock_pseudonym(l)).transpose()?;
         let last: Option<(i64, Vec<u8>)> = self
             .tx
-            .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let (prev_seq, prev_hash) = match last {
             Some(l) => l,
@@ -189,10 +194,12 @@ impl Tx<'_> {
             detail: entry.detail.to_owned(),
         };
         let hash = record_hash(&prev_hash, &record);
-        self.tx.execute(
-            "INSERT INTO audit (seq, at, action, outcome, actor, subject, detail, prev_hash, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
+        self.tx
+            .prepare_cached(
+                "INSERT INTO audit (seq, at, action, outcome, actor, subject, detail, prev_hash, hash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
                 record.seq,
                 record.at,
                 record.action,
@@ -202,8 +209,7 @@ impl Tx<'_> {
                 record.detail,
                 prev_hash,
                 hash.to_vec()
-            ],
-        )?;
+            ])?;
         Ok(record.seq)
     }
 }

@@ -69,19 +69,20 @@ impl Tx<'_> {
 
     /// Records the newest log entry read from a lock.
     pub fn set_last_event_seq(&mut self, lock_id: LockId, seq: u64) -> Result<(), StoreError> {
-        let n = self.tx.execute(
-            "UPDATE locks SET last_event_seq = ?2 WHERE lock_id = ?1",
-            params![lock_id.to_string(), seq as i64],
-        )?;
+        let n = self
+            .tx
+            .prepare_cached("UPDATE locks SET last_event_seq = ?2 WHERE lock_id = ?1")?
+            .execute(params![lock_id.to_string(), seq as i64])?;
         if n == 0 { Err(StoreError::NotFound(format!("lock {lock_id}"))) } else { Ok(()) }
     }
 
     /// Notes a retained MQTT topic published about a lock, so that unbinding can clear it.
     pub fn note_retained_topic(&mut self, lock_id: LockId, topic: &str) -> Result<(), StoreError> {
-        self.tx.execute(
-            "INSERT OR IGNORE INTO retained_topics (topic, lock) SELECT ?2, id FROM locks WHERE lock_id = ?1",
-            params![lock_id.to_string(), topic],
-        )?;
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO retained_topics (topic, lock) SELECT ?2, id FROM locks WHERE lock_id = ?1",
+            )?
+            .execute(params![lock_id.to_string(), topic])?;
         Ok(())
     }
 

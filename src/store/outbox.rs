@@ -43,10 +43,11 @@ impl Tx<'_> {
             return Err(StoreError::Invalid("outbox record (topic or payload size)"));
         }
         let lock_row = lock.map(|l| self.lock_rowid(l)).transpose()?;
-        self.tx.execute(
-            "INSERT INTO outbox (lock, topic, payload, retain, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![lock_row, topic, payload, retain, now],
-        )?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO outbox (lock, topic, payload, retain, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![lock_row, topic, payload, retain, now])?;
         Ok(self.tx.last_insert_rowid())
     }
 }
@@ -54,8 +55,9 @@ impl Tx<'_> {
 impl Store {
     /// The oldest `limit` records waiting, in order.
     pub fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT id, topic, payload, retain, created_at FROM outbox ORDER BY id LIMIT ?1")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, topic, payload, retain, created_at FROM outbox ORDER BY id LIMIT ?1")?;
         let rows = stmt.query_map([limit], |r| {
             Ok(OutboxRecord {
                 id: r.get(0)?,

@@ -274,7 +274,9 @@ impl Tx<'_> {
 
     /// Stores the reply given to a command, for duplicate deliveries.
     pub fn set_command_reply(&mut self, command_id: &str, reply: &[u8]) -> Result<(), StoreError> {
-        self.tx.execute("UPDATE seen_commands SET reply = ?2 WHERE command_id = ?1", params![command_id, reply])?;
+        self.tx
+            .prepare_cached("UPDATE seen_commands SET reply = ?2 WHERE command_id = ?1")?
+            .execute(params![command_id, reply])?;
         Ok(())
     }
 }
