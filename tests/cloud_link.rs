@@ -442,23 +442,20 @@ async fn gateway_killed_with_sigkill_turns_offline(kind: Kind) {
     assert_eq!(next_on(&mut seen, "/status").await, br#"{"status":"offline"}"#);
 }
 
-/// Reads one MQTT packet: (its first byte, its body).
-async fn read_packet(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+/// Reads one MQTT packet with rumqttc's codec, as the bundled broker does.
+async fn read_packet(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut bytes::BytesMut,
+) -> rumqttc::mqttbytes::v4::Packet {
     use tokio::io::AsyncReadExt;
-    let kind = stream.read_u8().await.unwrap();
-    let (mut len, mut shift) = (0usize, 0);
     loop {
-        let byte = stream.read_u8().await.unwrap();
-        len |= usize::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            break;
+        match rumqttc::mqttbytes::v4::Packet::read(buf, 64 * 1024) {
+            Ok(packet) => return packet,
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("malformed packet from the link: {e:?}"),
         }
-        shift += 7;
-        assert!(shift < 28, "remaining length over four bytes");
+        assert!(stream.read_buf(buf).await.unwrap() > 0, "the link closed the connection");
     }
-    let mut body = vec![0; len];
-    stream.read_exact(&mut body).await.unwrap();
-    (kind, body)
 }
 
 /// "online" tells the app it can send commands now: the subscription to them must already be
@@ -490,14 +487,21 @@ async fn the_command_subscription_goes_out_before_online() {
 
     let (tcp, _) = listener.accept().await.unwrap();
     let mut tls = tokio_rustls::TlsAcceptor::from(server).accept(tcp).await.unwrap();
-    assert_eq!(read_packet(&mut tls).await.0 >> 4, 1, "CONNECT first");
-    // CONNACK: no session, accepted.
-    tls.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
-    let (first, second) = (read_packet(&mut tls).await, read_packet(&mut tls).await);
-    assert_eq!(first.0 >> 4, 8, "SUBSCRIBE (8) first, then the status; got {} then {}", first.0 >> 4, second.0 >> 4);
-    assert_eq!(second.0 >> 4, 3, "then PUBLISH (3): the status");
-    let topic_len = usize::from(u16::from_be_bytes([second.1[0], second.1[1]]));
-    assert_eq!(&second.1[2..2 + topic_len], format!("lockhub/v1/{GW}/status").as_bytes());
+    let mut buf = bytes::BytesMut::new();
+    use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+    assert!(matches!(read_packet(&mut tls, &mut buf).await, Packet::Connect(_)), "CONNECT first");
+    let mut connack = bytes::BytesMut::new();
+    // No session: the link must subscribe afresh.
+    Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)).write(&mut connack, 64).unwrap();
+    tls.write_all(&connack).await.unwrap();
+    let (first, second) = (read_packet(&mut tls, &mut buf).await, read_packet(&mut tls, &mut buf).await);
+    match (&first, &second) {
+        (Packet::Subscribe(subscribe), Packet::Publish(status)) => {
+            assert_eq!(subscribe.filters[0].path, format!("lockhub/v1/{GW}/cmd"));
+            assert_eq!(status.topic, format!("lockhub/v1/{GW}/status"));
+        }
+        _ => panic!("SUBSCRIBE to commands first, then the status; got {first:?} then {second:?}"),
+    }
     stop.send(true).unwrap();
     drop(tls);
     task.await.unwrap();
