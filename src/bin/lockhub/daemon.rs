@@ -174,7 +174,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     });
     tracing::info!(gateway = %id, "lockhub running");
     match crate::text_pages::trim() {
-        Ok(bytes) => tracing::debug!(bytes, "start-up code handed back"),
+        Ok(kib) => tracing::debug!(resident_kib = kib, "start-up code handed back"),
         Err(e) => tracing::debug!(error = %e, "could not advise the kernel on the daemon's code pages"),
     }
     loop {

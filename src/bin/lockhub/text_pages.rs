@@ -27,6 +27,8 @@ struct Mapping {
     len: usize,
     /// Whether it is this executable's own.
     own: bool,
+    /// KiB resident.
+    rss_kib: u64,
     /// KiB of private (copied-on-write) pages: contents that exist nowhere else.
     private_kib: u64,
 }
@@ -55,13 +57,15 @@ fn read_only_file_mappings() -> io::Result<Vec<Mapping>> {
                 continue;
             };
             if end > start {
-                current = Some(Mapping { start, len: end - start, own: path == exe, private_kib: 0 });
+                current = Some(Mapping { start, len: end - start, own: path == exe, rss_kib: 0, private_kib: 0 });
             }
-        } else if let Some(mapping) = current.as_mut()
-            && first == "Anonymous:"
-        {
-            // Unparsable counts as private: such a mapping is left alone.
-            mapping.private_kib = second.parse().unwrap_or(u64::MAX);
+        } else if let Some(mapping) = current.as_mut() {
+            match first {
+                "Rss:" => mapping.rss_kib = second.parse().unwrap_or(0),
+                // Unparsable counts as private: such a mapping is left alone.
+                "Anonymous:" => mapping.private_kib = second.parse().unwrap_or(u64::MAX),
+                _ => {}
+            }
         }
     }
     out.extend(current);
@@ -70,13 +74,13 @@ fn read_only_file_mappings() -> io::Result<Vec<Mapping>> {
 
 /// Marks the executable's read-only mappings random-access, and unmaps the pages of every
 /// read-only file mapping (its own and the libraries') without private pages; returns how many
-/// bytes of mappings were unmapped.
+/// KiB were resident in the mappings it unmapped.
 ///
 /// Never inlined: `packaging/profile-hot-code` cuts its profile where this is entered.
 #[inline(never)]
 pub fn trim() -> io::Result<usize> {
     let mut unmapped = 0;
-    for Mapping { start, len, own, private_kib } in read_only_file_mappings()? {
+    for Mapping { start, len, own, rss_kib, private_kib } in read_only_file_mappings()? {
         // SAFETY: the range is one of this process's own file-backed, read-only mappings, as
         // the kernel lists them; the advice only changes how its pages are read, never their
         // contents.
@@ -91,7 +95,7 @@ pub fn trim() -> io::Result<usize> {
         if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        unmapped += len;
+        unmapped += rss_kib as usize;
     }
     Ok(unmapped)
 }
@@ -100,18 +104,15 @@ pub fn trim() -> io::Result<usize> {
 mod tests {
     use super::*;
 
-    fn resident_kib_of_own_text() -> u64 {
-        let exe = std::env::current_exe().unwrap().to_string_lossy().into_owned();
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let (mut ours, mut total) = (false, 0);
-        for line in smaps.lines() {
-            if line.contains('-') && line.split_whitespace().nth(1).is_some_and(|p| p.len() == 4) {
-                ours = line.ends_with(&exe) && !line.split_whitespace().nth(1).unwrap().contains('w');
-            } else if ours && let Some(kib) = line.strip_prefix("Rss:") {
-                total += kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap();
-            }
-        }
-        total
+    /// KiB resident in this executable's read-only mappings: (clean ones, private ones).
+    fn resident_kib_of_own_mappings() -> (u64, u64) {
+        let own = read_only_file_mappings().unwrap().into_iter().filter(|m| m.own);
+        own.fold(
+            (0, 0),
+            |(clean, private), m| {
+                if m.private_kib == 0 { (clean + m.rss_kib, private) } else { (clean, private + m.rss_kib) }
+            },
+        )
     }
 
     /// Set in the child that [`an_unprivileged_daemon_hands_its_code_back`] starts.
@@ -124,11 +125,14 @@ mod tests {
             mappings.iter().any(|m| m.own && m.private_kib == 0),
             "the test binary has clean read-only mappings: {mappings:?}"
         );
-        let before = resident_kib_of_own_text();
+        // A position-independent binary's relocated read-only data: private, and to be kept.
+        assert!(mappings.iter().any(|m| m.own && m.private_kib > 0), "and a relocated one: {mappings:?}");
+        let (before, private_before) = resident_kib_of_own_mappings();
         assert!(trim().unwrap() > 0);
-        let after = resident_kib_of_own_text();
+        let (after, private_after) = resident_kib_of_own_mappings();
         println!("resident pages of this executable: {before} KiB before, {after} KiB after");
         assert!(after < before, "{before} KiB before, {after} KiB after");
+        assert!(private_after >= private_before, "relocated data unmapped: {private_before} -> {private_after} KiB");
         if std::env::var_os(CHILD).is_some() {
             // The parent reads this line.
             println!("handed back: {before} -> {after} KiB");
