@@ -2,8 +2,8 @@
 //! Mosquitto (`cloud_acl.rs`): client ids bound to certificates, wills confined to the
 //! client's subtree, QoS 2 and malformed packets refused without disturbing other clients; a
 //! gateway's events stored before their PUBACK, every PUBACK in publish order; a full event
-//! store ending the gateway's connection with nothing it acknowledged lost; and
-//! `lockhub-cloud mosquitto-config`.
+//! store ending the gateway's connection with nothing it acknowledged lost; the relay's
+//! session outlasting a broker that turns it away at first; and `lockhub-cloud mosquitto-config`.
 
 mod support;
 
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockhub::cloud::tls::client_config;
+use lockhub::devcloud::app::AppClient;
 use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, Incoming, LastWill, MqttOptions, QoS, TlsConfiguration,
@@ -178,6 +179,41 @@ async fn a_full_event_store_ends_the_gateways_connection_and_loses_nothing_ackno
         acked.len(),
         all.len()
     );
+}
+
+#[tokio::test]
+async fn the_relays_session_outlasts_a_broker_that_turns_it_away_at_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(dir.path(), &["gw-a"]).unwrap();
+    let gw = lockhub::protocol::ids::GatewayId::new("gw-a").unwrap();
+
+    // A one-off app (the CLI) reports the broker's refusal at once.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtts://localhost:{}", listener.local_addr().unwrap().port());
+    let (p, g) = (pki.clone(), gw.clone());
+    tokio::spawn(async move {
+        let _ = tx.send(AppClient::connect(&url, &p, &g).await.map(|_| ()));
+    });
+    drop(listener.accept().await.unwrap());
+    let err = rx.await.unwrap().expect_err("the refusal is reported");
+    assert!(err.to_string().contains("tls handshake eof"), "{err}");
+
+    // The relay's persistent session tries again, and has its subscription once a broker serves.
+    // (The stand-in takes one connection and drops it, as a clustered broker does with a
+    // session it cannot place yet; then the real broker takes over its port.)
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (p, g) = (pki.clone(), gw.clone());
+    tokio::spawn(async move {
+        let url = format!("mqtts://localhost:{port}");
+        let _ = tx.send(AppClient::connect_persistent(&url, &p, &g, "retry-test").await.map(|_| ()));
+    });
+    drop(listener.accept().await.unwrap());
+    drop(listener);
+    let _broker = Bundled::start_on(&pki, port);
+    rx.await.unwrap().expect("the relay connects once the broker serves");
 }
 
 #[tokio::test]

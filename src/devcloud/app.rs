@@ -127,6 +127,9 @@ pub fn new_id(prefix: &str) -> StatementId {
 /// enough that a captured one is soon useless.
 pub const STATEMENT_LIFETIME_S: i64 = 300;
 
+/// How long [`AppClient::connect`] waits for its subscription to be in place.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The owner's claim of `gateway` with its one-time `code`.
 pub fn claim(gateway: &GatewayId, code: &str, now: i64) -> Statement {
     Statement::Claim(Claim {
@@ -306,12 +309,20 @@ impl AppClient {
         let replies_topic = topics.replies();
         let retained: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>> = Arc::default();
         let (w, s, r) = (waiting.clone(), seen.clone(), retained.clone());
+        // Why the last attempt to connect failed, for the error when none succeeds in time.
+        let last_error: Arc<Mutex<Option<String>>> = Arc::default();
+        let failed = last_error.clone();
         tokio::spawn(async move {
             let mut subscribed_tx = Some(subscribed_tx);
+            // A failed first attempt may have taken the subscription with it.
+            let mut retried = false;
             loop {
                 match eventloop.poll().await {
                     // A broker that lost the session (restarted) lost the subscription too.
-                    Ok(Event::Incoming(Incoming::ConnAck(ack))) if subscribed_tx.is_none() && !ack.session_present => {
+                    Ok(Event::Incoming(Incoming::ConnAck(ack)))
+                        if (subscribed_tx.is_none() && !ack.session_present) || retried =>
+                    {
+                        retried = false;
                         let _ = resubscriber.try_subscribe(filter.clone(), QoS::AtLeastOnce);
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
@@ -339,19 +350,35 @@ impl AppClient {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        if let Some(tx) = subscribed_tx.take() {
+                        // A one-off client reports a broker it cannot reach at once; the relay's
+                        // persistent session keeps trying, as the cloud's relay would (a
+                        // clustered broker refuses sessions while its streams are placed).
+                        if !persistent && let Some(tx) = subscribed_tx.take() {
                             let _ = tx.send(Err(e.to_string()));
                             return;
+                        }
+                        if let Some(tx) = &subscribed_tx {
+                            if tx.is_closed() {
+                                return; // the caller gave up waiting
+                            }
+                            retried = true;
+                            *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
             }
         });
-        match tokio::time::timeout(Duration::from_secs(20), subscribed).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, subscribed).await {
             Ok(Ok(Ok(()))) => Ok(AppClient { client, topics, waiting, seen, retained }),
             Ok(Ok(Err(e))) => Err(AppError::Mqtt(e)),
-            _ => Err(AppError::Mqtt("no SUBACK from the broker".into())),
+            _ => {
+                let last = last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                Err(AppError::Mqtt(match last {
+                    Some(e) => format!("no session with the broker within {CONNECT_TIMEOUT:?} (last attempt: {e})"),
+                    None => "no SUBACK from the broker".into(),
+                }))
+            }
         }
     }
 

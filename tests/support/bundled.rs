@@ -42,6 +42,13 @@ impl Bundled {
         Bundled { child, pki, data: data.to_owned(), _temp: None, port }
     }
 
+    /// Starts the broker on `port`, with its data in a temporary directory.
+    pub fn start_on(pki: &Pki, port: u16) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let (child, port) = Self::spawn(pki.dir(), temp.path(), port);
+        Bundled { child, pki: pki.dir().to_owned(), data: temp.path().to_owned(), _temp: Some(temp), port }
+    }
+
     /// Kills the broker (SIGKILL: no goodbye, nothing saved beyond what is on disk) and starts
     /// it again on the same port; returns once it accepts clients.
     pub fn restart(&mut self) {
