@@ -16,6 +16,7 @@ use sha2::Digest;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use super::claim;
+use super::facts_cache::{FactsCache, SignerFacts};
 use super::lock_worker::{Executed, Failure, LockHandle, LockUpdate, LockWorker};
 use super::policy::{Facts, GrantFacts, LockPolicy, PolicyEngine, PolicyLimits, Role};
 use super::timing::{Stage, Timing};
@@ -95,6 +96,8 @@ pub struct Gateway<T: LockTransport> {
     /// Grants whose signatures were checked, by the SHA-256 of their text: a stored grant is
     /// checked again on every command that uses it, unless these very bytes passed before.
     verified_grants: Mutex<HashMap<[u8; 32], Grant>>,
+    /// What commands read about their signers and locks, until a principal changes.
+    facts: FactsCache,
 }
 
 /// Verified grants remembered at most (the memory is emptied when full: a miss only costs a
@@ -142,6 +145,7 @@ impl<T: LockTransport> Gateway<T> {
         limits: PolicyLimits,
         clock: Clock,
     ) -> Arc<Self> {
+        let principals = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).principals_version();
         Arc::new(Gateway {
             topics: Topics::new(&id),
             id,
@@ -156,6 +160,7 @@ impl<T: LockTransport> Gateway<T> {
             updates: broadcast::channel(UPDATES).0,
             express: std::sync::OnceLock::new(),
             verified_grants: Mutex::new(HashMap::new()),
+            facts: FactsCache::new(principals),
         })
     }
 
@@ -472,7 +477,23 @@ impl<T: LockTransport> Gateway<T> {
     }
 
     fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
-        Ok(self.store().owner_keys()?.iter().any(|k| k.as_slice() == key.as_bytes()))
+        Ok(self.facts.owners(&self.store)?.iter().any(|k| k.as_slice() == key.as_bytes()))
+    }
+
+    /// What the store says about `signer` and paired `lock` (the facts cache's miss).
+    fn signer_facts(&self, store: &Store, signer: &PublicKey, lock: LockId) -> Result<SignerFacts, StoreError> {
+        let revoked = store.revoked_grant_ids()?;
+        let grants = store
+            .grants_for(lock)?
+            .into_iter()
+            .filter(|g| g.user_public_key.as_slice() == signer.as_bytes())
+            .filter_map(|g| {
+                let grant = self.verified_grant(&g.statement)?;
+                Some(GrantFacts { revoked: revoked.contains(grant.jti.as_str()), grant })
+            })
+            .collect();
+        let policy = store.policy(Some(lock))?.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
+        Ok(SignerFacts { known_user: store.user_known(signer.as_bytes())?, grants, policy })
     }
 
     /// Records an outcome: the reply to the outbox, the lock's report if the command produced
@@ -560,40 +581,23 @@ impl<T: LockTransport> Gateway<T> {
         let id = command.jti.as_str();
         // A paired lock is one with a task: no store read for it on the command path.
         let handle = self.lock(command.lock);
-        let (known_user, lock_paired, grants, policy) = {
-            let store = self.store();
-            let known_user = store.user_known(signer.as_bytes())?;
-            let lock_paired = handle.is_some();
-            let revoked = store.revoked_grant_ids()?;
-            let grants: Vec<GrantFacts> = if lock_paired {
-                store
-                    .grants_for(command.lock)?
-                    .into_iter()
-                    .filter(|g| g.user_public_key.as_slice() == signer.as_bytes())
-                    .filter_map(|g| {
-                        let grant = self.verified_grant(&g.statement)?;
-                        Some(GrantFacts { revoked: revoked.contains(grant.jti.as_str()), grant })
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let policy: LockPolicy = if lock_paired {
-                store.policy(Some(command.lock))?.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default()
-            } else {
-                LockPolicy::default()
-            };
-            (known_user, lock_paired, grants, policy)
+        let lock_paired = handle.is_some();
+        let signer_facts = if lock_paired {
+            self.facts.signer(&self.store, signer.as_bytes(), command.lock, |store| {
+                self.signer_facts(store, signer, command.lock)
+            })?
+        } else {
+            Arc::new(SignerFacts { known_user: self.store().user_known(signer.as_bytes())?, ..SignerFacts::default() })
         };
         let facts = Facts {
             now,
             clock_synced: synced,
             seen: replayed,
             owner,
-            known_user,
+            known_user: signer_facts.known_user,
             lock_paired,
-            grants: &grants,
-            policy: &policy,
+            grants: &signer_facts.grants,
+            policy: &signer_facts.policy,
         };
         let decision =
             self.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).decide(signer, command, &facts);

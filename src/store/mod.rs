@@ -28,6 +28,8 @@ pub use principals::{CommandSeen, StoredGrant};
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
@@ -161,6 +163,38 @@ pub struct Store {
     sealer: Sealer,
     key_source: KeySource,
     config: StoreConfig,
+    principals: PrincipalsVersion,
+}
+
+/// A count of the changes to who may do what: owners, users, grants, revocations, policies,
+/// and which locks exist. It moves (at least) whenever one of them changes through the store,
+/// so a reader may keep what it read from them for as long as the count stays the same.
+///
+/// SQLite reports every row a statement changes (cascaded deletions included) to the
+/// connection's update hook, which counts those of these tables: no write path has to
+/// remember to. A rolled-back change is counted too; that only costs a reader a fresh read.
+#[derive(Clone, Debug, Default)]
+pub struct PrincipalsVersion(Arc<AtomicU64>);
+
+impl PrincipalsVersion {
+    /// The current count.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a row change in `table` can change who may do what. A lock's row is updated with
+/// every event it reports (its sequence number); only its coming and going count.
+fn changes_principals(action: rusqlite::hooks::Action, table: &str) -> bool {
+    match table {
+        "owners" | "users" | "grants" | "revocations" | "policies" => true,
+        "locks" => !matches!(action, rusqlite::hooks::Action::SQLITE_UPDATE),
+        _ => false,
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -205,6 +239,13 @@ impl Store {
         conn.pragma_update(None, "cache_size", -512)?;
         // The statements of the command path, prepared once (rusqlite keeps 16 by default).
         conn.set_prepared_statement_cache_capacity(32);
+        let principals = PrincipalsVersion::default();
+        let counter = principals.clone();
+        conn.update_hook(Some(move |action, _db: &str, table: &str, _row| {
+            if changes_principals(action, table) {
+                counter.changed();
+            }
+        }))?;
         schema::migrate(&mut conn)?;
         for suffix in ["-wal", "-shm"] {
             let mut p = config.database.as_os_str().to_owned();
@@ -214,7 +255,7 @@ impl Store {
                 private_file(&p)?;
             }
         }
-        let mut store = Store { conn, sealer: Sealer::new(&key), key_source, config };
+        let mut store = Store { conn, sealer: Sealer::new(&key), key_source, config, principals };
         store.check_key(key)?;
         Ok(store)
     }
@@ -222,6 +263,12 @@ impl Store {
     /// Where the master key came from.
     pub fn key_source(&self) -> &KeySource {
         &self.key_source
+    }
+
+    /// The count of changes to who may do what (see [`PrincipalsVersion`]); the handle reads
+    /// the current count without the store.
+    pub fn principals_version(&self) -> PrincipalsVersion {
+        self.principals.clone()
     }
 
     /// The database file.
