@@ -239,6 +239,11 @@ impl Store {
         conn.pragma_update(None, "cache_size", -512)?;
         // The statements of the command path, prepared once (rusqlite keeps 16 by default).
         conn.set_prepared_statement_cache_capacity(32);
+        // One plan per statement, whatever its parameters: otherwise SQLite marks a statement
+        // whose plan could depend on a bound value (a `LIMIT ?`) for re-compiling whenever its
+        // bindings are cleared, which the statement cache does after every use. The store's
+        // queries are simple enough that a value-specific plan gains nothing.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         let principals = PrincipalsVersion::default();
         let counter = principals.clone();
         conn.update_hook(Some(move |action, _db: &str, table: &str, _row| {

@@ -52,12 +52,12 @@ impl Tx<'_> {
     }
 }
 
+const PENDING: &str = "SELECT id, topic, payload, retain, created_at FROM outbox ORDER BY id LIMIT ?1";
+
 impl Store {
     /// The oldest `limit` records waiting, in order.
     pub fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRecord>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, topic, payload, retain, created_at FROM outbox ORDER BY id LIMIT ?1")?;
+        let mut stmt = self.conn.prepare_cached(PENDING)?;
         let rows = stmt.query_map([limit], |r| {
             Ok(OutboxRecord {
                 id: r.get(0)?,
@@ -95,5 +95,26 @@ impl Store {
     /// Records waiting.
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
         Ok(self.conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    /// A bound `LIMIT` is one of the places where SQLite would re-plan a statement when its
+    /// value changes, and the statement cache clears bindings after every use: without the
+    /// store's query-planner stability setting, every read of the outbox compiled its SQL again.
+    #[test]
+    fn reading_the_outbox_reuses_its_compiled_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir.path()) }).unwrap();
+        store.transaction(|tx| tx.append_outbox(None, "t", b"{}", false, 1).map(|_| ())).unwrap();
+        for limit in [16, 16, 1, 16] {
+            assert_eq!(store.outbox_pending(limit).unwrap().len(), 1);
+        }
+        let stmt = store.conn.prepare_cached(PENDING).unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 }
