@@ -105,7 +105,7 @@ async fn wait_for(seen: &mut broadcast::Receiver<Seen>, want: impl Fn(&str, &ser
 }
 
 /// The stages `lockhub::timing` logs for each command, in order.
-const STAGES: [&str; 6] = ["opened", "noted", "decided", "answered", "replied", "committed"];
+const STAGES: [&str; 8] = ["opened", "noted", "decided", "taken", "lock_answered", "answered", "replied", "committed"];
 
 /// One command's record from `lockhub::timing`.
 #[derive(Clone, Debug, Default)]
@@ -393,6 +393,7 @@ fn main() {
         let loopback = median(support::floor::mqtt_round_trips(&pki, broker.port(), GW, 1_000).await);
         let (gatt, _) = support::floor::gatt_round_trips(247, 1_000).await;
         let gatt = median(gatt);
+        let motor = median(support::floor::gatt_motor_round_trips(1_000).await);
         let commit = median(support::floor::durable_commits(&dir.path().join("floor-store"), 500));
         let floor = mqtt + gatt + commit;
 
@@ -422,6 +423,7 @@ fn main() {
             stage_medians(&warm_stages)
         );
         println!("  outside it, warm (medians): {}", legs(&warm_stages, &sent_at.lock().unwrap()));
+        println!("  the lock alone: an unlock or lock over GATT (motor 0 ms, two log entries pushed before the answer) {motor:.1?}, median");
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(

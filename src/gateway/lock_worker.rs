@@ -117,6 +117,8 @@ pub struct Executed {
     pub report: Option<Report>,
     /// `true` once `report` is committed.
     pub recorded: oneshot::Sender<bool>,
+    /// When the lock's task took the command, and when the lock's answer reached it.
+    pub ran: (std::time::Instant, std::time::Instant),
 }
 
 /// The handle the gateway keeps per lock.
@@ -244,12 +246,15 @@ impl<T: LockTransport> LockWorker<T> {
             };
             match job {
                 Job::Execute { op, actor, done } => {
+                    let taken = std::time::Instant::now();
                     let (outcome, pushed, status) = self.execute(op, actor).await;
+                    let ran = (taken, std::time::Instant::now());
                     self.note_reachable(!matches!(&outcome, Err(f) if f.reason == Reason::LockUnreachable));
                     let report = self.collect(pushed, status).await;
                     let (recorded_tx, recorded) = oneshot::channel();
                     let jammed = matches!(&outcome, Err(f) if f.reason == Reason::Jammed);
-                    let handed = done.send(Executed { outcome, report: report.clone(), recorded: recorded_tx }).is_ok();
+                    let handed =
+                        done.send(Executed { outcome, report: report.clone(), recorded: recorded_tx, ran }).is_ok();
                     let recorded = handed && recorded.await.unwrap_or(false);
                     if let Some(report) = report {
                         if recorded {

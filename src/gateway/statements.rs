@@ -622,7 +622,11 @@ impl<T: LockTransport> Gateway<T> {
         };
         timing.mark(Stage::Answered);
         let (outcome, pending) = match executed {
-            Ok(Executed { outcome, report, recorded }) => (outcome, Some(Pending { report, recorded })),
+            Ok(Executed { outcome, report, recorded, ran: (taken, answered) }) => {
+                timing.mark_at(Stage::Taken, taken);
+                timing.mark_at(Stage::LockAnswered, answered);
+                (outcome, Some(Pending { report, recorded }))
+            }
             Err(failure) => (Err(failure), None),
         };
         let (at, _) = (self.clock)();

@@ -16,7 +16,11 @@ pub enum Stage {
     Noted,
     /// The policy decided.
     Decided,
-    /// The lock answered (or the command failed on the way to it).
+    /// The lock's task took it from the lock's queue.
+    Taken,
+    /// The lock's answer reached the lock's task.
+    LockAnswered,
+    /// The command's task has the lock's answer (or the command failed on the way to it).
     Answered,
     /// The reply handed to the link.
     Replied,
@@ -24,7 +28,7 @@ pub enum Stage {
     Committed,
 }
 
-const STAGES: usize = 6;
+const STAGES: usize = 8;
 
 /// The end of each stage of one command, since the link received it.
 #[derive(Clone, Copy, Debug)]
@@ -42,6 +46,11 @@ impl Timing {
     /// Notes that `stage` ended now.
     pub fn mark(&mut self, stage: Stage) {
         self.ended[stage as usize] = Some(self.received.elapsed());
+    }
+
+    /// Notes that `stage` ended at `at` (another task saw it end).
+    pub fn mark_at(&mut self, stage: Stage, at: Instant) {
+        self.ended[stage as usize] = Some(at.saturating_duration_since(self.received));
     }
 
     /// Logs the record of command `id` (µs since it was received; absent: not reached), and
@@ -63,6 +72,8 @@ impl Timing {
             opened_us = us(Stage::Opened),
             noted_us = us(Stage::Noted),
             decided_us = us(Stage::Decided),
+            taken_us = us(Stage::Taken),
+            lock_answered_us = us(Stage::LockAnswered),
             answered_us = us(Stage::Answered),
             replied_us = us(Stage::Replied),
             committed_us = us(Stage::Committed),
