@@ -114,7 +114,7 @@ struct StageRecord {
     /// When the link received it, µs since the Unix epoch.
     received_unix_us: Option<u64>,
     /// When each of [`STAGES`] ended, µs since then.
-    ended: [Option<u64>; 6],
+    ended: [Option<u64>; STAGES.len()],
 }
 
 /// The stage records of a daemon's log, as its lines come; every other line passes through to
