@@ -117,18 +117,28 @@ struct StageRecord {
     ended: [Option<u64>; STAGES.len()],
 }
 
-/// The stage records of a daemon's log, as its lines come; every other line passes through to
-/// stderr.
-#[derive(Clone, Default)]
-struct StageLog(std::sync::Arc<std::sync::Mutex<Vec<StageRecord>>>);
+/// The stage records of a daemon's log, as its lines come, and how many times it gave memory
+/// back while quiet; every other line passes through to stderr.
+#[derive(Clone)]
+struct StageLog(std::sync::Arc<std::sync::Mutex<Vec<StageRecord>>>, std::sync::Arc<tokio::sync::watch::Sender<u32>>);
+
+impl Default for StageLog {
+    fn default() -> Self {
+        StageLog(Default::default(), std::sync::Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
 
 impl StageLog {
     fn follow(&self, stderr: std::process::ChildStderr) {
-        let records = self.0.clone();
+        let (records, given_back) = (self.0.clone(), self.1.clone());
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 let line = strip_ansi(&line);
+                if line.contains("handed back while quiet") {
+                    given_back.send_modify(|n| *n += 1);
+                    continue;
+                }
                 if !line.contains("command stages") {
                     eprintln!("{line}");
                     continue;
@@ -152,6 +162,11 @@ impl StageLog {
     }
 
     /// The records so far, leaving none.
+    /// Counts the daemon's hand-backs while quiet (src/bin/lockhub/quiet.rs).
+    fn given_back(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.1.subscribe()
+    }
+
     fn take(&self) -> Vec<StageRecord> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
@@ -268,7 +283,7 @@ fn main() {
                 .args(["run", "--config"])
                 .arg(&config)
                 .env("DBUS_SYSTEM_BUS_ADDRESS", &bed.bus)
-                .env("LOCKHUB_LOG", format!("{},lockhub::timing=debug", std::env::var("BENCH_LOG").unwrap_or("error".into())))
+                .env("LOCKHUB_LOG", format!("{},lockhub::timing=debug,lockhub::memory=debug", std::env::var("BENCH_LOG").unwrap_or("error".into())))
                 .envs(std::env::var("BENCH_MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
                 .stdin(Stdio::null())
                 .stderr(Stdio::piped())
@@ -318,10 +333,21 @@ fn main() {
             }
         };
 
-        // Idle memory with 10 paired locks (their first syncs done).
+        // Idle memory with 10 paired locks (their first syncs done): once the daemon has
+        // given memory back, as it does after 5 s without a change (src/bin/lockhub/quiet.rs).
+        let mut given_back = stages.given_back();
         for _ in 0..20 {
             send(0).await;
         }
+        let (busy_rss, ..) = memory_kib(daemon.0.id());
+        let quiet_from = Instant::now();
+        given_back.borrow_and_update();
+        // Long enough for a daemon under callgrind (packaging/profile-hot-code).
+        tokio::time::timeout(Duration::from_secs(300), given_back.changed())
+            .await
+            .expect("the daemon never gave memory back while quiet")
+            .unwrap();
+        let quiet_after = quiet_from.elapsed();
         let (idle_rss, _, idle_anon, idle_file) = memory_kib(daemon.0.id());
         let idle_pss = pss_kib(daemon.0.id());
         if std::env::var_os("BENCH_SMAPS").is_some() {
@@ -427,11 +453,13 @@ fn main() {
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
-            "lockhub run memory: idle with {LOCKS} paired locks {:.1} MiB RSS ({:.1} MiB heap and stacks, {:.1} MiB mapped code and libraries; PSS {:.1} MiB); peak during the run {:.1} MiB (target idle ≤ 8 MiB)",
+            "lockhub run memory: idle with {LOCKS} paired locks {:.1} MiB RSS ({:.1} MiB heap and stacks, {:.1} MiB mapped code and libraries; PSS {:.1} MiB; given back {:.1?} after the last command, {:.1} MiB before); peak during the run {:.1} MiB (target idle ≤ 8 MiB)",
             mib(idle_rss),
             mib(idle_anon),
             mib(idle_file),
             mib(idle_pss),
+            quiet_after,
+            mib(busy_rss),
             mib(peak_rss)
         );
         daemon.stop();

@@ -276,6 +276,12 @@ impl Store {
         self.principals.clone()
     }
 
+    /// Rows inserted, updated or deleted through this store since it was opened: it stands
+    /// still exactly while nothing is recorded.
+    pub fn changes_so_far(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
     /// The database file.
     pub fn database_path(&self) -> &Path {
         &self.config.database

@@ -163,6 +163,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         local.map(|(bridge, updates)| tokio::spawn(bridge.run(updates, reports.state.clone(), stopped.clone())));
     tokio::spawn(control.run(control_listener, control_updates, stopped.clone()));
     tokio::spawn(lockhub::gateway::maintenance::run(store.clone(), clock.clone(), stopped.clone()));
+    tokio::spawn(crate::quiet::run(store.clone(), stopped.clone()));
     let link_task = tokio::spawn(link.run(stopped));
     let locks = gateway.clone();
     service::start(service::Health {

@@ -16,6 +16,7 @@ mod daemon;
 mod demo;
 mod doctor;
 mod logging;
+mod quiet;
 mod service;
 mod text_pages;
 
