@@ -370,6 +370,8 @@ fn main() {
                 eprintln!("  {kib:>6} KiB  {file}");
             }
         }
+        // What the hand-back costs the next command: its code comes back from the page cache.
+        let first_after_quiet = send(0).await;
 
         // Warm: the link stays up between commands.
         // The emulated battery drains per operation, as a real one does: fresh batteries now
@@ -451,6 +453,7 @@ fn main() {
         println!("  outside it, warm (medians): {}", legs(&warm_stages, &sent_at.lock().unwrap()));
         println!("  the lock alone: an unlock or lock over GATT (motor 0 ms, two log entries pushed before the answer) {motor:.1?}, median");
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
+        println!("  the first command after the daemon gave memory back while quiet: {first_after_quiet:.1?}");
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
             "lockhub run memory: idle with {LOCKS} paired locks {:.1} MiB RSS ({:.1} MiB heap and stacks, {:.1} MiB mapped code and libraries; PSS {:.1} MiB; given back {:.1?} after the last command, {:.1} MiB before); peak during the run {:.1} MiB (target idle ≤ 8 MiB)",
