@@ -64,6 +64,56 @@ impl Drop for Daemon {
     }
 }
 
+/// CPU time (user + system, in clock ticks) of this process and of each of its children, by
+/// program name: the app stand-in (this benchmark), the daemon, the broker, the D-Bus daemon
+/// and the emulated locks.
+fn cpu_ticks_by_process() -> std::collections::BTreeMap<String, (u64, u64)> {
+    let me = std::process::id();
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ... utime (14th) stime (15th): comm may hold spaces.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let pid: u32 = stat[..open].trim().parse().unwrap_or(0);
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ppid: u32 = fields.get(1).and_then(|f| f.parse().ok()).unwrap_or(0);
+        if pid != me && ppid != me {
+            continue;
+        }
+        let name = if pid == me { "app (this benchmark)".to_owned() } else { stat[open + 1..close].to_owned() };
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let entry: &mut (u64, u64) = out.entry(name).or_default();
+        entry.0 += ticks(11);
+        entry.1 += ticks(12);
+    }
+    out
+}
+
+/// The CPU time each process spent per command between two readings, in µs (of which in the
+/// kernel), largest first.
+fn cpu_per_command(
+    before: &std::collections::BTreeMap<String, (u64, u64)>,
+    after: &std::collections::BTreeMap<String, (u64, u64)>,
+    commands: usize,
+) -> String {
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let us = |ticks: u64| ticks as f64 / hz * 1e6 / commands as f64;
+    let mut per: Vec<(f64, f64, &str)> = after
+        .iter()
+        .map(|(name, &(user, sys))| {
+            let (user0, sys0) = before.get(name).copied().unwrap_or_default();
+            let (user, sys) = (us(user.saturating_sub(user0)), us(sys.saturating_sub(sys0)));
+            (user + sys, sys, name.as_str())
+        })
+        .collect();
+    per.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: f64 = per.iter().map(|(us, _, _)| us).sum();
+    let parts: Vec<String> =
+        per.iter().map(|(us, sys, name)| format!("{name} {us:.0} µs ({sys:.0} in the kernel)")).collect();
+    format!("{} — {total:.0} µs in all", parts.join(", "))
+}
+
 /// A process's proportional set size in KiB: its mappings' pages, each divided by the number
 /// of processes mapping it (libc counts fully in RSS, a fraction of it here).
 fn pss_kib(pid: u32) -> u64 {
@@ -379,12 +429,14 @@ fn main() {
         let refill = || async { ctl.set_battery(&lock.to_string(), 100).await.unwrap() };
         stages.take();
         let mut warm = Vec::with_capacity(WARM);
+        let cpu_before = cpu_ticks_by_process();
         for i in 0..WARM {
             if i % 200 == 0 {
                 refill().await;
             }
             warm.push(send(i).await);
         }
+        let cpu = cpu_per_command(&cpu_before, &cpu_ticks_by_process(), WARM);
         // Records of the last commands may still be on their way through the log pipe: those
         // of the warm run are nearly all in, which is enough for medians.
         let warm_stages = stages.take();
@@ -415,7 +467,9 @@ fn main() {
         let (_, peak_rss, _, _) = memory_kib(daemon.0.id());
 
         // The floor, in the same run.
+        let floor_cpu_before = cpu_ticks_by_process();
         let mqtt = median(support::floor::mqtt_request_replies(&pki, broker.port(), GW, 1_000).await);
+        let floor_cpu = cpu_per_command(&floor_cpu_before, &cpu_ticks_by_process(), 1_000);
         // The loopback (publish, delivered back to the same client: two hops) the floor used
         // before, printed for comparison.
         let loopback = median(support::floor::mqtt_round_trips(&pki, broker.port(), GW, 1_000).await);
@@ -453,6 +507,8 @@ fn main() {
         println!("  outside it, warm (medians): {}", legs(&warm_stages, &sent_at.lock().unwrap()));
         println!("  the lock alone: an unlock or lock over GATT (motor 0 ms, two log entries pushed before the answer) {motor:.1?}, median");
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
+        println!("  CPU time per warm command (all its threads, this machine): {cpu}");
+        println!("  CPU time per MQTT request/reply of the floor (its two clients are this benchmark): {floor_cpu}");
         println!("  the first command after the daemon gave memory back while quiet: {first_after_quiet:.1?}");
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
