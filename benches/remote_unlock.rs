@@ -64,7 +64,7 @@ impl Drop for Daemon {
     }
 }
 
-/// CPU time (user + system, in clock ticks) of this process and of each of its children, by
+/// CPU time (user, system: in clock ticks) of this process and of each of its children, by
 /// program name: the app stand-in (this benchmark), the daemon, the broker, the D-Bus daemon
 /// and the emulated locks.
 fn cpu_ticks_by_process() -> std::collections::BTreeMap<String, (u64, u64)> {
@@ -211,12 +211,12 @@ impl StageLog {
         });
     }
 
-    /// The records so far, leaving none.
     /// Counts the daemon's hand-backs while quiet (src/bin/lockhub/quiet.rs).
     fn given_back(&self) -> tokio::sync::watch::Receiver<u32> {
         self.1.subscribe()
     }
 
+    /// The records so far, leaving none.
     fn take(&self) -> Vec<StageRecord> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
