@@ -81,3 +81,57 @@ impl Timing {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The remote-unlock benchmark reads these lines off the daemon's stderr (plain lines, as
+    /// `lockhub run` writes them when not under systemd): the message, `command_id`,
+    /// `received_unix_us` and one `<stage>_us` field per stage reached.
+    #[test]
+    fn a_commands_record_is_one_line_the_benchmark_can_read() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("lockhub::timing=debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let mut timing = Timing::starting(Instant::now());
+        for stage in [Stage::Opened, Stage::Noted, Stage::Decided, Stage::Taken, Stage::LockAnswered, Stage::Answered] {
+            timing.mark(stage);
+        }
+        tracing::subscriber::with_default(subscriber, || timing.log("c-1"));
+        let out = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        let line = lines[0];
+        assert!(line.contains("command stages") && line.contains("command_id=\"c-1\""), "{line}");
+        let field = |name: &str| {
+            line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{name}=")[..])).map(|v| v.parse::<u64>())
+        };
+        assert!(matches!(field("received_unix_us"), Some(Ok(_))), "{line}");
+        // The names benches/remote_unlock.rs knows (its STAGES), in order.
+        for name in ["opened", "noted", "decided", "taken", "lock_answered", "answered"] {
+            assert!(matches!(field(&format!("{name}_us")), Some(Ok(_))), "{name}: {line}");
+        }
+        // Stages not reached are left out, not written as zero.
+        assert!(field("replied_us").is_none() && field("committed_us").is_none(), "{line}");
+    }
+}
