@@ -596,3 +596,54 @@ fn a_users_local_code_for_a_lock_is_replaced_windowed_and_removed_by_its_id() {
     assert!(store.transaction(|tx| tx.remove_local_code("k-2")).unwrap());
     assert!(store.local_codes(lock, 50).unwrap().is_empty());
 }
+
+/// The policy's facts are cached until `principals_version` moves (src/gateway/facts_cache.rs):
+/// every change to who may do what must move it — cascaded deletions included — while the
+/// writes of every command and event (sequence numbers, outbox, audit, remembered ids) must
+/// not, or the cache would be emptied on every command.
+/// One write in a transaction.
+type TxWrite<'a> = dyn Fn(&mut lockhub::store::Tx<'_>) -> Result<(), StoreError> + 'a;
+
+#[test]
+fn the_principals_version_moves_with_every_change_to_who_may_do_what_and_only_then() {
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let version = store.principals_version();
+    let (lock, user) = (LockId(random_bytes()), random_bytes::<32>());
+    let moves = |store: &mut Store, write: &TxWrite<'_>| {
+        let before = version.get();
+        store.transaction(|tx| write(tx)).unwrap();
+        version.get() != before
+    };
+    let changes: [(&str, &TxWrite<'_>); 6] = [
+        ("a lock paired", &|tx| tx.add_lock(lock, "C0:00:00:00:00:01", "Door", &PairingKey::from_bytes([1; 32]), 1)),
+        ("an owner pinned", &|tx| tx.pin_owner(&[5; 32], 1)),
+        ("a user added", &|tx| tx.add_user(&user, 1)),
+        ("a grant stored", &|tx| tx.put_grant("grant-1", lock, &user, b"grant", None)),
+        ("a grant revoked", &|tx| tx.put_revocation("grant-1", Some(lock), b"revocation", 2)),
+        ("a policy set", &|tx| tx.set_policy(Some(lock), r#"{"remote_unlock": true}"#)),
+    ];
+    for (what, change) in changes {
+        assert!(moves(&mut store, change), "{what}: the version stood still");
+    }
+    let busy: [(&str, &TxWrite<'_>); 4] = [
+        ("an event's sequence number", &|tx| tx.set_last_event_seq(lock, 7)),
+        ("an outbox record", &|tx| tx.append_outbox(Some(lock), "t", b"{}", false, 3).map(|_| ())),
+        ("an audit record", &|tx| {
+            audit(tx, "command.unlock", Some(lock), AuditActor::Hub);
+            Ok(())
+        }),
+        ("a remembered command id", &|tx| tx.remember_command("cmd-1", Some(lock), 10).map(|_| ())),
+    ];
+    for (what, write) in busy {
+        assert!(!moves(&mut store, write), "{what} emptied the cache");
+    }
+    // Unbinding deletes the lock, and with it (by cascade) its grants and policy.
+    let before = version.get();
+    store.unbind(lock, AuditActor::Admin, 4).unwrap();
+    assert_ne!(version.get(), before, "unbinding");
+    // Forgetting a user.
+    let before = version.get();
+    assert!(store.forget_user(&user, 5).unwrap());
+    assert_ne!(version.get(), before, "forgetting a user");
+}

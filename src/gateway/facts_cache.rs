@@ -4,8 +4,8 @@
 //!
 //! Reading them took a command five queries and an AES-GCM opening per grant of the lock, under
 //! the store's lock, on the path of every remote unlock; yet only an owner's statement, an
-//! unbinding or a deletion changes them. Each entry remembers the store's
-//! [`PrincipalsVersion`] it was read at and is used only while that count stands, so a grant,
+//! unbinding or a deletion changes them. Everything the cache holds was read at one count of
+//! the store's [`PrincipalsVersion`], and is forgotten as soon as that count moves, so a grant,
 //! revocation or policy is in force for the first command after its commit, as before.
 
 use std::collections::HashMap;
@@ -66,24 +66,12 @@ impl FactsCache {
 
     /// The owners' public keys.
     pub fn owners(&self, store: &Mutex<Store>) -> Result<Arc<[Vec<u8>]>, StoreError> {
-        {
-            let mut inner = self.inner();
-            inner.at(self.version.get());
-            if let Some(owners) = &inner.owners {
-                return Ok(owners.clone());
-            }
-        }
-        let (version, owners) = {
-            let store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Read under the store's lock, so no change lands between the count and the rows.
-            (self.version.get(), Arc::<[Vec<u8>]>::from(store.owner_keys()?))
-        };
-        let mut inner = self.inner();
-        if inner.read_at <= version {
-            inner.at(version);
-            inner.owners = Some(owners.clone());
-        }
-        Ok(owners)
+        self.through(
+            store,
+            |inner| inner.owners.clone(),
+            |store| Ok(Arc::from(store.owner_keys()?)),
+            |inner, owners| inner.owners = Some(owners),
+        )
     }
 
     /// What the store says about `signer` and `lock`; `load` reads it on a miss (called with
@@ -96,27 +84,46 @@ impl FactsCache {
         load: impl FnOnce(&Store) -> Result<SignerFacts, StoreError>,
     ) -> Result<Arc<SignerFacts>, StoreError> {
         let key = (*signer, lock);
+        self.through(
+            store,
+            |inner| inner.signers.get(&key).cloned(),
+            |store| Ok(Arc::new(load(store)?)),
+            |inner, facts| {
+                if inner.signers.len() >= ENTRIES {
+                    inner.signers.clear();
+                }
+                inner.signers.insert(key, facts);
+            },
+        )
+    }
+
+    /// What `cached` finds at the current count; else what `read` reads with the store locked
+    /// (so that no change lands between the count and the rows), handed to `keep` unless a
+    /// newer read is already kept.
+    fn through<T: Clone>(
+        &self,
+        store: &Mutex<Store>,
+        cached: impl FnOnce(&Inner) -> Option<T>,
+        read: impl FnOnce(&Store) -> Result<T, StoreError>,
+        keep: impl FnOnce(&mut Inner, T),
+    ) -> Result<T, StoreError> {
         {
             let mut inner = self.inner();
             inner.at(self.version.get());
-            if let Some(facts) = inner.signers.get(&key) {
-                return Ok(facts.clone());
+            if let Some(hit) = cached(&inner) {
+                return Ok(hit);
             }
         }
-        let (version, facts) = {
+        let (version, value) = {
             let store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            (self.version.get(), Arc::new(load(&store)?))
+            (self.version.get(), read(&store)?)
         };
         let mut inner = self.inner();
-        // Kept only if nothing changed since: an older read must not replace a newer one.
         if inner.read_at <= version {
             inner.at(version);
-            if inner.signers.len() >= ENTRIES {
-                inner.signers.clear();
-            }
-            inner.signers.insert(key, facts.clone());
+            keep(&mut inner, value.clone());
         }
-        Ok(facts)
+        Ok(value)
     }
 }
 
