@@ -38,4 +38,9 @@ impl Topics {
     pub fn lock_state(&self, lock: LockId) -> String {
         format!("{}/lock/{lock}/state", self.base)
     }
+
+    /// The filter matching every lock's retained state, for a subscriber.
+    pub fn lock_states(&self) -> String {
+        format!("{}/lock/+/state", self.base)
+    }
 }

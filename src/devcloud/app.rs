@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::SigningKey;
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, SubscribeFilter, TlsConfiguration, Transport};
 use thiserror::Error;
 use tokio::sync::{broadcast, oneshot};
 use zeroize::Zeroizing;
@@ -303,8 +303,13 @@ impl AppClient {
         // Room for bursts of replies and events between two reads of a watcher.
         let (seen, _) = broadcast::channel(1 << 16);
         let (subscribed_tx, subscribed) = oneshot::channel::<Result<(), String>>();
-        let filter = format!("lockhub/v1/{gateway}/#");
-        client.subscribe(filter.clone(), QoS::AtLeastOnce).await.map_err(|e| AppError::Mqtt(e.to_string()))?;
+        // What the gateway publishes, not the whole subtree: `#` would bring every command the
+        // app sends back to it, one more delivery and acknowledgement per command for nothing.
+        let filters: Vec<SubscribeFilter> = [topics.replies(), topics.events(), topics.status(), topics.lock_states()]
+            .into_iter()
+            .map(|path| SubscribeFilter::new(path, QoS::AtLeastOnce))
+            .collect();
+        client.subscribe_many(filters.clone()).await.map_err(|e| AppError::Mqtt(e.to_string()))?;
         let resubscriber = client.clone();
         let replies_topic = topics.replies();
         let retained: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>> = Arc::default();
@@ -323,7 +328,7 @@ impl AppClient {
                         if (subscribed_tx.is_none() && !ack.session_present) || retried =>
                     {
                         retried = false;
-                        let _ = resubscriber.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        let _ = resubscriber.try_subscribe_many(filters.clone());
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
                         if let Some(tx) = subscribed_tx.take() {
