@@ -430,11 +430,21 @@ fn main() {
         stages.take();
         let mut warm = Vec::with_capacity(WARM);
         let cpu_before = cpu_ticks_by_process();
+        // BENCH_PACE_US: start a warm command at most every that many µs instead of back to
+        // back, to see what the previous command's trailing work (its outcome's commit, its
+        // events and state) costs the next one.
+        let pace = std::env::var("BENCH_PACE_US")
+            .ok()
+            .map(|v| Duration::from_micros(v.parse().expect("BENCH_PACE_US: a whole number of µs")));
         for i in 0..WARM {
             if i % 200 == 0 {
                 refill().await;
             }
+            let t = tokio::time::Instant::now();
             warm.push(send(i).await);
+            if let Some(pace) = pace {
+                tokio::time::sleep_until(t + pace).await;
+            }
         }
         let cpu = cpu_per_command(&cpu_before, &cpu_ticks_by_process(), WARM);
         // Records of the last commands may still be on their way through the log pipe: those
