@@ -258,6 +258,42 @@ fn stage_medians(records: &[StageRecord]) -> String {
     format!("{} (n = {})", parts.join(", "), records.len())
 }
 
+/// Each step's own time (from the previous stage's end, the first from the link receiving the
+/// command) and the two ways outside the gateway, as p50 / p99: where the slow commands lose
+/// their time, which the medians of [`stage_medians`] do not show.
+fn step_tails(records: &[StageRecord], sent: &std::collections::HashMap<String, (u64, u64)>) -> String {
+    let replied = STAGES.iter().position(|s| *s == "replied").unwrap();
+    let mut steps: Vec<(String, Vec<u64>)> = Vec::new();
+    steps.push(("way in".into(), Vec::new()));
+    for stage in &STAGES[..=replied] {
+        steps.push(((*stage).into(), Vec::new()));
+    }
+    steps.push(("way back".into(), Vec::new()));
+    for r in records {
+        let Some(&(at, done)) = sent.get(&r.id) else { continue };
+        let (Some(received), Some(handed)) = (r.received_unix_us, r.ended[replied]) else { continue };
+        steps[0].1.push(received.saturating_sub(at));
+        let mut before = 0;
+        for (i, ended) in r.ended[..=replied].iter().enumerate() {
+            // A stage a command did not reach (none in a warm run) takes nothing.
+            if let Some(ended) = *ended {
+                steps[i + 1].1.push(ended.saturating_sub(before));
+                before = ended;
+            }
+        }
+        steps[replied + 2].1.push(done.saturating_sub(received + handed));
+    }
+    let parts: Vec<String> = steps
+        .into_iter()
+        .filter_map(|(name, mut v)| {
+            v.sort_unstable();
+            let p99 = *v.get((v.len() * 99 / 100).min(v.len().checked_sub(1)?))?;
+            Some(format!("{name} {}/{p99}", v[v.len() / 2]))
+        })
+        .collect();
+    format!("{} µs", parts.join(", "))
+}
+
 fn median_us(mut v: Vec<u64>) -> Option<u64> {
     v.sort_unstable();
     v.get(v.len() / 2).copied()
@@ -515,6 +551,7 @@ fn main() {
             stage_medians(&warm_stages)
         );
         println!("  outside it, warm (medians): {}", legs(&warm_stages, &sent_at.lock().unwrap()));
+        println!("  each step's own time, warm, p50/p99: {}", step_tails(&warm_stages, &sent_at.lock().unwrap()));
         println!("  the lock alone: an unlock or lock over GATT (motor 0 ms, two log entries pushed before the answer) {motor:.1?}, median");
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
         println!("  CPU time per warm command (all its threads, this machine): {cpu}");
