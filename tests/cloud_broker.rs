@@ -3,7 +3,8 @@
 //! client's subtree, QoS 2 and malformed packets refused without disturbing other clients; a
 //! gateway's events stored before their PUBACK, every PUBACK in publish order; a full event
 //! store ending the gateway's connection with nothing it acknowledged lost; the relay's
-//! session outlasting a broker that turns it away at first; and `lockhub-cloud mosquitto-config`.
+//! session outlasting a broker that turns it away at first; a dropped app client closing its
+//! connection; and `lockhub-cloud mosquitto-config`.
 
 mod support;
 
@@ -214,6 +215,26 @@ async fn the_relays_session_outlasts_a_broker_that_turns_it_away_at_first() {
     drop(listener);
     let _broker = Bundled::start_on(&pki, port);
     rx.await.unwrap().expect("the relay connects once the broker serves");
+}
+
+#[tokio::test]
+async fn a_dropped_app_client_closes_its_connection() {
+    let (_dir, pki, broker) = setup();
+    let gw = lockhub::protocol::ids::GatewayId::new("gw-a").unwrap();
+    // A transparent relay between the app and the broker, to see the app's side close.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtts://localhost:{}", proxy.local_addr().unwrap().port());
+    let broker_port = broker.port;
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut app_side, _) = proxy.accept().await.unwrap();
+        let mut broker_side = tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut app_side, &mut broker_side).await;
+        let _ = closed_tx.send(());
+    });
+    let app = AppClient::connect(&url, &pki, &gw).await.unwrap();
+    drop(app);
+    tokio::time::timeout(Duration::from_secs(20), closed).await.expect("the connection outlived its client").unwrap();
 }
 
 #[tokio::test]

@@ -253,6 +253,15 @@ pub struct AppClient {
     waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>,
     seen: broadcast::Sender<Seen>,
     retained: Arc<Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
+    /// The task that runs the MQTT session: ended with the client, so that a dropped client
+    /// leaves no connection behind.
+    session: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AppClient {
+    fn drop(&mut self) {
+        self.session.abort();
+    }
 }
 
 impl std::fmt::Debug for AppClient {
@@ -317,7 +326,7 @@ impl AppClient {
         // Why the last attempt to connect failed, for the error when none succeeds in time.
         let last_error: Arc<Mutex<Option<String>>> = Arc::default();
         let failed = last_error.clone();
-        tokio::spawn(async move {
+        let session = tokio::spawn(async move {
             let mut subscribed_tx = Some(subscribed_tx);
             // A failed first attempt may have taken the subscription with it.
             let mut retried = false;
@@ -375,9 +384,10 @@ impl AppClient {
             }
         });
         match tokio::time::timeout(CONNECT_TIMEOUT, subscribed).await {
-            Ok(Ok(Ok(()))) => Ok(AppClient { client, topics, waiting, seen, retained }),
+            Ok(Ok(Ok(()))) => Ok(AppClient { client, topics, waiting, seen, retained, session }),
             Ok(Ok(Err(e))) => Err(AppError::Mqtt(e)),
             _ => {
+                session.abort();
                 let last = last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
                 Err(AppError::Mqtt(match last {
                     Some(e) => format!("no session with the broker within {CONNECT_TIMEOUT:?} (last attempt: {e})"),
