@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bluer::gatt::remote::Characteristic;
@@ -16,6 +17,7 @@ use bluer::{
     Adapter, AdapterEvent, Address, DeviceEvent, DeviceProperty, DiscoveryFilter, DiscoveryTransport, ErrorKind,
 };
 use futures::{Stream, StreamExt};
+use tokio::sync::watch;
 
 use super::{Advertisement, BleConfig, BleError, LockLink, LockTransport};
 use crate::protocol::fragment::{MAX_FRAGMENT_LEN, MIN_FRAGMENT_LEN};
@@ -29,10 +31,17 @@ fn bus_error(e: bluer::Error) -> BleError {
     }
 }
 
+/// How long a connection attempt waits before asking whether the bus is still there, and how
+/// long it waits for the answer. After the D-Bus daemon went away, bluer's connection is dead
+/// but says so only when asked: a call made on it may wait out its whole bound unanswered.
+const BUS_SILENCE: Duration = Duration::from_millis(500);
+
 /// One connection to BlueZ: the D-Bus session and the adapter chosen on it.
 struct Bluez {
     session: bluer::Session,
     adapter: Adapter,
+    /// Set once the bus stopped answering on this connection: the next user connects anew.
+    gone: AtomicBool,
 }
 
 /// What happened to BlueZ under a running transport.
@@ -47,6 +56,8 @@ pub enum BluezChange {
 pub struct BluezTransport {
     /// The current connection; replaced by [`BluezTransport::reconnect`] when the bus went away.
     bluez: std::sync::RwLock<Arc<Bluez>>,
+    /// Counts the connections replaced, for [`BluezTransport::replaced`].
+    generation: watch::Sender<u64>,
     config: BleConfig,
     resolve_timeout: Duration,
 }
@@ -64,6 +75,7 @@ impl BluezTransport {
         let bluez = Self::connect_bluez(config).await?;
         Ok(BluezTransport {
             bluez: std::sync::RwLock::new(Arc::new(bluez)),
+            generation: watch::Sender::new(0),
             config: config.clone(),
             resolve_timeout: config.resolve_timeout(),
         })
@@ -74,11 +86,35 @@ impl BluezTransport {
     pub async fn reconnect(&self) -> Result<(), BleError> {
         let bluez = Self::connect_bluez(&self.config).await?;
         *self.bluez.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(bluez);
+        self.generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Changes whenever the connection to the bus is replaced: what was started on the old
+    /// one (discovery) is to be started again.
+    pub fn replaced(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     fn current(&self) -> Arc<Bluez> {
         self.bluez.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The current connection, or a new one if the bus stopped answering on it. Several
+    /// callers may find it gone at once: the first new connection is kept.
+    async fn live(&self) -> Result<Arc<Bluez>, BleError> {
+        let current = self.current();
+        if !current.gone.load(Ordering::Acquire) {
+            return Ok(current);
+        }
+        let fresh = Arc::new(Self::connect_bluez(&self.config).await?);
+        let mut slot = self.bluez.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Arc::ptr_eq(&slot, &current) {
+            tracing::info!("connected to D-Bus again");
+            *slot = fresh;
+            self.generation.send_modify(|g| *g += 1);
+        }
+        Ok(slot.clone())
     }
 
     async fn connect_bluez(config: &BleConfig) -> Result<Bluez, BleError> {
@@ -112,7 +148,7 @@ impl BluezTransport {
                 }
             }
         };
-        Ok(Bluez { session, adapter })
+        Ok(Bluez { session, adapter, gone: AtomicBool::new(false) })
     }
 
     /// The adapter in use.
@@ -123,7 +159,7 @@ impl BluezTransport {
     /// What happens to BlueZ from now on; the stream ends when the connection to the bus is
     /// lost (call [`BluezTransport::reconnect`]).
     pub async fn changes(&self) -> Result<impl Stream<Item = BluezChange> + Send + use<>, BleError> {
-        let bluez = self.current();
+        let bluez = self.live().await?;
         let name = bluez.adapter.name().to_owned();
         let events = bluez.session.events().await.map_err(bus_error)?;
         Ok(events.filter_map(move |event| {
@@ -136,7 +172,7 @@ impl BluezTransport {
     /// is seen (a lock appears again whenever its RSSI or flags change). Discovery stops when
     /// the stream is dropped.
     pub async fn discover(&self) -> Result<impl Stream<Item = Advertisement> + Send + use<>, BleError> {
-        let bluez = self.current();
+        let bluez = self.live().await?;
         let filter = DiscoveryFilter {
             uuids: HashSet::from([bluer::Uuid::from_u128(SERVICE_UUID)]),
             transport: DiscoveryTransport::Le,
@@ -256,7 +292,58 @@ impl LockTransport for BluezTransport {
 
     async fn connect(&self, address: &str) -> Result<BluezLink, BleError> {
         let addr: Address = address.parse().map_err(|_| BleError::NotFound(format!("{address} (not an address)")))?;
-        let bluez = self.current();
+        // Connecting to the bus again is part of setting the link up, as finding the lock is:
+        // once per call, it does not use up one of the caller's attempts.
+        let mut bus_tries = 2;
+        loop {
+            let bluez = self.live().await?;
+            tokio::select! {
+                connected = self.connect_on(&bluez, address, addr) => return connected,
+                () = bus_silent(&bluez) => {
+                    bluez.gone.store(true, Ordering::Release);
+                    bus_tries -= 1;
+                    if bus_tries == 0 {
+                        return Err(BleError::Bus(format!(
+                            "the connection to the bus is dead (the D-Bus daemon restarted?) and a new one did not answer within {BUS_SILENCE:?}"
+                        )));
+                    }
+                    tracing::info!("the connection to D-Bus is dead: connecting again");
+                }
+            }
+        }
+    }
+}
+
+/// Returns once the connection to the bus shows it is dead, probing after each
+/// [`BUS_SILENCE`] of waiting: a connection attempt that takes that long (a lock at the edge
+/// of range may) asks the bus for a property. Dead is no answer within [`BUS_SILENCE`], or
+/// the connection refusing to send (the D-Bus library's `Failed` once its socket is closed,
+/// or bluer's own word for a lost connection); any other answer, an error from BlueZ
+/// included, means the bus is there.
+async fn bus_silent(bluez: &Bluez) {
+    loop {
+        tokio::time::sleep(BUS_SILENCE).await;
+        match tokio::time::timeout(BUS_SILENCE, bluez.adapter.is_powered()).await {
+            Err(_) => return,
+            Ok(Err(e)) if connection_lost(&e) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Whether `e` says the connection to the bus itself is gone (not that BlueZ refused).
+fn connection_lost(e: &bluer::Error) -> bool {
+    use bluer::InternalErrorKind;
+    match &e.kind {
+        ErrorKind::Internal(InternalErrorKind::DBusConnectionLost) => true,
+        ErrorKind::Internal(InternalErrorKind::DBus(name)) => name == "org.freedesktop.DBus.Error.Failed",
+        _ => false,
+    }
+}
+
+impl BluezTransport {
+    /// Connects to the lock at `address` over `bluez` and readies its characteristics.
+    async fn connect_on(&self, bluez: &Bluez, address: &str, addr: Address) -> Result<BluezLink, BleError> {
         let device = bluez.adapter.device(addr).map_err(bus_error)?;
         let mut connected = device.connect().await;
         if connected.as_ref().is_err_and(|e| e.kind == ErrorKind::AlreadyConnected) {

@@ -12,13 +12,17 @@ use crate::ble::bluez::{BluezChange, BluezTransport};
 
 /// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ
 /// comes back (restarted: its discovery died with it) and after an error, with a pause; when
-/// the connection to the bus is lost (the D-Bus daemon restarted), the transport connects again.
+/// the connection to the bus is lost (the D-Bus daemon restarted), the transport connects again,
+/// and discovery restarts whenever the transport's connection is replaced.
 pub async fn watch_advertisements(
     transport: Arc<BluezTransport>,
     gateway: Arc<Gateway<BluezTransport>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut replaced = transport.replaced();
     loop {
+        // Discovery runs on one connection to the bus: started again when it is replaced.
+        let generation = *replaced.borrow_and_update();
         let watched = async {
             let changes = transport.changes().await?;
             let stream = transport.discover().await?;
@@ -44,13 +48,20 @@ pub async fn watch_advertisements(
                                 break;
                             }
                             None => {
-                                tracing::warn!("lost the connection to D-Bus: connecting again");
-                                if let Err(e) = transport.reconnect().await {
-                                    tracing::warn!(error = %e, "BlueZ is not back yet; retrying");
+                                // Unless a lock's task found the bus gone first and connected again.
+                                if *replaced.borrow() == generation {
+                                    tracing::warn!("lost the connection to D-Bus: connecting again");
+                                    if let Err(e) = transport.reconnect().await {
+                                        tracing::warn!(error = %e, "BlueZ is not back yet; retrying");
+                                    }
                                 }
                                 break;
                             }
                         },
+                        _ = replaced.changed() => {
+                            tracing::info!("discovery restarted on the new connection to D-Bus");
+                            break;
+                        }
                         _ = shutdown.changed() => return,
                     }
                 }
