@@ -301,6 +301,23 @@ async fn notified(notes: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want
     }
 }
 
+/// Waits until the daemon has said READY and a STATUS saying the cloud is connected, in either
+/// order: the first STATUS comes just before READY, and says connected when the cloud link
+/// was up by then. Returns that STATUS.
+async fn ready_and_connected(notes: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    let (mut ready, mut connected) = (false, None);
+    while !ready || connected.is_none() {
+        let note =
+            notified(notes, |n| n == "READY=1" || (n.starts_with("STATUS=") && n.contains("cloud connected"))).await;
+        if note == "READY=1" {
+            ready = true;
+        } else {
+            connected = Some(note);
+        }
+    }
+    connected.unwrap_or_default()
+}
+
 fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
 }
@@ -357,8 +374,7 @@ async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on
         .unwrap();
 
     // Ready, with a health line, and pinging the watchdog.
-    notified(&mut notes, |n| n == "READY=1").await;
-    let status = notified(&mut notes, |n| n.starts_with("STATUS=") && n.contains("cloud connected")).await;
+    let status = ready_and_connected(&mut notes).await;
     assert!(status.contains("0 lock(s) paired") && status.contains("not claimed yet (lockhub claim-code)"), "{status}");
     notified(&mut notes, |n| n == "WATCHDOG=1").await;
     notified(&mut notes, |n| n == "WATCHDOG=1").await;
@@ -483,8 +499,7 @@ async fn the_daemon_runs_without_any_privilege() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    notified(&mut notes, |n| n == "READY=1").await;
-    notified(&mut notes, |n| n.starts_with("STATUS=") && n.contains("cloud connected")).await;
+    ready_and_connected(&mut notes).await;
     let capabilities = std::fs::read_to_string(format!("/proc/{}/status", daemon.id())).unwrap();
     for line in capabilities.lines().filter(|l| l.starts_with("Cap")) {
         assert!(line.ends_with("0000000000000000"), "a capability is left: {line}");
