@@ -259,8 +259,10 @@ fn stage_medians(records: &[StageRecord]) -> String {
 }
 
 /// Each step's own time (from the previous stage's end, the first from the link receiving the
-/// command) and the two ways outside the gateway, as p50 / p99: where the slow commands lose
-/// their time, which the medians of [`stage_medians`] do not show.
+/// command) and the two ways outside the gateway — the way in (the app's send, signing
+/// included → the link receiving it) and the way back (the reply handed to the link → the app
+/// having it) —, as p50 / p99: where the slow commands lose their time, which the medians of
+/// [`stage_medians`] do not show.
 fn step_tails(records: &[StageRecord], sent: &std::collections::HashMap<String, (u64, u64)>) -> String {
     let replied = STAGES.iter().position(|s| *s == "replied").unwrap();
     let mut steps: Vec<(String, Vec<u64>)> = Vec::new();
@@ -297,29 +299,6 @@ fn step_tails(records: &[StageRecord], sent: &std::collections::HashMap<String, 
 fn median_us(mut v: Vec<u64>) -> Option<u64> {
     v.sort_unstable();
     v.get(v.len() / 2).copied()
-}
-
-/// The way in (the app's send, signing included → the link receiving it) and the way back (the
-/// reply handed to the link → the app having it), medians over the commands both sides
-/// recorded.
-fn legs(records: &[StageRecord], sent: &std::collections::HashMap<String, (u64, u64)>) -> String {
-    let replied = STAGES.iter().position(|s| *s == "replied").unwrap();
-    let (mut inward, mut back) = (Vec::new(), Vec::new());
-    for r in records {
-        let (Some(received), Some(handed), Some(&(at, done))) = (r.received_unix_us, r.ended[replied], sent.get(&r.id))
-        else {
-            continue;
-        };
-        inward.push(received.saturating_sub(at));
-        back.push(done.saturating_sub(received + handed));
-    }
-    let n = inward.len();
-    match (median_us(inward), median_us(back)) {
-        (Some(i), Some(b)) => {
-            format!("app sends (signing included) → link has it {i} µs; reply handed on → app has it {b} µs (n = {n})")
-        }
-        _ => "no commands matched".into(),
-    }
 }
 
 fn main() {
@@ -550,7 +529,6 @@ fn main() {
             "  inside the gateway, warm, from the link receiving the command (medians): {}",
             stage_medians(&warm_stages)
         );
-        println!("  outside it, warm (medians): {}", legs(&warm_stages, &sent_at.lock().unwrap()));
         println!("  each step's own time, warm, p50/p99: {}", step_tails(&warm_stages, &sent_at.lock().unwrap()));
         println!("  the lock alone: an unlock or lock over GATT (motor 0 ms, two log entries pushed before the answer) {motor:.1?}, median");
         println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));

@@ -84,10 +84,20 @@ impl BluezTransport {
     /// Connects to the bus again and picks the adapter again: after the D-Bus daemon
     /// restarted, the old connection is dead for good.
     pub async fn reconnect(&self) -> Result<(), BleError> {
-        let bluez = Self::connect_bluez(&self.config).await?;
-        *self.bluez.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(bluez);
-        self.generation.send_modify(|g| *g += 1);
+        let fresh = Arc::new(Self::connect_bluez(&self.config).await?);
+        self.replace(None, fresh);
         Ok(())
+    }
+
+    /// Makes `fresh` the current connection, unless `stale` is given and no longer current
+    /// (someone replaced it already); returns the current connection.
+    fn replace(&self, stale: Option<&Arc<Bluez>>, fresh: Arc<Bluez>) -> Arc<Bluez> {
+        let mut slot = self.bluez.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stale.is_none_or(|stale| Arc::ptr_eq(&slot, stale)) {
+            *slot = fresh;
+            self.generation.send_modify(|g| *g += 1);
+        }
+        slot.clone()
     }
 
     /// Changes whenever the connection to the bus is replaced: what was started on the old
@@ -108,13 +118,8 @@ impl BluezTransport {
             return Ok(current);
         }
         let fresh = Arc::new(Self::connect_bluez(&self.config).await?);
-        let mut slot = self.bluez.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if Arc::ptr_eq(&slot, &current) {
-            tracing::info!("connected to D-Bus again");
-            *slot = fresh;
-            self.generation.send_modify(|g| *g += 1);
-        }
-        Ok(slot.clone())
+        tracing::info!("connected to D-Bus again");
+        Ok(self.replace(Some(&current), fresh))
     }
 
     async fn connect_bluez(config: &BleConfig) -> Result<Bluez, BleError> {
@@ -463,5 +468,31 @@ impl LockLink for BluezLink {
         drop((writer, reader, events));
         // Disconnecting an already-gone device fails harmlessly.
         let _ = device.disconnect().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(kind: ErrorKind) -> bluer::Error {
+        bluer::Error { kind, message: String::new() }
+    }
+
+    /// Only the connection's own failures replace it; BlueZ refusing something (or not being
+    /// on the bus while it restarts) leaves a live connection alone.
+    #[test]
+    fn only_a_failing_connection_counts_as_lost() {
+        use bluer::InternalErrorKind::{DBus, DBusConnectionLost};
+        assert!(connection_lost(&error(ErrorKind::Internal(DBusConnectionLost))));
+        assert!(connection_lost(&error(ErrorKind::Internal(DBus("org.freedesktop.DBus.Error.Failed".into())))));
+        for alive in [
+            ErrorKind::Failed,
+            ErrorKind::NotReady,
+            ErrorKind::Internal(DBus("org.freedesktop.DBus.Error.ServiceUnknown".into())),
+            ErrorKind::Internal(DBus("org.freedesktop.DBus.Error.NoReply".into())),
+        ] {
+            assert!(!connection_lost(&error(alive.clone())), "{alive:?}");
+        }
     }
 }
