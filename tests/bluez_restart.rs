@@ -9,7 +9,7 @@ use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::cloud::reply::{Outcome, Reply};
 use lockhub::devcloud::app::command;
 use lockhub::store::unix_now;
-use support::stack::{Paired, Stack, WAIT, claim_pair_grant};
+use support::stack::{Paired, Stack, WAIT, claim_pair_grant, next_state};
 
 async fn send(stack: &Stack, p: &Paired, op: Operation) -> Reply {
     let c = Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
@@ -89,18 +89,4 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     }
     let state = support::report(&ctl, &p.lock.lock_id).await.status.state;
     assert_eq!(state, lockhub::protocol::message::LockState::Locked);
-}
-
-/// Waits for the next retained state of the lock on `topic` that `wanted` accepts.
-async fn next_state(
-    seen: &mut tokio::sync::broadcast::Receiver<lockhub::devcloud::app::Seen>,
-    topic: &str,
-    wanted: impl Fn(&serde_json::Value) -> bool,
-) {
-    loop {
-        let msg = tokio::time::timeout(WAIT, seen.recv()).await.expect("no such state").unwrap();
-        if msg.topic == topic && wanted(&serde_json::from_slice(&msg.payload).unwrap()) {
-            return;
-        }
-    }
 }

@@ -263,3 +263,17 @@ pub async fn claim_pair_grant(
     }
     Paired { app, owner, user, lock, lock_id, grant: id }
 }
+
+/// Waits for the next retained state of the lock on `topic` that `wanted` accepts.
+pub async fn next_state(
+    seen: &mut tokio::sync::broadcast::Receiver<lockhub::devcloud::app::Seen>,
+    topic: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) {
+    loop {
+        let msg = tokio::time::timeout(WAIT, seen.recv()).await.expect("no such state").unwrap();
+        if msg.topic == topic && wanted(&serde_json::from_slice(&msg.payload).unwrap()) {
+            return;
+        }
+    }
+}

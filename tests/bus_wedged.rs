@@ -1,0 +1,52 @@
+//! The gateway's connection to D-Bus wedged: open, but never answering again (a bus daemon
+//! stuck, a connection the library will never report lost). A command that needs a new link
+//! must notice within its bound, connect to the bus afresh and go through; discovery must
+//! follow to the new connection. In a binary of its own: the process's bus address is the
+//! relay's.
+
+mod support;
+
+use lockhub::auth::statement::{Operation, Permission, Statement};
+use lockhub::cloud::reply::Outcome;
+use lockhub::devcloud::app::command;
+use lockhub::store::unix_now;
+use support::bus_proxy::BusProxy;
+use support::stack::{Stack, WAIT, claim_pair_grant, next_state};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_gets_through_when_the_bus_connection_wedges() {
+    let bed = support::bed();
+    let proxy = BusProxy::start(&bed.bus);
+    // SAFETY: before any bluer session exists in this process (libdbus reads the address
+    // when the first one connects), as the bed itself sets it.
+    unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &proxy.address) };
+    let stack = Stack::start("gw-wedged").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
+    let p = &p;
+    let send = |op| {
+        let c = Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
+        async move { p.app.send(&c, &p.user, WAIT).await.unwrap() }
+    };
+    // Through the relay, descriptors and all (the GATT sockets come over the bus).
+    assert_eq!(send(Operation::Unlock).await.result, Outcome::Ok);
+
+    // The link down, so that the next command must ask the bus for a new one.
+    let ctl = support::control().await;
+    let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
+    let mut seen = p.app.watch();
+    ctl.drop_link(&p.lock.lock_id).await.unwrap();
+    next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
+
+    let before = proxy.connections();
+    proxy.wedge();
+    let reply = send(Operation::Lock).await;
+    assert_eq!(reply.result, Outcome::Ok, "the first command on a wedged bus connection: {reply:?}");
+    assert!(proxy.connections() > before, "the gateway connected to the bus again");
+
+    // Discovery moved to the new connection: with the link down, only an advertisement tells
+    // the gateway of a thumb-turn.
+    ctl.drop_link(&p.lock.lock_id).await.unwrap();
+    next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
+    ctl.turn_knob(&p.lock.lock_id).await.unwrap();
+    next_state(&mut seen, &state_topic, |s| s["state"] == "unlocked").await;
+}
