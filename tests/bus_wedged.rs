@@ -1,7 +1,7 @@
 //! The gateway's connection to D-Bus wedged: open, but never answering again (a bus daemon
 //! stuck, a connection the library will never report lost). A command that needs a new link
 //! must notice within its bound, connect to the bus afresh and go through; discovery must
-//! follow to the new connection. In a binary of its own: the process's bus address is the
+//! follow to the new connection, and notice by itself when no command comes. In a binary of its own: the process's bus address is the
 //! relay's.
 
 mod support;
@@ -49,4 +49,16 @@ async fn a_command_gets_through_when_the_bus_connection_wedges() {
     next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
     ctl.turn_knob(&p.lock.lock_id).await.unwrap();
     next_state(&mut seen, &state_topic, |s| s["state"] == "unlocked").await;
+
+    // Wedged again with no command coming: discovery hears nothing, asks whether the bus is
+    // still there, and starts again on a new connection; the next thumb-turn still gets out.
+    // (The thumb-turn's sync brought the link up: down again, so that only an advertisement
+    // can tell.)
+    ctl.drop_link(&p.lock.lock_id).await.unwrap();
+    next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
+    let before = proxy.connections();
+    proxy.wedge();
+    ctl.turn_knob(&p.lock.lock_id).await.unwrap();
+    next_state(&mut seen, &state_topic, |s| s["state"] == "locked").await;
+    assert!(proxy.connections() > before, "the gateway connected to the bus again");
 }

@@ -156,6 +156,18 @@ impl BluezTransport {
         Ok(Bluez { session, adapter, gone: AtomicBool::new(false) })
     }
 
+    /// Whether the current connection to the bus still answers. One that does not (wedged,
+    /// or dead without having said so) is dropped: the next use of the transport connects
+    /// afresh, and [`BluezTransport::replaced`] changes when it has.
+    pub async fn bus_answers(&self) -> bool {
+        let bluez = self.current();
+        let alive = answers(&bluez).await;
+        if !alive {
+            bluez.gone.store(true, Ordering::Release);
+        }
+        alive
+    }
+
     /// The adapter in use.
     pub fn adapter_name(&self) -> String {
         self.current().adapter.name().to_owned()
@@ -328,11 +340,19 @@ impl LockTransport for BluezTransport {
 async fn bus_silent(bluez: &Bluez) {
     loop {
         tokio::time::sleep(BUS_SILENCE).await;
-        match tokio::time::timeout(BUS_SILENCE, bluez.adapter.is_powered()).await {
-            Err(_) => return,
-            Ok(Err(e)) if connection_lost(&e) => return,
-            Ok(_) => {}
+        if !answers(bluez).await {
+            return;
         }
+    }
+}
+
+/// Whether the bus answers on `bluez`'s connection: a property within [`BUS_SILENCE`]; an
+/// error from BlueZ is an answer too, the connection refusing to send is not.
+async fn answers(bluez: &Bluez) -> bool {
+    match tokio::time::timeout(BUS_SILENCE, bluez.adapter.is_powered()).await {
+        Err(_) => false,
+        Ok(Err(e)) => !connection_lost(&e),
+        Ok(Ok(_)) => true,
     }
 }
 

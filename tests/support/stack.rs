@@ -66,6 +66,10 @@ pub struct Running {
     pub delivered: watch::Receiver<u64>,
 }
 
+/// How long the radio watch of a test gateway hears nothing before asking whether the bus is
+/// still there (the daemon's 30 s would make a test of it wait as long).
+pub const BUS_CHECK: Duration = Duration::from_secs(1);
+
 pub fn ble() -> BleConfig {
     BleConfig { connect_timeout_ms: 3_000, connect_attempts: 2, ..BleConfig::default() }
 }
@@ -132,7 +136,12 @@ impl Stack {
             unix_now,
         ));
         tokio::spawn(gateway.clone().serve(accepted));
-        tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
+        tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(
+            transport,
+            gateway.clone(),
+            BUS_CHECK,
+            stopped.clone(),
+        ));
         let link = tokio::spawn(link.run(stopped.clone()));
         reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
         // Keep the link's task handle alive with the switch: stopping ends it.

@@ -165,7 +165,12 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         }
     });
     let statements = tokio::spawn(gateway.clone().serve(accepted));
-    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
+    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(
+        transport,
+        gateway.clone(),
+        lockhub::gateway::radio_watch::BUS_CHECK,
+        stopped.clone(),
+    ));
     let local_task =
         local.map(|(bridge, updates)| tokio::spawn(bridge.run(updates, reports.state.clone(), stopped.clone())));
     tokio::spawn(control.run(control_listener, control_updates, stopped.clone()));

@@ -216,7 +216,12 @@ async fn script(dir: &Path, bus: &str, locks: u8) -> Result<()> {
     let (accepted_tx, accepted) = mpsc::channel(64);
     tokio::spawn(intake::serve(Intake::new(store.clone(), gw.clone(), outbox_ready), inbound, accepted_tx, unix_now));
     tokio::spawn(gateway.clone().serve(accepted));
-    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(transport, gateway.clone(), stopped.clone()));
+    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(
+        transport,
+        gateway.clone(),
+        lockhub::gateway::radio_watch::BUS_CHECK,
+        stopped.clone(),
+    ));
     let link_task = tokio::spawn(link.run(stopped));
     tokio::time::timeout(WAIT, reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))))
         .await
