@@ -1,8 +1,8 @@
 //! The gateway's connection to D-Bus wedged: open, but never answering again (a bus daemon
 //! stuck, a connection the library will never report lost). A command that needs a new link
 //! must notice within its bound, connect to the bus afresh and go through; discovery must
-//! follow to the new connection, and notice by itself when no command comes. In a binary of its own: the process's bus address is the
-//! relay's.
+//! follow to the new connection, and notice by itself when no command comes. In a binary of
+//! its own: the process's bus address is the relay's.
 
 mod support;
 
@@ -14,7 +14,7 @@ use support::bus_proxy::BusProxy;
 use support::stack::{Stack, WAIT, claim_pair_grant, next_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_gets_through_when_the_bus_connection_wedges() {
+async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
     let bed = support::bed();
     let proxy = BusProxy::start(&bed.bus);
     // SAFETY: before any bluer session exists in this process (libdbus reads the address
