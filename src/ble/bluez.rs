@@ -54,7 +54,7 @@ pub enum BluezChange {
 
 /// BlueZ through bluer.
 pub struct BluezTransport {
-    /// The current connection; replaced by [`BluezTransport::reconnect`] when the bus went away.
+    /// The current connection; replaced when the bus went away (see [`BluezTransport::live`]).
     bluez: std::sync::RwLock<Arc<Bluez>>,
     /// Counts the connections replaced, for [`BluezTransport::replaced`].
     generation: watch::Sender<u64>,
@@ -81,19 +81,24 @@ impl BluezTransport {
         })
     }
 
-    /// Connects to the bus again and picks the adapter again: after the D-Bus daemon
-    /// restarted, the old connection is dead for good.
-    pub async fn reconnect(&self) -> Result<(), BleError> {
-        let fresh = Arc::new(Self::connect_bluez(&self.config).await?);
-        self.replace(None, fresh);
-        Ok(())
+    /// Gives up the connection to the bus if it is still the one of `generation` (what
+    /// [`BluezTransport::replaced`] said when its user started on it): the bus went away under
+    /// it (the D-Bus daemon restarted). The next use connects afresh and picks the adapter
+    /// again; a connection someone already replaced is left alone.
+    pub fn drop_connection(&self, generation: u64) {
+        // Under the lock that `replace` changes both under: the connection read is the one of
+        // the generation read.
+        let slot = self.bluez.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *self.generation.borrow() == generation {
+            slot.gone.store(true, Ordering::Release);
+        }
     }
 
-    /// Makes `fresh` the current connection, unless `stale` is given and no longer current
-    /// (someone replaced it already); returns the current connection.
-    fn replace(&self, stale: Option<&Arc<Bluez>>, fresh: Arc<Bluez>) -> Arc<Bluez> {
+    /// Makes `fresh` the current connection, unless `stale` is no longer current (someone
+    /// replaced it already); returns the current connection.
+    fn replace(&self, stale: &Arc<Bluez>, fresh: Arc<Bluez>) -> Arc<Bluez> {
         let mut slot = self.bluez.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if stale.is_none_or(|stale| Arc::ptr_eq(&slot, stale)) {
+        if Arc::ptr_eq(&slot, stale) {
             *slot = fresh;
             self.generation.send_modify(|g| *g += 1);
         }
@@ -119,7 +124,7 @@ impl BluezTransport {
         }
         let fresh = Arc::new(Self::connect_bluez(&self.config).await?);
         tracing::info!("connected to D-Bus again");
-        Ok(self.replace(Some(&current), fresh))
+        Ok(self.replace(&current, fresh))
     }
 
     async fn connect_bluez(config: &BleConfig) -> Result<Bluez, BleError> {
@@ -174,7 +179,7 @@ impl BluezTransport {
     }
 
     /// What happens to BlueZ from now on; the stream ends when the connection to the bus is
-    /// lost (call [`BluezTransport::reconnect`]).
+    /// lost (then [`BluezTransport::drop_connection`]).
     pub async fn changes(&self) -> Result<impl Stream<Item = BluezChange> + Send + use<>, BleError> {
         let bluez = self.live().await?;
         let name = bluez.adapter.name().to_owned();

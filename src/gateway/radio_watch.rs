@@ -65,13 +65,8 @@ pub async fn watch_advertisements(
                                 break;
                             }
                             None => {
-                                // Unless a lock's task found the bus gone first and connected again.
-                                if *replaced.borrow() == generation {
-                                    tracing::warn!("lost the connection to D-Bus: connecting again");
-                                    if let Err(e) = transport.reconnect().await {
-                                        tracing::warn!(error = %e, "BlueZ is not back yet; retrying");
-                                    }
-                                }
+                                tracing::warn!("lost the connection to D-Bus: connecting again");
+                                transport.drop_connection(generation);
                                 break;
                             }
                         },
@@ -86,10 +81,8 @@ pub async fn watch_advertisements(
             Err(e) => {
                 tracing::warn!(error = %e, "discovery failed; retrying");
                 // A failure of the bus itself (not an adapter switched off): connect afresh.
-                if matches!(e, crate::ble::BleError::Bus(_))
-                    && let Err(e) = transport.reconnect().await
-                {
-                    tracing::debug!(error = %e, "BlueZ still out of reach");
+                if matches!(e, crate::ble::BleError::Bus(_)) {
+                    transport.drop_connection(generation);
                 }
             }
         }
