@@ -5,16 +5,9 @@
 
 mod support;
 
-use lockhub::auth::statement::{Operation, Permission, Statement};
+use lockhub::auth::statement::{Operation, Permission};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::command;
-use lockhub::store::unix_now;
-use support::stack::{Paired, Stack, WAIT, claim_pair_grant, next_state};
-
-async fn send(stack: &Stack, p: &Paired, op: Operation) -> Reply {
-    let c = Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
-    p.app.send(&c, &p.user, WAIT).await.unwrap()
-}
+use support::stack::{Paired, Stack, claim_pair_grant, next_state};
 
 /// Whether a failed reply says what happened on the radio: the lock out of reach, or the link
 /// lost while the command was out (whether the lock acted is then unknown: never `ok`).
@@ -27,12 +20,12 @@ fn says_the_link_failed(reply: &Reply) -> bool {
 /// The first command after a fault may fail (truthfully); the gateway recovers by itself: the
 /// next one works.
 async fn recovered(stack: &Stack, p: &Paired, op: Operation, what: &str) -> Option<Reply> {
-    let first = send(stack, p, op).await;
+    let first = p.send(stack, op).await;
     if first.result == Outcome::Ok {
         println!("after {what}: the first command worked");
         return None;
     }
-    let second = send(stack, p, op).await;
+    let second = p.send(stack, op).await;
     assert_eq!(second.result, Outcome::Ok, "no recovery after {what}: {first:?} then {second:?}");
     println!(
         "after {what}: the first command failed ({:?}: {}), the next one worked",
@@ -47,16 +40,16 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     let stack = Stack::start("gw-radio").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let ctl = support::control().await;
-    assert_eq!(send(&stack, &p, Operation::Unlock).await.result, Outcome::Ok);
+    assert_eq!(p.send(&stack, Operation::Unlock).await.result, Outcome::Ok);
 
     // The link drops as the command reaches the lock, before it acts: reported as the link
     // lost (not as done), and the bolt did not move.
     ctl.set_faults(&p.lock.lock_id, r#"{"drop_link_after_frames": 1}"#).await.unwrap();
-    let reply = send(&stack, &p, Operation::Lock).await;
+    let reply = p.send(&stack, Operation::Lock).await;
     assert!(says_the_link_failed(&reply), "{reply:?}");
     let state = support::report(&ctl, &p.lock.lock_id).await.status.state;
     assert_eq!(state, lockhub::protocol::message::LockState::Unlocked, "the lock did not act");
-    assert_eq!(send(&stack, &p, Operation::Lock).await.result, Outcome::Ok, "the next command reconnects");
+    assert_eq!(p.send(&stack, Operation::Lock).await.result, Outcome::Ok, "the next command reconnects");
 
     // The lock reboots while the link is up.
     ctl.reboot(&p.lock.lock_id).await.unwrap();
@@ -70,17 +63,15 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     // dead, and some calls on it are never answered: the first command finds that out,
     // connects to the bus again and goes through.
     tokio::task::block_in_place(|| support::bed().restart_bus());
-    let first = send(&stack, &p, Operation::Unlock).await;
+    let first = p.send(&stack, Operation::Unlock).await;
     assert_eq!(first.result, Outcome::Ok, "the first command after a D-Bus restart: {first:?}");
     // What the lock advertises is heard again too: discovery moved to the new connection. With
     // the link down, only an advertisement tells the gateway of a thumb-turn.
     let ctl = support::control().await;
-    let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
     let mut seen = p.app.watch();
-    ctl.drop_link(&p.lock.lock_id).await.unwrap();
-    next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
+    p.link_down(&stack, &ctl, &mut seen).await;
     ctl.turn_knob(&p.lock.lock_id).await.unwrap();
-    next_state(&mut seen, &state_topic, |s| s["state"] == "locked").await;
+    next_state(&mut seen, &p.state_topic(&stack), |s| s["state"] == "locked").await;
 
     // Every failure on the way said what happened on the radio (never a false success, never
     // a stall), and the gateway ran throughout: the same task, the same store.

@@ -6,12 +6,10 @@
 
 mod support;
 
-use lockhub::auth::statement::{Operation, Permission, Statement};
+use lockhub::auth::statement::{Operation, Permission};
 use lockhub::cloud::reply::Outcome;
-use lockhub::devcloud::app::command;
-use lockhub::store::unix_now;
 use support::bus_proxy::BusProxy;
-use support::stack::{Stack, WAIT, claim_pair_grant, next_state};
+use support::stack::{Stack, claim_pair_grant, next_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
@@ -22,31 +20,24 @@ async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
     unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &proxy.address) };
     let stack = Stack::start("gw-wedged").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
-    let p = &p;
-    let send = |op| {
-        let c = Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
-        async move { p.app.send(&c, &p.user, WAIT).await.unwrap() }
-    };
     // Through the relay, descriptors and all (the GATT sockets come over the bus).
-    assert_eq!(send(Operation::Unlock).await.result, Outcome::Ok);
+    assert_eq!(p.send(&stack, Operation::Unlock).await.result, Outcome::Ok);
 
     // The link down, so that the next command must ask the bus for a new one.
     let ctl = support::control().await;
-    let state_topic = format!("lockhub/v1/{}/lock/{}/state", stack.gw, p.lock_id);
+    let state_topic = p.state_topic(&stack);
     let mut seen = p.app.watch();
-    ctl.drop_link(&p.lock.lock_id).await.unwrap();
-    next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
+    p.link_down(&stack, &ctl, &mut seen).await;
 
     let before = proxy.connections();
     proxy.wedge();
-    let reply = send(Operation::Lock).await;
+    let reply = p.send(&stack, Operation::Lock).await;
     assert_eq!(reply.result, Outcome::Ok, "the first command on a wedged bus connection: {reply:?}");
     assert!(proxy.connections() > before, "the gateway connected to the bus again");
 
     // Discovery moved to the new connection: with the link down, only an advertisement tells
     // the gateway of a thumb-turn.
-    ctl.drop_link(&p.lock.lock_id).await.unwrap();
-    next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
+    p.link_down(&stack, &ctl, &mut seen).await;
     ctl.turn_knob(&p.lock.lock_id).await.unwrap();
     next_state(&mut seen, &state_topic, |s| s["state"] == "unlocked").await;
 
@@ -54,8 +45,7 @@ async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
     // still there, and starts again on a new connection; the next thumb-turn still gets out.
     // (The thumb-turn's sync brought the link up: down again, so that only an advertisement
     // can tell.)
-    ctl.drop_link(&p.lock.lock_id).await.unwrap();
-    next_state(&mut seen, &state_topic, |s| s["connected"] == false).await;
+    p.link_down(&stack, &ctl, &mut seen).await;
     let before = proxy.connections();
     proxy.wedge();
     ctl.turn_knob(&p.lock.lock_id).await.unwrap();

@@ -36,6 +36,17 @@ fn bus_error(e: bluer::Error) -> BleError {
 /// but says so only when asked: a call made on it may wait out its whole bound unanswered.
 const BUS_SILENCE: Duration = Duration::from_millis(500);
 
+/// How long BlueZ may take to answer the calls that set up a new connection to it (its
+/// adapters, whether one is powered) when the gateway connects again while running. bluer
+/// waits 120 s for any answer: a hung bluetoothd (the bus up, `org.bluez` never answering)
+/// would hold whoever is connecting — a command, discovery — for that long, and a command's
+/// own bound would then report a timeout instead of naming BlueZ.
+const BLUEZ_SILENCE: Duration = Duration::from_secs(1);
+
+/// The same bound at start-up, where BlueZ may still be busy starting too: more generous,
+/// since failing here stops the daemon (and its service manager starts it again).
+const BLUEZ_SILENCE_AT_START: Duration = Duration::from_secs(5);
+
 /// One connection to BlueZ: the D-Bus session and the adapter chosen on it.
 struct Bluez {
     session: bluer::Session,
@@ -72,7 +83,7 @@ impl BluezTransport {
     /// Connects to BlueZ on the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set) and picks the
     /// adapter: `config.adapter`, or the first powered one.
     pub async fn open(config: &BleConfig) -> Result<Self, BleError> {
-        let bluez = Self::connect_bluez(config).await?;
+        let bluez = Self::connect_bluez(config, BLUEZ_SILENCE_AT_START).await?;
         Ok(BluezTransport {
             bluez: std::sync::RwLock::new(Arc::new(bluez)),
             generation: watch::Sender::new(0),
@@ -122,42 +133,21 @@ impl BluezTransport {
         if !current.gone.load(Ordering::Acquire) {
             return Ok(current);
         }
-        let fresh = Arc::new(Self::connect_bluez(&self.config).await?);
+        let fresh = Arc::new(Self::connect_bluez(&self.config, BLUEZ_SILENCE).await?);
         tracing::info!("connected to D-Bus again");
         Ok(self.replace(&current, fresh))
     }
 
-    async fn connect_bluez(config: &BleConfig) -> Result<Bluez, BleError> {
-        let adapter = config.adapter.as_deref();
-        let session = bluer::Session::new().await.map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
-        let names = session.adapter_names().await.map_err(bus_error)?;
-        let adapter = match adapter {
-            Some(name) => {
-                if !names.iter().any(|n| n == name) {
-                    return Err(BleError::NoAdapter(format!(" named {name} (found: {})", names.join(", "))));
-                }
-                let a = session.adapter(name).map_err(bus_error)?;
-                if !a.is_powered().await.map_err(bus_error)? {
-                    return Err(BleError::AdapterOff(name.to_owned()));
-                }
-                a
-            }
-            None => {
-                let mut chosen = None;
-                for name in &names {
-                    let a = session.adapter(name).map_err(bus_error)?;
-                    if a.is_powered().await.map_err(bus_error)? {
-                        chosen = Some(a);
-                        break;
-                    }
-                }
-                match chosen {
-                    Some(a) => a,
-                    None if names.is_empty() => return Err(BleError::NoAdapter(String::new())),
-                    None => return Err(BleError::AdapterOff(names.join(", "))),
-                }
-            }
-        };
+    /// A new connection to the bus, and the adapter chosen on it; BlueZ gets `bound` to
+    /// answer (and so does the bus daemon, for the connection itself).
+    async fn connect_bluez(config: &BleConfig, bound: Duration) -> Result<Bluez, BleError> {
+        let session = tokio::time::timeout(bound, bluer::Session::new())
+            .await
+            .map_err(|_| BleError::Bus(format!("the D-Bus system bus did not accept a connection within {bound:?}")))?
+            .map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
+        let adapter = tokio::time::timeout(bound, choose_adapter(&session, config.adapter.as_deref()))
+            .await
+            .map_err(|_| BleError::BluezSilent { after: bound })??;
         Ok(Bluez { session, adapter, gone: AtomicBool::new(false) })
     }
 
@@ -249,6 +239,38 @@ impl BluezTransport {
             _ => Err(BleError::NotALock("LHP/1 service lacks a characteristic".into())),
         }
     }
+}
+
+/// The adapter to use on `session`: the one named, or the first powered one.
+async fn choose_adapter(session: &bluer::Session, adapter: Option<&str>) -> Result<Adapter, BleError> {
+    let names = session.adapter_names().await.map_err(bus_error)?;
+    Ok(match adapter {
+        Some(name) => {
+            if !names.iter().any(|n| n == name) {
+                return Err(BleError::NoAdapter(format!(" named {name} (found: {})", names.join(", "))));
+            }
+            let a = session.adapter(name).map_err(bus_error)?;
+            if !a.is_powered().await.map_err(bus_error)? {
+                return Err(BleError::AdapterOff(name.to_owned()));
+            }
+            a
+        }
+        None => {
+            let mut chosen = None;
+            for name in &names {
+                let a = session.adapter(name).map_err(bus_error)?;
+                if a.is_powered().await.map_err(bus_error)? {
+                    chosen = Some(a);
+                    break;
+                }
+            }
+            match chosen {
+                Some(a) => a,
+                None if names.is_empty() => return Err(BleError::NoAdapter(String::new())),
+                None => return Err(BleError::AdapterOff(names.join(", "))),
+            }
+        }
+    })
 }
 
 async fn advertisement(adapter: &Adapter, address: Address) -> Option<Advertisement> {

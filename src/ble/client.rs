@@ -121,9 +121,15 @@ async fn connect_with_retries<T: LockTransport>(
         };
         match result {
             Ok(r) => return Ok(r),
-            Err(e) if e.is_transient() && attempt < config.connect_attempts => {
-                tracing::debug!(address, attempt, error = %e, "connection attempt failed, retrying");
-                last = Some(e);
+            Err(e) if e.is_transient() => {
+                tracing::debug!(address, attempt, error = %e, "connection attempt failed");
+                // A timeout only says the time ran out: an earlier attempt's error says why.
+                if !(matches!(e, BleError::Timeout { .. }) && last.is_some()) {
+                    last = Some(e);
+                }
+                if attempt >= config.connect_attempts {
+                    break;
+                }
                 let jitter = rand_core::OsRng.next_u64() % (backoff.as_millis() as u64 / 2 + 1);
                 let pause = backoff + Duration::from_millis(jitter);
                 if Instant::now() + pause >= deadline {
@@ -137,7 +143,7 @@ async fn connect_with_retries<T: LockTransport>(
     }
     // Out of time or attempts: from the caller's view the lock cannot be reached.
     let detail = match last {
-        Some(e) => format!("no session within {timeout:?} (last attempt: {e})"),
+        Some(e) => format!("no session within {timeout:?} (last error: {e})"),
         None => format!("no session within {timeout:?}"),
     };
     Err(BleError::Unreachable { address: address.to_owned(), detail })

@@ -92,6 +92,15 @@ pub enum BleError {
     /// BlueZ or D-Bus failed in a way the others do not cover.
     #[error("BlueZ: {0}")]
     Bus(String),
+    /// The bus took a new connection, but BlueZ (`org.bluez` on it) did not answer: bluetoothd
+    /// is hung, or busy starting.
+    #[error(
+        "BlueZ is not answering: no reply from org.bluez within {after:?}, though the D-Bus system bus is up (is bluetoothd hung? `systemctl status bluetooth`)"
+    )]
+    BluezSilent {
+        /// How long it was given.
+        after: Duration,
+    },
 }
 
 impl BleError {
@@ -105,13 +114,21 @@ impl BleError {
             BleError::LinkLost => "link_lost",
             BleError::Protocol(_) | BleError::NotALock(_) => "protocol",
             BleError::Bus(_) => "bus",
+            BleError::BluezSilent { .. } => "bluez_silent",
         }
     }
 
     /// Whether trying again soon may succeed (while connecting; a command is never retried
     /// once sent, because it may have run).
     pub fn is_transient(&self) -> bool {
-        matches!(self, BleError::Timeout { .. } | BleError::LinkLost | BleError::Bus(_) | BleError::Unreachable { .. })
+        matches!(
+            self,
+            BleError::Timeout { .. }
+                | BleError::LinkLost
+                | BleError::Bus(_)
+                | BleError::BluezSilent { .. }
+                | BleError::Unreachable { .. }
+        )
     }
 }
 

@@ -489,9 +489,11 @@ impl<T: LockTransport> LockWorker<T> {
 /// stable code) when the link broke after it was sent — the lock's own log says whether it ran.
 fn ble_failure(e: &BleError) -> Failure {
     let reason = match e {
-        BleError::Unreachable { .. } | BleError::NotFound(_) | BleError::AdapterOff(_) | BleError::NoAdapter(_) => {
-            Reason::LockUnreachable
-        }
+        BleError::Unreachable { .. }
+        | BleError::NotFound(_)
+        | BleError::AdapterOff(_)
+        | BleError::NoAdapter(_)
+        | BleError::BluezSilent { .. } => Reason::LockUnreachable,
         _ => Reason::Failed,
     };
     Failure { reason, detail: format!("{} ({})", e, e.code()) }

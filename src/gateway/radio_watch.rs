@@ -8,6 +8,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::statements::Gateway;
+use crate::ble::BleError;
 use crate::ble::bluez::{BluezChange, BluezTransport};
 
 /// How often a discovery that hears nothing asks whether the bus is still there: a connection
@@ -15,8 +16,18 @@ use crate::ble::bluez::{BluezChange, BluezTransport};
 /// and with it every advertised event until the next command.
 pub const BUS_CHECK: Duration = Duration::from_secs(30);
 
+/// How long starting discovery may take. bluer waits 120 s for each answer; a hung bluetoothd
+/// would otherwise hold the watch that long at every start, deaf to shutdown.
+const START_BOUND: Duration = Duration::from_secs(5);
+
+/// The pauses between attempts to start discovery while they fail: from the first to the
+/// last, doubling (a hung or absent BlueZ is asked every half minute, and said so once).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_LAST: Duration = Duration::from_secs(30);
+
 /// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ
-/// comes back (restarted: its discovery died with it) and after an error, with a pause; when
+/// comes back (restarted: its discovery died with it) and after an error, with a pause that
+/// grows while starting it keeps failing (BlueZ absent or hung: each start is bounded); when
 /// the connection to the bus is lost (the D-Bus daemon restarted), the transport connects again,
 /// and discovery restarts whenever the transport's connection is replaced. After `bus_check`
 /// without an advertisement, the bus is asked whether it still answers; if not, discovery
@@ -28,16 +39,27 @@ pub async fn watch_advertisements(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut replaced = transport.replaced();
+    let mut pause = RETRY_FIRST;
     loop {
         // Discovery runs on one connection to the bus: started again when it is replaced.
         let generation = *replaced.borrow_and_update();
         let watched = async {
             let changes = transport.changes().await?;
             let stream = transport.discover().await?;
-            Ok::<_, crate::ble::BleError>((changes, stream))
+            Ok::<_, BleError>((changes, stream))
         };
-        match watched.await {
+        let started = tokio::select! {
+            started = tokio::time::timeout(START_BOUND, watched) => {
+                started.unwrap_or(Err(BleError::BluezSilent { after: START_BOUND }))
+            }
+            _ = shutdown.changed() => return,
+        };
+        match started {
             Ok((changes, stream)) => {
+                if pause > RETRY_FIRST {
+                    tracing::info!("discovery started again");
+                }
+                pause = RETRY_FIRST;
                 let (mut changes, mut stream) = (std::pin::pin!(changes), std::pin::pin!(stream));
                 let quiet = tokio::time::sleep(bus_check);
                 let mut quiet = std::pin::pin!(quiet);
@@ -54,7 +76,7 @@ pub async fn watch_advertisements(
                         },
                         () = quiet.as_mut() => {
                             if !transport.bus_answers().await {
-                                tracing::warn!("the connection to D-Bus stopped answering: connecting again");
+                                tracing::warn!("BlueZ stopped answering on the connection to D-Bus: connecting again");
                                 break;
                             }
                             quiet.as_mut().reset(tokio::time::Instant::now() + bus_check);
@@ -79,15 +101,27 @@ pub async fn watch_advertisements(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "discovery failed; retrying");
-                // A failure of the bus itself (not an adapter switched off): connect afresh.
-                if matches!(e, crate::ble::BleError::Bus(_)) {
+                // Said once per outage; the retries that follow, at debug level.
+                if pause == RETRY_FIRST {
+                    tracing::warn!(error = %e, "discovery failed; retrying, less often while it keeps failing");
+                } else {
+                    tracing::debug!(error = %e, retry_in = ?pause, "discovery failed again");
+                }
+                // The bus or BlueZ not answering (not an adapter switched off): connect
+                // afresh, in case it is this connection.
+                if matches!(e, BleError::Bus(_) | BleError::BluezSilent { .. }) {
                     transport.drop_connection(generation);
                 }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => return,
+                }
+                pause = (pause * 2).min(RETRY_LAST);
+                continue;
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(RETRY_FIRST) => {}
             _ = shutdown.changed() => return,
         }
     }

@@ -38,6 +38,26 @@ pub struct Bed {
     /// The temporary directory holding the bus socket and the locks' state.
     pub dir: PathBuf,
     commands: std::sync::Mutex<std::sync::mpsc::Sender<BedCommand>>,
+    /// The running emulator's process id (it changes when the emulator is restarted).
+    emulator_pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// The emulator stopped by SIGSTOP: `org.bluez` has an owner on a bus that works, but answers
+/// nothing, as a hung bluetoothd. Continued when dropped, so that a failing test does not
+/// leave the binary's other tests a frozen emulator.
+pub struct FrozenEmulator {
+    pid: nix::unistd::Pid,
+}
+
+impl FrozenEmulator {
+    /// Lets the emulator run again; it answers what was asked of it meanwhile.
+    pub fn thaw(self) {}
+}
+
+impl Drop for FrozenEmulator {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGCONT);
+    }
 }
 
 /// What the thread owning the processes can be asked to do.
@@ -56,6 +76,14 @@ impl Bed {
         let (tx, rx) = std::sync::mpsc::channel();
         self.commands.lock().unwrap().send(BedCommand::RestartEmulator(tx)).expect("test bed thread");
         rx.recv().expect("emulator restarted");
+    }
+
+    /// Stops the emulator where it stands (SIGSTOP) until the returned guard is dropped.
+    pub fn freeze_emulator(&self) -> FrozenEmulator {
+        let raw = self.emulator_pid.load(std::sync::atomic::Ordering::Acquire);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(raw).expect("a process id"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stopping the emulator");
+        FrozenEmulator { pid }
     }
 
     /// Kills the bus (SIGKILL) and starts a new one on the same address, with the emulator
@@ -112,6 +140,8 @@ fn sweep_stale_beds() {
 pub fn bed() -> &'static Bed {
     BED.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
+        let emulator_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let running_pid = emulator_pid.clone();
         std::thread::Builder::new()
             .name("dbus-test-bed".into())
             .spawn(move || {
@@ -152,6 +182,8 @@ pub fn bed() -> &'static Bed {
                     );
                     let ready = first_line(&mut emulator, "lockhub-lock");
                     assert!(ready.starts_with("READY"), "unexpected first line from lockhub-lock: {ready}");
+                    // setpriv executes the emulator in its own process: the child's id is its.
+                    running_pid.store(emulator.id(), std::sync::atomic::Ordering::Release);
                     emulator
                 };
                 let mut emulator = start_emulator();
@@ -193,7 +225,7 @@ pub fn bed() -> &'static Bed {
         // SAFETY: set once, while the bed is being created and before any bluer session exists
         // in this process; libdbus reads it when the first session connects.
         unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
-        Bed { bus, dir, commands: std::sync::Mutex::new(commands) }
+        Bed { bus, dir, commands: std::sync::Mutex::new(commands), emulator_pid }
     })
 }
 

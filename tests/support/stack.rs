@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lockhub::auth::statement::{Permission, Statement};
+use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::ble::BleConfig;
 use lockhub::ble::bluez::BluezTransport;
 use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
 use lockhub::cloud::reply::{Outcome, Reply};
-use lockhub::devcloud::app::{AppClient, AppKey, claim, grant, pair, remote_unlock};
+use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, remote_unlock};
 use lockhub::devcloud::pki::Pki;
 use lockhub::gateway::intake::{self, Intake};
 use lockhub::gateway::policy::PolicyLimits;
@@ -244,6 +244,32 @@ pub struct Paired {
     pub lock: super::LockReport,
     pub lock_id: LockId,
     pub grant: lockhub::auth::statement::StatementId,
+}
+
+impl Paired {
+    /// Sends `op` for the paired lock as the granted user (issued now, valid 30 s); the reply.
+    pub async fn send(&self, stack: &Stack, op: Operation) -> Reply {
+        let c = Statement::Command(command(&stack.gw, self.lock_id, op, unix_now(), 30));
+        self.app.send(&c, &self.user, WAIT).await.unwrap()
+    }
+
+    /// The topic of the lock's retained state.
+    pub fn state_topic(&self, stack: &Stack) -> String {
+        format!("lockhub/v1/{}/lock/{}/state", stack.gw, self.lock_id)
+    }
+
+    /// Drops the lock's link in the emulator and waits for the retained state (on `seen`, from
+    /// [`AppClient::watch`]) to say it is down: then only an advertisement, or a new link,
+    /// tells the gateway what the lock does.
+    pub async fn link_down(
+        &self,
+        stack: &Stack,
+        ctl: &super::EmulatorProxy<'_>,
+        seen: &mut tokio::sync::broadcast::Receiver<lockhub::devcloud::app::Seen>,
+    ) {
+        ctl.drop_link(&self.lock.lock_id).await.unwrap();
+        next_state(seen, &self.state_topic(stack), |s| s["connected"] == false).await;
+    }
 }
 
 pub async fn claim_pair_grant(

@@ -1,0 +1,43 @@
+//! BlueZ hung: the bus up, `org.bluez` owned but never answering (bluetoothd stuck, as it gets
+//! on a wedged controller). The emulator stopped with SIGSTOP plays it. A command must get its
+//! reply within its bound, saying that BlueZ is not answering (not a bare timeout, not the
+//! bus); when BlueZ answers again, commands and advertised events flow without a restart. In a
+//! binary of its own: it freezes the emulator every test of a binary shares.
+
+mod support;
+
+use lockhub::auth::statement::{Operation, Permission};
+use lockhub::cloud::reply::Outcome;
+use support::stack::{Stack, assert_reply, claim_pair_grant, next_state};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_bluez_is_named_in_the_reply_and_the_gateway_recovers_when_it_answers() {
+    let bed = support::bed();
+    let stack = Stack::start("gw-hung").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
+    assert_eq!(p.send(&stack, Operation::Unlock).await.result, Outcome::Ok);
+
+    // The link down, so that the next command must ask BlueZ for a new one.
+    let ctl = support::control().await;
+    let mut seen = p.app.watch();
+    p.link_down(&stack, &ctl, &mut seen).await;
+
+    let frozen = bed.freeze_emulator();
+    let reply = p.send(&stack, Operation::Lock).await;
+    // No command reached the lock: unreachable, and why.
+    assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));
+    let detail = reply.detail.as_deref().unwrap_or("");
+    assert!(detail.contains("BlueZ is not answering"), "the reply names BlueZ: {detail}");
+    assert!(detail.contains("bus is up"), "and says the bus itself works: {detail}");
+    // Audited with its reason (this waits for it).
+    stack.audited("command.", &["lock_unreachable"]).await;
+
+    frozen.thaw();
+    // BlueZ answers again: the next command gets a new connection and goes through.
+    assert_eq!(p.send(&stack, Operation::Lock).await.result, Outcome::Ok, "a command after BlueZ answers again");
+    // And discovery came back by itself: with the link down, only an advertisement tells the
+    // gateway of a thumb-turn.
+    p.link_down(&stack, &ctl, &mut seen).await;
+    ctl.turn_knob(&p.lock.lock_id).await.unwrap();
+    next_state(&mut seen, &p.state_topic(&stack), |s| s["state"] == "unlocked").await;
+}
