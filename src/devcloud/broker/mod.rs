@@ -10,7 +10,7 @@
 //!
 //! Every client presents a certificate from the PKI's CA; its common name is its identity, and
 //! a gateway's client id must be that identity. Events a gateway publishes on its `events`
-//! topic are stored in the [`EventSink`](crate::devcloud::sink::EventSink) before the PUBACK.
+//! topic are stored in the [`EventSink`] before the PUBACK.
 
 mod connection;
 pub mod router;
