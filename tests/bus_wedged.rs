@@ -1,7 +1,8 @@
 //! The gateway's connection to D-Bus wedged: open, but never answering again (a bus daemon
 //! stuck, a connection the library will never report lost). A command that needs a new link
 //! must notice within its bound, connect to the bus afresh and go through; discovery must
-//! follow to the new connection, and notice by itself when no command comes. In a binary of
+//! follow to the new connection, and notice by itself when no command comes. And the bus
+//! daemon hung (new connections silent too): the reply must say so within its bound. In a binary of
 //! its own: the process's bus address is the relay's.
 
 mod support;
@@ -9,7 +10,7 @@ mod support;
 use lockhub::auth::statement::{Operation, Permission};
 use lockhub::cloud::reply::Outcome;
 use support::bus_proxy::BusProxy;
-use support::stack::{Stack, claim_pair_grant, next_state};
+use support::stack::{Stack, assert_reply, claim_pair_grant, next_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
@@ -51,4 +52,17 @@ async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
     ctl.turn_knob(&p.lock.lock_id).await.unwrap();
     next_state(&mut seen, &state_topic, |s| s["state"] == "locked").await;
     assert!(proxy.connections() > before, "the gateway connected to the bus again");
+
+    // The bus daemon itself hung: new connections get no answer either. The command's reply
+    // says it is the bus (not BlueZ, not a bare timeout), within its bound; once the bus
+    // answers again, the next command works.
+    p.link_down(&stack, &ctl, &mut seen).await;
+    let frozen = bed.freeze_bus();
+    let reply = p.send(&stack, Operation::Unlock).await;
+    assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));
+    let detail = reply.detail.as_deref().unwrap_or("");
+    assert!(detail.contains("D-Bus system bus did not accept a connection"), "the reply names the bus: {detail}");
+    frozen.thaw();
+    let r = p.send(&stack, Operation::Unlock).await;
+    assert_eq!(r.result, Outcome::Ok, "a command once the bus answers again: {r:?}");
 }

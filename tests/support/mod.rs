@@ -38,23 +38,32 @@ pub struct Bed {
     /// The temporary directory holding the bus socket and the locks' state.
     pub dir: PathBuf,
     commands: std::sync::Mutex<std::sync::mpsc::Sender<BedCommand>>,
-    /// The running emulator's process id (it changes when the emulator is restarted).
+    /// The running emulator's and bus daemon's process ids (they change when restarted).
     emulator_pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    bus_pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
-/// The emulator stopped by SIGSTOP: `org.bluez` has an owner on a bus that works, but answers
-/// nothing, as a hung bluetoothd. Continued when dropped, so that a failing test does not
-/// leave the binary's other tests a frozen emulator.
-pub struct FrozenEmulator {
+/// A process of the bed stopped by SIGSTOP, as a hung one: its sockets take what is sent to
+/// them, nothing answers. Continued when dropped, so that a failing test does not leave the
+/// binary's other tests a frozen bed.
+pub struct Frozen {
     pid: nix::unistd::Pid,
 }
 
-impl FrozenEmulator {
-    /// Lets the emulator run again; it answers what was asked of it meanwhile.
+impl Frozen {
+    fn stop(pid: &std::sync::atomic::AtomicU32, what: &str) -> Frozen {
+        let raw = pid.load(std::sync::atomic::Ordering::Acquire);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(raw).expect("a process id"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)
+            .unwrap_or_else(|e| panic!("stopping {what}: {e}"));
+        Frozen { pid }
+    }
+
+    /// Lets the process run again; it answers what was asked of it meanwhile.
     pub fn thaw(self) {}
 }
 
-impl Drop for FrozenEmulator {
+impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGCONT);
     }
@@ -78,12 +87,17 @@ impl Bed {
         rx.recv().expect("emulator restarted");
     }
 
-    /// Stops the emulator where it stands (SIGSTOP) until the returned guard is dropped.
-    pub fn freeze_emulator(&self) -> FrozenEmulator {
-        let raw = self.emulator_pid.load(std::sync::atomic::Ordering::Acquire);
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(raw).expect("a process id"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stopping the emulator");
-        FrozenEmulator { pid }
+    /// Stops the emulator where it stands (SIGSTOP) until the returned guard is dropped:
+    /// `org.bluez` owned on a bus that works, never answering, as a hung bluetoothd.
+    pub fn freeze_emulator(&self) -> Frozen {
+        Frozen::stop(&self.emulator_pid, "the emulator")
+    }
+
+    /// Stops the bus daemon where it stands (SIGSTOP) until the returned guard is dropped:
+    /// connections are accepted (by the kernel) and nothing on them answered, new ones
+    /// included, as a hung dbus-daemon.
+    pub fn freeze_bus(&self) -> Frozen {
+        Frozen::stop(&self.bus_pid, "the bus daemon")
     }
 
     /// Kills the bus (SIGKILL) and starts a new one on the same address, with the emulator
@@ -141,7 +155,8 @@ pub fn bed() -> &'static Bed {
     BED.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         let emulator_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let running_pid = emulator_pid.clone();
+        let bus_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (running_emulator, running_bus) = (emulator_pid.clone(), bus_pid.clone());
         std::thread::Builder::new()
             .name("dbus-test-bed".into())
             .spawn(move || {
@@ -160,6 +175,7 @@ pub fn bed() -> &'static Bed {
                     );
                     // Without the server's guid: a restarted bus on the same socket has another.
                     let printed = first_line(&mut dbus, "dbus-daemon");
+                    running_bus.store(dbus.id(), std::sync::atomic::Ordering::Release);
                     let bus = printed.split(",guid=").next().unwrap_or(&printed).to_owned();
                     (dbus, bus)
                 };
@@ -183,7 +199,7 @@ pub fn bed() -> &'static Bed {
                     let ready = first_line(&mut emulator, "lockhub-lock");
                     assert!(ready.starts_with("READY"), "unexpected first line from lockhub-lock: {ready}");
                     // setpriv executes the emulator in its own process: the child's id is its.
-                    running_pid.store(emulator.id(), std::sync::atomic::Ordering::Release);
+                    running_emulator.store(emulator.id(), std::sync::atomic::Ordering::Release);
                     emulator
                 };
                 let mut emulator = start_emulator();
@@ -225,7 +241,7 @@ pub fn bed() -> &'static Bed {
         // SAFETY: set once, while the bed is being created and before any bluer session exists
         // in this process; libdbus reads it when the first session connects.
         unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
-        Bed { bus, dir, commands: std::sync::Mutex::new(commands), emulator_pid }
+        Bed { bus, dir, commands: std::sync::Mutex::new(commands), emulator_pid, bus_pid }
     })
 }
 
