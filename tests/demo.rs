@@ -1,14 +1,31 @@
 //! The README's first command, `lockhub demo`, run as a user would: it must exit 0 and show
-//! each step of the story with its outcome.
+//! each step of the story with its outcome, with Debian's dbus-daemon and without it.
 
 #[test]
 fn the_demo_runs_the_whole_story_and_exits_0() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
-        .arg("demo")
-        .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
-        .output()
-        .expect("running lockhub demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
+    demo.arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS");
+    let stdout = the_whole_story(demo);
+    assert!(stdout.contains("bus      dbus-daemon"), "on Debian's dbus-daemon where it is installed:\n{stdout}");
+}
+
+/// On a machine without dbus-daemon (here: a PATH where no program is found), the demo says so
+/// and runs the same story on a bus inside its own process.
+#[test]
+fn without_dbus_daemon_the_demo_says_so_and_runs_on_an_embedded_bus() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
+    demo.arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS").env("PATH", empty.path());
+    let stdout = the_whole_story(demo);
+    assert!(stdout.contains("dbus-daemon is not installed here"), "it says so:\n{stdout}");
+    assert!(stdout.contains("bus      busd, inside this process"), "{stdout}");
+}
+
+/// Runs `demo`, checks that it exits 0 having told every step of the story with its latency,
+/// and returns what it printed.
+fn the_whole_story(mut demo: std::process::Command) -> String {
+    let out = demo.output().expect("running lockhub demo");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for expected in [
         "owner claims the gateway with the code",
@@ -27,4 +44,5 @@ fn the_demo_runs_the_whole_story_and_exits_0() {
     // Every step prints its latency.
     let steps = stdout.lines().filter(|l| l.trim_end().ends_with(" ms")).count();
     assert!(steps >= 15, "{steps} timed steps:\n{stdout}");
+    stdout
 }

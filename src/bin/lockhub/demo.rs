@@ -1,14 +1,14 @@
 //! `lockhub demo`: the whole system on one machine, scripted, with a transcript.
 //!
-//! A private `dbus-daemon` (started here, in a temporary directory) carries the emulated locks'
+//! A private D-Bus bus (`dbus-daemon` started here in a temporary directory, or busd inside this
+//! process where no dbus-daemon is installed: `private_bus.rs`) carries the emulated locks'
 //! `org.bluez`; the bundled broker runs in this process with a fresh PKI and mutual TLS; the
 //! gateway is the real one (store, cloud link, intake, policy, per-lock tasks over bluer); the
 //! app stand-in signs statements with its own keys. Nothing listens beyond 127.0.0.1, nothing
 //! outlives the run.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,105 +31,42 @@ use lockhub::protocol::message::{Actor, Op, Passcode};
 use lockhub::store::{Store, StoreConfig, unix_now};
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::private_bus::PrivateBus;
+
 const GATEWAY: &str = "demo-gw";
 const WAIT: Duration = Duration::from_secs(30);
 const KEYPAD_CODE: &str = "2468";
 
-/// The demo's private bus configuration: only this user's processes reach it.
-const BUS_CONFIG: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:tmpdir=/tmp</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_type="method_return"/>
-    <allow send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="signal"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-  </policy>
-</busconfig>
-"#;
-
-/// The run's temporary directory and bus, removed and stopped however the run ends.
+/// The run's temporary directory, removed however the run ends.
 struct Scratch {
     dir: PathBuf,
-    bus: Option<Child>,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(mut bus) = self.bus.take() {
-            let _ = bus.kill();
-            let _ = bus.wait();
-        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn find_program(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
-}
-
-/// Starts the private bus (before any thread exists: the bus address goes into the process
-/// environment, where libdbus reads it).
-fn start_bus(dir: &Path) -> Result<(Child, String)> {
-    let Some(daemon) = find_program("dbus-daemon") else {
-        bail!(
-            "the demo runs the emulated locks on a private D-Bus bus and needs dbus-daemon, which is not \
-             installed here: install it (Debian/Ubuntu: `sudo apt install dbus`) and run the demo again"
-        );
-    };
-    let config = dir.join("bus.conf");
-    std::fs::write(&config, BUS_CONFIG).context("writing the bus configuration")?;
-    let address = format!("unix:path={}", dir.join("bus").display());
-    // Under `setpriv --pdeathsig` where util-linux has it: the bus dies with the demo, however
-    // the demo ends.
-    let mut command = match find_program("setpriv") {
-        Some(setpriv) => {
-            let mut c = Command::new(setpriv);
-            c.args(["--pdeathsig", "KILL", "--"]).arg(daemon);
-            c
-        }
-        None => Command::new(daemon),
-    };
-    let mut child = command
-        .arg("--config-file")
-        .arg(&config)
-        .args(["--address", &address, "--nofork", "--print-address"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        // Its warnings (fd limits when run as root) are not the demo's business.
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting dbus-daemon")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).context("reading the bus address")?;
-    if line.trim().is_empty() {
-        bail!("dbus-daemon exited before it was ready");
-    }
-    Ok((child, line.trim().to_owned()))
 }
 
 /// Runs the demo.
 pub fn run(locks: u8) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("lockhub-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut scratch = Scratch { dir: dir.clone(), bus: None };
-    let (bus_child, bus) = start_bus(&dir)?;
-    scratch.bus = Some(bus_child);
-    // SAFETY: no other thread exists yet (the runtime is built below); libdbus reads the
-    // variable when bluer first connects.
-    unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
+    let scratch = Scratch { dir: dir.clone() };
+    // SAFETY: no other thread exists yet (the bus and the runtime start below); libdbus reads
+    // the variable when bluer first connects.
+    unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", PrivateBus::address_in(&dir)) };
+    let bus = PrivateBus::start(&dir)?;
+    if bus.kind() != "dbus-daemon" {
+        println!(
+            "lockhub demo: dbus-daemon is not installed here, so the private bus is busd, run inside this \
+             process (install dbus, e.g. `sudo apt install dbus`, to run it on the daemon BlueZ uses)."
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = runtime.block_on(script(&dir, &bus, locks));
     runtime.shutdown_timeout(Duration::from_secs(2));
+    drop(bus);
     drop(scratch);
     result
 }
@@ -166,7 +103,8 @@ async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
     (out, start.elapsed())
 }
 
-async fn script(dir: &Path, bus: &str, locks: u8) -> Result<()> {
+async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
+    let bus = private_bus.address.as_str();
     let mut t = Transcript { step: 0, out: std::io::stdout() };
     let total = Instant::now();
 
@@ -229,8 +167,9 @@ async fn script(dir: &Path, bus: &str, locks: u8) -> Result<()> {
 
     println!("lockhub demo: everything runs on this machine, nothing needs root.");
     println!("  broker   {broker_url} (mutual TLS, per-gateway ACLs; PKI made just now)");
-    let bus_path = bus.split(',').next().unwrap_or(bus).trim_start_matches("unix:path=");
-    println!("  locks    {} emulated, org.bluez on a private D-Bus bus at {bus_path}", lock_ids.len());
+    let bus_path = bus.trim_start_matches("unix:path=");
+    println!("  bus      {}, private, at {bus_path}", private_bus.kind());
+    println!("  locks    {} emulated, serving org.bluez on that bus", lock_ids.len());
     println!("  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer");
     println!("  app      owner and user keys made just now; statements signed as JWS (EdDSA)");
     println!();

@@ -16,6 +16,8 @@ mod daemon;
 mod demo;
 mod doctor;
 mod logging;
+#[cfg(feature = "devtools")]
+mod private_bus;
 mod quiet;
 mod service;
 mod text_pages;

@@ -1,0 +1,168 @@
+//! The demo's private D-Bus bus, where the emulated locks serve `org.bluez` and the gateway's
+//! bluer finds them: Debian's `dbus-daemon` when it is installed (the bus daemon BlueZ meets on a
+//! real hub), else busd, a message bus run inside this process, so that the demo needs nothing
+//! installed. Either listens on a socket in the run's temporary directory only, and stops with
+//! the run, however it ends.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::channel::oneshot;
+
+/// The bus configuration given to dbus-daemon: only this user's processes reach it.
+const DAEMON_CONFIG: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:tmpdir=/tmp</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_type="method_return"/>
+    <allow send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="signal"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+  </policy>
+</busconfig>
+"#;
+
+/// A running private bus; stopped when dropped.
+pub struct PrivateBus {
+    /// The address clients connect to (`unix:path=…`).
+    pub address: String,
+    runner: Runner,
+}
+
+enum Runner {
+    /// Debian's dbus-daemon, a child process.
+    Daemon(Child),
+    /// busd on a thread of this process, until `stop` fires.
+    Embedded { stop: Option<oneshot::Sender<()>>, thread: Option<JoinHandle<()>> },
+}
+
+impl PrivateBus {
+    /// The address the bus in `dir` will listen on: known before it starts, so that it can be
+    /// put in the environment while this process has a single thread (libdbus reads it there).
+    pub fn address_in(dir: &Path) -> String {
+        format!("unix:path={}", dir.join("bus").display())
+    }
+
+    /// Starts the bus on [`PrivateBus::address_in`] `dir`; returns once it accepts connections.
+    pub fn start(dir: &Path) -> Result<PrivateBus> {
+        let address = Self::address_in(dir);
+        let runner = match find_program("dbus-daemon") {
+            Some(daemon) => Runner::Daemon(start_daemon(&daemon, dir, &address)?),
+            None => start_embedded(&address)?,
+        };
+        Ok(PrivateBus { address, runner })
+    }
+
+    /// Which bus this is, for the transcript.
+    pub fn kind(&self) -> &'static str {
+        match self.runner {
+            Runner::Daemon(_) => "dbus-daemon",
+            Runner::Embedded { .. } => "busd, inside this process (no dbus-daemon installed)",
+        }
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        match &mut self.runner {
+            Runner::Daemon(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Runner::Embedded { stop, thread } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(thread) = thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
+    }
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+fn start_daemon(daemon: &Path, dir: &Path, address: &str) -> Result<Child> {
+    let config = dir.join("bus.conf");
+    std::fs::write(&config, DAEMON_CONFIG).context("writing the bus configuration")?;
+    // Under `setpriv --pdeathsig` where util-linux has it: the bus dies with the demo, however
+    // the demo ends.
+    let mut command = match find_program("setpriv") {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(daemon);
+            c
+        }
+        None => Command::new(daemon),
+    };
+    let mut child = command
+        .arg("--config-file")
+        .arg(&config)
+        .args(["--address", address, "--nofork", "--print-address"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // Its warnings (fd limits when run as root) are not the demo's business.
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting dbus-daemon")?;
+    // It prints its address once it listens.
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).context("reading the bus address")?;
+    if line.trim().is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("dbus-daemon exited before it was ready");
+    }
+    Ok(child)
+}
+
+/// busd runs on its own runtime (zruntime), driven by the thread that blocks on it: a thread of
+/// its own here, beside the demo's tokio runtime.
+fn start_embedded(address: &str) -> Result<Runner> {
+    let (ready_tx, ready) = std::sync::mpsc::channel::<Result<()>>();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let address = address.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("private-bus".into())
+        .spawn(move || {
+            zruntime::block_on(async move {
+                let mut bus = match busd::bus::Bus::for_address(Some(&address)).await {
+                    Ok(bus) => bus,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                {
+                    let running = std::pin::pin!(bus.run());
+                    if let futures::future::Either::Left((Err(e), _)) = futures::future::select(running, stopped).await
+                    {
+                        eprintln!("lockhub demo: the embedded bus stopped: {e:#}");
+                    }
+                }
+                let _ = bus.cleanup().await;
+            });
+        })
+        .context("starting the embedded bus's thread")?;
+    match ready.recv() {
+        Ok(Ok(())) => Ok(Runner::Embedded { stop: Some(stop), thread: Some(thread) }),
+        Ok(Err(e)) => Err(e.context("starting the embedded bus (busd)")),
+        Err(_) => Err(anyhow!("the embedded bus's thread ended before it was ready")),
+    }
+}
