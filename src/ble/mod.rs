@@ -69,7 +69,8 @@ pub enum BleError {
     Unreachable {
         /// The lock's address.
         address: String,
-        /// What the last attempt reported.
+        /// Why: the bound or the attempts ran out, and the most telling error of the
+        /// attempts (a final timeout does not hide an earlier attempt's reason).
         detail: String,
     },
     /// A bounded wait ran out.

@@ -20,9 +20,11 @@ pub const BUS_CHECK: Duration = Duration::from_secs(30);
 /// would otherwise hold the watch that long at every start, deaf to shutdown.
 const START_BOUND: Duration = Duration::from_secs(5);
 
-/// The pauses between attempts to start discovery while they fail: from the first to the
-/// last, doubling (a hung or absent BlueZ is asked every half minute, and said so once).
+/// The first pause between attempts to start discovery while they fail; it doubles with each
+/// failure, up to [`RETRY_LAST`] (a hung or absent BlueZ is asked every half minute, and said
+/// so once).
 const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest pause between attempts to start discovery.
 const RETRY_LAST: Duration = Duration::from_secs(30);
 
 /// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ

@@ -65,6 +65,11 @@ impl PrivateBus {
         Ok(PrivateBus { address, runner })
     }
 
+    /// Whether this is the bus inside this process (no dbus-daemon was found).
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.runner, Runner::Embedded { .. })
+    }
+
     /// Which bus this is, for the transcript.
     pub fn kind(&self) -> &'static str {
         match self.runner {
