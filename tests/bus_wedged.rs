@@ -2,8 +2,9 @@
 //! stuck, a connection the library will never report lost). A command that needs a new link
 //! must notice within its bound, connect to the bus afresh and go through; discovery must
 //! follow to the new connection, and notice by itself when no command comes. And the bus
-//! daemon hung (new connections silent too): the reply must say so within its bound. In a binary of
-//! its own: the process's bus address is the relay's.
+//! daemon hung (new connections silent too): the reply must say so within its bound, and the
+//! attempts to connect must not pile up. In a binary of its own: the process's bus address is
+//! the relay's.
 
 mod support;
 
@@ -54,15 +55,34 @@ async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
     assert!(proxy.connections() > before, "the gateway connected to the bus again");
 
     // The bus daemon itself hung: new connections get no answer either. The command's reply
-    // says it is the bus (not BlueZ, not a bare timeout), within its bound; once the bus
-    // answers again, the next command works.
+    // says it is the bus (not BlueZ, not a bare timeout), within its bound. The commands that
+    // follow share the one connection attempt still waiting in libdbus (which cannot be
+    // interrupted) instead of each leaving a thread blocked behind it. Once the bus answers
+    // again, the next command works.
     p.link_down(&stack, &ctl, &mut seen).await;
     let frozen = bed.freeze_bus();
     let reply = p.send(&stack, Operation::Unlock).await;
     assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));
     let detail = reply.detail.as_deref().unwrap_or("");
     assert!(detail.contains("D-Bus system bus did not accept a connection"), "the reply names the bus: {detail}");
+    let threads_then = threads();
+    for _ in 0..5 {
+        let reply = p.send(&stack, Operation::Unlock).await;
+        assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));
+    }
+    let threads_now = threads();
+    assert!(
+        threads_now <= threads_then + 2,
+        "five more commands on a hung bus took the process from {threads_then} to {threads_now} threads"
+    );
     frozen.thaw();
     let r = p.send(&stack, Operation::Unlock).await;
     assert_eq!(r.result, Outcome::Ok, "a command once the bus answers again: {r:?}");
+}
+
+/// The threads of this process.
+fn threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status.lines().find_map(|l| l.strip_prefix("Threads:")).expect("a Threads line");
+    line.trim().parse().expect("a thread count")
 }

@@ -63,10 +63,26 @@ pub enum BluezChange {
     AdapterBack,
 }
 
+/// A new connection to the bus being made, shared by everyone who finds the current one gone.
+///
+/// It runs as a task of its own and is left to finish when they stop waiting: libdbus makes a
+/// connection on a blocking thread that nothing can interrupt, holding a process-wide lock
+/// through the bus's answer to its Hello (up to 25 s). Were each waiter to start its own, a bus
+/// daemon that hangs would leave one more blocked thread per attempt, all queued on that lock,
+/// until the blocking pool the store's commits also use ran out.
+#[derive(Clone)]
+struct Connecting {
+    result: futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Bluez>, BleError>>>,
+    /// Set once the bus accepted the connection: what is left is BlueZ's to answer.
+    accepted: Arc<AtomicBool>,
+}
+
 /// BlueZ through bluer.
 pub struct BluezTransport {
     /// The current connection; replaced when the bus went away (see [`BluezTransport::live`]).
     bluez: std::sync::RwLock<Arc<Bluez>>,
+    /// The new connection in the making, if any (see [`Connecting`]).
+    connecting: std::sync::Mutex<Option<Connecting>>,
     /// Counts the connections replaced, for [`BluezTransport::replaced`].
     generation: watch::Sender<u64>,
     config: BleConfig,
@@ -86,6 +102,7 @@ impl BluezTransport {
         let bluez = Self::connect_bluez(config, BLUEZ_SILENCE_AT_START).await?;
         Ok(BluezTransport {
             bluez: std::sync::RwLock::new(Arc::new(bluez)),
+            connecting: std::sync::Mutex::new(None),
             generation: watch::Sender::new(0),
             config: config.clone(),
             resolve_timeout: config.resolve_timeout(),
@@ -126,25 +143,71 @@ impl BluezTransport {
         self.bluez.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// The current connection, or a new one if the bus stopped answering on it. Several
-    /// callers may find it gone at once: the first new connection is kept.
+    /// The current connection, or a new one if the bus stopped answering on it. Callers that
+    /// find it gone share one attempt ([`Connecting`]), waiting for it at most
+    /// [`BLUEZ_SILENCE`] each; the first new connection is kept.
     async fn live(&self) -> Result<Arc<Bluez>, BleError> {
         let current = self.current();
         if !current.gone.load(Ordering::Acquire) {
             return Ok(current);
         }
-        let fresh = Arc::new(Self::connect_bluez(&self.config, BLUEZ_SILENCE).await?);
-        tracing::info!("connected to D-Bus again");
+        let attempt = self.connecting();
+        let outcome = match tokio::time::timeout(BLUEZ_SILENCE, attempt.result.clone()).await {
+            Ok(outcome) => outcome,
+            Err(_) if attempt.accepted.load(Ordering::Acquire) => {
+                return Err(BleError::BluezSilent { after: BLUEZ_SILENCE });
+            }
+            Err(_) => return Err(bus_silent_at_connect(BLUEZ_SILENCE)),
+        };
+        // Done, either way: the next caller to find the connection gone starts anew.
+        {
+            let mut slot = self.connecting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if slot.as_ref().is_some_and(|c| c.result.ptr_eq(&attempt.result)) {
+                *slot = None;
+            }
+        }
+        let fresh = outcome?;
+        if !Arc::ptr_eq(&self.current(), &fresh) {
+            tracing::info!("connected to D-Bus again");
+        }
         Ok(self.replace(&current, fresh))
     }
 
-    /// A new connection to the bus, and the adapter chosen on it; BlueZ gets `bound` to
-    /// answer (and so does the bus daemon, for the connection itself).
+    /// The attempt at a new connection in flight, or a new one started.
+    fn connecting(&self) -> Connecting {
+        let mut slot = self.connecting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(attempt) = slot.as_ref() {
+            return attempt.clone();
+        }
+        let accepted = Arc::new(AtomicBool::new(false));
+        let (config, flag) = (self.config.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            // Unbounded here (libdbus bounds the Hello itself, and the waiters their wait): a
+            // bound would only abandon the blocked thread and let the next waiter add another.
+            let session = bluer::Session::new().await.map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
+            flag.store(true, Ordering::Release);
+            Self::on_session(session, &config, BLUEZ_SILENCE).await.map(Arc::new)
+        });
+        let result = async move {
+            task.await.unwrap_or_else(|e| Err(BleError::Bus(format!("connecting to the bus failed: {e}"))))
+        };
+        let attempt = Connecting { result: futures::FutureExt::shared(futures::FutureExt::boxed(result)), accepted };
+        *slot = Some(attempt.clone());
+        attempt
+    }
+
+    /// A new connection to the bus, and the adapter chosen on it; the bus daemon gets `bound`
+    /// to accept the connection, and BlueZ as long to answer on it.
     async fn connect_bluez(config: &BleConfig, bound: Duration) -> Result<Bluez, BleError> {
         let session = tokio::time::timeout(bound, bluer::Session::new())
             .await
-            .map_err(|_| BleError::Bus(format!("the D-Bus system bus did not accept a connection within {bound:?}")))?
+            .map_err(|_| bus_silent_at_connect(bound))?
             .map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
+        Self::on_session(session, config, bound).await
+    }
+
+    /// The adapter chosen on a new `session`; BlueZ gets `bound` to answer.
+    async fn on_session(session: bluer::Session, config: &BleConfig, bound: Duration) -> Result<Bluez, BleError> {
         let adapter = tokio::time::timeout(bound, choose_adapter(&session, config.adapter.as_deref()))
             .await
             .map_err(|_| BleError::BluezSilent { after: bound })??;
@@ -239,6 +302,11 @@ impl BluezTransport {
             _ => Err(BleError::NotALock("LHP/1 service lacks a characteristic".into())),
         }
     }
+}
+
+/// The bus daemon not accepting a new connection within `bound` (hung, or overloaded).
+fn bus_silent_at_connect(bound: Duration) -> BleError {
+    BleError::Bus(format!("the D-Bus system bus did not accept a connection within {bound:?}"))
 }
 
 /// The adapter to use on `session`: the one named, or the first powered one.
