@@ -1,14 +1,16 @@
 //! BlueZ hung: the bus up, `org.bluez` owned but never answering (bluetoothd stuck, as it gets
-//! on a wedged controller). The emulator stopped with SIGSTOP plays it. A command must get its
-//! reply within its bound, saying that BlueZ is not answering (not a bare timeout, not the
-//! bus); when BlueZ answers again, commands and advertised events flow without a restart. In a
+//! on a wedged controller). The emulator stopped with SIGSTOP plays it. A scan and a command
+//! must get their answers within their bounds, saying that BlueZ is not answering (not a bare
+//! timeout, not the bus); when BlueZ answers again, commands and advertised events flow without a restart. In a
 //! binary of its own: it freezes the emulator every test of a binary shares.
 
 mod support;
 
 use lockhub::auth::statement::{Operation, Permission};
 use lockhub::cloud::reply::Outcome;
-use support::stack::{Stack, assert_reply, claim_pair_grant, next_state};
+use std::time::Duration;
+
+use support::stack::{Stack, WAIT, assert_reply, claim_pair_grant, next_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_bluez_is_named_in_the_reply_and_the_gateway_recovers_when_it_answers() {
@@ -23,6 +25,10 @@ async fn a_hung_bluez_is_named_in_the_reply_and_the_gateway_recovers_when_it_ans
     p.link_down(&stack, &ctl, &mut seen).await;
 
     let frozen = bed.freeze_emulator();
+    // A scan (the control socket's, a pairing's search) gets an answer too, naming BlueZ.
+    let scanned = tokio::time::timeout(WAIT, stack.gateway.scan(Duration::from_secs(1))).await.expect("a scan ends");
+    let err = scanned.expect_err("nothing can be seen while BlueZ does not answer");
+    assert_eq!(err.code(), "bluez_silent", "{err}");
     let reply = p.send(&stack, Operation::Lock).await;
     // No command reached the lock: unreachable, and why.
     assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));

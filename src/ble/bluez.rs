@@ -47,6 +47,11 @@ const BLUEZ_SILENCE: Duration = Duration::from_secs(1);
 /// since failing here stops the daemon (and its service manager starts it again).
 const BLUEZ_SILENCE_AT_START: Duration = Duration::from_secs(5);
 
+/// How long BlueZ may take to start a discovery (its filter set, the discovery started): a
+/// hung bluetoothd would otherwise hold a scan, a pairing's search for the lock or the radio
+/// watch for bluer's 120 s.
+const DISCOVERY_START: Duration = Duration::from_secs(5);
+
 /// One connection to BlueZ: the D-Bus session and the adapter chosen on it.
 struct Bluez {
     session: bluer::Session,
@@ -254,12 +259,17 @@ impl BluezTransport {
             duplicate_data: true,
             ..DiscoveryFilter::default()
         };
-        match bluez.adapter.set_discovery_filter(filter).await {
-            // Another discovery of this process runs, under this same filter: join it.
-            Err(e) if e.kind == ErrorKind::DiscoveryActive => {}
-            r => r.map_err(bus_error)?,
-        }
-        let events = bluez.adapter.discover_devices_with_changes().await.map_err(bus_error)?;
+        let start = async {
+            match bluez.adapter.set_discovery_filter(filter).await {
+                // Another discovery of this process runs, under this same filter: join it.
+                Err(e) if e.kind == ErrorKind::DiscoveryActive => {}
+                r => r.map_err(bus_error)?,
+            }
+            bluez.adapter.discover_devices_with_changes().await.map_err(bus_error)
+        };
+        let events = tokio::time::timeout(DISCOVERY_START, start)
+            .await
+            .map_err(|_| BleError::BluezSilent { after: DISCOVERY_START })??;
         Ok(events.filter_map(move |ev| {
             let adapter = bluez.adapter.clone();
             async move {
