@@ -21,6 +21,25 @@ fn without_dbus_daemon_the_demo_says_so_and_runs_on_an_embedded_bus() {
     assert!(stdout.contains("bus      busd, inside this process"), "{stdout}");
 }
 
+/// A dbus-daemon that cannot start (here: one that exits at once) is said so, and the demo runs
+/// on the embedded bus rather than stopping.
+#[test]
+fn a_dbus_daemon_that_fails_to_start_leaves_the_demo_on_the_embedded_bus() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    let broken = bin.path().join("dbus-daemon");
+    std::fs::write(&broken, "#!/bin/sh\necho 'cannot start' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
+    demo.arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS").env("PATH", bin.path());
+    let stdout = the_whole_story(demo);
+    assert!(
+        stdout.contains("dbus-daemon did not start (dbus-daemon exited before it was ready)"),
+        "it says so:\n{stdout}"
+    );
+    assert!(stdout.contains("bus      busd, inside this process"), "{stdout}");
+}
+
 /// Runs `demo`, checks that it exits 0 having told every step of the story with its latency,
 /// and returns what it printed.
 fn the_whole_story(mut demo: std::process::Command) -> String {

@@ -57,12 +57,6 @@ pub fn run(locks: u8) -> Result<()> {
     // the variable when bluer first connects.
     unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", PrivateBus::address_in(&dir)) };
     let bus = PrivateBus::start(&dir)?;
-    if bus.is_embedded() {
-        println!(
-            "lockhub demo: dbus-daemon is not installed here, so the private bus is busd, run inside this \
-             process (install dbus, e.g. `sudo apt install dbus`, to run it on the daemon BlueZ uses)."
-        );
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = runtime.block_on(script(&dir, &bus, locks));
     runtime.shutdown_timeout(Duration::from_secs(2));

@@ -56,25 +56,38 @@ impl PrivateBus {
     }
 
     /// Starts the bus on [`PrivateBus::address_in`] `dir`; returns once it accepts connections.
+    /// Says on standard output why it is not dbus-daemon, when it is not.
     pub fn start(dir: &Path) -> Result<PrivateBus> {
         let address = Self::address_in(dir);
         let runner = match find_program("dbus-daemon") {
-            Some(daemon) => Runner::Daemon(start_daemon(&daemon, dir, &address)?),
-            None => start_embedded(&address)?,
+            Some(daemon) => match start_daemon(&daemon, dir, &address) {
+                Ok(child) => Runner::Daemon(child),
+                Err(e) => {
+                    println!(
+                        "lockhub demo: {} did not start ({e:#}), so the private bus is busd, run inside this process.",
+                        daemon.display()
+                    );
+                    // What it may have left on the socket's path.
+                    let _ = std::fs::remove_file(dir.join("bus"));
+                    start_embedded(&address)?
+                }
+            },
+            None => {
+                println!(
+                    "lockhub demo: dbus-daemon is not installed here, so the private bus is busd, run inside this \
+                     process (install dbus, e.g. `sudo apt install dbus`, to run it on the daemon BlueZ uses)."
+                );
+                start_embedded(&address)?
+            }
         };
         Ok(PrivateBus { address, runner })
-    }
-
-    /// Whether this is the bus inside this process (no dbus-daemon was found).
-    pub fn is_embedded(&self) -> bool {
-        matches!(self.runner, Runner::Embedded { .. })
     }
 
     /// Which bus this is, for the transcript.
     pub fn kind(&self) -> &'static str {
         match self.runner {
             Runner::Daemon(_) => "dbus-daemon",
-            Runner::Embedded { .. } => "busd, inside this process (no dbus-daemon installed)",
+            Runner::Embedded { .. } => "busd, inside this process",
         }
     }
 }
