@@ -1,6 +1,8 @@
 //! The README's first command, `lockhub demo`, run as a user would: it must exit 0 and show
 //! each step of the story with its outcome, with Debian's dbus-daemon and without it.
 
+use std::os::unix::fs::PermissionsExt;
+
 #[test]
 fn the_demo_runs_the_whole_story_and_exits_0() {
     let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
@@ -21,23 +23,26 @@ fn without_dbus_daemon_the_demo_says_so_and_runs_on_an_embedded_bus() {
     assert!(stdout.contains("bus      busd, inside this process"), "{stdout}");
 }
 
-/// A dbus-daemon that cannot start (here: one that exits at once) is said so, and the demo runs
-/// on the embedded bus rather than stopping.
+/// A dbus-daemon that cannot start (one that exits at once, one that never says it is ready) is
+/// said so, and the demo runs on the embedded bus rather than stopping or waiting for ever.
 #[test]
 fn a_dbus_daemon_that_fails_to_start_leaves_the_demo_on_the_embedded_bus() {
-    use std::os::unix::fs::PermissionsExt;
-    let bin = tempfile::tempdir().unwrap();
-    let broken = bin.path().join("dbus-daemon");
-    std::fs::write(&broken, "#!/bin/sh\necho 'cannot start' >&2\nexit 1\n").unwrap();
-    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
-    demo.arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS").env("PATH", bin.path());
-    let stdout = the_whole_story(demo);
-    assert!(
-        stdout.contains("dbus-daemon did not start (dbus-daemon exited before it was ready)"),
-        "it says so:\n{stdout}"
-    );
-    assert!(stdout.contains("bus      busd, inside this process"), "{stdout}");
+    for (script, why) in [
+        ("echo 'cannot start' >&2\nexit 1", "dbus-daemon exited before it was ready"),
+        ("exec sleep 3600", "dbus-daemon did not say it was ready within 5s"),
+    ] {
+        let bin = tempfile::tempdir().unwrap();
+        let broken = bin.path().join("dbus-daemon");
+        std::fs::write(&broken, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
+        // `sleep` from the system's directories; no dbus-daemon is found before this one.
+        let path = format!("{}:/usr/bin:/bin", bin.path().display());
+        demo.arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS").env("PATH", path);
+        let stdout = the_whole_story(demo);
+        assert!(stdout.contains(&format!("dbus-daemon did not start ({why})")), "it says so:\n{stdout}");
+        assert!(stdout.contains("bus      busd, inside this process"), "{stdout}");
+    }
 }
 
 /// Runs `demo`, checks that it exits 0 having told every step of the story with its latency,

@@ -8,8 +8,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use futures::channel::oneshot;
 
 /// The bus configuration given to dbus-daemon: only this user's processes reach it.
@@ -33,6 +34,9 @@ const DAEMON_CONFIG: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D
   </policy>
 </busconfig>
 "#;
+
+/// How long dbus-daemon may take to print its address (it does once it listens).
+const DAEMON_READY: Duration = Duration::from_secs(5);
 
 /// A running private bus; stopped when dropped.
 pub struct PrivateBus {
@@ -138,15 +142,27 @@ fn start_daemon(daemon: &Path, dir: &Path, address: &str) -> Result<Child> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting dbus-daemon")?;
-    // It prints its address once it listens.
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).context("reading the bus address")?;
-    if line.trim().is_empty() {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("dbus-daemon exited before it was ready");
-    }
-    Ok(child)
+    // It prints its address once it listens; read on a thread of its own, so that a daemon
+    // that never does is given up on (killing it ends the read).
+    let stdout = child.stdout.take().expect("piped");
+    let (line_tx, line) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("dbus-daemon-ready".into())
+        .spawn(move || {
+            let mut line = String::new();
+            let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+            let _ = line_tx.send(read);
+        })
+        .context("starting a thread to wait for dbus-daemon")?;
+    let failure = match line.recv_timeout(DAEMON_READY) {
+        Ok(Ok(line)) if !line.trim().is_empty() => return Ok(child),
+        Ok(Ok(_)) => anyhow!("dbus-daemon exited before it was ready"),
+        Ok(Err(e)) => anyhow!("reading dbus-daemon's address: {e}"),
+        Err(_) => anyhow!("dbus-daemon did not say it was ready within {DAEMON_READY:?}"),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(failure)
 }
 
 /// busd runs on its own runtime (zruntime), driven by the thread that blocks on it: a thread of
