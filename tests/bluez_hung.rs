@@ -7,6 +7,8 @@
 mod support;
 
 use lockhub::auth::statement::{Operation, Permission};
+use lockhub::ble::BleConfig;
+use lockhub::ble::bluez::BluezTransport;
 use lockhub::cloud::reply::Outcome;
 use std::time::Duration;
 
@@ -28,6 +30,11 @@ async fn a_hung_bluez_is_named_in_the_reply_and_the_gateway_recovers_when_it_ans
     // A scan (the control socket's, a pairing's search) gets an answer too, naming BlueZ.
     let scanned = tokio::time::timeout(WAIT, stack.gateway.scan(Duration::from_secs(1))).await.expect("a scan ends");
     let err = scanned.expect_err("nothing can be seen while BlueZ does not answer");
+    assert_eq!(err.code(), "bluez_silent", "{err}");
+    // A gateway starting now (the daemon, `lockhub doctor`) is told so too, within its
+    // start-up bound, rather than waiting for bluer's two minutes.
+    let opened = tokio::time::timeout(WAIT, BluezTransport::open(&BleConfig::default())).await.expect("opening ends");
+    let err = opened.expect_err("no transport while BlueZ does not answer");
     assert_eq!(err.code(), "bluez_silent", "{err}");
     let reply = p.send(&stack, Operation::Lock).await;
     // No command reached the lock: unreachable, and why.

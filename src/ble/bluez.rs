@@ -189,7 +189,7 @@ impl BluezTransport {
         let task = tokio::spawn(async move {
             // Unbounded here (libdbus bounds the Hello itself, and the waiters their wait): a
             // bound would only abandon the blocked thread and let the next waiter add another.
-            let session = bluer::Session::new().await.map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
+            let session = new_session().await?;
             flag.store(true, Ordering::Release);
             Self::on_session(session, &config, BLUEZ_SILENCE).await.map(Arc::new)
         });
@@ -204,10 +204,7 @@ impl BluezTransport {
     /// A new connection to the bus, and the adapter chosen on it; the bus daemon gets `bound`
     /// to accept the connection, and BlueZ as long to answer on it.
     async fn connect_bluez(config: &BleConfig, bound: Duration) -> Result<Bluez, BleError> {
-        let session = tokio::time::timeout(bound, bluer::Session::new())
-            .await
-            .map_err(|_| bus_silent_at_connect(bound))?
-            .map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))?;
+        let session = tokio::time::timeout(bound, new_session()).await.map_err(|_| bus_silent_at_connect(bound))??;
         Self::on_session(session, config, bound).await
     }
 
@@ -312,6 +309,11 @@ impl BluezTransport {
             _ => Err(BleError::NotALock("LHP/1 service lacks a characteristic".into())),
         }
     }
+}
+
+/// A new connection to the system bus, for BlueZ.
+async fn new_session() -> Result<bluer::Session, BleError> {
+    bluer::Session::new().await.map_err(|e| BleError::Bus(format!("cannot reach BlueZ: {e}")))
 }
 
 /// The bus daemon not accepting a new connection within `bound` (hung, or overloaded).

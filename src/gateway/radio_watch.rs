@@ -16,10 +16,6 @@ use crate::ble::bluez::{BluezChange, BluezTransport};
 /// and with it every advertised event until the next command.
 pub const BUS_CHECK: Duration = Duration::from_secs(30);
 
-/// How long starting discovery may take. bluer waits 120 s for each answer; a hung bluetoothd
-/// would otherwise hold the watch that long at every start, deaf to shutdown.
-const START_BOUND: Duration = Duration::from_secs(5);
-
 /// The first pause between attempts to start discovery while they fail; it doubles with each
 /// failure, up to [`RETRY_LAST`] (a hung or absent BlueZ is asked every half minute, and said
 /// so once).
@@ -29,7 +25,8 @@ const RETRY_LAST: Duration = Duration::from_secs(30);
 
 /// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ
 /// comes back (restarted: its discovery died with it) and after an error, with a pause that
-/// grows while starting it keeps failing (BlueZ absent or hung: each start is bounded); when
+/// grows while starting it keeps failing (BlueZ absent or hung: the transport bounds each
+/// start); when
 /// the connection to the bus is lost (the D-Bus daemon restarted), the transport connects again,
 /// and discovery restarts whenever the transport's connection is replaced. After `bus_check`
 /// without an advertisement, the bus is asked whether it still answers; if not, discovery
@@ -50,10 +47,10 @@ pub async fn watch_advertisements(
             let stream = transport.discover().await?;
             Ok::<_, BleError>((changes, stream))
         };
+        // Bounded by the transport (a new connection, starting discovery); shutdown need not
+        // wait for it.
         let started = tokio::select! {
-            started = tokio::time::timeout(START_BOUND, watched) => {
-                started.unwrap_or(Err(BleError::BluezSilent { after: START_BOUND }))
-            }
+            started = watched => started,
             _ = shutdown.changed() => return,
         };
         match started {
