@@ -2,10 +2,11 @@
 //!
 //! Everything the gateway does on the radio goes through here: adapter choice, LE discovery
 //! filtered by the LHP/1 service, connection, service resolution, the characteristics found
-//! by UUID, `AcquireWrite` / `AcquireNotify` sockets, and disconnect detection. bluer's own
+//! by UUID (and where they were found remembered per lock, see `GattLayout`),
+//! `AcquireWrite` / `AcquireNotify` sockets, and disconnect detection. bluer's own
 //! waits are long (120 s for service resolution), so every step here has its own bound.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +93,25 @@ pub struct BluezTransport {
     generation: watch::Sender<u64>,
     config: BleConfig,
     resolve_timeout: Duration,
+    /// Where each lock's characteristics were found (see [`GattLayout`]).
+    layouts: std::sync::Mutex<HashMap<Address, GattLayout>>,
+}
+
+/// Where a lock's LHP/1 characteristics sit in BlueZ's object tree: the GATT handles of its
+/// service and of the write, notify and info characteristics, as found on its first connection.
+///
+/// Finding them takes BlueZ's whole object tree, twice (bluer lists services, then
+/// characteristics, each with `GetManagedObjects`): every adapter, every device BlueZ has
+/// heard of and every attribute of every connected one, parsed into maps — most of a cold
+/// connection's CPU, and growing with the radios around the house. A lock keeps its handles
+/// from one connection to the next, so later connections name them directly and only ask the
+/// three characteristics for their UUIDs; a lock whose handles moved (its firmware updated)
+/// fails that check and is looked up again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GattLayout {
+    service: u16,
+    /// Write, notify, info.
+    characteristics: [u16; 3],
 }
 
 impl std::fmt::Debug for BluezTransport {
@@ -111,6 +131,7 @@ impl BluezTransport {
             generation: watch::Sender::new(0),
             config: config.clone(),
             resolve_timeout: config.resolve_timeout(),
+            layouts: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -278,36 +299,80 @@ impl BluezTransport {
         }))
     }
 
+    /// The lock's write, notify and info characteristics: where they were last time if they
+    /// are still there, else looked up (see [`GattLayout`]); within the resolve timeout.
     async fn find_characteristics(&self, device: &bluer::Device) -> Result<[Characteristic; 3], BleError> {
         let bound = self.resolve_timeout;
-        let services = tokio::time::timeout(bound, device.services())
+        let address = device.address();
+        let find = async {
+            let known = self.layouts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&address).copied();
+            if let Some(layout) = known {
+                if let Some(found) = at_layout(device, layout).await {
+                    return Ok(found);
+                }
+                tracing::debug!(%address, "the lock's GATT handles moved: looking them up again");
+            }
+            let found = look_up_characteristics(device).await?;
+            let layout = GattLayout {
+                service: found[0].service_id(),
+                characteristics: [found[0].id(), found[1].id(), found[2].id()],
+            };
+            let mut layouts = self.layouts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Locks forgotten by the gateway stay listed until the transport goes: a few bytes
+            // each, bounded by the locks ever connected.
+            layouts.insert(address, layout);
+            Ok(found)
+        };
+        tokio::time::timeout(bound, find)
             .await
             .map_err(|_| BleError::Timeout { during: "resolving GATT services", after: bound })?
-            .map_err(|e| match e.kind {
-                ErrorKind::ServicesUnresolved => BleError::LinkLost,
-                _ => bus_error(e),
-            })?;
-        let service_uuid = bluer::Uuid::from_u128(SERVICE_UUID);
-        let mut service = None;
-        for s in services {
-            if s.uuid().await.map_err(bus_error)? == service_uuid {
-                service = Some(s);
-                break;
-            }
+    }
+}
+
+/// The characteristics at `layout`, if BlueZ has resolved the device's services and the three
+/// objects there are LHP/1's (asked together: one round trip).
+async fn at_layout(device: &bluer::Device, layout: GattLayout) -> Option<[Characteristic; 3]> {
+    let service = device.service(layout.service).await.ok()?;
+    let [w, n, i] = layout.characteristics;
+    let chars = [
+        service.characteristic(w).await.ok()?,
+        service.characteristic(n).await.ok()?,
+        service.characteristic(i).await.ok()?,
+    ];
+    let (resolved, uuids) =
+        futures::join!(device.is_services_resolved(), futures::future::join_all(chars.iter().map(|c| c.uuid())));
+    let wanted = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID];
+    let all_there = uuids.into_iter().zip(wanted).all(|(uuid, want)| uuid.is_ok_and(|u| u.as_u128() == want));
+    (resolved.ok()? && all_there).then_some(chars)
+}
+
+/// The characteristics looked up in BlueZ's object tree, once it has resolved the device's
+/// services.
+async fn look_up_characteristics(device: &bluer::Device) -> Result<[Characteristic; 3], BleError> {
+    let services = device.services().await.map_err(|e| match e.kind {
+        ErrorKind::ServicesUnresolved => BleError::LinkLost,
+        _ => bus_error(e),
+    })?;
+    let service_uuid = bluer::Uuid::from_u128(SERVICE_UUID);
+    let mut service = None;
+    for s in services {
+        if s.uuid().await.map_err(bus_error)? == service_uuid {
+            service = Some(s);
+            break;
         }
-        let service = service.ok_or_else(|| BleError::NotALock("no LHP/1 service".into()))?;
-        let mut found: [Option<Characteristic>; 3] = [None, None, None];
-        for c in service.characteristics().await.map_err(bus_error)? {
-            let uuid = c.uuid().await.map_err(bus_error)?.as_u128();
-            let slot = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID].iter().position(|u| *u == uuid);
-            if let Some(i) = slot {
-                found[i] = Some(c);
-            }
+    }
+    let service = service.ok_or_else(|| BleError::NotALock("no LHP/1 service".into()))?;
+    let mut found: [Option<Characteristic>; 3] = [None, None, None];
+    for c in service.characteristics().await.map_err(bus_error)? {
+        let uuid = c.uuid().await.map_err(bus_error)?.as_u128();
+        let slot = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID].iter().position(|u| *u == uuid);
+        if let Some(i) = slot {
+            found[i] = Some(c);
         }
-        match found {
-            [Some(w), Some(n), Some(i)] => Ok([w, n, i]),
-            _ => Err(BleError::NotALock("LHP/1 service lacks a characteristic".into())),
-        }
+    }
+    match found {
+        [Some(w), Some(n), Some(i)] => Ok([w, n, i]),
+        _ => Err(BleError::NotALock("LHP/1 service lacks a characteristic".into())),
     }
 }
 
@@ -411,6 +476,12 @@ impl LockTransport for BluezTransport {
                 address: address.to_owned(),
                 detail: format!("not seen in a scan within {timeout:?}"),
             }),
+        }
+    }
+
+    fn forget(&self, address: &str) {
+        if let Ok(address) = address.parse::<Address>() {
+            self.layouts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&address);
         }
     }
 

@@ -165,6 +165,9 @@ pub trait LockTransport: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Advertisement, BleError>> + Send;
     /// Connects to the lock at `address` and readies its characteristics.
     fn connect(&self, address: &str) -> impl Future<Output = Result<Self::Link, BleError>> + Send;
+    /// Forgets what connecting to the lock at `address` taught the transport (it was unbound:
+    /// nothing of it is kept).
+    fn forget(&self, address: &str);
 }
 
 /// Transport settings, from the `[ble]` section of the configuration.

@@ -378,6 +378,7 @@ impl<T: LockTransport> Gateway<T> {
         })
         .await
         .map_err(|_| StoreError::Invalid("the store task failed"))??;
+        self.transport.forget(&report.address);
         self.store().transaction(|tx| {
             for topic in &report.retained_topics {
                 tx.append_outbox(None, topic, b"", true, now)?;

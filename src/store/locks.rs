@@ -27,6 +27,8 @@ pub struct PairedLock {
 /// What an unbind removed, and what the caller must clear elsewhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnbindReport {
+    /// The lock's Bluetooth address, for the transport to forget it too.
+    pub address: String,
     /// Retained MQTT topics the gateway had published about the lock: publish empty retained
     /// messages to clear them.
     pub retained_topics: Vec<String>,
@@ -132,6 +134,7 @@ impl Store {
     pub fn unbind(&mut self, lock_id: LockId, actor: AuditActor, now: i64) -> Result<UnbindReport, StoreError> {
         let report = self.transaction(|tx| {
             let rowid = tx.lock_rowid(lock_id)?;
+            let address: String = tx.tx.query_row("SELECT address FROM locks WHERE id = ?1", [rowid], |r| r.get(0))?;
             let mut stmt = tx.tx.prepare("SELECT topic FROM retained_topics WHERE lock = ?1 ORDER BY topic")?;
             let retained_topics = stmt.query_map([rowid], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
             drop(stmt);
@@ -144,7 +147,7 @@ impl Store {
                 detail: "",
             })?;
             tx.tx.execute("DELETE FROM locks WHERE id = ?1", [rowid])?;
-            Ok(UnbindReport { retained_topics })
+            Ok(UnbindReport { address, retained_topics })
         })?;
         self.compact()?;
         Ok(report)

@@ -127,6 +127,19 @@ impl Control {
         Ok(())
     }
 
+    /// Moves the lock's GATT service to `service_handle` (its characteristics after it), from
+    /// its next connection on: what a firmware update that rearranges the GATT table does.
+    fn move_gatt_handles(&self, lock_id: String, service_handle: u16) -> zbus::fdo::Result<()> {
+        if !(1..=super::gatt::LAST_SERVICE_HANDLE).contains(&service_handle) {
+            return Err(invalid(format!(
+                "service handle {service_handle:#06x} outside 0x0001..={:#06x}",
+                super::gatt::LAST_SERVICE_HANDLE
+            )));
+        }
+        self.shared.lock(&lock_id)?.radio().gatt_service_next = Some(service_handle);
+        Ok(())
+    }
+
     /// Drops the lock's link from the lock's side.
     async fn drop_link(&self, lock_id: String) -> zbus::fdo::Result<()> {
         let lock = self.shared.lock(&lock_id)?;
@@ -239,6 +252,8 @@ pub trait Emulator {
     fn set_rssi(&self, lock_id: &str, rssi: i16) -> zbus::Result<()>;
     /// Sets a lock's fault knobs (JSON `Faults`).
     fn set_faults(&self, lock_id: &str, faults_json: &str) -> zbus::Result<()>;
+    /// Moves a lock's GATT service (and characteristics) from its next connection on.
+    fn move_gatt_handles(&self, lock_id: &str, service_handle: u16) -> zbus::Result<()>;
     /// Drops a lock's link.
     fn drop_link(&self, lock_id: &str) -> zbus::Result<()>;
     /// Reboots a lock.

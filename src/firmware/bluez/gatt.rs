@@ -18,15 +18,24 @@ enum Role {
     Info,
 }
 
+/// The service's handle unless moved (`MoveGattHandles`), as on a lock fresh from the factory.
+pub(super) const FACTORY_SERVICE_HANDLE: u16 = 0x000a;
+
+/// Highest service handle `MoveGattHandles` takes: its characteristics follow it.
+pub(super) const LAST_SERVICE_HANDLE: u16 = 0xfff0;
+
 impl Role {
     const ALL: [Role; 3] = [Role::Write, Role::Notify, Role::Info];
 
-    fn handle(self) -> u16 {
-        match self {
-            Role::Write => 0x000b,
-            Role::Notify => 0x000d,
-            Role::Info => 0x000f,
-        }
+    /// The characteristic's handle when the service sits at `service`: each after the
+    /// previous one's value and its descriptor, as a GATT table is laid out.
+    fn handle(self, service: u16) -> u16 {
+        service
+            + match self {
+                Role::Write => 1,
+                Role::Notify => 3,
+                Role::Info => 5,
+            }
     }
 
     fn uuid(self) -> u128 {
@@ -38,19 +47,33 @@ impl Role {
     }
 }
 
+/// Where the service sits for the current (or last) connection.
+fn service_handle(lock: &EmulatedLock) -> u16 {
+    lock.radio().gatt_service.unwrap_or(FACTORY_SERVICE_HANDLE)
+}
+
 fn service_path(lock: &EmulatedLock) -> String {
-    format!("{}/service000a", lock.path.as_str())
+    format!("{}/service{:04x}", lock.path.as_str(), service_handle(lock))
 }
 
 fn char_path(lock: &EmulatedLock, role: Role) -> String {
-    format!("{}/char{:04x}", service_path(lock), role.handle())
+    format!("{}/char{:04x}", service_path(lock), role.handle(service_handle(lock)))
 }
 
-/// Exports the service and its characteristics (on connect).
+/// Exports the service and its characteristics (on connect), where `MoveGattHandles` last
+/// put them.
 pub(super) async fn export(server: &ObjectServer, lock: &Arc<EmulatedLock>) -> zbus::Result<()> {
-    server.at(service_path(lock), Service { lock: lock.clone() }).await?;
+    let service = {
+        let mut radio = lock.radio();
+        if let Some(moved) = radio.gatt_service_next.take() {
+            radio.gatt_service = Some(moved);
+        }
+        radio.gatt_service.unwrap_or(FACTORY_SERVICE_HANDLE)
+    };
+    server.at(service_path(lock), Service { lock: lock.clone(), handle: service }).await?;
     for role in Role::ALL {
-        let ch = Characteristic { lock: lock.clone(), role, value: Mutex::new(Vec::new()) };
+        let ch =
+            Characteristic { lock: lock.clone(), role, handle: role.handle(service), value: Mutex::new(Vec::new()) };
         server.at(char_path(lock, role), ch).await?;
     }
     Ok(())
@@ -80,6 +103,7 @@ pub(super) async fn notify_value(lock: &Arc<EmulatedLock>, fragment: Vec<u8>) {
 /// The LHP/1 primary service.
 pub(super) struct Service {
     lock: Arc<EmulatedLock>,
+    handle: u16,
 }
 
 #[interface(name = "org.bluez.GattService1")]
@@ -106,7 +130,7 @@ impl Service {
 
     #[zbus(property)]
     fn handle(&self) -> u16 {
-        0x000a
+        self.handle
     }
 }
 
@@ -114,6 +138,7 @@ impl Service {
 pub(super) struct Characteristic {
     lock: Arc<EmulatedLock>,
     role: Role,
+    handle: u16,
     value: Mutex<Vec<u8>>,
 }
 
@@ -293,6 +318,6 @@ impl Characteristic {
 
     #[zbus(property)]
     fn handle(&self) -> u16 {
-        self.role.handle()
+        self.handle
     }
 }

@@ -145,6 +145,10 @@ struct RadioState {
     write_acquired: bool,
     /// Manufacturer data last published, to emit changes only.
     advertised: Vec<u8>,
+    /// The GATT service's handle while connected (and after): `None` where the factory put it.
+    gatt_service: Option<u16>,
+    /// Where the next connection exports it (`MoveGattHandles`, as a firmware update would).
+    gatt_service_next: Option<u16>,
 }
 
 /// One emulated lock on the fake bus.
