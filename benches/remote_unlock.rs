@@ -1,9 +1,10 @@
 //! Remote unlock through the full stack: the app stand-in → the bundled broker (mutual TLS) →
 //! `lockhub run` (a separate process: intake, policy, per-lock task) → bluer → private
 //! dbus-daemon → emulated lock with zero motor time → back to the app. Printed beside the
-//! floor measured in the same run: the MQTT round trip through the same broker (a request to a
-//! client that answers at once, and its reply: the four TLS hops of the path) + the D-Bus GATT
-//! round trip + one durable SQLite commit. Also the time from a lock-side event (the
+//! floor measured in the same run, its samples taken in turns with the warm commands (ten
+//! rounds of each, so that both see the machine at the same pace): the MQTT round trip through
+//! the same broker (a request to a client that answers at once, and its reply: the four TLS
+//! hops of the path) + the D-Bus GATT round trip + one durable SQLite commit. Also the time from a lock-side event (the
 //! thumb-turn) to the lock's retained state on the broker, and the daemon's memory (peak during
 //! the run; idle with 10 paired locks). And where a warm command's time goes: the daemon's
 //! `lockhub::timing` records (each stage's end inside the gateway) as medians, and the way in
@@ -32,6 +33,12 @@ const WARM: usize = 1_000;
 const COLD: usize = 100;
 const EVENTS: usize = 100;
 const LOCKS: usize = 10;
+/// The warm commands and the floor's samples are taken in this many turns.
+const ROUNDS: usize = 10;
+/// The floor's samples: MQTT request/replies, GATT round trips, durable commits.
+const FLOOR_MQTT: usize = 1_000;
+const FLOOR_GATT: usize = 1_000;
+const FLOOR_COMMITS: usize = 500;
 const WAIT: Duration = Duration::from_secs(30);
 
 struct Daemon(Child);
@@ -88,6 +95,20 @@ fn cpu_ticks_by_process() -> std::collections::BTreeMap<String, (u64, u64)> {
         entry.1 += ticks(12);
     }
     out
+}
+
+/// Adds what each process spent between two readings to `spent`.
+fn add_cpu(
+    spent: &mut std::collections::BTreeMap<String, (u64, u64)>,
+    before: &std::collections::BTreeMap<String, (u64, u64)>,
+    after: &std::collections::BTreeMap<String, (u64, u64)>,
+) {
+    for (name, &(user, sys)) in after {
+        let (user0, sys0) = before.get(name).copied().unwrap_or_default();
+        let entry = spent.entry(name.clone()).or_default();
+        entry.0 += user.saturating_sub(user0);
+        entry.1 += sys.saturating_sub(sys0);
+    }
 }
 
 /// The CPU time each process spent per command between two readings, in µs (of which in the
@@ -443,26 +464,42 @@ fn main() {
         // The emulated battery drains per operation, as a real one does: fresh batteries now
         // and then, outside the timed sections.
         let refill = || async { ctl.set_battery(&lock.to_string(), 100).await.unwrap() };
+        // The floor's instruments, set up now and sampled in turns with the warm commands, so
+        // that both see the machine at the same pace (it drifts over a run).
+        let mut floor_mqtt = support::floor::MqttRequestReply::start(&pki, broker.port(), GW).await;
+        let (mut floor_gatt, _) =
+            support::floor::GattExchanges::start(247, support::floor::GattOp::Status).await;
+        let mut floor_commits = support::floor::DurableCommits::open(&dir.path().join("floor-store"));
+        let (mut mqtt, mut gatt, mut commit) = (Vec::new(), Vec::new(), Vec::new());
         stages.take();
         let mut warm = Vec::with_capacity(WARM);
-        let cpu_before = cpu_ticks_by_process();
+        let mut cpu_spent = std::collections::BTreeMap::new();
         // BENCH_PACE_US: start a warm command at most every that many µs instead of back to
         // back, to see what the previous command's trailing work (its outcome's commit, its
         // events and state) costs the next one.
         let pace = std::env::var("BENCH_PACE_US")
             .ok()
             .map(|v| Duration::from_micros(v.parse().expect("BENCH_PACE_US: a whole number of µs")));
-        for i in 0..WARM {
-            if i % 200 == 0 {
-                refill().await;
+        for round in 0..ROUNDS {
+            let cpu_before = cpu_ticks_by_process();
+            for i in round * WARM / ROUNDS..(round + 1) * WARM / ROUNDS {
+                if i % 200 == 0 {
+                    refill().await;
+                }
+                let t = tokio::time::Instant::now();
+                warm.push(send(i).await);
+                if let Some(pace) = pace {
+                    tokio::time::sleep_until(t + pace).await;
+                }
             }
-            let t = tokio::time::Instant::now();
-            warm.push(send(i).await);
-            if let Some(pace) = pace {
-                tokio::time::sleep_until(t + pace).await;
-            }
+            add_cpu(&mut cpu_spent, &cpu_before, &cpu_ticks_by_process());
+            mqtt.extend(floor_mqtt.sample(FLOOR_MQTT / ROUNDS).await);
+            gatt.extend(floor_gatt.sample(FLOOR_GATT / ROUNDS).await);
+            commit.extend(floor_commits.sample(FLOOR_COMMITS / ROUNDS));
         }
-        let (cpu, cpu_total_us) = cpu_per_command(&cpu_before, &cpu_ticks_by_process(), WARM);
+        drop(floor_mqtt);
+        floor_gatt.finish().await;
+        let (cpu, cpu_total_us) = cpu_per_command(&Default::default(), &cpu_spent, WARM);
         // Records of the last commands may still be on their way through the log pipe: those
         // of the warm run are nearly all in, which is enough for medians.
         let warm_stages = stages.take();
@@ -492,18 +529,19 @@ fn main() {
         }
         let (_, peak_rss, _, _) = memory_kib(daemon.0.id());
 
-        // The floor, in the same run.
+        // The floor, its samples taken between the warm commands' rounds; what its MQTT part
+        // costs in CPU, on its own afterwards.
+        let (mqtt, gatt, commit) = (median(mqtt), median(gatt), median(commit));
+        let floor = mqtt + gatt + commit;
         let floor_cpu_before = cpu_ticks_by_process();
-        let mqtt = median(support::floor::mqtt_request_replies(&pki, broker.port(), GW, 1_000).await);
-        let (floor_cpu, _) = cpu_per_command(&floor_cpu_before, &cpu_ticks_by_process(), 1_000);
+        let mut floor_mqtt = support::floor::MqttRequestReply::start(&pki, broker.port(), GW).await;
+        floor_mqtt.sample(FLOOR_MQTT).await;
+        drop(floor_mqtt);
+        let (floor_cpu, _) = cpu_per_command(&floor_cpu_before, &cpu_ticks_by_process(), FLOOR_MQTT);
         // The loopback (publish, delivered back to the same client: two hops) the floor used
         // before, printed for comparison.
         let loopback = median(support::floor::mqtt_round_trips(&pki, broker.port(), GW, 1_000).await);
-        let (gatt, _) = support::floor::gatt_round_trips(247, 1_000).await;
-        let gatt = median(gatt);
         let motor = median(support::floor::gatt_motor_round_trips(1_000).await);
-        let commit = median(support::floor::durable_commits(&dir.path().join("floor-store"), 500));
-        let floor = mqtt + gatt + commit;
 
         let ratio = |d: Duration| d.as_secs_f64() / floor.as_secs_f64();
         let warm_sum: Duration = warm.iter().sum();

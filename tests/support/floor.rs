@@ -94,39 +94,62 @@ fn relay_client(pki: &Pki, port: u16, name: &str) -> (AsyncClient, mpsc::Unbound
     (client, rx)
 }
 
-/// `n` QoS 1 request/reply round trips through the broker on `port`, after 100 to warm up: a
-/// request published to a responder (a second client, which publishes its reply the moment
-/// the request arrives) and the reply delivered back — the four TLS hops of a remote command
-/// (app → broker → gateway → broker → app) with nothing done in between. Both clients are the
-/// relay, on `lockhub/v1/<gateway>/rt/…`.
-pub async fn mqtt_request_replies(pki: &Pki, port: u16, gateway: &str, n: usize) -> Vec<Duration> {
-    let (request, reply) = (format!("lockhub/v1/{gateway}/rt/req"), format!("lockhub/v1/{gateway}/rt/resp"));
-    let (responder, mut requests) = relay_client(pki, port, "echo");
-    responder.subscribe(&request, QoS::AtLeastOnce).await.unwrap();
-    requests.recv().await.unwrap();
-    let echo = {
-        let reply = reply.clone();
-        tokio::spawn(async move {
-            while let Some(got) = requests.recv().await {
-                if let Some(payload) = got {
-                    responder.publish(&reply, QoS::AtLeastOnce, false, payload).await.unwrap();
+/// The floor's MQTT request/reply through the broker on `port`: a request published to a
+/// responder (a second client, which publishes its reply the moment the request arrives) and
+/// the reply delivered back — the four TLS hops of a remote command (app → broker → gateway →
+/// broker → app) with nothing done in between. Both clients are the relay, on
+/// `lockhub/v1/<gateway>/rt/…`. Set up once, sampled as often as wanted: a benchmark can take
+/// its samples in turns with what it compares them with.
+pub struct MqttRequestReply {
+    client: AsyncClient,
+    replies: mpsc::UnboundedReceiver<Option<bytes::Bytes>>,
+    request: String,
+    echo: tokio::task::JoinHandle<()>,
+}
+
+impl MqttRequestReply {
+    /// Connects and subscribes both clients.
+    pub async fn start(pki: &Pki, port: u16, gateway: &str) -> Self {
+        let (request, reply) = (format!("lockhub/v1/{gateway}/rt/req"), format!("lockhub/v1/{gateway}/rt/resp"));
+        let (responder, mut requests) = relay_client(pki, port, "echo");
+        responder.subscribe(&request, QoS::AtLeastOnce).await.unwrap();
+        requests.recv().await.unwrap();
+        let echo = {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                while let Some(got) = requests.recv().await {
+                    if let Some(payload) = got {
+                        responder.publish(&reply, QoS::AtLeastOnce, false, payload).await.unwrap();
+                    }
                 }
-            }
-        })
-    };
-    let (client, mut replies) = relay_client(pki, port, "req");
-    client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
-    replies.recv().await.unwrap();
-    let samples = timed(&client, &request, &mut replies, n).await;
-    echo.abort();
-    samples
+            })
+        };
+        let (client, mut replies) = relay_client(pki, port, "req");
+        client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
+        replies.recv().await.unwrap();
+        MqttRequestReply { client, replies, request, echo }
+    }
+
+    /// `n` QoS 1 request/replies, after 100 to warm up.
+    pub async fn sample(&mut self, n: usize) -> Vec<Duration> {
+        timed(&self.client, &self.request, &mut self.replies, n).await
+    }
+}
+
+impl Drop for MqttRequestReply {
+    fn drop(&mut self) {
+        self.echo.abort();
+    }
 }
 
 /// `n` GATT round trips (a Status request written, its answer notified back) to a fresh
 /// emulated lock with `mtu`, over bluer and the test bus, on a warm link; and the first
 /// command's time including connection and session set-up.
 pub async fn gatt_round_trips(mtu: u16, n: usize) -> (Vec<Duration>, Duration) {
-    gatt_exchanges(mtu, n, |_| Op::Status).await
+    let (mut exchanges, cold) = GattExchanges::start(mtu, GattOp::Status).await;
+    let samples = exchanges.sample(n).await;
+    exchanges.finish().await;
+    (samples, cold)
 }
 
 /// `n` motor operations (unlock, lock, in turn; zero motor time) over GATT, as
@@ -134,55 +157,115 @@ pub async fn gatt_round_trips(mtu: u16, n: usize) -> (Vec<Duration>, Duration) {
 /// notifications where a status request has one). Not part of the floor: it is what the
 /// lock itself costs a remote unlock beyond it.
 pub async fn gatt_motor_round_trips(n: usize) -> Vec<Duration> {
-    gatt_exchanges(247, n, |i| if i % 2 == 0 { Op::Unlock } else { Op::Lock }).await.0
+    let (mut exchanges, _) = GattExchanges::start(247, GattOp::UnlockThenLock).await;
+    let samples = exchanges.sample(n).await;
+    exchanges.finish().await;
+    samples
 }
 
-async fn gatt_exchanges(mtu: u16, n: usize, op: impl Fn(usize) -> Op) -> (Vec<Duration>, Duration) {
-    let ctl = super::control().await;
-    let lock = super::add_lock(&ctl, &format!(r#"{{"motor_ms": 0, "mtu": {mtu}}}"#)).await;
-    let transport = Arc::new(super::transport().await);
-    let config = BleConfig::default();
-    let budget = ConnectionBudget::new(config.max_links);
-    let mut client = super::paired_client(transport, &lock, config, budget, "hub-bench").await;
-    let connect_started = Instant::now();
-    client.call(Actor::Hub, Op::Status).await.unwrap();
-    let cold = connect_started.elapsed();
-    for i in 0..100 {
-        client.call(Actor::Hub, op(i)).await.unwrap();
-        let _ = client.take_events();
-    }
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let t = Instant::now();
-        client.call(Actor::Hub, op(i)).await.unwrap();
-        samples.push(t.elapsed());
-        // Pushed log entries are the lock worker's to report; here they are only dropped.
-        let _ = client.take_events();
-    }
-    client.disconnect().await;
-    (samples, cold)
+/// What [`GattExchanges`] asks the lock.
+#[derive(Clone, Copy, Debug)]
+pub enum GattOp {
+    /// Its status: one request, one notification back (the floor's GATT round trip).
+    Status,
+    /// Unlock, then lock, in turn (zero motor time).
+    UnlockThenLock,
 }
 
-/// `n` durable commits of one audit record each, in a store in `dir`.
-pub fn durable_commits(dir: &std::path::Path, n: usize) -> Vec<Duration> {
-    use lockhub::store::{AuditEntry, Store, StoreConfig, audit::AuditActor};
-    let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir) }).unwrap();
-    (0..n)
-        .map(|i| {
+/// Exchanges with a fresh emulated lock over bluer and the test bus, on a link kept warm: set
+/// up once (paired, connected, 100 exchanges to warm up), sampled as often as wanted.
+pub struct GattExchanges {
+    client: lockhub::ble::client::LockClient<lockhub::ble::bluez::BluezTransport>,
+    op: GattOp,
+    done: usize,
+}
+
+impl GattExchanges {
+    /// A lock with `mtu`, paired and connected; the first command's time including connection
+    /// and session set-up.
+    pub async fn start(mtu: u16, op: GattOp) -> (Self, Duration) {
+        let ctl = super::control().await;
+        let lock = super::add_lock(&ctl, &format!(r#"{{"motor_ms": 0, "mtu": {mtu}}}"#)).await;
+        let transport = Arc::new(super::transport().await);
+        let config = BleConfig::default();
+        let budget = ConnectionBudget::new(config.max_links);
+        let client = super::paired_client(transport, &lock, config, budget, "hub-bench").await;
+        let mut exchanges = GattExchanges { client, op, done: 0 };
+        let connect_started = Instant::now();
+        exchanges.client.call(Actor::Hub, Op::Status).await.unwrap();
+        let cold = connect_started.elapsed();
+        for _ in 0..100 {
+            exchanges.exchange().await;
+        }
+        (exchanges, cold)
+    }
+
+    /// `n` timed exchanges.
+    pub async fn sample(&mut self, n: usize) -> Vec<Duration> {
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
             let t = Instant::now();
-            store
-                .transaction(|tx| {
-                    tx.audit(AuditEntry {
-                        at: i as i64,
-                        action: "bench",
-                        outcome: "ok",
-                        actor: AuditActor::Hub,
-                        lock: None,
-                        detail: "",
+            self.exchange().await;
+            samples.push(t.elapsed());
+        }
+        samples
+    }
+
+    async fn exchange(&mut self) {
+        let op = match self.op {
+            GattOp::Status => Op::Status,
+            GattOp::UnlockThenLock if self.done % 2 == 0 => Op::Unlock,
+            GattOp::UnlockThenLock => Op::Lock,
+        };
+        self.client.call(Actor::Hub, op).await.unwrap();
+        self.done += 1;
+        // Pushed log entries are the lock worker's to report; here they are only dropped.
+        let _ = self.client.take_events();
+    }
+
+    /// Disconnects.
+    pub async fn finish(mut self) {
+        self.client.disconnect().await;
+    }
+}
+
+/// Durable commits of one audit record each, in a store of its own: opened once, sampled as
+/// often as wanted.
+pub struct DurableCommits {
+    store: lockhub::store::Store,
+    done: i64,
+}
+
+impl DurableCommits {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &std::path::Path) -> Self {
+        use lockhub::store::{Store, StoreConfig};
+        let store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir) }).unwrap();
+        DurableCommits { store, done: 0 }
+    }
+
+    /// `n` timed commits.
+    pub fn sample(&mut self, n: usize) -> Vec<Duration> {
+        use lockhub::store::{AuditEntry, audit::AuditActor};
+        (0..n)
+            .map(|_| {
+                self.done += 1;
+                let at = self.done;
+                let t = Instant::now();
+                self.store
+                    .transaction(|tx| {
+                        tx.audit(AuditEntry {
+                            at,
+                            action: "bench",
+                            outcome: "ok",
+                            actor: AuditActor::Hub,
+                            lock: None,
+                            detail: "",
+                        })
                     })
-                })
-                .unwrap();
-            t.elapsed()
-        })
-        .collect()
+                    .unwrap();
+                t.elapsed()
+            })
+            .collect()
+    }
 }
