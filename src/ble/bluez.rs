@@ -578,12 +578,15 @@ impl BluezTransport {
                 return Err(BleError::LinkLost);
             }
             let [write, notify, info] = self.find_characteristics(&device).await?;
-            let info = LockInfo::parse(&info.read().await.map_err(bus_error)?)
+            // Four independent questions to BlueZ, asked together: one round trip, not four.
+            // On a failure the sockets acquired meanwhile close as they drop.
+            let (info, char_mtu, writer, reader) =
+                futures::join!(info.read(), write.mtu(), write.write_io(), notify.notify_io());
+            let info = LockInfo::parse(&info.map_err(bus_error)?)
                 .map_err(|e| BleError::NotALock(format!("info record: {e}")))?;
             // bluer reports both sizes already reduced to what one write may carry.
-            let char_mtu = write.mtu().await.map_err(bus_error)?;
-            let writer = write.write_io().await.map_err(bus_error)?;
-            let reader = notify.notify_io().await.map_err(bus_error)?;
+            let (char_mtu, writer, reader) =
+                (char_mtu.map_err(bus_error)?, writer.map_err(bus_error)?, reader.map_err(bus_error)?);
             let max_fragment = writer.mtu().min(char_mtu);
             if max_fragment < MIN_FRAGMENT_LEN {
                 return Err(BleError::NotALock(format!("write size {max_fragment} below {MIN_FRAGMENT_LEN}")));
