@@ -310,7 +310,7 @@ impl BluezTransport {
                 if let Some(found) = at_layout(device, layout).await {
                     return Ok(found);
                 }
-                tracing::debug!(%address, "the lock's GATT handles moved: looking them up again");
+                tracing::debug!(%address, "the lock's characteristics are not where they were: looking them up again");
             }
             let found = look_up_characteristics(device).await?;
             let layout = GattLayout {
