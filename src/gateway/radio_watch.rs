@@ -23,6 +23,37 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest pause between attempts to start discovery.
 const RETRY_LAST: Duration = Duration::from_secs(30);
 
+/// When to try starting discovery again while it fails, and what to say about it: an outage
+/// is announced once, at its first failure, and its end once; the pause between attempts
+/// doubles from [`RETRY_FIRST`] to [`RETRY_LAST`] and starts over after a success.
+#[derive(Debug)]
+struct Retry {
+    pause: Duration,
+    /// Failures since the last success.
+    failures: u32,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Retry { pause: RETRY_FIRST, failures: 0 }
+    }
+
+    /// A failed start: how long to wait before the next, and whether it begins an outage.
+    fn failed(&mut self) -> (Duration, bool) {
+        let wait = self.pause;
+        self.pause = (self.pause * 2).min(RETRY_LAST);
+        self.failures += 1;
+        (wait, self.failures == 1)
+    }
+
+    /// A successful start: whether it ends an outage.
+    fn started(&mut self) -> bool {
+        let ended = self.failures > 0;
+        *self = Retry::new();
+        ended
+    }
+}
+
 /// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ
 /// comes back (restarted: its discovery died with it) and after an error, with a pause that
 /// grows while starting it keeps failing (BlueZ absent or hung: the transport bounds each
@@ -38,7 +69,7 @@ pub async fn watch_advertisements(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut replaced = transport.replaced();
-    let mut pause = RETRY_FIRST;
+    let mut retry = Retry::new();
     loop {
         // Discovery runs on one connection to the bus: started again when it is replaced.
         let generation = *replaced.borrow_and_update();
@@ -55,10 +86,9 @@ pub async fn watch_advertisements(
         };
         match started {
             Ok((changes, stream)) => {
-                if pause > RETRY_FIRST {
+                if retry.started() {
                     tracing::info!("discovery started again");
                 }
-                pause = RETRY_FIRST;
                 let (mut changes, mut stream) = (std::pin::pin!(changes), std::pin::pin!(stream));
                 let quiet = tokio::time::sleep(bus_check);
                 let mut quiet = std::pin::pin!(quiet);
@@ -101,7 +131,8 @@ pub async fn watch_advertisements(
             }
             Err(e) => {
                 // Said once per outage; the retries that follow, at debug level.
-                if pause == RETRY_FIRST {
+                let (pause, first) = retry.failed();
+                if first {
                     tracing::warn!(error = %e, "discovery failed; retrying, less often while it keeps failing");
                 } else {
                     tracing::debug!(error = %e, retry_in = ?pause, "discovery failed again");
@@ -115,7 +146,6 @@ pub async fn watch_advertisements(
                     () = tokio::time::sleep(pause) => {}
                     _ = shutdown.changed() => return,
                 }
-                pause = (pause * 2).min(RETRY_LAST);
                 continue;
             }
         }
@@ -123,5 +153,36 @@ pub async fn watch_advertisements(
             () = tokio::time::sleep(RETRY_FIRST) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_announced_once_and_retried_ever_less_often_up_to_half_a_minute() {
+        let mut retry = Retry::new();
+        let waits: Vec<(u64, bool)> = (0..8)
+            .map(|_| {
+                let (wait, first) = retry.failed();
+                (wait.as_secs(), first)
+            })
+            .collect();
+        assert_eq!(
+            waits,
+            [(1, true), (2, false), (4, false), (8, false), (16, false), (30, false), (30, false), (30, false)]
+        );
+        assert!(retry.started(), "the end of the outage is said");
+    }
+
+    #[test]
+    fn after_a_success_the_next_outage_starts_over() {
+        let mut retry = Retry::new();
+        assert!(!retry.started(), "a start without failures ends no outage");
+        retry.failed();
+        retry.failed();
+        assert!(retry.started());
+        assert_eq!(retry.failed(), (RETRY_FIRST, true), "announced again, retried after a second");
     }
 }
