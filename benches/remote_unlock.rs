@@ -4,9 +4,9 @@
 //! floor measured in the same run, its samples taken in turns with the warm commands (ten
 //! rounds of each, so that both see the machine at the same pace): the MQTT round trip through
 //! the same broker (a request to a client that answers at once, and its reply: the four TLS
-//! hops of the path) + the D-Bus GATT round trip + one durable SQLite commit. Also the time from a lock-side event (the
-//! thumb-turn) to the lock's retained state on the broker, and the daemon's memory (peak during
-//! the run; idle with 10 paired locks). And where a warm command's time goes: the daemon's
+//! hops of the path) + the D-Bus GATT round trip + one durable SQLite commit. Also the time
+//! from a lock-side event (the thumb-turn) to the lock's retained state on the broker, and the
+//! daemon's memory (peak during the run; idle with 10 paired locks). And where a warm command's time goes: the daemon's
 //! `lockhub::timing` records (each stage's end inside the gateway) as medians, and the way in
 //! and the way back outside it; and the least mean latency this machine allows a back-to-back
 //! run, from the CPU all processes spent per command and the number of cores.
