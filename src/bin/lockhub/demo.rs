@@ -75,7 +75,7 @@ impl Transcript {
     fn line(&mut self, what: &str, result: &str, took: Duration) {
         self.step += 1;
         let ms = took.as_secs_f64() * 1000.0;
-        let _ = writeln!(self.out, "{:>2}  {what:<62} {result:<40} {ms:>8.1} ms", self.step);
+        let _ = writeln!(self.out, "{:>2}  {what:<62} {result:<44} {ms:>8.1} ms", self.step);
     }
 
     fn note(&mut self, text: &str) {
@@ -167,7 +167,7 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     println!("  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer");
     println!("  app      owner and user keys made just now; statements signed as JWS (EdDSA)");
     println!();
-    println!("    {:<62} {:<40} {:>11}", "step", "result", "latency");
+    println!("    {:<62} {:<44} {:>11}", "step", "result", "latency");
 
     let keys = dir.join("app");
     let (owner, user) = (AppKey::generate(&keys, "owner", false)?, AppKey::generate(&keys, "user", false)?);
