@@ -1,5 +1,6 @@
 //! Connecting again to a lock names its characteristics where they were found the first time,
-//! instead of listing BlueZ's whole object tree; a lock whose handles moved is looked up again.
+//! instead of listing BlueZ's whole object tree; a lock whose handles moved is looked up again,
+//! and the transport keeps nothing of a lock that failed to pair or was forgotten (unbound).
 //!
 //! A binary of its own: a monitor on the private bus counts every `GetManagedObjects`, and no
 //! other test may add to the count.
@@ -78,8 +79,32 @@ async fn a_lock_is_connected_again_by_its_known_handles_until_they_move() {
     let mut listings = ObjectListings::watch().await;
     let config = BleConfig::default();
     let budget = ConnectionBudget::new(config.max_links);
-    let mut client = paired_client(transport.clone(), &lock, config.clone(), budget, "hub-gatt").await;
-    assert!(listings.since_last().await >= 1, "the first connection (pairing) looks the characteristics up");
+
+    // Found by a scan first: starting a discovery lists the tree too (bluer enumerates the
+    // devices BlueZ already knows), so the counts below start after it.
+    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
+    listings.since_last().await;
+    let gateway = lockhub::protocol::ids::GatewayId::new("hub-gatt").unwrap();
+    let lock_id = lockhub::protocol::ids::LockId::parse(&lock.lock_id).unwrap();
+    let pair = |code| lockhub::ble::client::pair(&*transport, &budget, &config, &gateway, lock_id, &lock.address, code);
+
+    // A pairing that fails (a wrong setup code) leaves nothing of the lock in the transport.
+    let wrong = wrong_setup_code(&lock.setup_code);
+    let refused = pair(&wrong).await;
+    assert!(refused.is_err(), "a wrong setup code pairs nothing");
+    assert!(listings.since_last().await >= 1, "a lock's first connection looks the characteristics up");
+    let code = lockhub::protocol::pairing::SetupCode::parse(&lock.setup_code).unwrap();
+    let key = pair(&code).await.expect("pairing with the right code");
+    assert!(listings.since_last().await >= 1, "and so does the next one after a failed pairing");
+    let mut client = lockhub::ble::client::LockClient::new(
+        transport.clone(),
+        budget.clone(),
+        config.clone(),
+        gateway.clone(),
+        lock_id,
+        lock.address.clone(),
+        key,
+    );
 
     let mut status = async || {
         let r = client.call(USER, Op::Status).await.expect("a status over a new connection");
@@ -100,4 +125,12 @@ async fn a_lock_is_connected_again_by_its_known_handles_until_they_move() {
     transport.forget(&lock.address);
     status().await;
     assert!(listings.since_last().await >= 1, "a forgotten lock is looked up again");
+}
+
+/// A setup code that is not `code`: its last digit changed.
+fn wrong_setup_code(code: &str) -> lockhub::protocol::pairing::SetupCode {
+    let mut digits: Vec<char> = code.chars().collect();
+    let last = digits.iter().rposition(char::is_ascii_digit).expect("a setup code has digits");
+    digits[last] = if digits[last] == '0' { '1' } else { '0' };
+    lockhub::protocol::pairing::SetupCode::parse(&digits.into_iter().collect::<String>()).expect("still a setup code")
 }

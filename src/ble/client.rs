@@ -161,7 +161,12 @@ pub async fn pair<T: LockTransport>(
 ) -> Result<PairingKey, BleError> {
     let _slot = budget.acquire(config.slot_timeout()).await?;
     let peer = Peer { gateway_id, lock_id, address };
-    match connect_with_retries(transport, config, &peer, Purpose::Pair(code)).await? {
+    let paired = connect_with_retries(transport, config, &peer, Purpose::Pair(code)).await;
+    if paired.is_err() {
+        // A lock that did not pair is not ours: the transport keeps nothing of it.
+        transport.forget(address);
+    }
+    match paired? {
         Established::Paired(key) => Ok(key),
         Established::Session(_) => unreachable!("pairing yields a key"),
     }
