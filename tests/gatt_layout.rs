@@ -72,7 +72,7 @@ impl ObjectListings {
 }
 
 #[tokio::test]
-async fn a_lock_is_connected_again_by_its_known_handles_until_they_move() {
+async fn a_lock_is_reconnected_by_its_known_handles_and_nothing_is_kept_of_locks_not_ours() {
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
