@@ -42,7 +42,7 @@ impl Retry {
     fn failed(&mut self) -> (Duration, bool) {
         let wait = self.pause;
         self.pause = (self.pause * 2).min(RETRY_LAST);
-        self.failures += 1;
+        self.failures = self.failures.saturating_add(1);
         (wait, self.failures == 1)
     }
 
