@@ -1,8 +1,9 @@
 //! BlueZ hung: the bus up, `org.bluez` owned but never answering (bluetoothd stuck, as it gets
 //! on a wedged controller). The emulator stopped with SIGSTOP plays it. A scan and a command
 //! must get their answers within their bounds, saying that BlueZ is not answering (not a bare
-//! timeout, not the bus); when BlueZ answers again, commands and advertised events flow without a restart. In a
-//! binary of its own: it freezes the emulator every test of a binary shares.
+//! timeout, not the bus); when BlueZ answers again, commands and advertised events flow
+//! without a restart. In a binary of its own: it freezes the emulator every test of a binary
+//! shares.
 
 mod support;
 

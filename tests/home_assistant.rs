@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use lockhub::auth::statement::Permission;
+use lockhub::ble::LockTransport;
 use lockhub::local::bridge::LocalBridge;
 use lockhub::local::codes::hash_code;
 use lockhub::local::config::{LocalCodeEntry, LocalConfig, LocalMqtt};
@@ -373,8 +374,11 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
     ha.publish(&format!("{PREFIX}/status"), "online").await;
     ha.until("discovery again", |ha| ha.count[&lock_config] > before && ha.count[&cloud_config] > 1).await;
 
-    // Unbound: every retained config and state of the lock is cleared.
+    // Unbound: every retained config and state of the lock is cleared, and the BLE transport
+    // keeps nothing of it either.
+    assert!(stack.transport.remembers(&p.lock.address), "connected, so where its characteristics are is known");
     assert_eq!(stack.gateway.unbind(p.lock_id, AuditActor::Admin).await.unwrap(), Some(true));
+    assert!(!stack.transport.remembers(&p.lock.address), "the transport forgot the unbound lock");
     let cleared: Vec<String> =
         [&lock_config, &battery_config, &event_config, &door_config, &link_config, &state, &battery_state]
             .iter()

@@ -48,6 +48,10 @@ const BLUEZ_SILENCE: Duration = Duration::from_secs(1);
 /// since failing here stops the daemon (and its service manager starts it again).
 const BLUEZ_SILENCE_AT_START: Duration = Duration::from_secs(5);
 
+/// The LHP/1 characteristics by UUID, in the order the transport hands them out: write,
+/// notify, info.
+const LHP_CHARACTERISTICS: [u128; 3] = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID];
+
 /// How long BlueZ may take to start a discovery (its filter set, the discovery started): a
 /// hung bluetoothd would otherwise hold a scan, a pairing's search for the lock or the radio
 /// watch for bluer's 120 s.
@@ -317,10 +321,7 @@ impl BluezTransport {
                 service: found[0].service_id(),
                 characteristics: [found[0].id(), found[1].id(), found[2].id()],
             };
-            let mut layouts = self.layouts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Locks forgotten by the gateway stay listed until the transport goes: a few bytes
-            // each, bounded by the locks ever connected.
-            layouts.insert(address, layout);
+            self.layouts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(address, layout);
             Ok(found)
         };
         tokio::time::timeout(bound, find)
@@ -341,8 +342,8 @@ async fn at_layout(device: &bluer::Device, layout: GattLayout) -> Option<[Charac
     ];
     let (resolved, uuids) =
         futures::join!(device.is_services_resolved(), futures::future::join_all(chars.iter().map(|c| c.uuid())));
-    let wanted = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID];
-    let all_there = uuids.into_iter().zip(wanted).all(|(uuid, want)| uuid.is_ok_and(|u| u.as_u128() == want));
+    let all_there =
+        uuids.into_iter().zip(LHP_CHARACTERISTICS).all(|(uuid, want)| uuid.is_ok_and(|u| u.as_u128() == want));
     (resolved.ok()? && all_there).then_some(chars)
 }
 
@@ -365,7 +366,7 @@ async fn look_up_characteristics(device: &bluer::Device) -> Result<[Characterist
     let mut found: [Option<Characteristic>; 3] = [None, None, None];
     for c in service.characteristics().await.map_err(bus_error)? {
         let uuid = c.uuid().await.map_err(bus_error)?.as_u128();
-        let slot = [WRITE_CHAR_UUID, NOTIFY_CHAR_UUID, INFO_CHAR_UUID].iter().position(|u| *u == uuid);
+        let slot = LHP_CHARACTERISTICS.iter().position(|u| *u == uuid);
         if let Some(i) = slot {
             found[i] = Some(c);
         }
@@ -477,6 +478,12 @@ impl LockTransport for BluezTransport {
                 detail: format!("not seen in a scan within {timeout:?}"),
             }),
         }
+    }
+
+    fn remembers(&self, address: &str) -> bool {
+        address.parse::<Address>().is_ok_and(|address| {
+            self.layouts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&address)
+        })
     }
 
     fn forget(&self, address: &str) {

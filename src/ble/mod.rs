@@ -165,9 +165,12 @@ pub trait LockTransport: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Advertisement, BleError>> + Send;
     /// Connects to the lock at `address` and readies its characteristics.
     fn connect(&self, address: &str) -> impl Future<Output = Result<Self::Link, BleError>> + Send;
-    /// Forgets what connecting to the lock at `address` taught the transport (it was unbound:
-    /// nothing of it is kept).
+    /// Forgets what connecting to the lock at `address` taught the transport (it was unbound,
+    /// or did not pair: nothing of it is kept).
     fn forget(&self, address: &str);
+    /// Whether the transport keeps anything about the lock at `address` (what connecting to
+    /// it taught): false once forgotten.
+    fn remembers(&self, address: &str) -> bool;
 }
 
 /// Transport settings, from the `[ble]` section of the configuration.

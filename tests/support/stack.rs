@@ -49,6 +49,8 @@ pub struct Stack {
     pub stop: watch::Sender<bool>,
     /// The running gateway's core.
     pub gateway: Arc<Gateway<BluezTransport>>,
+    /// Its BLE transport.
+    pub transport: Arc<BluezTransport>,
     /// The cloud link's state.
     pub cloud: watch::Receiver<LinkState>,
     /// Outbox records the link has delivered (acknowledged and deleted), counted.
@@ -61,6 +63,7 @@ pub struct Running {
     pub store: Arc<Mutex<Store>>,
     pub stop: watch::Sender<bool>,
     pub gateway: Arc<Gateway<BluezTransport>>,
+    pub transport: Arc<BluezTransport>,
     pub cloud: watch::Receiver<LinkState>,
     /// Outbox records the link has delivered (acknowledged and deleted), counted.
     pub delivered: watch::Receiver<u64>,
@@ -86,9 +89,9 @@ impl Stack {
         let broker = Bundled::start(&pki);
         let gw = GatewayId::new(gw).unwrap();
         let clock = Arc::new(TestClock { synced: AtomicBool::new(true), offset_s: AtomicI64::new(0) });
-        let Running { store, stop, gateway, cloud, delivered } =
+        let Running { store, stop, gateway, transport, cloud, delivered } =
             Self::run_gateway(&dir, &pki, &broker, &gw, &clock, limits).await;
-        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, cloud, delivered }
+        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, transport, cloud, delivered }
     }
 
     /// Starts a gateway (store, cloud link, intake, core, radio watch) on the stack's state
@@ -137,7 +140,7 @@ impl Stack {
         ));
         tokio::spawn(gateway.clone().serve(accepted));
         tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(
-            transport,
+            transport.clone(),
             gateway.clone(),
             BUS_CHECK,
             stopped.clone(),
@@ -148,7 +151,7 @@ impl Stack {
         tokio::spawn(async move {
             let _ = link.await;
         });
-        Running { store, stop, gateway, cloud: reports.state, delivered: reports.delivered }
+        Running { store, stop, gateway, transport, cloud: reports.state, delivered: reports.delivered }
     }
 
     /// Stops the gateway and starts a new one on the same state directory (the store reopened
@@ -159,6 +162,7 @@ impl Stack {
         self.store = running.store;
         self.stop = running.stop;
         self.gateway = running.gateway;
+        self.transport = running.transport;
         self.cloud = running.cloud;
         self.delivered = running.delivered;
     }

@@ -56,7 +56,12 @@ impl PrivateBus {
     /// The address the bus in `dir` will listen on: known before it starts, so that it can be
     /// put in the environment while this process has a single thread (libdbus reads it there).
     pub fn address_in(dir: &Path) -> String {
-        format!("unix:path={}", dir.join("bus").display())
+        format!("unix:path={}", Self::socket_in(dir).display())
+    }
+
+    /// The socket behind [`PrivateBus::address_in`] `dir`.
+    fn socket_in(dir: &Path) -> PathBuf {
+        dir.join("bus")
     }
 
     /// Starts the bus on [`PrivateBus::address_in`] `dir`; returns once it accepts connections.
@@ -72,7 +77,7 @@ impl PrivateBus {
                         daemon.display()
                     );
                     // What it may have left on the socket's path.
-                    let _ = std::fs::remove_file(dir.join("bus"));
+                    let _ = std::fs::remove_file(Self::socket_in(dir));
                     start_embedded(&address)?
                 }
             },
