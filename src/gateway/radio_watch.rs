@@ -26,40 +26,32 @@ const RETRY_LAST: Duration = Duration::from_secs(30);
 /// When to try starting discovery again while it fails, and what to say about it: an outage
 /// is announced once, at its first failure, and its end once; the pause between attempts
 /// doubles from [`RETRY_FIRST`] to [`RETRY_LAST`] and starts over after a success.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Retry {
-    pause: Duration,
     /// Failures since the last success.
     failures: u32,
 }
 
 impl Retry {
-    fn new() -> Self {
-        Retry { pause: RETRY_FIRST, failures: 0 }
-    }
-
     /// A failed start: how long to wait before the next, and whether it begins an outage.
     fn failed(&mut self) -> (Duration, bool) {
-        let wait = self.pause;
-        self.pause = (self.pause * 2).min(RETRY_LAST);
+        let wait = RETRY_FIRST.saturating_mul(1 << self.failures.min(16)).min(RETRY_LAST);
         self.failures = self.failures.saturating_add(1);
         (wait, self.failures == 1)
     }
 
     /// A successful start: whether it ends an outage.
     fn started(&mut self) -> bool {
-        let ended = self.failures > 0;
-        *self = Retry::new();
-        ended
+        std::mem::take(&mut self.failures) > 0
     }
 }
 
 /// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ
 /// comes back (restarted: its discovery died with it) and after an error, with a pause that
 /// grows while starting it keeps failing (BlueZ absent or hung: the transport bounds each
-/// start); when
-/// the connection to the bus is lost (the D-Bus daemon restarted), the transport connects again,
-/// and discovery restarts whenever the transport's connection is replaced. After `bus_check`
+/// start); when the connection to the bus is lost (the D-Bus daemon restarted), the transport
+/// connects again, and discovery restarts whenever the transport's connection is replaced.
+/// After `bus_check`
 /// without an advertisement, the bus is asked whether it still answers; if not, discovery
 /// starts again on a new connection.
 pub async fn watch_advertisements(
@@ -69,7 +61,7 @@ pub async fn watch_advertisements(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut replaced = transport.replaced();
-    let mut retry = Retry::new();
+    let mut retry = Retry::default();
     loop {
         // Discovery runs on one connection to the bus: started again when it is replaced.
         let generation = *replaced.borrow_and_update();
@@ -162,7 +154,7 @@ mod tests {
 
     #[test]
     fn an_outage_is_announced_once_and_retried_ever_less_often_up_to_half_a_minute() {
-        let mut retry = Retry::new();
+        let mut retry = Retry::default();
         let waits: Vec<(u64, bool)> = (0..8)
             .map(|_| {
                 let (wait, first) = retry.failed();
@@ -178,7 +170,7 @@ mod tests {
 
     #[test]
     fn after_a_success_the_next_outage_starts_over() {
-        let mut retry = Retry::new();
+        let mut retry = Retry::default();
         assert!(!retry.started(), "a start without failures ends no outage");
         retry.failed();
         retry.failed();
