@@ -6,6 +6,7 @@
 mod support;
 
 use lockhub::auth::statement::{Operation, Permission};
+use lockhub::ble::{LockLink, LockTransport};
 use lockhub::cloud::reply::{Outcome, Reply};
 use support::stack::{Paired, Stack, claim_pair_grant, next_state};
 
@@ -80,4 +81,24 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     }
     let state = support::report(&ctl, &p.lock.lock_id).await.status.state;
     assert_eq!(state, lockhub::protocol::message::LockState::Locked);
+
+    // The bus daemon hangs, and is then restarted under the connection attempt a caller gave
+    // up waiting for: that attempt fails once the hung daemon is gone. Its failure was the
+    // answer of those who waited; the next caller connects afresh instead of being handed
+    // it. On a transport of its own (no radio watch beside it to come first), with a lock of
+    // its own.
+    let spare = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let transport = support::transport().await;
+    support::scan_until_seen(&transport, std::slice::from_ref(&spare.lock_id)).await;
+    transport.connect(&spare.address).await.expect("a link before the bus hangs").close().await;
+    let frozen = support::bed().freeze_bus();
+    let Err(hung) = transport.connect(&spare.address).await else { panic!("a link through a hung bus") };
+    assert!(hung.to_string().contains("did not accept a connection"), "the error names the bus: {hung}");
+    tokio::task::block_in_place(|| support::bed().restart_bus());
+    drop(frozen);
+    transport
+        .find(&spare.address, std::time::Duration::from_secs(30))
+        .await
+        .expect("the first use after the bus came back connects to it afresh");
+    transport.connect(&spare.address).await.expect("a link on the new connection").close().await;
 }

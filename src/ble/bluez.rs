@@ -85,6 +85,9 @@ struct Connecting {
     result: futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Bluez>, BleError>>>,
     /// Set once the bus accepted the connection: what is left is BlueZ's to answer.
     accepted: Arc<AtomicBool>,
+    /// Set if it failed. Its error is the answer of those who waited for it; a caller who
+    /// comes later (the bus hung, then restarted under it) starts a new attempt instead.
+    failed: Arc<AtomicBool>,
 }
 
 /// BlueZ through bluer.
@@ -206,22 +209,30 @@ impl BluezTransport {
     /// The attempt at a new connection in flight, or a new one started.
     fn connecting(&self) -> Connecting {
         let mut slot = self.connecting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(attempt) = slot.as_ref() {
+        if let Some(attempt) = slot.as_ref()
+            && !attempt.failed.load(Ordering::Acquire)
+        {
             return attempt.clone();
         }
-        let accepted = Arc::new(AtomicBool::new(false));
-        let (config, flag) = (self.config.clone(), accepted.clone());
+        let (accepted, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (config, flag, failure) = (self.config.clone(), accepted.clone(), failed.clone());
         let task = tokio::spawn(async move {
             // Unbounded here (libdbus bounds the Hello itself, and the waiters their wait): a
             // bound would only abandon the blocked thread and let the next waiter add another.
-            let session = new_session().await?;
-            flag.store(true, Ordering::Release);
-            Self::on_session(session, &config, BLUEZ_SILENCE).await.map(Arc::new)
+            let made = async {
+                let session = new_session().await?;
+                flag.store(true, Ordering::Release);
+                Self::on_session(session, &config, BLUEZ_SILENCE).await.map(Arc::new)
+            }
+            .await;
+            failure.store(made.is_err(), Ordering::Release);
+            made
         });
         let result = async move {
             task.await.unwrap_or_else(|e| Err(BleError::Bus(format!("connecting to the bus failed: {e}"))))
         };
-        let attempt = Connecting { result: futures::FutureExt::shared(futures::FutureExt::boxed(result)), accepted };
+        let attempt =
+            Connecting { result: futures::FutureExt::shared(futures::FutureExt::boxed(result)), accepted, failed };
         *slot = Some(attempt.clone());
         attempt
     }
