@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lockhub::auth::statement::Statement;
+use lockhub::auth::statement::{Operation, Statement};
 use lockhub::cloud::reply::Outcome;
 use lockhub::devcloud::app::{AppClient, AppKey};
 use lockhub::devcloud::pki::Pki;
@@ -171,6 +171,24 @@ async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
         assert!(report.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check}: {report}");
     }
     assert!(report.contains("reachable, TLS with the pinned CA"), "{report}");
+    // The store's log is checkpointed beside the statements, by the daemon's checkpointer:
+    // the database file changes while they come in, long before the log could reach the
+    // bound at which a commit checkpoints by itself (16,384 pages; a refused statement
+    // writes about ten).
+    let database = dir.path().join("state").join("lockhub.db");
+    let before = std::fs::read(&database).unwrap();
+    let stranger = AppKey::generate(&dir.path().join("keys"), "stranger", false).unwrap();
+    let nowhere = lockhub::protocol::ids::LockId([0x5a; 8]);
+    let mut statements = 0;
+    while std::fs::read(&database).unwrap() == before {
+        statements += 1;
+        assert!(statements <= 400, "400 statements and the log was never checkpointed");
+        let command =
+            lockhub::devcloud::app::command(&GatewayId::new(gw).unwrap(), nowhere, Operation::Unlock, unix_now(), 30);
+        let reply = app.send(&Statement::Command(command), &stranger, WAIT).await.unwrap();
+        assert_eq!(reply.result, Outcome::Refused, "{reply:?}");
+    }
+
     // Online, claimed, its control socket up: still no port open to the network.
     let open = open_ports(daemon.id());
     assert!(open.is_empty(), "the daemon has ports open: {open:?}");

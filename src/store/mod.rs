@@ -12,6 +12,7 @@
 //! and its audit record commit together or not at all.
 
 pub mod audit;
+pub mod checkpoint;
 pub mod master_key;
 mod outbox;
 mod principals;

@@ -99,6 +99,8 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let id = config.gateway_id();
     let mut store = open_store(&config)?;
+    let checkpoints =
+        crate::checkpoints::Checkpoints::hand_off(&mut store).context("opening the store's checkpointer")?;
     if let Some(code) = lockhub::gateway::claim::claim_code(&mut store)? {
         tracing::info!(claim_code = code.as_str(), "this gateway has no owner yet: claim it with this code");
     }
@@ -176,6 +178,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     tokio::spawn(control.run(control_listener, control_updates, stopped.clone()));
     tokio::spawn(lockhub::gateway::maintenance::run(store.clone(), clock.clone(), stopped.clone()));
     tokio::spawn(crate::quiet::run(store.clone(), stopped.clone()));
+    tokio::spawn(checkpoints.run(stopped.clone()));
     let link_task = tokio::spawn(link.run(stopped));
     let locks = gateway.clone();
     service::start(service::Health {

@@ -10,6 +10,7 @@
 //!   and what the gateway refuses.
 
 mod admin;
+mod checkpoints;
 mod cli;
 mod daemon;
 #[cfg(feature = "devtools")]
