@@ -1,7 +1,8 @@
 //! The radio side failing under a running gateway, which must recover by itself and say
 //! truthfully what happened: a link dropped mid-command, the lock rebooting, `org.bluez`
-//! restarting, the D-Bus daemon restarting. In a binary of its own, because it restarts the
-//! bus and the emulator every test of a binary shares.
+//! restarting, the D-Bus daemon restarting; and the transport itself once a hung bus daemon
+//! was restarted under its connection attempt. In a binary of its own, because it restarts
+//! the bus and the emulator every test of a binary shares.
 
 mod support;
 
@@ -61,9 +62,9 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     let after_bluez = recovered(&stack, &p, Operation::Lock, "an org.bluez restart").await;
 
     // The D-Bus daemon restarts (and BlueZ with it). The gateway's connection to the bus is
-    // dead, and no command comes to find that out: the radio watch must, connect to the bus
-    // again and start discovery there. With the link gone with BlueZ, only an advertisement
-    // tells the gateway of a thumb-turn.
+    // dead, and no command comes to find that out: the radio watch must, and connect to the
+    // bus again and start discovery there by itself. With the link gone with BlueZ, only an
+    // advertisement tells the gateway of a thumb-turn.
     let mut seen = p.app.watch();
     tokio::task::block_in_place(|| support::bed().restart_bus());
     let ctl = support::control().await;
@@ -95,7 +96,7 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     let Err(hung) = transport.connect(&spare.address).await else { panic!("a link through a hung bus") };
     assert!(hung.to_string().contains("did not accept a connection"), "the error names the bus: {hung}");
     tokio::task::block_in_place(|| support::bed().restart_bus());
-    drop(frozen);
+    drop(frozen); // its process is gone: nothing to let run again
     transport
         .find(&spare.address, std::time::Duration::from_secs(30))
         .await
