@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::pairing::PairingKey;
 use lockhub::store::audit::AuditActor;
+use lockhub::store::checkpoint::Checkpointer;
 use lockhub::store::{AuditEntry, AuditVerification, Store, StoreConfig, StoreError};
 use rand_core::{OsRng, RngCore};
 
@@ -145,6 +146,65 @@ fn unbinding_leaves_no_byte_of_the_lock_in_any_file() {
     assert_eq!(store.verify_audit().unwrap(), AuditVerification::Intact { records: 51 });
     store.integrity_check().unwrap();
     assert!(matches!(store.pairing_key(lock), Err(StoreError::NotFound(_))));
+}
+
+/// A lock with its name and address in the store, for the unbinding tests.
+fn paired_lock(store: &mut Store) -> (LockId, String, String) {
+    let lock = LockId(random_bytes());
+    let (address, name) = ("C0:5A:17:E0:99:03".to_owned(), format!("Shed {}", hex::encode(random_bytes::<4>())));
+    store.transaction(|tx| tx.add_lock(lock, &address, &name, &PairingKey::from_bytes(random_bytes()), 1)).unwrap();
+    (lock, address, name)
+}
+
+#[test]
+fn unbinding_beside_a_checkpointing_connection_still_leaves_no_byte_of_the_lock() {
+    // The daemon checkpoints from a connection of its own, and the unbinding's VACUUM asks it
+    // to: SQLite answers the unbinding's own checkpoint (the one that empties the log) with
+    // "busy" while that one runs. Here it runs all the time.
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let (lock, address, name) = paired_lock(&mut store);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checkpointing = {
+        let (stop, mut checkpointer) = (stop.clone(), Checkpointer::open(store.database_path()).unwrap());
+        std::thread::spawn(move || {
+            let mut runs = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                checkpointer.checkpoint().unwrap();
+                runs += 1;
+            }
+            runs
+        })
+    };
+    for _ in 0..20 {
+        store.transaction(|tx| tx.set_last_event_seq(lock, 7)).unwrap();
+    }
+    store.unbind(lock, AuditActor::Admin, 2).expect("unbound, the log emptied once the checkpoint let go");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(checkpointing.join().unwrap() > 0);
+    for (needle, what) in [(address.as_bytes(), "address"), (name.as_bytes(), "name"), (&lock.0[..], "raw lock id")] {
+        assert_absent(dir.path(), needle, what);
+    }
+}
+
+#[test]
+fn unbinding_while_a_reader_holds_an_old_snapshot_says_the_log_still_holds_the_lock() {
+    // A reader that never lets go (a tool left open on the database): the log cannot be
+    // emptied, and the unbinding says so rather than report a clean slate.
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let (lock, ..) = paired_lock(&mut store);
+    let reader = raw(dir.path());
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader.query_row("SELECT count(*) FROM locks", [], |r| r.get(0)).unwrap();
+    let err = store.unbind(lock, AuditActor::Admin, 2).unwrap_err();
+    assert!(matches!(err, StoreError::LogInUse(_)), "{err}");
+    assert!(err.to_string().starts_with("deleted, but"), "{err}");
+    // The deletion itself stands; once the reader lets go, the next compaction empties the log.
+    assert!(matches!(store.pairing_key(lock), Err(StoreError::NotFound(_))));
+    reader.execute_batch("COMMIT").unwrap();
+    store.compact().unwrap();
+    assert_eq!(std::fs::metadata(dir.path().join("lockhub.db-wal")).unwrap().len(), 0);
 }
 
 fn raw(dir: &Path) -> rusqlite::Connection {

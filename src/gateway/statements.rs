@@ -374,7 +374,7 @@ impl<T: LockTransport> Gateway<T> {
         let now = (self.clock)().0;
         let store = self.store.clone();
         let report = tokio::task::spawn_blocking(move || {
-            store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unbind(lock, actor, now)
+            store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).delete_lock(lock, actor, now)
         })
         .await
         .map_err(|_| StoreError::Invalid("the store task failed"))??;
@@ -387,6 +387,12 @@ impl<T: LockTransport> Gateway<T> {
         })?;
         self.outbox_ready.notify_one();
         let _ = self.updates.send(LockUpdate::Unbound { lock });
+        // Last, so that nothing above waits on it or is skipped if it fails: the files
+        // rewritten and the log emptied, no byte of the lock left in them.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).compact())
+            .await
+            .map_err(|_| StoreError::Invalid("the store task failed"))??;
         tracing::info!(lock_id = %lock, told, "lock unbound");
         Ok(Some(told))
     }

@@ -130,9 +130,18 @@ impl Store {
     /// Unbinds a lock: deletes every row about it (its pairing, grants, passcodes, policies,
     /// pending outbox records, remembered commands, retained-topic notes) in one transaction
     /// with an audit record naming it by pseudonym only, then rewrites the database and
-    /// empties the WAL so no byte of it remains in any file.
+    /// empties the WAL so no byte of it remains in any file ([`Store::compact`]).
     pub fn unbind(&mut self, lock_id: LockId, actor: AuditActor, now: i64) -> Result<UnbindReport, StoreError> {
-        let report = self.transaction(|tx| {
+        let report = self.delete_lock(lock_id, actor, now)?;
+        self.compact()?;
+        Ok(report)
+    }
+
+    /// The deletion of [`Store::unbind`] without the compaction, for a caller with more to do
+    /// before it (and whatever happens to the compaction): every byte of the lock stays in
+    /// the files until [`Store::compact`] has run.
+    pub fn delete_lock(&mut self, lock_id: LockId, actor: AuditActor, now: i64) -> Result<UnbindReport, StoreError> {
+        self.transaction(|tx| {
             let rowid = tx.lock_rowid(lock_id)?;
             let address: String = tx.tx.query_row("SELECT address FROM locks WHERE id = ?1", [rowid], |r| r.get(0))?;
             let mut stmt = tx.tx.prepare("SELECT topic FROM retained_topics WHERE lock = ?1 ORDER BY topic")?;
@@ -148,8 +157,6 @@ impl Store {
             })?;
             tx.tx.execute("DELETE FROM locks WHERE id = ?1", [rowid])?;
             Ok(UnbindReport { address, retained_topics })
-        })?;
-        self.compact()?;
-        Ok(report)
+        })
     }
 }

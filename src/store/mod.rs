@@ -134,6 +134,14 @@ pub enum StoreError {
     /// Rekeying needs the store to manage its key file.
     #[error("the master key is a systemd credential ({0}): rekey by providing a new credential, not here")]
     CredentialKey(PathBuf),
+    /// Deleted rows could not be cleared from the write-ahead log: other connections to the
+    /// database kept it in use. The deletion itself is committed.
+    #[error(
+        "deleted, but the database's write-ahead log still holds the deleted rows: other connections kept it \
+         in use for {0:?} (a `lockhub doctor` or a copy of the database left open?); it is emptied by the next \
+         deletion, or when the daemon stops"
+    )]
+    LogInUse(Duration),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -148,6 +156,10 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 const KEY_CHECK: &[u8] = b"lockhub key check v1";
+
+/// How long [`Store::compact`] keeps trying to empty the write-ahead log while other
+/// connections are in the way (each try also waits up to the busy timeout for readers).
+const LOG_EMPTIED_WITHIN: Duration = Duration::from_secs(10);
 
 fn key_check_place() -> Place<'static> {
     Place { table: "meta", column: "value", row: b"key_check" }
@@ -329,8 +341,21 @@ impl Store {
     /// leaves no bytes in any file.
     pub fn compact(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch("VACUUM")?;
-        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        Ok(())
+        // Only an empty log holds no deleted row, and SQLite says "busy" rather than fail when
+        // it could not empty it: while a reader still uses an older snapshot (it waits for
+        // that one, with the busy handler), and at once while another connection is
+        // checkpointing (the daemon's checkpointer, asked by the VACUUM just committed).
+        let started = std::time::Instant::now();
+        loop {
+            let busy: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            if busy == 0 {
+                return Ok(());
+            }
+            if started.elapsed() >= LOG_EMPTIED_WITHIN {
+                return Err(StoreError::LogInUse(started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The names of every column of every table, for the privacy inventory check.
