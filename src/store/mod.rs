@@ -159,7 +159,7 @@ const KEY_CHECK: &[u8] = b"lockhub key check v1";
 
 /// How long [`Store::compact`] keeps trying to empty the write-ahead log while other
 /// connections are in the way (each try also waits up to the busy timeout for readers).
-const LOG_EMPTIED_WITHIN: Duration = Duration::from_secs(10);
+const LOG_EMPTIED_WITHIN: Duration = Duration::from_secs(5);
 
 fn key_check_place() -> Place<'static> {
     Place { table: "meta", column: "value", row: b"key_check" }
