@@ -83,11 +83,18 @@ pub enum BluezChange {
 #[derive(Clone)]
 struct Connecting {
     result: futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Bluez>, BleError>>>,
+    /// How far it got, set by its task.
+    progress: Arc<Progress>,
+}
+
+/// How far a [`Connecting`] attempt got.
+#[derive(Debug, Default)]
+struct Progress {
     /// Set once the bus accepted the connection: what is left is BlueZ's to answer.
-    accepted: Arc<AtomicBool>,
+    accepted: AtomicBool,
     /// Set if it failed. Its error is the answer of those who waited for it; a caller who
     /// comes later (the bus hung, then restarted under it) starts a new attempt instead.
-    failed: Arc<AtomicBool>,
+    failed: AtomicBool,
 }
 
 /// BlueZ through bluer.
@@ -187,7 +194,7 @@ impl BluezTransport {
         let attempt = self.connecting();
         let outcome = match tokio::time::timeout(BLUEZ_SILENCE, attempt.result.clone()).await {
             Ok(outcome) => outcome,
-            Err(_) if attempt.accepted.load(Ordering::Acquire) => {
+            Err(_) if attempt.progress.accepted.load(Ordering::Acquire) => {
                 return Err(BleError::BluezSilent { after: BLUEZ_SILENCE });
             }
             Err(_) => return Err(bus_silent_at_connect(BLUEZ_SILENCE)),
@@ -210,29 +217,28 @@ impl BluezTransport {
     fn connecting(&self) -> Connecting {
         let mut slot = self.connecting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(attempt) = slot.as_ref()
-            && !attempt.failed.load(Ordering::Acquire)
+            && !attempt.progress.failed.load(Ordering::Acquire)
         {
             return attempt.clone();
         }
-        let (accepted, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let (config, flag, failure) = (self.config.clone(), accepted.clone(), failed.clone());
+        let progress = Arc::new(Progress::default());
+        let (config, reached) = (self.config.clone(), progress.clone());
         let task = tokio::spawn(async move {
             // Unbounded here (libdbus bounds the Hello itself, and the waiters their wait): a
             // bound would only abandon the blocked thread and let the next waiter add another.
             let made = async {
                 let session = new_session().await?;
-                flag.store(true, Ordering::Release);
+                reached.accepted.store(true, Ordering::Release);
                 Self::on_session(session, &config, BLUEZ_SILENCE).await.map(Arc::new)
             }
             .await;
-            failure.store(made.is_err(), Ordering::Release);
+            reached.failed.store(made.is_err(), Ordering::Release);
             made
         });
         let result = async move {
             task.await.unwrap_or_else(|e| Err(BleError::Bus(format!("connecting to the bus failed: {e}"))))
         };
-        let attempt =
-            Connecting { result: futures::FutureExt::shared(futures::FutureExt::boxed(result)), accepted, failed };
+        let attempt = Connecting { result: futures::FutureExt::shared(futures::FutureExt::boxed(result)), progress };
         *slot = Some(attempt.clone());
         attempt
     }

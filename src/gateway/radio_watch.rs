@@ -51,9 +51,8 @@ impl Retry {
 /// grows while starting it keeps failing (BlueZ absent or hung: the transport bounds each
 /// start); when the connection to the bus is lost (the D-Bus daemon restarted), the transport
 /// connects again, and discovery restarts whenever the transport's connection is replaced.
-/// After `bus_check`
-/// without an advertisement, the bus is asked whether it still answers; if not, discovery
-/// starts again on a new connection.
+/// After `bus_check` without an advertisement, the bus is asked whether it still answers; if
+/// not, discovery starts again on a new connection.
 pub async fn watch_advertisements(
     transport: Arc<BluezTransport>,
     gateway: Arc<Gateway<BluezTransport>>,
