@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::pairing::PairingKey;
 use lockhub::store::audit::AuditActor;
-use lockhub::store::checkpoint::Checkpointer;
+use lockhub::store::checkpoint::{Checkpointer, Checkpoints};
 use lockhub::store::{AuditEntry, AuditVerification, Store, StoreConfig, StoreError};
 use rand_core::{OsRng, RngCore};
 
@@ -198,13 +198,53 @@ fn unbinding_while_a_reader_holds_an_old_snapshot_says_the_log_still_holds_the_l
     reader.execute_batch("BEGIN").unwrap();
     let _: i64 = reader.query_row("SELECT count(*) FROM locks", [], |r| r.get(0)).unwrap();
     let err = store.unbind(lock, AuditActor::Admin, 2).unwrap_err();
-    assert!(matches!(err, StoreError::LogInUse(_)), "{err}");
+    assert!(matches!(err, StoreError::LogInUse { emptied_later: false, .. }), "{err}");
     assert!(err.to_string().starts_with("deleted, but"), "{err}");
     // The deletion itself stands; once the reader lets go, the next compaction empties the log.
     assert!(matches!(store.pairing_key(lock), Err(StoreError::NotFound(_))));
     reader.execute_batch("COMMIT").unwrap();
     store.compact().unwrap();
     assert_eq!(std::fs::metadata(dir.path().join("lockhub.db-wal")).unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_rows_a_reader_kept_in_the_log_leave_the_files_once_it_lets_go() {
+    // As the daemon runs it: its checkpointer takes the log's checkpoints, and finishes the
+    // compactions other connections got in the way of.
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let checkpoints = Checkpoints::hand_off(&mut store).unwrap();
+    let mut debt = checkpoints.debt();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(checkpoints.run(stopped));
+    let (lock, address, name) = paired_lock(&mut store);
+    let reader = raw(dir.path());
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader.query_row("SELECT count(*) FROM locks", [], |r| r.get(0)).unwrap();
+    let (store, err) = tokio::task::spawn_blocking(move || {
+        let err = store.unbind(lock, AuditActor::Admin, 2).unwrap_err();
+        (store, err)
+    })
+    .await
+    .unwrap();
+    assert!(matches!(err, StoreError::LogInUse { emptied_later: true, .. }), "{err}");
+    assert!(err.to_string().ends_with("it is emptied as soon as they let go"), "{err}");
+    assert!(debt.borrow_and_update().outstanding());
+    let in_files =
+        |needle: &[u8]| store_files(dir.path()).iter().any(|(_, b)| b.windows(needle.len()).any(|w| w == needle));
+    assert!(in_files(address.as_bytes()), "what is owed: the lock's rows, still in the log");
+
+    reader.execute_batch("COMMIT").unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), debt.wait_for(|d| !d.outstanding()))
+        .await
+        .expect("the log was never emptied after the reader let go")
+        .unwrap();
+    for (needle, what) in [(address.as_bytes(), "address"), (name.as_bytes(), "name"), (&lock.0[..], "raw lock id")] {
+        assert_absent(dir.path(), needle, what);
+    }
+    assert!(matches!(store.pairing_key(lock), Err(StoreError::NotFound(_))));
+    stop.send(true).unwrap();
+    task.await.unwrap();
 }
 
 fn raw(dir: &Path) -> rusqlite::Connection {

@@ -11,15 +11,28 @@
 //! the log stays as small as before. Should nobody checkpoint (the checkpointer failing), a
 //! commit that finds the log past [`WalLimits::inline_at`] checkpoints itself: the log never
 //! grows without bound.
+//!
+//! The same task finishes compactions. A deletion ([`Store::compact`]) ends by emptying the
+//! log, which another connection holding an old snapshot can prevent for as long as it likes;
+//! the compaction then reports [`StoreError::LogInUse`] and records a [`LogDebt`], and
+//! [`Checkpoints`] tries to empty the log every [`RETRY_OWED`] until it succeeds — so the
+//! deleted rows leave the files once the other connection lets go, not at the next deletion.
 
 use std::ffi::c_int;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{Notify, watch};
 
 use super::{Store, StoreError};
+
+/// How often [`Checkpoints`] tries to empty a log that still holds deleted rows.
+pub const RETRY_OWED: Duration = Duration::from_secs(2);
 
 /// When a store whose checkpoints are taken elsewhere asks for one, and when it takes one
 /// itself.
@@ -41,26 +54,103 @@ impl Default for WalLimits {
 }
 
 impl Store {
-    /// From now on, leaves the log's checkpoints to the caller: a commit that leaves the log
-    /// at `limits.hand_off_at` pages or more calls `wanted` (inside the commit: it must only
-    /// signal, such as notifying a task that runs a [`Checkpointer`]), and one that leaves it
-    /// at `limits.inline_at` or more checkpoints there and then.
-    pub fn checkpoint_elsewhere(
-        &mut self,
-        limits: WalLimits,
-        wanted: impl Fn() + Send + 'static,
-    ) -> Result<(), StoreError> {
+    /// From now on, leaves the log's checkpoints to the holder of `hand_off`: a commit that
+    /// leaves the log at `limits.hand_off_at` pages or more asks it for one (inside the commit,
+    /// so it only signals), and one that leaves it at `limits.inline_at` or more checkpoints
+    /// there and then. A compaction that cannot empty the log records a [`LogDebt`] with it.
+    pub fn checkpoint_elsewhere(&mut self, limits: WalLimits, hand_off: &HandOff) -> Result<(), StoreError> {
         let (hand_off_at, inline_at) = (to_pages(limits.hand_off_at), to_pages(limits.inline_at));
+        let asker = hand_off.clone();
         // SQLite's own checkpoints inside commits are a log hook too: this one replaces them.
         self.conn.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
             if pages >= inline_at {
                 wal.checkpoint_v2(CheckpointMode::PASSIVE)?;
             } else if pages >= hand_off_at {
-                wanted();
+                asker.ask();
             }
             Ok(())
         }))?;
+        self.handed_off = Some(hand_off.clone());
         Ok(())
+    }
+}
+
+/// What a store hands to whoever takes its checkpoints: its requests for one, and the
+/// compactions whose log it could not empty. Clones share it.
+#[derive(Clone, Debug)]
+pub struct HandOff {
+    wanted: Arc<Notify>,
+    asked: Arc<AtomicU64>,
+    debt: Arc<watch::Sender<LogDebt>>,
+}
+
+impl Default for HandOff {
+    fn default() -> Self {
+        HandOff { wanted: Arc::default(), asked: Arc::default(), debt: Arc::new(watch::channel(LogDebt::default()).0) }
+    }
+}
+
+impl HandOff {
+    /// How many times the store has asked for a checkpoint.
+    pub fn requests(&self) -> u64 {
+        self.asked.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the store has asked for a checkpoint since the last return (a request
+    /// made while nobody waits is kept).
+    pub async fn wanted(&self) {
+        self.wanted.notified().await;
+    }
+
+    /// The compactions owed, as they change.
+    pub fn debt(&self) -> watch::Receiver<LogDebt> {
+        self.debt.subscribe()
+    }
+
+    fn ask(&self) {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        self.wanted.notify_one();
+    }
+
+    /// A compaction could not empty the log.
+    pub(super) fn owe(&self) {
+        self.debt.send_modify(|d| d.owed += 1);
+        self.wanted.notify_one();
+    }
+
+    /// The log was emptied after the first `owed` compactions were recorded.
+    pub(super) fn settle(&self, owed: u64) {
+        self.debt.send_if_modified(|d| {
+            let before = d.paid;
+            d.paid = d.paid.max(owed);
+            d.paid != before
+        });
+    }
+
+    /// The log was emptied: everything owed so far is paid.
+    pub(super) fn settle_all(&self) {
+        let owed = self.owed();
+        self.settle(owed);
+    }
+
+    fn owed(&self) -> u64 {
+        self.debt.borrow().owed
+    }
+}
+
+/// Compactions that left deleted rows in the log, counted since the store was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogDebt {
+    /// Compactions that could not empty the log.
+    pub owed: u64,
+    /// Of those, how many a later emptying of the log has finished.
+    pub paid: u64,
+}
+
+impl LogDebt {
+    /// Whether the log may still hold deleted rows.
+    pub fn outstanding(&self) -> bool {
+        self.paid < self.owed
     }
 }
 
@@ -88,7 +178,11 @@ impl Checkpointer {
     /// Opens the existing database at `database` (a store opened it first: it is in WAL mode).
     pub fn open(database: &Path) -> Result<Self, StoreError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        Ok(Checkpointer { conn: Connection::open_with_flags(database, flags)? })
+        let conn = Connection::open_with_flags(database, flags)?;
+        // Never wait for the others: an emptying of the log that waits holds up every writer
+        // (the commands' commits) while it does. The passive checkpoint never waits anyway.
+        conn.busy_timeout(Duration::ZERO)?;
+        Ok(Checkpointer { conn })
     }
 
     /// Copies what it can of the log into the database without waiting for anyone
@@ -99,13 +193,103 @@ impl Checkpointer {
         let pages = |n: i64| u32::try_from(n).unwrap_or(0);
         Ok(Checkpointed { log: pages(log), copied: pages(copied) })
     }
+
+    /// Copies the whole log into the database and empties it, if no other connection is in
+    /// the way at this moment (a writer, or a reader of an older snapshot): `false` if one is.
+    pub fn empty_log(&mut self) -> Result<bool, StoreError> {
+        match self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
+            Ok(busy) => Ok(busy == 0),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The checkpoints and compactions a store handed off, taken on the blocking pool by
+/// [`Checkpoints::run`].
+#[derive(Debug)]
+pub struct Checkpoints {
+    checkpointer: Checkpointer,
+    hand_off: HandOff,
+}
+
+impl Checkpoints {
+    /// Takes `store`'s checkpoints off its commits (at [`WalLimits::default`]). Until
+    /// [`Checkpoints::run`] starts, a request waits (one is kept).
+    pub fn hand_off(store: &mut Store) -> Result<Self, StoreError> {
+        let checkpointer = Checkpointer::open(store.database_path())?;
+        let hand_off = HandOff::default();
+        store.checkpoint_elsewhere(WalLimits::default(), &hand_off)?;
+        Ok(Checkpoints { checkpointer, hand_off })
+    }
+
+    /// The compactions owed, as they change (see the module's doc).
+    pub fn debt(&self) -> watch::Receiver<LogDebt> {
+        self.hand_off.debt()
+    }
+
+    /// Checkpoints whenever the store asks, and empties the log while compactions are owed,
+    /// until `stopped` changes. Requests made while one runs make one more.
+    pub async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let Checkpoints { mut checkpointer, hand_off } = self;
+        let mut debt = hand_off.debt();
+        let mut failing = false;
+        loop {
+            let owing = debt.borrow_and_update().outstanding();
+            tokio::select! {
+                () = hand_off.wanted() => {}
+                () = tokio::time::sleep(RETRY_OWED), if owing => {}
+                _ = stopped.changed() => return,
+            }
+            // Read before the try: a compaction failing during it is owed afterwards.
+            let owed = debt.borrow_and_update().outstanding().then(|| hand_off.owed());
+            let Ok((back, done)) = tokio::task::spawn_blocking(move || {
+                let done = match owed {
+                    Some(_) => checkpointer.empty_log().map(Done::Emptied),
+                    None => checkpointer.checkpoint().map(Done::Copied),
+                };
+                (checkpointer, done)
+            })
+            .await
+            else {
+                tracing::error!(
+                    "the checkpoint task failed; commits checkpoint the store's log themselves from now on"
+                );
+                return;
+            };
+            checkpointer = back;
+            match done {
+                Ok(Done::Copied(done)) => {
+                    failing = false;
+                    tracing::debug!(log_pages = done.log, copied = done.copied, "store log checkpointed");
+                }
+                Ok(Done::Emptied(true)) => {
+                    failing = false;
+                    hand_off.settle(owed.unwrap_or(0));
+                    tracing::info!("the store's log is emptied: no deleted row is left in the database's files");
+                }
+                Ok(Done::Emptied(false)) => {
+                    failing = false;
+                    tracing::debug!("the store's log still holds deleted rows: another connection is in the way");
+                }
+                // Said once while it keeps failing: each commit past the line asks again.
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "could not checkpoint the store's log; trying again at the next commit");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+enum Done {
+    Copied(Checkpointed),
+    Emptied(bool),
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use super::*;
     use crate::store::StoreConfig;
     use crate::store::audit::{AuditActor, AuditEntry};
@@ -133,10 +317,9 @@ mod tests {
     fn commits_ask_for_checkpoints_and_leave_the_database_file_alone_until_one_runs() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir.path()) }).unwrap();
-        let asked = Arc::new(AtomicUsize::new(0));
-        let counter = asked.clone();
+        let asked = HandOff::default();
         let limits = WalLimits { hand_off_at: 20, inline_at: 100_000 };
-        store.checkpoint_elsewhere(limits, move || _ = counter.fetch_add(1, Ordering::Relaxed)).unwrap();
+        store.checkpoint_elsewhere(limits, &asked).unwrap();
         let mut checkpointer = Checkpointer::open(store.database_path()).unwrap();
         // Everything so far in the database file: what follows is measured from here.
         checkpointer.checkpoint().unwrap();
@@ -144,7 +327,7 @@ mod tests {
         let before = database_file(&store);
 
         let mut at = 1;
-        while asked.load(Ordering::Relaxed) == 0 {
+        while asked.requests() == 0 {
             audit(&mut store, at);
             at += 1;
             assert!(at < 100, "no commit asked for a checkpoint");
@@ -155,23 +338,23 @@ mod tests {
             audit(&mut store, at);
             at += 1;
         }
-        assert!(asked.load(Ordering::Relaxed) > 1_200, "each commit past the line asks");
+        assert!(asked.requests() > 1_200, "each commit past the line asks");
         assert_eq!(database_file(&store), before, "no commit checkpointed by itself");
 
         let done = checkpointer.checkpoint().unwrap();
         assert!(done.log > 1_000 && done.copied == done.log, "the checkpointer copied the whole log back: {done:?}");
         assert_ne!(database_file(&store), before);
         // The writer starts the log over: the next commits are below the line again.
-        let asked_then = asked.load(Ordering::Relaxed);
+        let asked_then = asked.requests();
         audit(&mut store, at);
-        assert_eq!(asked.load(Ordering::Relaxed), asked_then, "the log started over");
+        assert_eq!(asked.requests(), asked_then, "the log started over");
     }
 
     #[test]
     fn a_log_nobody_checkpoints_is_checkpointed_by_the_commit_that_finds_it_too_long() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir.path()) }).unwrap();
-        store.checkpoint_elsewhere(WalLimits { hand_off_at: 5, inline_at: 40 }, || {}).unwrap();
+        store.checkpoint_elsewhere(WalLimits { hand_off_at: 5, inline_at: 40 }, &HandOff::default()).unwrap();
         Checkpointer::open(store.database_path()).unwrap().checkpoint().unwrap();
         audit(&mut store, 0);
         let before = database_file(&store);

@@ -138,10 +138,19 @@ pub enum StoreError {
     /// database kept it in use. The deletion itself is committed.
     #[error(
         "deleted, but the database's write-ahead log still holds the deleted rows: other connections kept it \
-         in use for {0:?} (a `lockhub doctor` or a copy of the database left open?); it is emptied by the next \
-         deletion, or when the daemon stops"
+         in use for {waited:?} (a `lockhub doctor` or a copy of the database left open?); {}",
+        if *.emptied_later {
+            "it is emptied as soon as they let go"
+        } else {
+            "it is emptied by the next deletion, or when the store is closed"
+        }
     )]
-    LogInUse(Duration),
+    LogInUse {
+        /// How long the compaction tried.
+        waited: Duration,
+        /// Whether the store's checkpointer keeps trying ([`Store::checkpoint_elsewhere`]).
+        emptied_later: bool,
+    },
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -177,6 +186,9 @@ pub struct Store {
     key_source: KeySource,
     config: StoreConfig,
     principals: PrincipalsVersion,
+    /// Set by [`Store::checkpoint_elsewhere`]: who takes the log's checkpoints, and the
+    /// compactions they are to finish.
+    handed_off: Option<checkpoint::HandOff>,
 }
 
 /// A count of the changes to who may do what: owners, users, grants, revocations, policies,
@@ -273,7 +285,7 @@ impl Store {
                 private_file(&p)?;
             }
         }
-        let mut store = Store { conn, sealer: Sealer::new(&key), key_source, config, principals };
+        let mut store = Store { conn, sealer: Sealer::new(&key), key_source, config, principals, handed_off: None };
         store.check_key(key)?;
         Ok(store)
     }
@@ -349,10 +361,19 @@ impl Store {
         loop {
             let busy: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
             if busy == 0 {
+                if let Some(handed_off) = &self.handed_off {
+                    handed_off.settle_all();
+                }
                 return Ok(());
             }
             if started.elapsed() >= LOG_EMPTIED_WITHIN {
-                return Err(StoreError::LogInUse(started.elapsed()));
+                if let Some(handed_off) = &self.handed_off {
+                    handed_off.owe();
+                }
+                return Err(StoreError::LogInUse {
+                    waited: started.elapsed(),
+                    emptied_later: self.handed_off.is_some(),
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }

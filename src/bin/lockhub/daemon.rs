@@ -100,7 +100,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     let id = config.gateway_id();
     let mut store = open_store(&config)?;
     let checkpoints =
-        crate::checkpoints::Checkpoints::hand_off(&mut store).context("opening the store's checkpointer")?;
+        lockhub::store::checkpoint::Checkpoints::hand_off(&mut store).context("opening the store's checkpointer")?;
     if let Some(code) = lockhub::gateway::claim::claim_code(&mut store)? {
         tracing::info!(claim_code = code.as_str(), "this gateway has no owner yet: claim it with this code");
     }

@@ -10,7 +10,6 @@
 //!   and what the gateway refuses.
 
 mod admin;
-mod checkpoints;
 mod cli;
 mod daemon;
 #[cfg(feature = "devtools")]
