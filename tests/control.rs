@@ -2,7 +2,7 @@
 //! stack: status, locks, audit (and its verification), users, forget-user, unbind and rekey as
 //! root, with tables and `--json`; an unprivileged user outside the admin group is refused with
 //! a message that says what to do — by the socket's mode, and by the server's own check when
-//! the mode is loosened.
+//! the mode is loosened; and deletions that another connection to the database holds up.
 
 mod support;
 
@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use lockhub::auth::statement::Permission;
+use lockhub::ble::LockTransport;
 use lockhub::control::peer::AdminGroup;
 use lockhub::control::server::{ControlServer, bind};
 use support::stack::{Stack, claim_pair_grant};
@@ -162,4 +163,74 @@ async fn the_admin_cli_over_the_control_socket() {
     let (ok, out, _) = cli(&socket, &["audit", "--verify"]).await;
     assert!(!ok && out.starts_with(&format!("audit chain BROKEN at record {seq}")), "{out}");
     stop.send(true).unwrap();
+}
+
+/// Every byte of the files the store keeps, joined, to search for what was deleted.
+fn store_bytes(state: &Path) -> Vec<u8> {
+    std::fs::read_dir(state).unwrap().flat_map(|e| std::fs::read(e.unwrap().path()).unwrap_or_default()).collect()
+}
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An unbind and a forget-user whose compaction another connection holds up (a tool left
+/// open on the database): the admin is told that the deleted rows are still in the log, yet
+/// the lock is unbound everywhere — the transport forgot it, its retained state is cleared,
+/// it is listed no more — and the checkpointer empties the log once the tool lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_left() {
+    let stack = Stack::start("gw-held").await;
+    let run = tempfile::tempdir().unwrap();
+    let socket = run.path().join("control.sock");
+    let group = AdminGroup::load("root");
+    let listener = bind(&socket, &group).unwrap();
+    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
+    let server =
+        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket);
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
+    let p = claim_pair_grant(&stack, &[Permission::Unlock], None).await;
+    let lock = p.lock_id.to_string();
+    let user_key = p.user.public().to_string();
+    let state_topic = lockhub::cloud::topics::Topics::new(&stack.gw).lock_state(p.lock_id);
+    let mut seen = p.app.watch();
+    let state = stack.dir.path().join("state");
+
+    let reader = rusqlite::Connection::open(state.join("lockhub.db")).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader.query_row("SELECT count(*) FROM locks", [], |r| r.get(0)).unwrap();
+    let (ok, out, err) = cli(&socket, &["unbind", &lock, "--yes"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("deleted, but the database's write-ahead log still holds the deleted rows")
+            && err.contains("it is emptied as soon as they let go"),
+        "{err}"
+    );
+    assert!(!stack.transport.remembers(&p.lock.address), "the transport forgot the lock all the same");
+    loop {
+        let msg = tokio::time::timeout(support::stack::WAIT, seen.recv()).await.expect("state never cleared").unwrap();
+        if msg.topic == state_topic && msg.payload.is_empty() {
+            break;
+        }
+    }
+    let (ok, out, _) = cli(&socket, &["locks"]).await;
+    assert!(ok && out.contains("(none)"), "{out}");
+    let (ok, _, err) = cli(&socket, &["forget-user", &user_key, "--yes"]).await;
+    assert!(!ok && err.contains("still holds the deleted rows"), "{err}");
+    let (ok, out, _) = cli(&socket, &["users"]).await;
+    assert!(ok && out.contains("(none)"), "{out}");
+    let mut debt = stack.log_debt.clone();
+    assert!(debt.borrow_and_update().outstanding());
+    assert!(holds(&store_bytes(&state), p.lock.address.as_bytes()), "what is owed: the lock's rows, in the log");
+
+    reader.execute_batch("COMMIT").unwrap();
+    tokio::time::timeout(support::stack::WAIT, debt.wait_for(|d| !d.outstanding()))
+        .await
+        .expect("the log was never emptied after the reader let go")
+        .unwrap();
+    let files = store_bytes(&state);
+    assert!(!holds(&files, p.lock.address.as_bytes()), "the lock's address is still in the store's files");
+    assert!(!holds(&files, lock.as_bytes()), "the lock's id is still in the store's files");
+    assert!(!holds(&files, p.user.public().as_bytes()), "the user's key is still in the store's files");
 }

@@ -208,11 +208,20 @@ impl<T: LockTransport> ControlServer<T> {
                 Err(e) => return Answer::error("malformed", format!("key: {e}")),
                 Ok(key) => {
                     let now = (self.clock)().0;
-                    match self.with_store(move |s| Ok(json!({ "forgotten": s.forget_user(key.as_bytes(), now)? }))) {
-                        Ok(v) if v["forgotten"] == false => {
+                    // On the blocking pool, as rekey: the compaction after the deletion rewrites
+                    // the database, and waits up to seconds for other connections.
+                    let store = self.store.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).forget_user(key.as_bytes(), now)
+                    })
+                    .await
+                    {
+                        Ok(Ok(false)) => {
                             return Answer::error("not_found", "no such user (lockhub users lists them)");
                         }
-                        other => other,
+                        Ok(Ok(true)) => Ok(json!({ "forgotten": true })),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(StoreError::Invalid("the store task failed")),
                     }
                 }
             },

@@ -18,6 +18,7 @@ use lockhub::gateway::intake::{self, Intake};
 use lockhub::gateway::policy::PolicyLimits;
 use lockhub::gateway::statements::Gateway;
 use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::store::checkpoint::{Checkpoints, LogDebt};
 use lockhub::store::{Store, StoreConfig, unix_now};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -55,9 +56,10 @@ pub struct Stack {
     pub cloud: watch::Receiver<LinkState>,
     /// Outbox records the link has delivered (acknowledged and deleted), counted.
     pub delivered: watch::Receiver<u64>,
+    /// Compactions whose log the store's checkpointer is still to empty.
+    pub log_debt: watch::Receiver<LogDebt>,
 }
 
-/// A BLE configuration that gives up on an unreachable lock within seconds.
 /// What [`Stack::run_gateway`] started.
 pub struct Running {
     pub store: Arc<Mutex<Store>>,
@@ -67,12 +69,14 @@ pub struct Running {
     pub cloud: watch::Receiver<LinkState>,
     /// Outbox records the link has delivered (acknowledged and deleted), counted.
     pub delivered: watch::Receiver<u64>,
+    pub log_debt: watch::Receiver<LogDebt>,
 }
 
 /// How long the radio watch of a test gateway hears nothing before asking whether the bus is
 /// still there (the daemon's 30 s would make a test of it wait as long).
 pub const BUS_CHECK: Duration = Duration::from_secs(1);
 
+/// A BLE configuration that gives up on an unreachable lock within seconds.
 pub fn ble() -> BleConfig {
     BleConfig { connect_timeout_ms: 3_000, connect_attempts: 2, ..BleConfig::default() }
 }
@@ -89,13 +93,13 @@ impl Stack {
         let broker = Bundled::start(&pki);
         let gw = GatewayId::new(gw).unwrap();
         let clock = Arc::new(TestClock { synced: AtomicBool::new(true), offset_s: AtomicI64::new(0) });
-        let Running { store, stop, gateway, transport, cloud, delivered } =
+        let Running { store, stop, gateway, transport, cloud, delivered, log_debt } =
             Self::run_gateway(&dir, &pki, &broker, &gw, &clock, limits).await;
-        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, transport, cloud, delivered }
+        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, transport, cloud, delivered, log_debt }
     }
 
-    /// Starts a gateway (store, cloud link, intake, core, radio watch) on the stack's state
-    /// directory; returns its store and its stop switch.
+    /// Starts a gateway (store and its checkpointer, cloud link, intake, core, radio watch) on
+    /// the stack's state directory, wired as the daemon wires them.
     pub async fn run_gateway(
         dir: &tempfile::TempDir,
         pki: &Pki,
@@ -108,6 +112,8 @@ impl Stack {
             Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) })
                 .unwrap();
         store.transaction(|tx| tx.set_gateway_identity(gw, unix_now())).unwrap();
+        let checkpoints = Checkpoints::hand_off(&mut store).unwrap();
+        let log_debt = checkpoints.debt();
         let store = Arc::new(Mutex::new(store));
         let outbox_ready = Arc::new(Notify::new());
         let config = CloudConfig {
@@ -131,6 +137,7 @@ impl Stack {
         gateway.send_replies_through(link.express_lane());
         gateway.start_locks().unwrap();
         let (stop, stopped) = watch::channel(false);
+        tokio::spawn(checkpoints.run(stopped.clone()));
         let (accepted_tx, accepted) = mpsc::channel(64);
         tokio::spawn(intake::serve(
             Intake::new(store.clone(), gw.clone(), outbox_ready.clone()),
@@ -151,7 +158,7 @@ impl Stack {
         tokio::spawn(async move {
             let _ = link.await;
         });
-        Running { store, stop, gateway, transport, cloud: reports.state, delivered: reports.delivered }
+        Running { store, stop, gateway, transport, cloud: reports.state, delivered: reports.delivered, log_debt }
     }
 
     /// Stops the gateway and starts a new one on the same state directory (the store reopened
@@ -165,6 +172,7 @@ impl Stack {
         self.transport = running.transport;
         self.cloud = running.cloud;
         self.delivered = running.delivered;
+        self.log_debt = running.log_debt;
     }
 
     pub async fn app(&self) -> AppClient {
