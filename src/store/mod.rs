@@ -166,9 +166,17 @@ impl From<rusqlite::Error> for StoreError {
 
 const KEY_CHECK: &[u8] = b"lockhub key check v1";
 
+/// How long the store's connection waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long [`Store::compact`] keeps trying to empty the write-ahead log while other
-/// connections are in the way (each try also waits up to the busy timeout for readers).
-const LOG_EMPTIED_WITHIN: Duration = Duration::from_secs(5);
+/// connections are in the way (a try waits for readers up to the busy timeout), when nobody
+/// would finish it later.
+const LOG_EMPTIED_WITHIN: Duration = BUSY_TIMEOUT;
+
+/// The same when a checkpointer finishes it later ([`Store::checkpoint_elsewhere`]): the
+/// store's lock is held meanwhile, and in the daemon every command waits on it.
+const LOG_EMPTIED_WITHIN_HANDED_OFF: Duration = Duration::from_secs(1);
 
 fn key_check_place() -> Place<'static> {
     Place { table: "meta", column: "value", row: b"key_check" }
@@ -254,7 +262,7 @@ impl Store {
         let (key, key_source) = master_key::load(config.credentials_dir.as_deref(), &config.key_file)?;
         private_file(&config.database)?;
         let mut conn = Connection::open(&config.database)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
@@ -357,23 +365,37 @@ impl Store {
         // it could not empty it: while a reader still uses an older snapshot (it waits for
         // that one, with the busy handler), and at once while another connection is
         // checkpointing (the daemon's checkpointer, asked by the VACUUM just committed).
+        let patience = if self.handed_off.is_some() { LOG_EMPTIED_WITHIN_HANDED_OFF } else { LOG_EMPTIED_WITHIN };
+        self.conn.busy_timeout(patience)?;
+        let emptied = self.empty_log_within(patience);
+        self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        match emptied? {
+            None => {
+                if let Some(handed_off) = &self.handed_off {
+                    handed_off.settle_all();
+                }
+                Ok(())
+            }
+            Some(waited) => {
+                if let Some(handed_off) = &self.handed_off {
+                    handed_off.owe();
+                }
+                Err(StoreError::LogInUse { waited, emptied_later: self.handed_off.is_some() })
+            }
+        }
+    }
+
+    /// Tries to empty the log until it is empty (`None`) or `patience` has passed (how long it
+    /// tried).
+    fn empty_log_within(&self, patience: Duration) -> Result<Option<Duration>, StoreError> {
         let started = std::time::Instant::now();
         loop {
             let busy: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
             if busy == 0 {
-                if let Some(handed_off) = &self.handed_off {
-                    handed_off.settle_all();
-                }
-                return Ok(());
+                return Ok(None);
             }
-            if started.elapsed() >= LOG_EMPTIED_WITHIN {
-                if let Some(handed_off) = &self.handed_off {
-                    handed_off.owe();
-                }
-                return Err(StoreError::LogInUse {
-                    waited: started.elapsed(),
-                    emptied_later: self.handed_off.is_some(),
-                });
+            if started.elapsed() >= patience {
+                return Ok(Some(started.elapsed()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
