@@ -234,3 +234,27 @@ async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_le
     assert!(!holds(&files, lock.as_bytes()), "the lock's id is still in the store's files");
     assert!(!holds(&files, p.user.public().as_bytes()), "the user's key is still in the store's files");
 }
+
+/// The records that clear an unbound lock's retained topics name it (its id is in the topic)
+/// and stay in the outbox until the broker has them, after the unbind's compaction: once they
+/// are delivered, nothing of the lock is left in any file either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_its_retained_topics_are_cleared_no_file_names_the_unbound_lock() {
+    use lockhub::store::audit::AuditActor;
+    let stack = Stack::start("gw-clear").await;
+    let p = claim_pair_grant(&stack, &[Permission::Unlock], None).await;
+    let lock = p.lock_id.to_string();
+    let state = stack.dir.path().join("state");
+    assert_eq!(stack.gateway.unbind(p.lock_id, AuditActor::Admin).await.unwrap(), Some(true));
+    stack
+        .after_deliveries(|| match stack.store.lock().unwrap().outbox_len().unwrap() {
+            0 => Ok(()),
+            n => Err(format!("{n} outbox records undelivered")),
+        })
+        .await;
+    let mut debt = stack.log_debt.clone();
+    tokio::time::timeout(support::stack::WAIT, debt.wait_for(|d| !d.outstanding())).await.unwrap().unwrap();
+    let files = store_bytes(&state);
+    assert!(!holds(&files, lock.as_bytes()), "the unbound lock's id is still in the store's files");
+    assert!(!holds(&files, p.lock.address.as_bytes()), "the lock's address is still in the store's files");
+}

@@ -12,11 +12,14 @@
 //! commit that finds the log past [`WalLimits::inline_at`] checkpoints itself: the log never
 //! grows without bound.
 //!
-//! The same task finishes compactions. A deletion ([`Store::compact`]) ends by emptying the
-//! log, which another connection holding an old snapshot can prevent for as long as it likes;
-//! the compaction then reports [`StoreError::LogInUse`] and records a [`LogDebt`], and
-//! [`Checkpoints`] tries to empty the log every [`RETRY_OWED`] until it succeeds — so the
-//! deleted rows leave the files once the other connection lets go, not at the next deletion.
+//! The same task empties the log after deletions that could not, or did not, do it
+//! themselves. A deletion ([`Store::compact`]) ends by emptying the log, which another
+//! connection holding an old snapshot can prevent for as long as it likes; the compaction then
+//! reports [`StoreError::LogInUse`] and records a [`LogDebt`]. So does the outbox when the
+//! broker acknowledged a record that clears a retained topic (it names what was deleted, and
+//! outlives the deletion's compaction). [`Checkpoints`] empties the log at once and, while it
+//! cannot, every [`RETRY_OWED`] — so the deleted rows leave the files once the other
+//! connection lets go, not at the next deletion.
 
 use std::ffi::c_int;
 use std::path::Path;
@@ -57,7 +60,7 @@ impl Store {
     /// From now on, leaves the log's checkpoints to the holder of `hand_off`: a commit that
     /// leaves the log at `limits.hand_off_at` pages or more asks it for one (inside the commit,
     /// so it only signals), and one that leaves it at `limits.inline_at` or more checkpoints
-    /// there and then. A compaction that cannot empty the log records a [`LogDebt`] with it.
+    /// there and then. A deletion that leaves its rows in the log records a [`LogDebt`] with it.
     pub fn checkpoint_elsewhere(&mut self, limits: WalLimits, hand_off: &HandOff) -> Result<(), StoreError> {
         let (hand_off_at, inline_at) = (to_pages(limits.hand_off_at), to_pages(limits.inline_at));
         let asker = hand_off.clone();
@@ -76,7 +79,7 @@ impl Store {
 }
 
 /// What a store hands to whoever takes its checkpoints: its requests for one, and the
-/// compactions whose log it could not empty. Clones share it.
+/// deletions whose rows the log may still hold. Clones share it.
 #[derive(Clone, Debug)]
 pub struct HandOff {
     wanted: Arc<Notify>,
@@ -102,7 +105,7 @@ impl HandOff {
         self.wanted.notified().await;
     }
 
-    /// The compactions owed, as they change.
+    /// The emptyings of the log owed, as they change.
     pub fn debt(&self) -> watch::Receiver<LogDebt> {
         self.debt.subscribe()
     }
@@ -112,13 +115,13 @@ impl HandOff {
         self.wanted.notify_one();
     }
 
-    /// A compaction could not empty the log.
+    /// Deleted rows may be in the log: it is to be emptied.
     pub(super) fn owe(&self) {
         self.debt.send_modify(|d| d.owed += 1);
         self.wanted.notify_one();
     }
 
-    /// The log was emptied after the first `owed` compactions were recorded.
+    /// The log was emptied after the first `owed` debts were recorded.
     pub(super) fn settle(&self, owed: u64) {
         self.debt.send_if_modified(|d| {
             let before = d.paid;
@@ -138,10 +141,11 @@ impl HandOff {
     }
 }
 
-/// Compactions that left deleted rows in the log, counted since the store was opened.
+/// Deletions that left their rows in the log, counted since the store was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogDebt {
-    /// Compactions that could not empty the log.
+    /// Deletions that left their rows in the log (a compaction that could not empty it; a
+    /// delivered record that cleared a retained topic).
     pub owed: u64,
     /// Of those, how many a later emptying of the log has finished.
     pub paid: u64,
@@ -205,7 +209,7 @@ impl Checkpointer {
     }
 }
 
-/// The checkpoints and compactions a store handed off, taken on the blocking pool by
+/// The checkpoints and emptyings of the log a store handed off, taken on the blocking pool by
 /// [`Checkpoints::run`].
 #[derive(Debug)]
 pub struct Checkpoints {
@@ -223,12 +227,12 @@ impl Checkpoints {
         Ok(Checkpoints { checkpointer, hand_off })
     }
 
-    /// The compactions owed, as they change (see the module's doc).
+    /// The emptyings of the log owed, as they change (see the module's doc).
     pub fn debt(&self) -> watch::Receiver<LogDebt> {
         self.hand_off.debt()
     }
 
-    /// Checkpoints whenever the store asks, and empties the log while compactions are owed,
+    /// Checkpoints whenever the store asks, and empties the log while an emptying is owed,
     /// until `stopped` changes. Requests made while one runs make one more.
     pub async fn run(self, mut stopped: watch::Receiver<bool>) {
         let Checkpoints { mut checkpointer, hand_off } = self;
@@ -241,7 +245,7 @@ impl Checkpoints {
                 () = tokio::time::sleep(RETRY_OWED), if owing => {}
                 _ = stopped.changed() => return,
             }
-            // Read before the try: a compaction failing during it is owed afterwards.
+            // Read before the try: a debt recorded during it is owed afterwards.
             let owed = debt.borrow_and_update().outstanding().then(|| hand_off.owed());
             let Ok((back, done)) = tokio::task::spawn_blocking(move || {
                 let done = match owed {

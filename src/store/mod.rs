@@ -385,6 +385,24 @@ impl Store {
         }
     }
 
+    /// Rows were deleted whose bytes must leave the log too, with no compaction of their
+    /// own: the checkpointer empties it; a store without one tries once here, waiting for
+    /// nobody (if another connection is in the way, the rows stay until the next compaction).
+    pub(crate) fn empty_log_soon(&mut self) -> Result<(), StoreError> {
+        if let Some(handed_off) = &self.handed_off {
+            handed_off.owe();
+            return Ok(());
+        }
+        self.conn.busy_timeout(Duration::ZERO)?;
+        let tried = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
+        self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        match tried {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Tries to empty the log until it is empty (`None`) or `patience` has passed (how long it
     /// tried).
     fn empty_log_within(&self, patience: Duration) -> Result<Option<Duration>, StoreError> {

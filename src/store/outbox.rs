@@ -5,7 +5,7 @@
 //! loses both or keeps both; it is deleted only when its PUBACK arrives. Ids increase, so the
 //! sender drains in order.
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 use super::{Store, StoreError, Tx};
 use crate::protocol::ids::LockId;
@@ -76,20 +76,30 @@ impl Store {
     /// records come back and are sent again, which receivers dedupe anyway. So the deletion
     /// commits with `synchronous=NORMAL` (WAL: atomic, durable at the next sync) and the
     /// connection returns to `FULL` at once.
+    ///
+    /// A record that clears a retained topic (retained, empty) is what is left of something
+    /// deleted — an unbound lock, whose id its topic names — and it outlives the deletion's
+    /// compaction until the broker has it: once it is gone, the log is emptied too.
     pub fn outbox_ack(&mut self, ids: &[i64]) -> Result<(), StoreError> {
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         let deleted = (|| {
             let tx = self.conn.transaction()?;
+            let mut cleared = false;
             {
-                let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+                let mut del =
+                    tx.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING retain AND length(payload) = 0")?;
                 for id in ids {
-                    del.execute([id])?;
+                    cleared |= del.query_row([id], |r| r.get::<_, bool>(0)).optional()?.unwrap_or(false);
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(cleared)
         })();
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        Ok(deleted?)
+        if deleted? {
+            self.empty_log_soon()?;
+        }
+        Ok(())
     }
 
     /// Records waiting.
