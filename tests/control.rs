@@ -187,7 +187,8 @@ async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_le
     let listener = bind(&socket, &group).unwrap();
     let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
     let server =
-        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket);
+        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket)
+            .reporting_deletions(stack.log_debt.clone());
     let (_stop, stopped) = watch::channel(false);
     tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
     let p = claim_pair_grant(&stack, &[Permission::Unlock], None).await;
@@ -223,12 +224,16 @@ async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_le
     let mut debt = stack.log_debt.clone();
     assert!(debt.borrow_and_update().outstanding());
     assert!(holds(&store_bytes(&state), p.lock.address.as_bytes()), "what is owed: the lock's rows, in the log");
+    let (ok, out, err) = cli(&socket, &["status"]).await;
+    assert!(ok && out.contains("deletions:       deleted rows still in the store's log"), "{out}{err}");
 
     reader.execute_batch("COMMIT").unwrap();
     tokio::time::timeout(support::stack::WAIT, debt.wait_for(|d| !d.outstanding()))
         .await
         .expect("the log was never emptied after the reader let go")
         .unwrap();
+    let (ok, out, err) = cli(&socket, &["status"]).await;
+    assert!(ok && out.contains("deletions:       complete"), "{out}{err}");
     let files = store_bytes(&state);
     assert!(!holds(&files, p.lock.address.as_bytes()), "the lock's address is still in the store's files");
     assert!(!holds(&files, lock.as_bytes()), "the lock's id is still in the store's files");

@@ -24,6 +24,7 @@ use crate::gateway::statements::{Clock, Gateway};
 use crate::protocol::ids::LockId;
 use crate::protocol::message::LockStatus;
 use crate::store::audit::{AuditActor, AuditVerification};
+use crate::store::checkpoint::LogDebt;
 use crate::store::{Store, StoreError};
 
 /// How long a client has to send its request.
@@ -63,6 +64,9 @@ pub struct ControlServer<T: LockTransport> {
     clock: Clock,
     latest: Mutex<HashMap<LockId, Latest>>,
     path: PathBuf,
+    /// The store's deletions whose rows its log may still hold, when its checkpoints are
+    /// handed off ([`ControlServer::reporting_deletions`]).
+    deletions: Option<watch::Receiver<LogDebt>>,
 }
 
 impl<T: LockTransport> std::fmt::Debug for ControlServer<T> {
@@ -81,7 +85,24 @@ impl<T: LockTransport> ControlServer<T> {
         clock: Clock,
         path: &Path,
     ) -> Self {
-        ControlServer { gateway, store, link, group, clock, latest: Mutex::new(HashMap::new()), path: path.to_owned() }
+        ControlServer {
+            gateway,
+            store,
+            link,
+            group,
+            clock,
+            latest: Mutex::new(HashMap::new()),
+            path: path.to_owned(),
+            deletions: None,
+        }
+    }
+
+    /// Has `status` say whether deleted rows still wait in the store's log for another
+    /// connection to let go (after a `LogInUse` answer to unbind or forget-user).
+    #[must_use]
+    pub fn reporting_deletions(mut self, debt: watch::Receiver<LogDebt>) -> Self {
+        self.deletions = Some(debt);
+        self
     }
 
     /// Serves `listener` until `shutdown` turns true, then removes the socket file.
@@ -324,6 +345,7 @@ impl<T: LockTransport> ControlServer<T> {
             "reports_queued": outbox,
             "claimed": claimed,
             "clock_synchronised": (self.clock)().1,
+            "deleted_rows_in_log": self.deletions.as_ref().map(|d| d.borrow().outstanding()),
         }))
     }
 

@@ -117,6 +117,13 @@ pub fn show(request: &Request, value: &Value, json: bool) {
                 "clock:           {}",
                 if value["clock_synchronised"] == true { "synchronised" } else { "NOT synchronised" }
             );
+            if value["deleted_rows_in_log"] == true {
+                println!(
+                    "deletions:       deleted rows still in the store's log: another connection to the database keeps it in use (emptied as soon as it lets go)"
+                );
+            } else if value["deleted_rows_in_log"] == false {
+                println!("deletions:       complete");
+            }
         }
         Request::Locks => table(
             &["LOCK", "NAME", "STATE", "BATTERY", "DOOR", "LINK", "PAIRED"],

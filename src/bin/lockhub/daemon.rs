@@ -101,6 +101,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     let mut store = open_store(&config)?;
     let checkpoints =
         lockhub::store::checkpoint::Checkpoints::hand_off(&mut store).context("opening the store's checkpointer")?;
+    let deletions = checkpoints.debt();
     if let Some(code) = lockhub::gateway::claim::claim_code(&mut store)? {
         tracing::info!(claim_code = code.as_str(), "this gateway has no owner yet: claim it with this code");
     }
@@ -151,7 +152,8 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         control_group,
         clock.clone(),
         &config.control.socket,
-    );
+    )
+    .reporting_deletions(deletions);
     let control_updates = gateway.updates();
     gateway.start_locks()?;
     let (stop, stopped) = watch::channel(false);
