@@ -97,6 +97,23 @@ struct Progress {
     failed: AtomicBool,
 }
 
+/// Marks an attempt failed when dropped, unless told it succeeded.
+struct FailedUnlessMade(Option<Arc<Progress>>);
+
+impl FailedUnlessMade {
+    fn made(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FailedUnlessMade {
+    fn drop(&mut self) {
+        if let Some(progress) = &self.0 {
+            progress.failed.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// BlueZ through bluer.
 pub struct BluezTransport {
     /// The current connection; replaced when the bus went away (see [`BluezTransport::live`]).
@@ -224,6 +241,9 @@ impl BluezTransport {
         let progress = Arc::new(Progress::default());
         let (config, reached) = (self.config.clone(), progress.clone());
         let task = tokio::spawn(async move {
+            // Failed unless it succeeds, on every way out: a panic (the join error is the
+            // waiters' answer) must not be handed to later callers either.
+            let unless_made = FailedUnlessMade(Some(reached.clone()));
             // Unbounded here (libdbus bounds the Hello itself, and the waiters their wait): a
             // bound would only abandon the blocked thread and let the next waiter add another.
             let made = async {
@@ -232,7 +252,9 @@ impl BluezTransport {
                 Self::on_session(session, &config, BLUEZ_SILENCE).await.map(Arc::new)
             }
             .await;
-            reached.failed.store(made.is_err(), Ordering::Release);
+            if made.is_ok() {
+                unless_made.made();
+            }
             made
         });
         let result = async move {
@@ -699,6 +721,21 @@ impl LockLink for BluezLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_attempt_is_failed_on_every_way_out_but_success_a_panic_included() {
+        let panicked = Arc::new(Progress::default());
+        let reached = panicked.clone();
+        let task = tokio::spawn(async move {
+            let _unless_made = FailedUnlessMade(Some(reached));
+            panic!("inside bluer");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(panicked.failed.load(Ordering::Acquire));
+        let made = Arc::new(Progress::default());
+        FailedUnlessMade(Some(made.clone())).made();
+        assert!(!made.failed.load(Ordering::Acquire));
+    }
 
     fn error(kind: ErrorKind) -> bluer::Error {
         bluer::Error { kind, message: String::new() }
