@@ -124,6 +124,9 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     let gw = GatewayId::new(GATEWAY)?;
     let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.join("state")) })?;
     store.transaction(|tx| tx.set_gateway_identity(&gw, unix_now()))?;
+    // Checkpoints off the commits, as the daemon takes them.
+    let checkpoints = lockhub::store::checkpoint::Checkpoints::hand_off(&mut store)?;
+    tokio::spawn(checkpoints.run(stopped.clone()));
     let store = Arc::new(Mutex::new(store));
     let outbox_ready = Arc::new(Notify::new());
     let config =
