@@ -197,6 +197,8 @@ pub struct Store {
     /// Set by [`Store::checkpoint_elsewhere`]: who takes the log's checkpoints, and the
     /// compactions they are to finish.
     handed_off: Option<checkpoint::HandOff>,
+    /// The outbox may hold a record that clears a retained topic ([`Store::outbox_ack`]).
+    clearing_pending: bool,
 }
 
 /// A count of the changes to who may do what: owners, users, grants, revocations, policies,
@@ -293,8 +295,18 @@ impl Store {
                 private_file(&p)?;
             }
         }
-        let mut store = Store { conn, sealer: Sealer::new(&key), key_source, config, principals, handed_off: None };
+        let mut store = Store {
+            conn,
+            sealer: Sealer::new(&key),
+            key_source,
+            config,
+            principals,
+            handed_off: None,
+            clearing_pending: false,
+        };
         store.check_key(key)?;
+        // Left from before a restart, an unbound lock's clearing records still name it.
+        store.clearing_pending = store.outbox_holds_clearing()?;
         Ok(store)
     }
 
@@ -345,9 +357,11 @@ impl Store {
     /// Runs `f` in one transaction: everything it does commits together (durably) or not at all.
     pub fn transaction<R>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> Result<R, StoreError>) -> Result<R, StoreError> {
         let tx = self.conn.transaction()?;
-        let mut wrapped = Tx { tx, sealer: &self.sealer };
+        let mut wrapped = Tx { tx, sealer: &self.sealer, clearing_appended: false };
         let r = f(&mut wrapped)?;
+        let clearing_appended = wrapped.clearing_appended;
         wrapped.tx.commit()?;
+        self.clearing_pending |= clearing_appended;
         Ok(r)
     }
 
@@ -438,6 +452,8 @@ impl Store {
 pub struct Tx<'a> {
     tx: rusqlite::Transaction<'a>,
     sealer: &'a Sealer,
+    /// An outbox record that clears a retained topic was appended ([`Store::outbox_ack`]).
+    clearing_appended: bool,
 }
 
 impl std::fmt::Debug for Tx<'_> {

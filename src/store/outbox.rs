@@ -43,6 +43,7 @@ impl Tx<'_> {
             return Err(StoreError::Invalid("outbox record (topic or payload size)"));
         }
         let lock_row = lock.map(|l| self.lock_rowid(l)).transpose()?;
+        self.clearing_appended |= retain && payload.is_empty();
         self.tx
             .prepare_cached(
                 "INSERT INTO outbox (lock, topic, payload, retain, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -53,6 +54,12 @@ impl Tx<'_> {
 }
 
 const PENDING: &str = "SELECT id, topic, payload, retain, created_at FROM outbox ORDER BY id LIMIT ?1";
+
+/// Whether record `?1` clears a retained topic (retained, empty).
+const CLEARS: &str = "SELECT retain AND length(payload) = 0 FROM outbox WHERE id = ?1";
+
+/// Whether any record clears a retained topic.
+const ANY_CLEARING: &str = "SELECT EXISTS (SELECT 1 FROM outbox WHERE retain AND length(payload) = 0)";
 
 impl Store {
     /// The oldest `limit` records waiting, in order.
@@ -81,25 +88,42 @@ impl Store {
     /// deleted — an unbound lock, whose id its topic names — and it outlives the deletion's
     /// compaction until the broker has it: once it is gone, the log is emptied too.
     pub fn outbox_ack(&mut self, ids: &[i64]) -> Result<(), StoreError> {
+        // Looked for only while one may be there (after an unbind, or found at start-up), so
+        // that the acknowledgements of every command pay nothing for it.
+        let look = self.clearing_pending;
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         let deleted = (|| {
             let tx = self.conn.transaction()?;
             let mut cleared = false;
             {
-                let mut del =
-                    tx.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING retain AND length(payload) = 0")?;
+                let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
                 for id in ids {
-                    cleared |= del.query_row([id], |r| r.get::<_, bool>(0)).optional()?.unwrap_or(false);
+                    if look {
+                        cleared |= tx
+                            .prepare_cached(CLEARS)?
+                            .query_row([id], |r| r.get::<_, bool>(0))
+                            .optional()?
+                            .unwrap_or(false);
+                    }
+                    del.execute([id])?;
                 }
             }
+            let left = look && tx.query_row(ANY_CLEARING, [], |r| r.get::<_, bool>(0))?;
             tx.commit()?;
-            Ok::<_, rusqlite::Error>(cleared)
+            Ok::<_, rusqlite::Error>((cleared, left))
         })();
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        if deleted? {
+        let (cleared, left) = deleted?;
+        self.clearing_pending = left;
+        if cleared {
             self.empty_log_soon()?;
         }
         Ok(())
+    }
+
+    /// Whether the outbox holds a record that clears a retained topic (at start-up).
+    pub(crate) fn outbox_holds_clearing(&self) -> Result<bool, StoreError> {
+        Ok(self.conn.query_row(ANY_CLEARING, [], |r| r.get(0))?)
     }
 
     /// Records waiting.
@@ -126,5 +150,31 @@ mod tests {
         }
         let stmt = store.conn.prepare_cached(PENDING).unwrap();
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    /// The record clearing an unbound lock's topic may be delivered after a restart: the
+    /// reopened store still empties the log once it is gone, and stops looking after that.
+    #[test]
+    fn a_clearing_record_left_from_before_a_restart_still_empties_the_log_when_delivered() {
+        use crate::store::checkpoint::HandOff;
+        let dir = tempfile::tempdir().unwrap();
+        let config = || StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir.path()) };
+        let mut store = Store::open(config()).unwrap();
+        let report = store.transaction(|tx| tx.append_outbox(None, "gw/lock/1/state", b"{}", true, 1)).unwrap();
+        assert!(!store.clearing_pending, "a retained state is no clearing");
+        let clearing = store.transaction(|tx| tx.append_outbox(None, "gw/lock/2/state", b"", true, 1)).unwrap();
+        assert!(store.clearing_pending);
+        drop(store);
+
+        let mut store = Store::open(config()).unwrap();
+        assert!(store.clearing_pending, "found at start-up");
+        let hand_off = HandOff::default();
+        store.checkpoint_elsewhere(super::super::checkpoint::WalLimits::default(), &hand_off).unwrap();
+        store.outbox_ack(&[report]).unwrap();
+        assert_eq!(hand_off.debt().borrow().owed, 0, "only a clearing record's delivery empties the log");
+        assert!(store.clearing_pending);
+        store.outbox_ack(&[clearing]).unwrap();
+        assert_eq!(hand_off.debt().borrow().owed, 1);
+        assert!(!store.clearing_pending, "none left: acknowledgements stop looking");
     }
 }
