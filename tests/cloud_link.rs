@@ -1,7 +1,8 @@
 //! The cloud link over mutual TLS, against the bundled broker and Debian's Mosquitto alike: the
 //! outbox drained and deleted only once acknowledged, online / offline status (graceful, by
 //! last will, and after SIGKILL), inbound commands, oversized input that does not stop the
-//! link, and broker restarts in the middle of a stream of events.
+//! link, broker restarts in the middle of a stream of events, and a store that fails to delete
+//! what the broker acknowledged.
 
 mod support;
 
@@ -12,6 +13,7 @@ on_both_brokers!(
     the_broker_restarted_while_events_flow_loses_nothing,
     gateway_killed_with_sigkill_turns_offline,
     malformed_oversized_and_wrong_schema_payloads_get_typed_errors,
+    records_the_store_cannot_delete_are_not_sent_again_meanwhile,
 );
 
 use std::collections::BTreeSet;
@@ -171,6 +173,54 @@ async fn the_outbox_is_delivered_and_deleted_only_once_acknowledged(kind: Kind) 
     }
     reports.delivered.wait_for(|n| *n >= 100).await.unwrap();
     assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// A store that cannot delete what the broker acknowledged (a failing disk, here a trigger that
+/// refuses): the records are not sent again meanwhile — they used to be, acknowledged and
+/// failed again as fast as the broker answered — and are deleted once the store can.
+async fn records_the_store_cannot_delete_are_not_sent_again_meanwhile(kind: Kind) {
+    let rig = rig(kind);
+    let (_relay, mut seen) = rig.relay().await;
+    let db = rusqlite::Connection::open(rig._dir.path().join("state").join("lockhub.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_deletes BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'the disk says no'); END",
+    )
+    .unwrap();
+    rig.append_events(0..3);
+    let (link, mut reports, _commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(String::from_utf8(next_on(&mut seen, "/events").await).unwrap());
+    }
+    // One more while deletions still fail: by its arrival the first three were acknowledged,
+    // and their deletion failed at least once.
+    rig.append_events(3..4);
+    loop {
+        let event = String::from_utf8(next_on(&mut seen, "/events").await).unwrap();
+        got.push(event.clone());
+        if event.contains("ev-3") {
+            break;
+        }
+    }
+    assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 4, "nothing could be deleted");
+    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
+    rig.append_events(4..5);
+    reports.delivered.wait_for(|n| *n >= 5).await.unwrap();
+    assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0);
+    while let Ok((topic, payload, _)) = seen.try_recv() {
+        if topic.ends_with("/events") {
+            got.push(String::from_utf8(payload).unwrap());
+        }
+    }
+    for i in 0..5 {
+        let id = format!(r#"{{"id":"ev-{i}"}}"#);
+        let times = got.iter().filter(|e| **e == id).count();
+        assert!(times <= 1, "{id} sent {times} times: {got:?}");
+    }
     stop.send(true).unwrap();
     task.await.unwrap();
 }

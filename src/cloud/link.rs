@@ -254,6 +254,8 @@ struct InFlight {
     /// The outbox may hold records not sent yet: something was appended since the last read,
     /// or the last read stopped at the window. Without it a PUBACK costs no outbox read.
     unsent: bool,
+    /// The last deletion of acknowledged records failed (said once until one succeeds).
+    deletions_failing: bool,
 }
 
 impl InFlight {
@@ -326,6 +328,18 @@ fn resolve(unresolved: &mut Vec<(u64, oneshot::Receiver<Option<i64>>)>) -> Vec<(
     resolved
 }
 
+/// Acknowledged records the store could not delete stay acknowledged, to be deleted with the
+/// next batch: read again as pending, they would be sent again, acknowledged again and fail
+/// again, as fast as the broker answers, for as long as the store fails. (If the link stops
+/// first, they are sent again after the restart, as any record not deleted.)
+fn deletion_failed(flight: &mut InFlight, ids: Vec<i64>, error: &StoreError) {
+    if !flight.deletions_failing {
+        tracing::error!(%error, "could not delete acknowledged outbox records; trying again with the next batch");
+    }
+    flight.deletions_failing = true;
+    flight.acked.extend(ids);
+}
+
 /// A drain's store work, on the blocking pool while the link's loop goes on: acknowledged
 /// records deleted, express publishes' records learnt, pending records read — under one lock
 /// of the store. Learning before reading, under the lock, is what keeps an express publish
@@ -333,6 +347,9 @@ fn resolve(unresolved: &mut Vec<(u64, oneshot::Receiver<Option<i64>>)>) -> Vec<(
 struct Drained {
     /// How many acknowledged records were deleted.
     deleted: Result<u64, StoreError>,
+    /// The acknowledged records, when their deletion failed: still acknowledged, to delete
+    /// with the next batch rather than send again.
+    undeleted: Vec<i64>,
     /// Express publishes' records learnt.
     resolved: Vec<(u64, Option<i64>)>,
     /// Express publishes still waiting for their transactions.
@@ -681,11 +698,17 @@ impl CloudLink {
         let ids = std::mem::take(&mut flight.acked);
         let n = ids.len() as u64;
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.lock().expect("store poisoned").outbox_ack(&ids)).await {
-            Ok(Ok(())) => self.delivered.send_modify(|d| *d += n),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "could not delete acknowledged outbox records; they will be sent again")
+        match tokio::task::spawn_blocking(move || {
+            let deleted = store.lock().expect("store poisoned").outbox_ack(&ids);
+            (ids, deleted)
+        })
+        .await
+        {
+            Ok((_, Ok(()))) => {
+                flight.deletions_failing = false;
+                self.delivered.send_modify(|d| *d += n);
             }
+            Ok((ids, Err(e))) => deletion_failed(flight, ids, &e),
             Err(e) => tracing::error!(error = %e, "the store task failed"),
         }
     }
@@ -729,22 +752,24 @@ impl CloudLink {
         Some(tokio::task::spawn_blocking(move || {
             let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let deleted = if acked.is_empty() { Ok(0) } else { store.outbox_ack(&acked).map(|()| acked.len() as u64) };
+            let undeleted = if deleted.is_err() { acked } else { Vec::new() };
             let resolved = resolve(&mut unresolved);
             let pending = if want == 0 { Ok(Vec::new()) } else { store.outbox_pending(want) };
-            Drained { deleted, resolved, unresolved, pending, want: want as usize }
+            Drained { deleted, undeleted, resolved, unresolved, pending, want: want as usize }
         }))
     }
 
     /// Takes in what a drain found, and publishes the pending records (while `connected`)
     /// until the in-flight window is full.
     fn drained(&mut self, client: &AsyncClient, flight: &mut InFlight, drained: Drained, connected: bool) {
-        let Drained { deleted, resolved, unresolved, pending, want } = drained;
+        let Drained { deleted, undeleted, resolved, unresolved, pending, want } = drained;
         match deleted {
             Ok(0) => {}
-            Ok(n) => self.delivered.send_modify(|d| *d += n),
-            Err(e) => {
-                tracing::error!(error = %e, "could not delete acknowledged outbox records; they will be sent again")
+            Ok(n) => {
+                flight.deletions_failing = false;
+                self.delivered.send_modify(|d| *d += n);
             }
+            Err(e) => deletion_failed(flight, undeleted, &e),
         }
         for (number, record) in resolved {
             flight.learn(number, record);
