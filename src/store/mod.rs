@@ -194,8 +194,8 @@ pub struct Store {
     key_source: KeySource,
     config: StoreConfig,
     principals: PrincipalsVersion,
-    /// Set by [`Store::checkpoint_elsewhere`]: who takes the log's checkpoints, and the
-    /// compactions they are to finish.
+    /// Set by [`Store::checkpoint_elsewhere`]: who takes the log's checkpoints, and empties
+    /// it after deletions that could not.
     handed_off: Option<checkpoint::HandOff>,
     /// The outbox may hold a record that clears a retained topic ([`Store::outbox_ack`]).
     clearing_pending: bool,
