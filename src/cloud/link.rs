@@ -328,18 +328,6 @@ fn resolve(unresolved: &mut Vec<(u64, oneshot::Receiver<Option<i64>>)>) -> Vec<(
     resolved
 }
 
-/// Acknowledged records the store could not delete stay acknowledged, to be deleted with the
-/// next batch: read again as pending, they would be sent again, acknowledged again and fail
-/// again, as fast as the broker answers, for as long as the store fails. (If the link stops
-/// first, they are sent again after the restart, as any record not deleted.)
-fn deletion_failed(flight: &mut InFlight, ids: Vec<i64>, error: &StoreError) {
-    if !flight.deletions_failing {
-        tracing::error!(%error, "could not delete acknowledged outbox records; trying again with the next batch");
-    }
-    flight.deletions_failing = true;
-    flight.acked.extend(ids);
-}
-
 /// A drain's store work, on the blocking pool while the link's loop goes on: acknowledged
 /// records deleted, express publishes' records learnt, pending records read — under one lock
 /// of the store. Learning before reading, under the lock, is what keeps an express publish
@@ -690,6 +678,28 @@ impl CloudLink {
         .await;
     }
 
+    /// Takes in a deletion of acknowledged records: `deleted` of them, or the failure with the
+    /// ids it could not delete. Those stay acknowledged, to be deleted with the next batch:
+    /// read again as pending, they would be sent again, acknowledged again and fail again, as
+    /// fast as the broker answers, for as long as the store fails. (If the link stops first,
+    /// they are sent again after the restart, as any record not deleted.)
+    fn after_deletion(&self, flight: &mut InFlight, deleted: Result<u64, StoreError>, undeleted: Vec<i64>) {
+        match deleted {
+            Ok(0) => {}
+            Ok(n) => {
+                flight.deletions_failing = false;
+                self.delivered.send_modify(|d| *d += n);
+            }
+            Err(error) => {
+                if !flight.deletions_failing {
+                    tracing::error!(%error, "could not delete acknowledged outbox records; trying again with the next batch");
+                }
+                flight.deletions_failing = true;
+                flight.acked.extend(undeleted);
+            }
+        }
+    }
+
     /// Deletes the acknowledged records from the outbox, in one transaction.
     async fn delete_acked(&self, flight: &mut InFlight) {
         if flight.acked.is_empty() {
@@ -704,11 +714,7 @@ impl CloudLink {
         })
         .await
         {
-            Ok((_, Ok(()))) => {
-                flight.deletions_failing = false;
-                self.delivered.send_modify(|d| *d += n);
-            }
-            Ok((ids, Err(e))) => deletion_failed(flight, ids, &e),
+            Ok((ids, deleted)) => self.after_deletion(flight, deleted.map(|()| n), ids),
             Err(e) => tracing::error!(error = %e, "the store task failed"),
         }
     }
@@ -763,14 +769,7 @@ impl CloudLink {
     /// until the in-flight window is full.
     fn drained(&mut self, client: &AsyncClient, flight: &mut InFlight, drained: Drained, connected: bool) {
         let Drained { deleted, undeleted, resolved, unresolved, pending, want } = drained;
-        match deleted {
-            Ok(0) => {}
-            Ok(n) => {
-                flight.deletions_failing = false;
-                self.delivered.send_modify(|d| *d += n);
-            }
-            Err(e) => deletion_failed(flight, undeleted, &e),
-        }
+        self.after_deletion(flight, deleted, undeleted);
         for (number, record) in resolved {
             flight.learn(number, record);
         }

@@ -201,11 +201,17 @@ impl Checkpointer {
     /// Copies the whole log into the database and empties it, if no other connection is in
     /// the way at this moment (a writer, or a reader of an older snapshot): `false` if one is.
     pub fn empty_log(&mut self) -> Result<bool, StoreError> {
-        match self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
-            Ok(busy) => Ok(busy == 0),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        truncate_log(&self.conn)
+    }
+}
+
+/// One truncating checkpoint on `conn` (waiting as its busy timeout says): whether it emptied
+/// the log. SQLite answers "busy" rather than fail when another connection is in the way.
+pub(super) fn truncate_log(conn: &Connection) -> Result<bool, StoreError> {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
+        Ok(busy) => Ok(busy == 0),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

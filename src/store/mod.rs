@@ -408,13 +408,9 @@ impl Store {
             return Ok(());
         }
         self.conn.busy_timeout(Duration::ZERO)?;
-        let tried = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
+        let tried = checkpoint::truncate_log(&self.conn);
         self.conn.busy_timeout(BUSY_TIMEOUT)?;
-        match tried {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        tried.map(|_| ())
     }
 
     /// Tries to empty the log until it is empty (`None`) or `patience` has passed (how long it
@@ -422,8 +418,7 @@ impl Store {
     fn empty_log_within(&self, patience: Duration) -> Result<Option<Duration>, StoreError> {
         let started = std::time::Instant::now();
         loop {
-            let busy: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
-            if busy == 0 {
+            if checkpoint::truncate_log(&self.conn)? {
                 return Ok(None);
             }
             if started.elapsed() >= patience {

@@ -177,4 +177,18 @@ mod tests {
         assert_eq!(hand_off.debt().borrow().owed, 1);
         assert!(!store.clearing_pending, "none left: acknowledgements stop looking");
     }
+
+    /// A store with no checkpointer empties the log itself once a clearing record is gone.
+    #[test]
+    fn without_a_checkpointer_the_store_empties_the_log_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir.path()) }).unwrap();
+        let wal = || std::fs::metadata(dir.path().join("lockhub.db-wal")).unwrap().len();
+        let report = store.transaction(|tx| tx.append_outbox(None, "gw/lock/1/state", b"{}", true, 1)).unwrap();
+        let clearing = store.transaction(|tx| tx.append_outbox(None, "gw/lock/2/state", b"", true, 1)).unwrap();
+        store.outbox_ack(&[report]).unwrap();
+        assert!(wal() > 0, "an ordinary acknowledgement leaves the log alone");
+        store.outbox_ack(&[clearing]).unwrap();
+        assert_eq!(wal(), 0, "the log still holds the clearing record's pages");
+    }
 }
