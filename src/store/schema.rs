@@ -127,6 +127,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE passcodes ADD COLUMN code_id TEXT;
     CREATE UNIQUE INDEX passcodes_by_code_id ON passcodes(code_id);
     "#,
+    // 4: the outbox's records that clear a retained topic, found without a scan: while one
+    // may be pending, every acknowledgement asks whether any is left, and a scan made draining
+    // an outage's backlog quadratic.
+    r#"
+    CREATE INDEX outbox_clearing ON outbox(id) WHERE retain AND length(payload) = 0;
+    "#,
 ];
 
 /// The schema version this build writes.
