@@ -252,7 +252,8 @@ impl Checkpoints {
                 _ = stopped.changed() => return,
             }
             // Read before the try: a debt recorded during it is owed afterwards.
-            let owed = debt.borrow_and_update().outstanding().then(|| hand_off.owed());
+            let now = *debt.borrow_and_update();
+            let owed = now.outstanding().then_some(now.owed);
             let Ok((back, done)) = tokio::task::spawn_blocking(move || {
                 let done = match owed {
                     Some(_) => checkpointer.empty_log().map(Done::Emptied),
@@ -282,10 +283,12 @@ impl Checkpoints {
                     failing = false;
                     tracing::debug!("the store's log still holds deleted rows: another connection is in the way");
                 }
-                // Said once while it keeps failing: each commit past the line asks again.
+                // Said once while it keeps failing: each commit past the line asks again, and an
+                // emptying owed is tried again on the timer.
                 Err(e) if !failing => {
                     failing = true;
-                    tracing::warn!(error = %e, "could not checkpoint the store's log; trying again at the next commit");
+                    let again = if owed.is_some() { format!("in {RETRY_OWED:?}") } else { "at the next commit".into() };
+                    tracing::warn!(error = %e, "could not checkpoint the store's log; trying again {again}");
                 }
                 Err(_) => {}
             }
