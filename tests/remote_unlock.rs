@@ -310,6 +310,25 @@ async fn a_replay_is_refused_across_a_gateway_restart() {
     let _ = (&p.owner, &p.lock, &p.grant);
 }
 
+/// A stopping gateway, once its commands are done, stops its locks' tasks in order: each ends
+/// what it was doing and lets go of its lock (a real lock is then free for a phone at once),
+/// and none starts afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_lets_go_of_its_locks() {
+    let stack = Stack::start("gw-stopping").await;
+    let p = claim_pair_grant(&stack, &[Permission::Unlock, Permission::Lock, Permission::Remote], None).await;
+    assert_reply(&p.send(&stack, Operation::Unlock).await, Outcome::Ok, None);
+    let ctl = support::control().await;
+    assert!(support::report(&ctl, &p.lock.lock_id).await.connected, "the command left the link up");
+
+    // Busy when told to stop: reading the lock's news, as after an advertisement.
+    stack.gateway.lock(p.lock_id).unwrap().sync();
+    assert!(stack.gateway.stop_locks(WAIT).await, "every lock's task ended");
+    assert!(!support::report(&ctl, &p.lock.lock_id).await.connected, "the gateway still holds the lock's link");
+    assert!(stack.gateway.lock(p.lock_id).is_none());
+    assert_eq!(stack.gateway.lock_count(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_on_one_broker_cannot_command_each_others_locks() {
     // Gateway A as usual; gateway B on the same broker, with its own state.

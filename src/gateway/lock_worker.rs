@@ -188,13 +188,15 @@ pub struct LockWorker<T: LockTransport> {
 }
 
 impl<T: LockTransport> LockWorker<T> {
-    /// Starts the task; it syncs with the lock first (clock, log, state).
-    pub fn spawn(self) -> LockHandle {
+    /// Starts the task; it syncs with the lock first (clock, log, state). The task ends once
+    /// every handle is gone: after the jobs queued before, and after recording what they read,
+    /// it lets go of the lock.
+    pub fn spawn(self) -> (LockHandle, tokio::task::JoinHandle<()>) {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let handle = LockHandle { jobs, sync_queued: Arc::new(AtomicBool::new(false)) };
         handle.sync();
-        tokio::spawn(self.run(queue, handle.sync_queued.clone()));
-        handle
+        let task = tokio::spawn(self.run(queue, handle.sync_queued.clone()));
+        (handle, task)
     }
 
     fn lock(&self) -> LockId {

@@ -89,6 +89,10 @@ pub struct Gateway<T: LockTransport> {
     ble: BleConfig,
     policy: Mutex<PolicyEngine>,
     locks: Mutex<HashMap<LockId, LockHandle>>,
+    /// The locks' tasks, awaited by [`Gateway::stop_locks`].
+    lock_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set by [`Gateway::stop_locks`]: no lock's task starts after it.
+    stopping: std::sync::atomic::AtomicBool,
     clock: Clock,
     updates: broadcast::Sender<LockUpdate>,
     /// Replies go out through it ahead of their commit, once the cloud link is wired in.
@@ -156,6 +160,8 @@ impl<T: LockTransport> Gateway<T> {
             ble,
             policy: Mutex::new(PolicyEngine::new(limits)),
             locks: Mutex::new(HashMap::new()),
+            lock_tasks: Mutex::new(Vec::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             clock,
             updates: broadcast::channel(UPDATES).0,
             express: std::sync::OnceLock::new(),
@@ -234,8 +240,33 @@ impl<T: LockTransport> Gateway<T> {
             updates: self.updates.clone(),
             reachable: true,
         };
-        let handle = worker.spawn();
-        self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(lock, handle);
+        // Checked under the map's lock, which `stop_locks` takes to empty it: a lock paired
+        // while stopping gets its task at the next start instead.
+        let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let (handle, task) = worker.spawn();
+        locks.insert(lock, handle);
+        let mut tasks = self.lock_tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Unbound locks' tasks end on their own: only the running ones are kept.
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// Stops the locks' tasks, for a stopping gateway (after the last command): each finishes
+    /// what it was doing — recording the events it read, so that they reach the outbox before
+    /// the cloud link's last flush — and lets go of its lock. Waits at most `within`; returns
+    /// whether every task ended by then. No lock's task starts afterwards.
+    pub async fn stop_locks(&self, within: Duration) -> bool {
+        let handles = {
+            let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.stopping.store(true, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *locks)
+        };
+        drop(handles);
+        let tasks = std::mem::take(&mut *self.lock_tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        tokio::time::timeout(within, futures::future::join_all(tasks)).await.is_ok()
     }
 
     /// The task of a paired lock.
@@ -303,6 +334,9 @@ impl<T: LockTransport> Gateway<T> {
             CodeHolder::Key(key) => (AuditActor::User(key.as_bytes().to_vec()), user_ref(key)),
         };
         let outcome = match self.lock(lock) {
+            None if self.stopping.load(std::sync::atomic::Ordering::Acquire) => {
+                Err(Failure { reason: Reason::Failed, detail: "the gateway is stopping".into() })
+            }
             None => Err(Failure { reason: Reason::UnknownLock, detail: "the lock is not paired".into() }),
             Some(handle) => {
                 match handle.execute(op, Actor::Local(user_ref)).await {

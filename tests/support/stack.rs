@@ -164,6 +164,8 @@ impl Stack {
     /// Stops the gateway and starts a new one on the same state directory (the store reopened
     /// from disk), as a restart of the daemon would.
     pub async fn restart_gateway(&mut self) {
+        // In the daemon's order: the locks' tasks let go of their locks first.
+        assert!(self.gateway.stop_locks(WAIT).await, "the locks' tasks did not end");
         self.stop.send(true).unwrap();
         let running = Self::run_gateway(&self.dir, &self.pki, &self.broker, &self.gw, &self.clock, self.limits).await;
         self.store = running.store;

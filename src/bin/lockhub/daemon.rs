@@ -9,8 +9,9 @@
 //! - With `[local.mqtt]`, the local bridge (Home Assistant, local commands) runs beside the
 //!   cloud link, on its own connection.
 //! - SIGTERM (or Ctrl-C) stops in order: no new statements are taken (unacknowledged ones are
-//!   redelivered after the restart), the commands in flight finish (bounded), the cloud link
-//!   sends what the outbox holds (bounded), says `offline` and disconnects.
+//!   redelivered after the restart), the commands in flight finish (bounded), the locks' tasks
+//!   record what they read and let go of their locks (bounded), the cloud link sends what the
+//!   outbox holds (bounded), says `offline` and disconnects.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,11 @@ use crate::service;
 /// deadline is at most 60 s away, but systemd's stop timeout (90 s by default) must cover
 /// this, the outbox flush and the disconnect.
 const FINISH_IN_FLIGHT: Duration = Duration::from_secs(20);
+
+/// How long the locks' tasks may take, once the commands are done, to record what they were
+/// reading and let go of their locks (an unreachable lock's connection attempt gives up within
+/// seconds).
+const STOP_LOCKS: Duration = Duration::from_secs(5);
 
 /// Whether the kernel says the clock is synchronised (`adjtimex(2)`, read-only).
 pub fn kernel_synchronised() -> bool {
@@ -219,6 +225,9 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     let _ = stop_intake.send(true);
     if tokio::time::timeout(FINISH_IN_FLIGHT, statements).await.is_err() {
         tracing::warn!("commands still running after {FINISH_IN_FLIGHT:?}: stopping without their replies");
+    }
+    if !gateway.stop_locks(STOP_LOCKS).await {
+        tracing::warn!("locks' tasks still busy after {STOP_LOCKS:?}: stopping without what they were reading");
     }
     let _ = stop.send(true);
     let _ = tokio::time::timeout(lockhub::cloud::link::FLUSH_TIMEOUT + Duration::from_secs(3), link_task).await;

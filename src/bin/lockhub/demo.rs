@@ -270,6 +270,9 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
         broken => format!("{broken:?}"),
     };
     println!("audit chain: {verified}. The demo took {:.2} s.", total.elapsed().as_secs_f64());
+    // In the daemon's order: the locks' tasks let go of their locks before the locks go away
+    // (a task still recording then would have its store work cancelled with the runtime).
+    gateway.stop_locks(Duration::from_secs(5)).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), link_task).await;
     emulator.shutdown().await;
