@@ -440,3 +440,42 @@ impl AppClient {
         self.send_text(statement.id().as_str(), statement.sign(&key.key), timeout).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A persistent session that never gets one (a broker that takes the connection and never
+    /// answers) gives up with the reason, and stops trying: no connection attempt after the
+    /// error. The clock is paused: tokio moves it on whenever nothing else can run.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_never_starts_is_given_up_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = GatewayId::new("gw-silent").unwrap();
+        let pki = Pki::init(&dir.path().join("pki"), &[gw.as_str()]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let broker = format!("mqtts://127.0.0.1:{port}");
+        let error = match AppClient::connect_persistent(&broker, &pki, &gw, "silent").await {
+            Ok(_) => panic!("a session with a broker that never answers"),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains(&format!("no session with the broker within {CONNECT_TIMEOUT:?}")), "{error}");
+        assert!(error.contains("last attempt"), "the reason of the last attempt: {error}");
+        let tries = accepted.load(Ordering::SeqCst);
+        assert!(tries >= 1, "it never tried");
+        tokio::time::sleep(CONNECT_TIMEOUT * 3).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), tries, "still trying after giving up");
+    }
+}
