@@ -327,6 +327,14 @@ async fn a_stopping_gateway_lets_go_of_its_locks() {
     assert!(!support::report(&ctl, &p.lock.lock_id).await.connected, "the gateway still holds the lock's link");
     assert!(stack.gateway.lock(p.lock_id).is_none());
     assert_eq!(stack.gateway.lock_count(), 0);
+
+    // Nothing starts a lock's task again; a local command meanwhile is told why it cannot run.
+    stack.gateway.start_locks().unwrap();
+    assert_eq!(stack.gateway.lock_count(), 0);
+    let holder = lockhub::local::codes::CodeHolder::Named("hallway".into());
+    let outcome = stack.gateway.local_command(p.lock_id, lockhub::protocol::message::Op::Unlock, &holder, "a test");
+    assert_eq!(outcome.await.unwrap(), Err("failed".to_owned()), "not `unknown_lock`: the lock is still paired");
+    assert_eq!(stack.audit_outcomes("local.unlock"), ["failed"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
