@@ -3,7 +3,8 @@
 //! must notice within its bound, connect to the bus afresh and go through; discovery must
 //! follow to the new connection, and notice by itself when no command comes. And the bus
 //! daemon hung (new connections silent too): the reply must say so within its bound, and the
-//! attempts to connect must not pile up. In a binary of its own: the process's bus address is
+//! attempts to connect must not pile up; a new connection that wedges too (every connection
+//! wedging at the lock's Connect call) must end the attempt. In a binary of its own: the process's bus address is
 //! the relay's.
 
 mod support;
@@ -78,6 +79,21 @@ async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
     frozen.thaw();
     let r = p.send(&stack, Operation::Unlock).await;
     assert_eq!(r.result, Outcome::Ok, "a command once the bus answers again: {r:?}");
+
+    // Every connection wedges as it asks BlueZ to connect to the lock, the new one too: the
+    // gateway tries one new connection per attempt, not more, and the reply says so.
+    p.link_down(&stack, &ctl, &mut seen).await;
+    proxy.wedge_on_call("Connect");
+    let before = proxy.connections();
+    let reply = p.send(&stack, Operation::Lock).await;
+    assert_reply(&reply, Outcome::Failed, Some("lock_unreachable"));
+    let detail = reply.detail.as_deref().unwrap_or("");
+    assert!(
+        detail.contains("the connection to the bus is dead") && detail.contains("a new one did not answer"),
+        "{detail}"
+    );
+    let opened = proxy.connections() - before;
+    assert!((1..=4).contains(&opened), "{opened} new bus connections for one command");
 }
 
 /// The threads of this process.

@@ -1,15 +1,16 @@
 //! A bus connection that goes silent without closing: a relay between this process's D-Bus
 //! clients and the test bus that forwards bytes and the file descriptors they carry (BlueZ
 //! hands GATT sockets over the bus), and that can be told to wedge every connection it holds
-//! while later connections still go through. A client then sees what a wedged bus looks like
-//! from inside: the socket open, calls sent, no answer ever.
+//! while later connections still go through, or to wedge each connection that makes a given
+//! call (so that a new connection sets up and then wedges too). A client then sees what a
+//! wedged bus looks like from inside: the socket open, calls sent, no answer ever.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
@@ -19,6 +20,9 @@ pub struct BusProxy {
     pub address: String,
     /// Connections numbered below this forward nothing.
     wedged_below: Arc<AtomicU64>,
+    /// A connection whose client sends a message naming this (a method's name and its NUL,
+    /// as the message header carries it) forwards nothing from then on.
+    wedging_call: Arc<OnceLock<Vec<u8>>>,
     accepted: Arc<AtomicU64>,
     _dir: tempfile::TempDir,
 }
@@ -31,7 +35,8 @@ impl BusProxy {
         let path = dir.path().join("bus");
         let listener = UnixListener::bind(&path).unwrap();
         let (wedged_below, accepted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (w, a) = (wedged_below.clone(), accepted.clone());
+        let wedging_call: Arc<OnceLock<Vec<u8>>> = Arc::default();
+        let (w, a, c) = (wedged_below.clone(), accepted.clone(), wedging_call.clone());
         // Lives as long as the test process, as the bus it fronts does.
         std::thread::Builder::new()
             .name("bus-proxy".into())
@@ -40,11 +45,11 @@ impl BusProxy {
                     let Ok(client) = client else { continue };
                     let number = a.fetch_add(1, Ordering::SeqCst);
                     let Ok(bus) = UnixStream::connect(&target) else { continue };
-                    relay(client, bus, number, w.clone());
+                    relay(client, bus, Wedges { number, below: w.clone(), call: c.clone(), this: Arc::default() });
                 }
             })
             .unwrap();
-        BusProxy { address: format!("unix:path={}", path.display()), wedged_below, accepted, _dir: dir }
+        BusProxy { address: format!("unix:path={}", path.display()), wedged_below, wedging_call, accepted, _dir: dir }
     }
 
     /// From now on, the connections accepted so far forward nothing either way (and stay
@@ -53,28 +58,62 @@ impl BusProxy {
         self.wedged_below.store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
+    /// From now on, each connection (open or new) wedges once its client calls `method`: a new
+    /// connection sets up, and wedges at that call as the old one did. Once per relay.
+    pub fn wedge_on_call(&self, method: &str) {
+        let mut marker = method.as_bytes().to_vec();
+        marker.push(0);
+        self.wedging_call.set(marker).expect("one wedging call per relay");
+    }
+
     /// How many connections clients have opened through the relay.
     pub fn connections(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
     }
 }
 
-/// Both directions of one connection, a thread each; each ends when its side closes.
-fn relay(client: UnixStream, bus: UnixStream, number: u64, wedged_below: Arc<AtomicU64>) {
-    let (client2, bus2) = (client.try_clone().unwrap(), bus.try_clone().unwrap());
-    let w = wedged_below.clone();
-    std::thread::spawn(move || pump(&client, &bus, number, &w));
-    std::thread::spawn(move || pump(&bus2, &client2, number, &wedged_below));
+/// What wedges one connection.
+#[derive(Clone)]
+struct Wedges {
+    /// The connection's number.
+    number: u64,
+    /// Connections numbered below this are wedged.
+    below: Arc<AtomicU64>,
+    /// The call that wedges a connection, once set.
+    call: Arc<OnceLock<Vec<u8>>>,
+    /// This connection made that call.
+    this: Arc<AtomicBool>,
 }
 
-fn pump(from: &UnixStream, to: &UnixStream, number: u64, wedged_below: &AtomicU64) {
+impl Wedges {
+    fn wedged(&self) -> bool {
+        self.number < self.below.load(Ordering::SeqCst) || self.this.load(Ordering::SeqCst)
+    }
+}
+
+/// Both directions of one connection, a thread each; each ends when its side closes.
+fn relay(client: UnixStream, bus: UnixStream, wedges: Wedges) {
+    let (client2, bus2) = (client.try_clone().unwrap(), bus.try_clone().unwrap());
+    let w = wedges.clone();
+    std::thread::spawn(move || pump(&client, &bus, &w, true));
+    std::thread::spawn(move || pump(&bus2, &client2, &wedges, false));
+}
+
+fn pump(from: &UnixStream, to: &UnixStream, wedges: &Wedges, from_client: bool) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let (n, fds) = match receive(from.as_fd().as_raw_fd(), &mut buf) {
             Ok((0, _)) | Err(_) => break,
             Ok(got) => got,
         };
-        if number < wedged_below.load(Ordering::SeqCst) {
+        // A client's message is written whole, so its header is within one read.
+        if from_client
+            && let Some(call) = wedges.call.get()
+            && buf[..n].windows(call.len()).any(|w| w == call.as_slice())
+        {
+            wedges.this.store(true, Ordering::SeqCst);
+        }
+        if wedges.wedged() {
             continue; // dropped, descriptors closed with `fds`
         }
         if send_all(to.as_fd().as_raw_fd(), &buf[..n], &fds).is_err() {
