@@ -4,8 +4,8 @@
 //! follow to the new connection, and notice by itself when no command comes. And the bus
 //! daemon hung (new connections silent too): the reply must say so within its bound, and the
 //! attempts to connect must not pile up; a new connection that wedges too (every connection
-//! wedging at the lock's Connect call) must end the attempt. In a binary of its own: the process's bus address is
-//! the relay's.
+//! wedging at the lock's Connect call) must end the attempt. In a binary of its own: the
+//! process's bus address is the relay's.
 
 mod support;
 
@@ -81,7 +81,8 @@ async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
     assert_eq!(r.result, Outcome::Ok, "a command once the bus answers again: {r:?}");
 
     // Every connection wedges as it asks BlueZ to connect to the lock, the new one too: the
-    // gateway tries one new connection per attempt, not more, and the reply says so.
+    // gateway gives up once the new connection is silent as well (not trying ever more), and
+    // the reply says so.
     p.link_down(&stack, &ctl, &mut seen).await;
     proxy.wedge_on_call("Connect");
     let before = proxy.connections();
