@@ -333,11 +333,8 @@ fn resolve(unresolved: &mut Vec<(u64, oneshot::Receiver<Option<i64>>)>) -> Vec<(
 /// of the store. Learning before reading, under the lock, is what keeps an express publish
 /// from being read back as pending: its writer announces the record before unlocking.
 struct Drained {
-    /// How many acknowledged records were deleted.
-    deleted: Result<u64, StoreError>,
-    /// The acknowledged records, when their deletion failed: still acknowledged, to delete
-    /// with the next batch rather than send again.
-    undeleted: Vec<i64>,
+    /// The acknowledged records' deletion.
+    deleted: Deletion,
     /// Express publishes' records learnt.
     resolved: Vec<(u64, Option<i64>)>,
     /// Express publishes still waiting for their transactions.
@@ -678,19 +675,19 @@ impl CloudLink {
         .await;
     }
 
-    /// Takes in a deletion of acknowledged records: `deleted` of them, or the failure with the
-    /// ids it could not delete. Those stay acknowledged, to be deleted with the next batch:
-    /// read again as pending, they would be sent again, acknowledged again and fail again, as
-    /// fast as the broker answers, for as long as the store fails. (If the link stops first,
-    /// they are sent again after the restart, as any record not deleted.)
-    fn after_deletion(&self, flight: &mut InFlight, deleted: Result<u64, StoreError>, undeleted: Vec<i64>) {
+    /// Takes in a deletion of acknowledged records. The ids of a failed one stay acknowledged,
+    /// to be deleted with the next batch: read again as pending, they would be sent again,
+    /// acknowledged again and fail again, as fast as the broker answers, for as long as the
+    /// store fails. (If the link stops first, they are sent again after the restart, as any
+    /// record not deleted.)
+    fn after_deletion(&self, flight: &mut InFlight, deleted: Deletion) {
         match deleted {
             Ok(0) => {}
             Ok(n) => {
                 flight.deletions_failing = false;
                 self.delivered.send_modify(|d| *d += n);
             }
-            Err(error) => {
+            Err((error, undeleted)) => {
                 if !flight.deletions_failing {
                     tracing::error!(%error, "could not delete acknowledged outbox records; trying again with the next batch");
                 }
@@ -700,21 +697,20 @@ impl CloudLink {
         }
     }
 
-    /// Deletes the acknowledged records from the outbox, in one transaction.
+    /// Deletes the acknowledged records on the blocking pool and awaits it (at a broker switch
+    /// or a stop, where no drain follows).
     async fn delete_acked(&self, flight: &mut InFlight) {
         if flight.acked.is_empty() {
             return;
         }
         let ids = std::mem::take(&mut flight.acked);
-        let n = ids.len() as u64;
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || {
-            let deleted = store.lock().expect("store poisoned").outbox_ack(&ids);
-            (ids, deleted)
+            delete_acknowledged(&mut store.lock().unwrap_or_else(std::sync::PoisonError::into_inner), ids)
         })
         .await
         {
-            Ok((ids, deleted)) => self.after_deletion(flight, deleted.map(|()| n), ids),
+            Ok(deleted) => self.after_deletion(flight, deleted),
             Err(e) => tracing::error!(error = %e, "the store task failed"),
         }
     }
@@ -757,19 +753,18 @@ impl CloudLink {
         let store = self.store.clone();
         Some(tokio::task::spawn_blocking(move || {
             let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let deleted = if acked.is_empty() { Ok(0) } else { store.outbox_ack(&acked).map(|()| acked.len() as u64) };
-            let undeleted = if deleted.is_err() { acked } else { Vec::new() };
+            let deleted = delete_acknowledged(&mut store, acked);
             let resolved = resolve(&mut unresolved);
             let pending = if want == 0 { Ok(Vec::new()) } else { store.outbox_pending(want) };
-            Drained { deleted, undeleted, resolved, unresolved, pending, want: want as usize }
+            Drained { deleted, resolved, unresolved, pending, want: want as usize }
         }))
     }
 
     /// Takes in what a drain found, and publishes the pending records (while `connected`)
     /// until the in-flight window is full.
     fn drained(&mut self, client: &AsyncClient, flight: &mut InFlight, drained: Drained, connected: bool) {
-        let Drained { deleted, undeleted, resolved, unresolved, pending, want } = drained;
-        self.after_deletion(flight, deleted, undeleted);
+        let Drained { deleted, resolved, unresolved, pending, want } = drained;
+        self.after_deletion(flight, deleted);
         for (number, record) in resolved {
             flight.learn(number, record);
         }
@@ -826,6 +821,20 @@ impl CloudLink {
                 }
             }
         }
+    }
+}
+
+/// A deletion of acknowledged records: how many, or the failure and the ids still to delete.
+type Deletion = Result<u64, (StoreError, Vec<i64>)>;
+
+/// Deletes the acknowledged records `acked` from the outbox, in one transaction.
+fn delete_acknowledged(store: &mut Store, acked: Vec<i64>) -> Deletion {
+    if acked.is_empty() {
+        return Ok(0);
+    }
+    match store.outbox_ack(&acked) {
+        Ok(()) => Ok(acked.len() as u64),
+        Err(e) => Err((e, acked)),
     }
 }
 
