@@ -1,8 +1,9 @@
 //! The cloud link over mutual TLS, against the bundled broker and Debian's Mosquitto alike: the
 //! outbox drained and deleted only once acknowledged, online / offline status (graceful, by
 //! last will, and after SIGKILL), inbound commands, oversized input that does not stop the
-//! link, broker restarts in the middle of a stream of events, and a store that fails to delete
-//! what the broker acknowledged.
+//! link, broker restarts in the middle of a stream of events, a store that fails to delete
+//! what the broker acknowledged, and acknowledged records deleted when the link stops or moves
+//! to another broker.
 
 mod support;
 
@@ -14,13 +15,15 @@ on_both_brokers!(
     gateway_killed_with_sigkill_turns_offline,
     malformed_oversized_and_wrong_schema_payloads_get_typed_errors,
     records_the_store_cannot_delete_are_not_sent_again_meanwhile,
+    acknowledged_records_are_deleted_when_the_link_stops_without_its_broker,
+    acknowledged_records_are_deleted_before_the_link_moves_to_another_broker,
 );
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lockhub::cloud::link::{CloudConfig, CloudLink, InboundCommand, LinkReports, MAX_COMMAND_BYTES};
+use lockhub::cloud::link::{CloudConfig, CloudLink, InboundCommand, LinkReports, LinkState, MAX_COMMAND_BYTES};
 use lockhub::cloud::tls::client_config;
 use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 use lockhub::protocol::ids::GatewayId;
@@ -54,13 +57,22 @@ fn rig_with(kind: Kind, persistent_broker: bool) -> Rig {
 
 impl Rig {
     fn link(&self) -> (CloudLink, LinkReports, mpsc::Receiver<InboundCommand>) {
+        self.link_to(&[self.broker.port()], Duration::from_millis(100))
+    }
+
+    /// A link to the brokers on `ports`, in that order, backing off from `min_backoff`.
+    fn link_to(
+        &self,
+        ports: &[u16],
+        min_backoff: Duration,
+    ) -> (CloudLink, LinkReports, mpsc::Receiver<InboundCommand>) {
         let config = CloudConfig {
             keep_alive: Duration::from_secs(5),
             inflight: 8,
-            min_backoff: Duration::from_millis(100),
+            min_backoff,
             max_backoff: Duration::from_secs(2),
             ..CloudConfig::new(
-                vec![format!("mqtts://localhost:{}", self.broker.port())],
+                ports.iter().map(|port| format!("mqtts://localhost:{port}")).collect(),
                 self.pki.ca_cert(),
                 self.pki.client_cert(GW),
                 self.pki.client_key(GW),
@@ -71,6 +83,17 @@ impl Rig {
             CloudLink::new(config, GatewayId::new(GW).unwrap(), self.store.clone(), self.outbox_ready.clone(), tx)
                 .unwrap();
         (link, reports, rx)
+    }
+
+    /// A second connection to the gateway's database, through which a trigger now refuses
+    /// every deletion from the outbox (a failing disk) until `DROP TRIGGER refuse_deletes`.
+    fn refuse_deletes(&self) -> rusqlite::Connection {
+        let db = rusqlite::Connection::open(self._dir.path().join("state").join("lockhub.db")).unwrap();
+        db.execute_batch(
+            "CREATE TRIGGER refuse_deletes BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'the disk says no'); END",
+        )
+        .unwrap();
+        db
     }
 
     fn append_events(&self, range: std::ops::Range<u32>) {
@@ -100,13 +123,22 @@ impl Rig {
 
     /// The relay; with `persistent`, a persistent session that rides out broker restarts.
     async fn relay_with(&self, persistent: bool) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>) {
+        self.relay_on(self.broker.port(), persistent).await
+    }
+
+    /// The relay on the broker at `port`.
+    async fn relay_on(
+        &self,
+        port: u16,
+        persistent: bool,
+    ) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>) {
         let tls = client_config(
             &self.pki.ca_cert(),
             &self.pki.client_cert(RELAY_IDENTITY),
             &self.pki.client_key(RELAY_IDENTITY),
         )
         .unwrap();
-        let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", self.broker.port());
+        let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", port);
         o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
         // Big enough to send an oversized command on purpose.
         o.set_max_packet_size(1 << 20, 1 << 20);
@@ -183,11 +215,7 @@ async fn the_outbox_is_delivered_and_deleted_only_once_acknowledged(kind: Kind) 
 async fn records_the_store_cannot_delete_are_not_sent_again_meanwhile(kind: Kind) {
     let rig = rig(kind);
     let (_relay, mut seen) = rig.relay().await;
-    let db = rusqlite::Connection::open(rig._dir.path().join("state").join("lockhub.db")).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER refuse_deletes BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'the disk says no'); END",
-    )
-    .unwrap();
+    let db = rig.refuse_deletes();
     rig.append_events(0..3);
     let (link, mut reports, _commands) = rig.link();
     let (stop, stopped) = watch::channel(false);
@@ -225,6 +253,54 @@ async fn records_the_store_cannot_delete_are_not_sent_again_meanwhile(kind: Kind
     task.await.unwrap();
 }
 
+/// A link stopped while its broker is away still deletes what the broker acknowledged before
+/// it went (here, records whose deletion failed then): no drain follows to do it, and each
+/// record left would be sent again after the restart.
+async fn acknowledged_records_are_deleted_when_the_link_stops_without_its_broker(kind: Kind) {
+    let mut rig = rig(kind);
+    let db = rig.refuse_deletes();
+    rig.append_events(0..3);
+    let (link, mut reports, _commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    reports.acknowledged.wait_for(|n| *n >= 3).await.unwrap();
+    rig.broker.kill();
+    reports.state.wait_for(|s| matches!(s, LinkState::Connecting)).await.unwrap();
+    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0, "acknowledged records left for the next start");
+    assert_eq!(*reports.delivered.borrow(), 3);
+}
+
+/// A link that gives up on its broker for the next one first deletes what the first
+/// acknowledged (here, records whose deletion failed while it was there): the next broker
+/// does not get them again.
+async fn acknowledged_records_are_deleted_before_the_link_moves_to_another_broker(kind: Kind) {
+    let mut rig = rig(kind);
+    let second = TestBroker::start(kind, &rig.pki, false);
+    let (_relay, mut seen) = rig.relay_on(second.port(), false).await;
+    let db = rig.refuse_deletes();
+    rig.append_events(0..3);
+    // Backing off from 250 ms, three failures take at least 1.3 s: the trigger goes well before.
+    let (link, mut reports, _commands) = rig.link_to(&[rig.broker.port(), second.port()], Duration::from_millis(250));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    reports.acknowledged.wait_for(|n| *n >= 3).await.unwrap();
+    rig.broker.kill();
+    reports.state.wait_for(|s| matches!(s, LinkState::Connecting)).await.unwrap();
+    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
+    reports.state.wait_for(|s| matches!(s, LinkState::Connected(1))).await.unwrap();
+    // The outbox goes out in order: anything left of the first three would come before this.
+    rig.append_events(3..4);
+    let first = String::from_utf8(next_on(&mut seen, "/events").await).unwrap();
+    assert_eq!(first, r#"{"id":"ev-3"}"#, "the second broker got a record the first had acknowledged");
+    reports.delivered.wait_for(|n| *n >= 4).await.unwrap();
+    assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
 async fn status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash(kind: Kind) {
     let rig = rig(kind);
     let (_relay, mut seen) = rig.relay().await;
@@ -242,7 +318,7 @@ async fn status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash(k
     let (link, mut reports, _commands) = rig.link();
     let (_stop, stopped) = watch::channel(false);
     let task = tokio::spawn(link.run(stopped));
-    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+    reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
     let status = next_on(&mut seen, "/status").await;
     assert!(String::from_utf8_lossy(&status).contains("online"), "{}", String::from_utf8_lossy(&status));
     task.abort();
@@ -256,7 +332,7 @@ async fn commands_arrive_and_oversized_ones_do_not_stop_the_link(kind: Kind) {
     let (link, mut reports, mut commands) = rig.link();
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(link.run(stopped));
-    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+    reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
     let cmd_topic = format!("lockhub/v1/{GW}/cmd");
     // Connected means subscribed.
     relay.publish(&cmd_topic, QoS::AtLeastOnce, false, b"first".to_vec()).await.unwrap();
@@ -273,7 +349,7 @@ async fn commands_arrive_and_oversized_ones_do_not_stop_the_link(kind: Kind) {
             break;
         }
     }
-    assert!(matches!(*reports.state.borrow(), lockhub::cloud::link::LinkState::Connected(_)), "the link kept serving");
+    assert!(matches!(*reports.state.borrow(), LinkState::Connected(_)), "the link kept serving");
     stop.send(true).unwrap();
     task.await.unwrap();
 }
@@ -292,7 +368,7 @@ async fn malformed_oversized_and_wrong_schema_payloads_get_typed_errors(kind: Ki
     let intake = Intake::new(rig.store.clone(), GatewayId::new(GW).unwrap(), rig.outbox_ready.clone());
     let (accepted_tx, mut accepted) = mpsc::channel(4);
     tokio::spawn(intake::serve(intake, commands, accepted_tx, || 1_000));
-    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+    reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
 
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
     let command = |id: &str, gw: &str| Command {
@@ -356,7 +432,7 @@ async fn malformed_oversized_and_wrong_schema_payloads_get_typed_errors(kind: Ki
         ["malformed", "malformed", "malformed", "malformed", "bad_signature", "wrong_gateway"],
         "one audit record per refusal, in order"
     );
-    assert!(matches!(*reports.state.borrow(), lockhub::cloud::link::LinkState::Connected(_)), "the link kept serving");
+    assert!(matches!(*reports.state.borrow(), LinkState::Connected(_)), "the link kept serving");
     stop.send(true).unwrap();
     task.await.unwrap();
 }
@@ -455,7 +531,7 @@ async fn link_child() {
             .unwrap();
     let (_stop, stopped) = watch::channel(false);
     tokio::spawn(link.run(stopped));
-    reports.state.wait_for(|s| matches!(s, lockhub::cloud::link::LinkState::Connected(_))).await.unwrap();
+    reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
     println!("CONNECTED");
     std::future::pending::<()>().await;
 }

@@ -215,6 +215,7 @@ pub struct CloudLink {
     commands: mpsc::Sender<InboundCommand>,
     state: watch::Sender<LinkState>,
     delivered: watch::Sender<u64>,
+    acknowledged: watch::Sender<u64>,
     express: mpsc::Receiver<Express>,
     express_lane: ExpressLane,
 }
@@ -226,6 +227,9 @@ pub struct LinkReports {
     pub state: watch::Receiver<LinkState>,
     /// Outbox records the broker acknowledged (and the store deleted) since the link started.
     pub delivered: watch::Receiver<u64>,
+    /// Outbox records the broker acknowledged since the link started, deleted yet or not: the
+    /// difference from `delivered` is what waits for a deletion (or failed one).
+    pub acknowledged: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for CloudLink {
@@ -391,6 +395,7 @@ impl CloudLink {
         let tls = client_config(&config.ca_file, &config.cert_file, &config.key_file)?;
         let (state, state_rx) = watch::channel(LinkState::Connecting);
         let (delivered, delivered_rx) = watch::channel(0);
+        let (acknowledged, acknowledged_rx) = watch::channel(0);
         let topics = Topics::new(&gateway_id);
         let (express_tx, express) = mpsc::channel(EXPRESS_LANE);
         let link = CloudLink {
@@ -404,10 +409,11 @@ impl CloudLink {
             commands,
             state,
             delivered,
+            acknowledged,
             express,
             express_lane: ExpressLane(express_tx),
         };
-        Ok((link, LinkReports { state: state_rx, delivered: delivered_rx }))
+        Ok((link, LinkReports { state: state_rx, delivered: delivered_rx, acknowledged: acknowledged_rx }))
     }
 
     /// The lane for publishes ahead of their outbox commit (take it before [`CloudLink::run`]).
@@ -502,13 +508,13 @@ impl CloudLink {
                             backoff = (backoff * 2).min(self.config.max_backoff);
                             tokio::select! {
                                 () = tokio::time::sleep(pause) => {}
-                                _ = shutdown.changed() => return,
+                                _ = shutdown.changed() => {
+                                    self.leave(&client, &mut flight, &mut draining).await;
+                                    return;
+                                }
                             }
                             if self.brokers.len() > 1 && failures_here >= 3 {
-                                if let Some(drained) = draining.finished_now().await {
-                                    self.drained(&client, &mut flight, drained, false);
-                                }
-                                self.delete_acked(&mut flight).await;
+                                self.leave(&client, &mut flight, &mut draining).await;
                                 // This broker stays away: try the next one, with a fresh session.
                                 index = (index + 1) % self.brokers.len();
                                 failures_here = 0;
@@ -536,9 +542,7 @@ impl CloudLink {
                     }
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() {
-                            if let Some(drained) = draining.finished_now().await {
-                                self.drained(&client, &mut flight, drained, connected);
-                            }
+                            self.finish_drain(&client, &mut flight, &mut draining, connected).await;
                             if connected {
                                 self.flush(&client, &mut eventloop, &mut flight).await;
                             }
@@ -597,7 +601,11 @@ impl CloudLink {
                 }
             }
             Event::Incoming(Incoming::PubAck(ack)) => {
-                let id = flight.by_pkid.remove(&ack.pkid).and_then(|tag| flight.acknowledged(tag));
+                let tag = flight.by_pkid.remove(&ack.pkid);
+                if matches!(tag, Some(Tag::Outbox(_) | Tag::Express(_))) {
+                    self.acknowledged.send_modify(|n| *n += 1);
+                }
+                let id = tag.and_then(|tag| flight.acknowledged(tag));
                 // Deleted by the next drain (each PUBACK asks for one), in batches: a crash
                 // before a batch commits only means those records are sent again.
                 if let Some(id) = id {
@@ -695,6 +703,28 @@ impl CloudLink {
                 flight.acked.extend(undeleted);
             }
         }
+    }
+
+    /// Takes in a drain still running beside the loop, without starting another (at a broker
+    /// switch or a stop). `connected`: whether what it read may still be sent.
+    async fn finish_drain(
+        &mut self,
+        client: &AsyncClient,
+        flight: &mut InFlight,
+        draining: &mut Draining,
+        connected: bool,
+    ) {
+        if let Some(drained) = draining.finished_now().await {
+            self.drained(client, flight, drained, connected);
+        }
+    }
+
+    /// Leaves a broker that is away, for another or for good: a running drain taken in and
+    /// what the broker acknowledged deleted — each record left would be sent again, to the
+    /// next broker or after the restart.
+    async fn leave(&mut self, client: &AsyncClient, flight: &mut InFlight, draining: &mut Draining) {
+        self.finish_drain(client, flight, draining, false).await;
+        self.delete_acked(flight).await;
     }
 
     /// Deletes the acknowledged records on the blocking pool and awaits it (at a broker switch

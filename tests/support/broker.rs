@@ -49,6 +49,14 @@ impl TestBroker {
             TestBroker::Mosquitto(m) => m.restart(),
         }
     }
+
+    /// Kills it (SIGKILL): its port refuses connections from now on.
+    pub fn kill(&mut self) {
+        match self {
+            TestBroker::Bundled(b) => b.kill(),
+            TestBroker::Mosquitto(m) => m.kill(),
+        }
+    }
 }
 
 /// Generates one `#[tokio::test]` per broker for each listed `async fn name(kind: Kind)`.

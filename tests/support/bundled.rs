@@ -21,8 +21,7 @@ pub struct Bundled {
 
 impl Drop for Bundled {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -56,6 +55,12 @@ impl Bundled {
         self.child.wait().unwrap();
         let (child, _) = Self::spawn(&self.pki, &self.data, self.port);
         self.child = child;
+    }
+
+    /// Kills the broker (SIGKILL) and reaps it: its port refuses connections from now on.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Its process id.

@@ -21,8 +21,7 @@ pub struct Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -66,6 +65,12 @@ impl Mosquitto {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signalling mosquitto");
         self.child.wait().expect("mosquitto exits");
         self.child = Self::spawn(&self.conf);
+    }
+
+    /// Kills the broker (SIGKILL) and reaps it: its port refuses connections from now on.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn spawn(conf: &std::path::Path) -> Child {
