@@ -253,20 +253,32 @@ async fn records_the_store_cannot_delete_are_not_sent_again_meanwhile(kind: Kind
     task.await.unwrap();
 }
 
-/// A link stopped while its broker is away still deletes what the broker acknowledged before
-/// it went (here, records whose deletion failed then): no drain follows to do it, and each
-/// record left would be sent again after the restart.
-async fn acknowledged_records_are_deleted_when_the_link_stops_without_its_broker(kind: Kind) {
-    let mut rig = rig(kind);
+/// A running link to the brokers on `ports` whose first broker acknowledged ev-0..2 and went
+/// away (killed) while the store refused to delete them; the store can delete again.
+async fn acknowledged_then_gone(
+    rig: &mut Rig,
+    ports: &[u16],
+    min_backoff: Duration,
+) -> (LinkReports, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     let db = rig.refuse_deletes();
     rig.append_events(0..3);
-    let (link, mut reports, _commands) = rig.link();
+    let (link, mut reports, _commands) = rig.link_to(ports, min_backoff);
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(link.run(stopped));
     reports.acknowledged.wait_for(|n| *n >= 3).await.unwrap();
     rig.broker.kill();
     reports.state.wait_for(|s| matches!(s, LinkState::Connecting)).await.unwrap();
     db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
+    (reports, stop, task)
+}
+
+/// A link stopped while its broker is away still deletes what the broker acknowledged before
+/// it went: no drain follows to do it, and each record left would be sent again after the
+/// restart.
+async fn acknowledged_records_are_deleted_when_the_link_stops_without_its_broker(kind: Kind) {
+    let mut rig = rig(kind);
+    let port = rig.broker.port();
+    let (reports, stop, task) = acknowledged_then_gone(&mut rig, &[port], Duration::from_millis(100)).await;
     stop.send(true).unwrap();
     task.await.unwrap();
     assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0, "acknowledged records left for the next start");
@@ -274,22 +286,14 @@ async fn acknowledged_records_are_deleted_when_the_link_stops_without_its_broker
 }
 
 /// A link that gives up on its broker for the next one first deletes what the first
-/// acknowledged (here, records whose deletion failed while it was there): the next broker
-/// does not get them again.
+/// acknowledged: the next broker does not get it again.
 async fn acknowledged_records_are_deleted_before_the_link_moves_to_another_broker(kind: Kind) {
     let mut rig = rig(kind);
     let second = TestBroker::start(kind, &rig.pki, false);
     let (_relay, mut seen) = rig.relay_on(second.port(), false).await;
-    let db = rig.refuse_deletes();
-    rig.append_events(0..3);
+    let ports = [rig.broker.port(), second.port()];
     // Backing off from 250 ms, three failures take at least 1.3 s: the trigger goes well before.
-    let (link, mut reports, _commands) = rig.link_to(&[rig.broker.port(), second.port()], Duration::from_millis(250));
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(link.run(stopped));
-    reports.acknowledged.wait_for(|n| *n >= 3).await.unwrap();
-    rig.broker.kill();
-    reports.state.wait_for(|s| matches!(s, LinkState::Connecting)).await.unwrap();
-    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
+    let (mut reports, stop, task) = acknowledged_then_gone(&mut rig, &ports, Duration::from_millis(250)).await;
     reports.state.wait_for(|s| matches!(s, LinkState::Connected(1))).await.unwrap();
     // The outbox goes out in order: anything left of the first three would come before this.
     rig.append_events(3..4);
