@@ -2,7 +2,8 @@
 //! stack: status, locks, audit (and its verification), users, forget-user, unbind and rekey as
 //! root, with tables and `--json`; an unprivileged user outside the admin group is refused with
 //! a message that says what to do — by the socket's mode, and by the server's own check when
-//! the mode is loosened; and deletions that another connection to the database holds up.
+//! the mode is loosened; deletions that another connection to the database holds up; and a
+//! flood of connections answered `busy` beyond the bound.
 
 mod support;
 
@@ -262,4 +263,63 @@ async fn once_its_retained_topics_are_cleared_no_file_names_the_unbound_lock() {
     let files = store_bytes(&state);
     assert!(!holds(&files, lock.as_bytes()), "the unbound lock's id is still in the store's files");
     assert!(!holds(&files, p.lock.address.as_bytes()), "the lock's address is still in the store's files");
+}
+
+/// Reads one answer line from a raw connection to the control socket.
+async fn answer_on(stream: &mut tokio::net::UnixStream) -> serde_json::Value {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    tokio::time::timeout(support::stack::WAIT, tokio::io::BufReader::new(stream).read_line(&mut line))
+        .await
+        .expect("no answer")
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// A flood of connections that send nothing (a script gone wrong) takes at most
+/// `MAX_CONNECTIONS` of the daemon's descriptors: the next is answered `busy` at once instead
+/// of waiting out their 10 s, and once one of them goes the socket serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_is_answered_busy_and_the_socket_serves_on() {
+    use lockhub::control::server::MAX_CONNECTIONS;
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start("gw-flood").await;
+    let run = tempfile::tempdir().unwrap();
+    let socket = run.path().join("control.sock");
+    let group = AdminGroup::load("root");
+    let listener = bind(&socket, &group).unwrap();
+    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
+    let server =
+        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket);
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
+
+    let mut silent = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    }
+    // Accepted in the order they connected: this one is over the bound.
+    let mut over = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let answer = answer_on(&mut over).await;
+    assert_eq!(answer["error"]["code"], "busy", "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("try again"), "{answer}");
+
+    // One leaves: its task sees the end of its request and gives its place back.
+    drop(silent.pop());
+    let served = tokio::time::timeout(support::stack::WAIT, async {
+        loop {
+            let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+            // Refused, the connection may be closed before the request is written: the answer
+            // is there to read all the same.
+            let _ = stream.write_all(b"{\"cmd\":\"status\"}\n").await;
+            let answer = answer_on(&mut stream).await;
+            if answer["error"]["code"] != "busy" {
+                return answer;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("never served again after a place was free");
+    assert_eq!(served["ok"]["gateway"], "gw-flood", "{served}");
 }

@@ -114,7 +114,7 @@ pub enum Answer {
     Ok(serde_json::Value),
     /// The request failed.
     Error {
-        /// Stable code: `unauthorised`, `malformed`, `not_found`, `failed`.
+        /// Stable code: `unauthorised`, `malformed`, `not_found`, `failed`, `busy`.
         code: String,
         /// What went wrong and what to do.
         message: String,

@@ -1,7 +1,7 @@
 //! The control socket's listener and handlers.
 //!
 //! One request per connection, read with a size bound and a time bound; the peer is checked
-//! before its request is read. Handlers run on their own tasks, so a slow one (unbind waits
+//! before its request is read; at most [`MAX_CONNECTIONS`] are served at once. Handlers run on their own tasks, so a slow one (unbind waits
 //! for the lock) holds up nobody else.
 
 use std::collections::HashMap;
@@ -29,6 +29,16 @@ use crate::store::{Store, StoreError};
 
 /// How long a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more are answered `busy` and closed. Each may hold a descriptor
+/// for 10 s (`REQUEST_TIMEOUT`) before its request arrives: without a bound, a script gone wrong in
+/// the admin group could take every descriptor the daemon has, and with them its store, its
+/// links to BlueZ and its broker connection.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long accepting pauses after it failed (out of descriptors, most likely): trying again at
+/// once would only fail again, as fast as the loop turns.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Creates the socket at `path`: a stale one is replaced; mode 0660, group `group` (when it
 /// exists), so that only root, the daemon and the group's members can connect.
@@ -113,15 +123,45 @@ impl<T: LockTransport> ControlServer<T> {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let this = Arc::new(self);
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut said_busy = false;
+        let pause = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(pause);
+        let mut paused = false;
         loop {
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let this = this.clone();
-                        tokio::spawn(async move { this.serve(stream).await });
+                accepted = listener.accept(), if !paused => match accepted {
+                    Ok((stream, _)) => match connections.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            said_busy = false;
+                            let this = this.clone();
+                            tokio::spawn(async move {
+                                this.serve(stream).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            if !std::mem::replace(&mut said_busy, true) {
+                                tracing::warn!(
+                                    limit = MAX_CONNECTIONS,
+                                    "control socket: too many connections at once; answering busy"
+                                );
+                            }
+                            // A fresh socket's buffer takes a line: this never waits for the peer.
+                            let busy = Answer::error(
+                                "busy",
+                                format!("{MAX_CONNECTIONS} requests are being served; try again in a moment"),
+                            );
+                            let _ = stream.try_write(&busy.line());
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket: accept failed; pausing {ACCEPT_PAUSE:?}");
+                        pause.as_mut().reset(tokio::time::Instant::now() + ACCEPT_PAUSE);
+                        paused = true;
                     }
-                    Err(e) => tracing::warn!(error = %e, "control socket: accept failed"),
                 },
+                () = &mut pause, if paused => paused = false,
                 update = updates.recv() => match update {
                     Ok(LockUpdate::Report { lock, status, connected, reachable, .. }) => {
                         let mut latest = this.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
