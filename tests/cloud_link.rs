@@ -17,6 +17,7 @@ on_both_brokers!(
     records_the_store_cannot_delete_are_not_sent_again_meanwhile,
     acknowledged_records_are_deleted_when_the_link_stops_without_its_broker,
     acknowledged_records_are_deleted_before_the_link_moves_to_another_broker,
+    records_the_store_cannot_delete_are_not_sent_to_the_next_broker_either,
 );
 
 use std::collections::BTreeSet;
@@ -254,12 +255,13 @@ async fn records_the_store_cannot_delete_are_not_sent_again_meanwhile(kind: Kind
 }
 
 /// A running link to the brokers on `ports` whose first broker acknowledged ev-0..2 and went
-/// away (killed) while the store refused to delete them; the store can delete again.
+/// away (killed) while the store refused to delete them (until `DROP TRIGGER refuse_deletes`
+/// through the connection returned).
 async fn acknowledged_then_gone(
     rig: &mut Rig,
     ports: &[u16],
     min_backoff: Duration,
-) -> (LinkReports, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+) -> (LinkReports, watch::Sender<bool>, tokio::task::JoinHandle<()>, rusqlite::Connection) {
     let db = rig.refuse_deletes();
     rig.append_events(0..3);
     let (link, mut reports, _commands) = rig.link_to(ports, min_backoff);
@@ -268,8 +270,20 @@ async fn acknowledged_then_gone(
     reports.acknowledged.wait_for(|n| *n >= 3).await.unwrap();
     rig.broker.kill();
     reports.state.wait_for(|s| matches!(s, LinkState::Connecting)).await.unwrap();
-    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
-    (reports, stop, task)
+    (reports, stop, task, db)
+}
+
+/// Every event the relay sees until `last` (inclusive).
+async fn events_until(seen: &mut mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>, last: &str) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let event = String::from_utf8(next_on(seen, "/events").await).unwrap();
+        let done = event == last;
+        got.push(event);
+        if done {
+            return got;
+        }
+    }
 }
 
 /// A link stopped while its broker is away still deletes what the broker acknowledged before
@@ -278,7 +292,8 @@ async fn acknowledged_then_gone(
 async fn acknowledged_records_are_deleted_when_the_link_stops_without_its_broker(kind: Kind) {
     let mut rig = rig(kind);
     let port = rig.broker.port();
-    let (reports, stop, task) = acknowledged_then_gone(&mut rig, &[port], Duration::from_millis(100)).await;
+    let (reports, stop, task, db) = acknowledged_then_gone(&mut rig, &[port], Duration::from_millis(100)).await;
+    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
     stop.send(true).unwrap();
     task.await.unwrap();
     assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0, "acknowledged records left for the next start");
@@ -293,13 +308,36 @@ async fn acknowledged_records_are_deleted_before_the_link_moves_to_another_broke
     let (_relay, mut seen) = rig.relay_on(second.port(), false).await;
     let ports = [rig.broker.port(), second.port()];
     // Backing off from 250 ms, three failures take at least 1.3 s: the trigger goes well before.
-    let (mut reports, stop, task) = acknowledged_then_gone(&mut rig, &ports, Duration::from_millis(250)).await;
+    let (mut reports, stop, task, db) = acknowledged_then_gone(&mut rig, &ports, Duration::from_millis(250)).await;
+    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
     reports.state.wait_for(|s| matches!(s, LinkState::Connected(1))).await.unwrap();
     // The outbox goes out in order: anything left of the first three would come before this.
     rig.append_events(3..4);
     let first = String::from_utf8(next_on(&mut seen, "/events").await).unwrap();
     assert_eq!(first, r#"{"id":"ev-3"}"#, "the second broker got a record the first had acknowledged");
     reports.delivered.wait_for(|n| *n >= 4).await.unwrap();
+    assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// Acknowledged records the store still cannot delete when the link moves to another broker go
+/// with it, still to be deleted: the next broker does not get them again either.
+async fn records_the_store_cannot_delete_are_not_sent_to_the_next_broker_either(kind: Kind) {
+    let mut rig = rig(kind);
+    let second = TestBroker::start(kind, &rig.pki, false);
+    let (_relay, mut seen) = rig.relay_on(second.port(), false).await;
+    let ports = [rig.broker.port(), second.port()];
+    let (mut reports, stop, task, db) = acknowledged_then_gone(&mut rig, &ports, Duration::from_millis(100)).await;
+    reports.state.wait_for(|s| matches!(s, LinkState::Connected(1))).await.unwrap();
+    rig.append_events(3..4);
+    let mut got = events_until(&mut seen, r#"{"id":"ev-3"}"#).await;
+    assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 4, "nothing could be deleted");
+    db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
+    rig.append_events(4..5);
+    got.extend(events_until(&mut seen, r#"{"id":"ev-4"}"#).await);
+    assert_eq!(got, [r#"{"id":"ev-3"}"#, r#"{"id":"ev-4"}"#], "the second broker got what the first acknowledged");
+    reports.delivered.wait_for(|n| *n >= 5).await.unwrap();
     assert_eq!(rig.store.lock().unwrap().outbox_len().unwrap(), 0);
     stop.send(true).unwrap();
     task.await.unwrap();

@@ -442,6 +442,9 @@ impl CloudLink {
         let mut index = 0;
         let mut backoff = self.config.min_backoff;
         let mut failures_here = 0u32;
+        // Acknowledged records the store could not delete yet, carried from one broker to the
+        // next: read again as pending, the next broker would get them again.
+        let mut undeleted = Vec::new();
         loop {
             let broker = self.brokers[index].clone();
             let (client, mut eventloop) = AsyncClient::new(self.options(&broker), 128);
@@ -449,7 +452,7 @@ impl CloudLink {
             let mut network = rumqttc::NetworkOptions::new();
             network.set_tcp_nodelay(true);
             eventloop.set_network_options(network);
-            let mut flight = InFlight::default();
+            let mut flight = InFlight { acked: std::mem::take(&mut undeleted), ..InFlight::default() };
             let mut draining = Draining::default();
             let mut connected = false;
             let mut logged_down = false;
@@ -515,6 +518,7 @@ impl CloudLink {
                             }
                             if self.brokers.len() > 1 && failures_here >= 3 {
                                 self.leave(&client, &mut flight, &mut draining).await;
+                                undeleted = std::mem::take(&mut flight.acked);
                                 // This broker stays away: try the next one, with a fresh session.
                                 index = (index + 1) % self.brokers.len();
                                 failures_here = 0;
