@@ -631,6 +631,21 @@ async fn read_packet(
 /// them in is what counts; a scripted TLS server reads it. (Found under callgrind, which
 /// slowed the gateway enough for a command sent on "online" to be routed before the
 /// subscription existed, and dropped.)
+/// A link whose owner drops the stop signal's sender without a word stops as if told: `offline`,
+/// then the end of its task (it used to spin on the closed signal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_whose_stop_signal_goes_away_stops_cleanly() {
+    let rig = rig(Kind::Bundled);
+    let (_relay, mut seen) = rig.relay().await;
+    let (link, _reports, _commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    assert!(String::from_utf8_lossy(&next_on(&mut seen, "/status").await).contains(r#""status":"online""#));
+    drop(stop);
+    tokio::time::timeout(Duration::from_secs(20), task).await.expect("the link runs on").unwrap();
+    assert_eq!(next_on(&mut seen, "/status").await, br#"{"status":"offline"}"#);
+}
+
 #[tokio::test]
 async fn the_command_subscription_goes_out_before_online() {
     use tokio::io::AsyncWriteExt;

@@ -46,6 +46,21 @@ async fn as_nobody(socket: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8(out.stderr).unwrap())
 }
 
+/// Serves `stack`'s control socket at `run`/control.sock, root's group as the admin group,
+/// reporting the store's deletions, until the returned sender is dropped (the handle ends then).
+fn serve_control(stack: &Stack, run: &Path) -> (std::path::PathBuf, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let socket = run.join("control.sock");
+    let group = AdminGroup::load("root");
+    let listener = bind(&socket, &group).unwrap();
+    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
+    let server =
+        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket)
+            .reporting_deletions(stack.log_debt.clone());
+    let (stop, stopped) = watch::channel(false);
+    let serving = tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
+    (socket, stop, serving)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_cli_over_the_control_socket() {
     let stack = Stack::start("gw-admin").await;
@@ -183,15 +198,7 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
 async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_left() {
     let stack = Stack::start("gw-held").await;
     let run = tempfile::tempdir().unwrap();
-    let socket = run.path().join("control.sock");
-    let group = AdminGroup::load("root");
-    let listener = bind(&socket, &group).unwrap();
-    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
-    let server =
-        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket)
-            .reporting_deletions(stack.log_debt.clone());
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
+    let (socket, _stop, _serving) = serve_control(&stack, run.path());
     let p = claim_pair_grant(&stack, &[Permission::Unlock], None).await;
     let lock = p.lock_id.to_string();
     let user_key = p.user.public().to_string();
@@ -278,21 +285,15 @@ async fn answer_on(stream: &mut tokio::net::UnixStream) -> serde_json::Value {
 
 /// A flood of connections that send nothing (a script gone wrong) takes at most
 /// `MAX_CONNECTIONS` of the daemon's descriptors: the next is answered `busy` at once instead
-/// of waiting out their 10 s, and once one of them goes the socket serves again.
+/// of waiting out their 10 s, and once one of them goes the socket serves again. (And the
+/// server stops when its stop signal's sender is dropped.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_silent_connections_is_answered_busy_and_the_socket_serves_on() {
     use lockhub::control::server::MAX_CONNECTIONS;
     use tokio::io::AsyncWriteExt;
     let stack = Stack::start("gw-flood").await;
     let run = tempfile::tempdir().unwrap();
-    let socket = run.path().join("control.sock");
-    let group = AdminGroup::load("root");
-    let listener = bind(&socket, &group).unwrap();
-    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
-    let server =
-        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket);
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
+    let (socket, stop, serving) = serve_control(&stack, run.path());
 
     let mut silent = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
@@ -322,4 +323,9 @@ async fn a_flood_of_silent_connections_is_answered_busy_and_the_socket_serves_on
     .await
     .expect("never served again after a place was free");
     assert_eq!(served["ok"]["gateway"], "gw-flood", "{served}");
+
+    // Its owner gone without a word: the server stops (and removes its socket) all the same.
+    drop(stop);
+    tokio::time::timeout(support::stack::WAIT, serving).await.expect("still serving").unwrap();
+    assert!(!socket.exists());
 }

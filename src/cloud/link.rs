@@ -544,8 +544,9 @@ impl CloudLink {
                             send_express(&client, &mut flight, express);
                         }
                     }
-                    _ = shutdown.changed() => {
-                        if *shutdown.borrow() {
+                    changed = shutdown.changed() => {
+                        // A sender gone is a stop too (else this arm would fire on every turn).
+                        if changed.is_err() || *shutdown.borrow() {
                             self.finish_drain(&client, &mut flight, &mut draining, connected).await;
                             if connected {
                                 self.flush(&client, &mut eventloop, &mut flight).await;

@@ -178,8 +178,9 @@ impl<T: LockTransport> ControlServer<T> {
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
+                changed = shutdown.changed() => {
+                    // A sender gone is a stop too (else this arm would fire on every turn).
+                    if changed.is_err() || *shutdown.borrow() {
                         let _ = std::fs::remove_file(&this.path);
                         return;
                     }

@@ -75,8 +75,9 @@ pub async fn run(store: Arc<Mutex<Store>>, clock: Clock, mut shutdown: watch::Re
         }
         tokio::select! {
             () = tokio::time::sleep(EVERY) => {}
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
+            changed = shutdown.changed() => {
+                // A sender gone is a stop too (else this arm would fire on every turn).
+                if changed.is_err() || *shutdown.borrow() {
                     return;
                 }
             }

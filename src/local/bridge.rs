@@ -243,8 +243,9 @@ impl<T: LockTransport> LocalBridge<T> {
                         let _ = outgoing.send(vec![Retained { topic: this.ha.cloud_topic(), payload: state.into() }]);
                     }
                 }
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
+                changed = shutdown.changed() => {
+                    // A sender gone is a stop too (else this arm would fire on every turn).
+                    if changed.is_err() || *shutdown.borrow() {
                         if connected {
                             // try_: a full request queue must not hold the stop up.
                             let _ = client.try_publish(this.ha.availability(), QoS::AtLeastOnce, true, OFFLINE);
