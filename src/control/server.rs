@@ -1,8 +1,8 @@
 //! The control socket's listener and handlers.
 //!
 //! One request per connection, read with a size bound and a time bound; the peer is checked
-//! before its request is read; at most [`MAX_CONNECTIONS`] are served at once. Handlers run on their own tasks, so a slow one (unbind waits
-//! for the lock) holds up nobody else.
+//! before its request is read; at most [`MAX_CONNECTIONS`] are served at once. Handlers run on
+//! their own tasks, so a slow one (unbind waits for the lock) holds up nobody else.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,9 +31,9 @@ use crate::store::{Store, StoreError};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections served at once; more are answered `busy` and closed. Each may hold a descriptor
-/// for 10 s (`REQUEST_TIMEOUT`) before its request arrives: without a bound, a script gone wrong in
-/// the admin group could take every descriptor the daemon has, and with them its store, its
-/// links to BlueZ and its broker connection.
+/// for 10 s (`REQUEST_TIMEOUT`) before its request arrives: without a bound, a script gone
+/// wrong in the admin group could take every descriptor the daemon has, and with them its
+/// store, its links to BlueZ and its broker connection.
 pub const MAX_CONNECTIONS: usize = 16;
 
 /// How long accepting pauses after it failed (out of descriptors, most likely): trying again at
