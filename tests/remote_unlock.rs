@@ -187,6 +187,35 @@ async fn commands_beyond_the_rate_limit_are_refused() {
     assert_eq!(outcomes.iter().filter(|o| *o == "rate_limited").count(), 1, "{outcomes:?}");
 }
 
+/// Whoever can publish on the command topic (the cloud, which is not trusted) sends a flood of
+/// garbage: the audit log takes a burst of it one by one and counts the rest, written as one
+/// summary before the next record — so the flood is on the record without filling the disk —
+/// and the gateway serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_garbage_is_counted_not_recorded_one_by_one() {
+    use lockhub::store::audit_budget::{BURST, SUMMARY_ACTION};
+    let stack = Stack::start("gw-garbage").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
+    let over = 50;
+    for i in 0..BURST as usize + over {
+        p.app.publish_text(format!("not a statement {i}")).await.unwrap();
+    }
+    // Taken in order after the flood: by its reply, all of the flood was handled.
+    assert_reply(&p.send(&stack, Operation::Lock).await, Outcome::Ok, None);
+    let store = stack.store.lock().unwrap();
+    let records = store.audit_records(0, 1000).unwrap();
+    let one_by_one = records.iter().filter(|r| r.action == "cloud.statement" && r.outcome == "malformed").count();
+    assert_eq!(one_by_one, BURST as usize, "recorded one by one");
+    let summaries: Vec<_> = records.iter().filter(|r| r.action == SUMMARY_ACTION).collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    let summary = summaries[0];
+    assert!(summary.detail.starts_with(&format!("{over} refusals")), "{}", summary.detail);
+    assert!(summary.detail.ends_with(&format!(": malformed {over}")), "{}", summary.detail);
+    let command = records.iter().find(|r| r.action == "command.lock").unwrap();
+    assert!(summary.seq < command.seq, "the summary goes before the next record");
+    assert!(matches!(store.verify_audit().unwrap(), lockhub::store::audit::AuditVerification::Intact { .. }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jam_and_an_unreachable_lock_are_reported_truthfully() {
     let stack = Stack::start("gw-faults").await;

@@ -747,3 +747,53 @@ fn the_principals_version_moves_with_every_change_to_who_may_do_what_and_only_th
     assert!(store.forget_user(&user, 5).unwrap());
     assert_ne!(version.get(), before, "forgetting a user");
 }
+
+/// Refusals attributed to nobody beyond the audit budget are counted, not recorded one by one;
+/// a transaction that fails takes its counts with it; the hourly housekeeping writes what was
+/// counted as one record, and the chain still verifies.
+#[test]
+fn refusals_from_strangers_beyond_the_budget_are_counted_and_the_housekeeping_writes_the_count() {
+    use lockhub::store::audit_budget::{BURST, SUMMARY_ACTION};
+    let dir = temp_dir();
+    let store = std::sync::Mutex::new(Store::open(config(dir.path())).unwrap());
+    let t = 1_700_000_000;
+    let refuse = |store: &mut Store, outcome: &str| {
+        store.transaction(|tx| {
+            tx.audit(AuditEntry {
+                at: t,
+                action: "cloud.statement",
+                outcome,
+                actor: AuditActor::Unknown,
+                lock: None,
+                detail: "",
+            })
+        })
+    };
+    for _ in 0..BURST {
+        assert!(refuse(&mut store.lock().unwrap(), "bad_signature").unwrap(), "within the budget: recorded");
+    }
+    assert!(!refuse(&mut store.lock().unwrap(), "bad_signature").unwrap(), "beyond it: counted");
+    assert!(!refuse(&mut store.lock().unwrap(), "malformed").unwrap());
+    // Counted in a transaction that then failed: not counted after all.
+    let failed: Result<(), StoreError> = store.lock().unwrap().transaction(|tx| {
+        tx.audit(AuditEntry {
+            at: t,
+            action: "cloud.statement",
+            outcome: "malformed",
+            actor: AuditActor::Unknown,
+            lock: None,
+            detail: "",
+        })?;
+        Err(StoreError::Invalid("the disk says no"))
+    });
+    assert!(failed.is_err());
+    lockhub::gateway::maintenance::tidy(&store, t + 10).unwrap();
+    let store = store.into_inner().unwrap();
+    let records = store.audit_records(0, 1000).unwrap();
+    assert_eq!(records.len(), BURST as usize + 1);
+    let summary = records.last().unwrap();
+    assert_eq!((summary.action.as_str(), summary.at), (SUMMARY_ACTION, t + 10));
+    assert!(summary.detail.starts_with("2 refusals"), "{}", summary.detail);
+    assert!(summary.detail.ends_with(": bad_signature 1, malformed 1"), "{}", summary.detail);
+    assert_eq!(store.verify_audit().unwrap(), AuditVerification::Intact { records: BURST as u64 + 1 });
+}

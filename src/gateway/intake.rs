@@ -63,12 +63,12 @@ impl Intake {
         Ok(signed)
     }
 
-    /// Records a refusal: the audit record and, if the id is known, the reply, atomically.
+    /// Records a refusal: the audit record and, if the id is known, the reply, atomically —
+    /// or, beyond the audit budget, only counts it (see [`crate::store::audit_budget`]).
     pub fn refuse(&self, refusal: &Refusal, action: &str, now: i64) -> Result<(), StoreError> {
-        tracing::warn!(id = refusal.id.as_ref().map(|i| i.as_str()), reason = %refusal.reason, detail = %refusal.detail, "statement refused");
         let mut store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        store.transaction(|tx| {
-            tx.audit(AuditEntry {
+        let recorded = store.transaction(|tx| {
+            let recorded = tx.audit(AuditEntry {
                 at: now,
                 action,
                 outcome: refusal.reason.as_str(),
@@ -77,14 +77,22 @@ impl Intake {
                 lock: None,
                 detail: &refusal.detail,
             })?;
-            if let Some(id) = &refusal.id {
+            // Beyond the audit budget (a flood), nobody is answered either: a reply is a
+            // durable record too, and whoever floods is not waiting for one.
+            if recorded && let Some(id) = &refusal.id {
                 let reply = Reply::refused(id.as_str(), refusal.reason, &refusal.detail, now);
                 tx.append_outbox(None, &self.topics.replies(), &reply.to_json(), false, now)?;
             }
-            Ok(())
+            Ok(recorded)
         })?;
         drop(store);
-        self.outbox_ready.notify_one();
+        let id = refusal.id.as_ref().map(|i| i.as_str());
+        if recorded {
+            tracing::warn!(id, reason = %refusal.reason, detail = %refusal.detail, "statement refused");
+            self.outbox_ready.notify_one();
+        } else {
+            tracing::debug!(id, reason = %refusal.reason, "statement refused; counted, not recorded (a flood)");
+        }
         Ok(())
     }
 }

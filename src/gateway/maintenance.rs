@@ -1,5 +1,6 @@
 //! Housekeeping while the daemon runs: command ids remembered past their use, and audit records
-//! past the retention period, are deleted once an hour.
+//! past the retention period, are deleted once an hour; refusals the audit budget counted since
+//! its last summary are written.
 //!
 //! Forgetting is where a clock that jumps does harm. A command id is remembered until an hour
 //! after the command expires, so that a replay is refused; if the wall clock leapt a day ahead,
@@ -55,6 +56,7 @@ pub fn tidy(store: &Mutex<Store>, safe_now: i64) -> Result<Tidied, StoreError> {
     let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let commands = store.expire_commands(safe_now)?;
     let audit_records = store.prune_audit(safe_now)?;
+    store.write_counted_audit(safe_now)?;
     Ok(Tidied { commands, audit_records })
 }
 

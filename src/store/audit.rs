@@ -10,6 +10,7 @@ use hmac::{Hmac, Mac};
 use rusqlite::{OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use super::audit_budget::{Admission, SUMMARY_ACTION};
 use super::seal::Place;
 use super::{Store, StoreError, Tx};
 use crate::protocol::ids::LockId;
@@ -166,8 +167,35 @@ impl Tx<'_> {
         Ok(pseudonym("lock", &key, id.as_bytes()))
     }
 
-    /// Appends a record to the chain; returns its sequence number.
-    pub fn audit(&mut self, entry: AuditEntry<'_>) -> Result<i64, StoreError> {
+    /// Appends a record to the chain.
+    ///
+    /// A record attributed to nobody ([`AuditActor::Unknown`]) may be counted instead, within
+    /// the [`audit_budget`](super::audit_budget); what was counted is written as one summary
+    /// record before this one. Returns whether this record was written (else counted).
+    pub fn audit(&mut self, entry: AuditEntry<'_>) -> Result<bool, StoreError> {
+        if entry.actor == AuditActor::Unknown && self.audit_budget.admit(entry.outcome, entry.at) == Admission::Count {
+            return Ok(false);
+        }
+        self.write_counted(entry.at)?;
+        self.append_record(entry)?;
+        Ok(true)
+    }
+
+    /// Writes what the audit budget counted since its last summary, as one record, if anything.
+    pub fn write_counted(&mut self, now: i64) -> Result<(), StoreError> {
+        let Some(summary) = self.audit_budget.take_summary() else { return Ok(()) };
+        self.append_record(AuditEntry {
+            at: now,
+            action: SUMMARY_ACTION,
+            outcome: "counted",
+            actor: AuditActor::Unknown,
+            lock: None,
+            detail: &summary.detail,
+        })
+        .map(|_| ())
+    }
+
+    fn append_record(&mut self, entry: AuditEntry<'_>) -> Result<i64, StoreError> {
         let actor = match &entry.actor {
             AuditActor::Hub => "hub".to_owned(),
             AuditActor::Admin => "admin".to_owned(),
@@ -215,6 +243,16 @@ impl Tx<'_> {
 }
 
 impl Store {
+    /// Writes the audit budget's summary of counted refusals now, if it counted any: the
+    /// hourly housekeeping and a stopping daemon call this; otherwise it goes in before the next
+    /// record.
+    pub fn write_counted_audit(&mut self, now: i64) -> Result<(), StoreError> {
+        if !self.audit_budget.has_counted() {
+            return Ok(());
+        }
+        self.transaction(|tx| tx.write_counted(now))
+    }
+
     /// Checks every record against its predecessor, from the anchor on; names the first bad one.
     pub fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
         let (mut prev_seq, mut prev_hash) = anchor(&self.conn)?;

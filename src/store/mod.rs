@@ -12,6 +12,7 @@
 //! and its audit record commit together or not at all.
 
 pub mod audit;
+pub mod audit_budget;
 pub mod checkpoint;
 pub mod master_key;
 mod outbox;
@@ -199,6 +200,8 @@ pub struct Store {
     handed_off: Option<checkpoint::HandOff>,
     /// The outbox may hold a record that clears a retained topic ([`Store::outbox_ack`]).
     clearing_pending: bool,
+    /// How many records of refusals attributed to nobody the audit log still takes.
+    audit_budget: audit_budget::AuditBudget,
 }
 
 /// A count of the changes to who may do what: owners, users, grants, revocations, policies,
@@ -303,6 +306,7 @@ impl Store {
             principals,
             handed_off: None,
             clearing_pending: false,
+            audit_budget: audit_budget::AuditBudget::default(),
         };
         store.check_key(key)?;
         // Left from before a restart, an unbound lock's clearing records still name it.
@@ -356,12 +360,15 @@ impl Store {
 
     /// Runs `f` in one transaction: everything it does commits together (durably) or not at all.
     pub fn transaction<R>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let audit_budget = self.audit_budget.clone();
         let tx = self.conn.transaction()?;
-        let mut wrapped = Tx { tx, sealer: &self.sealer, clearing_appended: false };
+        let mut wrapped = Tx { tx, sealer: &self.sealer, clearing_appended: false, audit_budget };
         let r = f(&mut wrapped)?;
-        let clearing_appended = wrapped.clearing_appended;
-        wrapped.tx.commit()?;
+        let Tx { tx, clearing_appended, audit_budget, .. } = wrapped;
+        tx.commit()?;
         self.clearing_pending |= clearing_appended;
+        // What the transaction wrote or counted holds only once it committed.
+        self.audit_budget = audit_budget;
         Ok(r)
     }
 
@@ -449,6 +456,8 @@ pub struct Tx<'a> {
     sealer: &'a Sealer,
     /// An outbox record that clears a retained topic was appended ([`Store::outbox_ack`]).
     clearing_appended: bool,
+    /// The store's audit budget as this transaction leaves it ([`audit_budget`]).
+    audit_budget: audit_budget::AuditBudget,
 }
 
 impl std::fmt::Debug for Tx<'_> {

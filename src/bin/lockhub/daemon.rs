@@ -229,6 +229,15 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     if !gateway.stop_locks(STOP_LOCKS).await {
         tracing::warn!("locks' tasks still busy after {STOP_LOCKS:?}: stopping without what they were reading");
     }
+    // Refusals the audit budget counted are written before the count goes with the process.
+    let counted = store.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        counted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write_counted_audit(unix_now())
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::error!("could not write the audit's count of refusals not recorded one by one");
+    }
     let _ = stop.send(true);
     let _ = tokio::time::timeout(lockhub::cloud::link::FLUSH_TIMEOUT + Duration::from_secs(3), link_task).await;
     if let Some(local) = local_task {
