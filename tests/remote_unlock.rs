@@ -216,6 +216,32 @@ async fn a_flood_of_garbage_is_counted_not_recorded_one_by_one() {
     assert!(matches!(store.verify_audit().unwrap(), lockhub::store::audit::AuditVerification::Intact { .. }));
 }
 
+/// A stranger's statements are refused without anything of theirs being remembered (beyond the
+/// budgeted audit records): a remembered id stays until its statement expires, and a stranger
+/// picks the expiry — here a grant to themselves valid for ten years. A replay is refused like
+/// the first delivery; a known user's ids are remembered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_statements_are_refused_without_being_remembered() {
+    let stack = Stack::start("gw-stranger").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
+    let stranger = stack.key("stranger");
+    // The set-up's ids forgotten, so that what follows is counted from nothing.
+    stack.store.lock().unwrap().expire_commands(i64::MAX).unwrap();
+    let now = unix_now();
+    let self_grant =
+        Statement::Grant(grant(&stack.gw, stranger.public(), p.lock_id, vec![Permission::Unlock], None, 3650, now));
+    for _ in 0..2 {
+        assert_reply(&p.app.send(&self_grant, &stranger, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
+    }
+    let unlock = Statement::Command(command(&stack.gw, p.lock_id, Operation::Unlock, now, 30));
+    assert_reply(&p.app.send(&unlock, &stranger, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
+    assert_reply(&p.send(&stack, Operation::Lock).await, Outcome::Ok, None);
+    let remembered = stack.store.lock().unwrap().expire_commands(i64::MAX).unwrap();
+    assert_eq!(remembered, 1, "only the known user's command id was remembered");
+    let outcomes = stack.audited("statement", &["unknown_key", "unknown_key"]).await;
+    assert_eq!(outcomes.iter().filter(|o| *o == "unknown_key").count(), 2, "each delivery audited: {outcomes:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jam_and_an_unreachable_lock_are_reported_truthfully() {
     let stack = Stack::start("gw-faults").await;

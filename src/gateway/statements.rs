@@ -467,16 +467,32 @@ impl<T: LockTransport> Gateway<T> {
             Statement::Claim(_) | Statement::Revoke(_) => None,
         };
         let (_, exp) = statement.validity();
-        let seen = self.store().transaction(|tx| {
-            let seen = tx.note_command(&key, lock, exp.saturating_add(REMEMBER_AFTER_EXPIRY_S), &digest)?;
-            if let CommandSeen::Duplicate(Some(reply)) = &seen {
-                tx.append_outbox(None, &self.topics.replies(), reply, false, (self.clock)().0)?;
-            }
-            Ok(seen)
-        })?;
+        let owner = self.is_owner(&signed.signer)?;
+        // A stranger — anyone but an owner or a known user, signing anything but a claim — has
+        // nothing of theirs remembered: a noted id stays until its statement expires, and a
+        // stranger picks the expiry (a grant's may be years away), so a flood of them would fill
+        // the disk. Nothing of a stranger's ever runs, so there is nothing to run twice; a
+        // replay is judged like the first delivery.
+        let stranger = !owner && !matches!(statement, Statement::Claim(_)) && !self.known_user(&signed.signer, lock)?;
+        let seen = if stranger {
+            CommandSeen::New
+        } else {
+            self.store().transaction(|tx| {
+                let seen = tx.note_command(&key, lock, exp.saturating_add(REMEMBER_AFTER_EXPIRY_S), &digest)?;
+                if let CommandSeen::Duplicate(Some(reply)) = &seen {
+                    tx.append_outbox(None, &self.topics.replies(), reply, false, (self.clock)().0)?;
+                }
+                Ok(seen)
+            })?
+        };
         timing.mark(Stage::Noted);
-        // Noted: the broker may forget it now.
-        let _ = delivery.stored.send(());
+        // Noted: the broker may forget it now. A stranger's delivery, once its refusal is recorded.
+        let delivery = if stranger {
+            Some(delivery)
+        } else {
+            let _ = delivery.stored.send(());
+            None
+        };
         let replayed = match seen {
             CommandSeen::New => false,
             CommandSeen::Conflict => true,
@@ -486,7 +502,6 @@ impl<T: LockTransport> Gateway<T> {
                 return Ok(());
             }
         };
-        let owner = self.is_owner(&signed.signer)?;
         let actor = if owner { AuditActor::Admin } else { AuditActor::User(signed.signer.as_bytes().to_vec()) };
         let mut pending = None;
         let (reply, action) = match statement {
@@ -507,9 +522,12 @@ impl<T: LockTransport> Gateway<T> {
             (_, Some(Reason::UnknownKey)) => Some(AuditActor::Unknown),
             _ => Some(actor),
         };
-        let record = self.outcome_record(&key, &reply, &action, actor, lock, !replayed, pending);
+        let record = self.outcome_record(&key, &reply, &action, actor, lock, !replayed && !stranger, pending);
         timing.mark(Stage::Replied);
         self.finish(record, &reply).await?;
+        if let Some(delivery) = delivery {
+            let _ = delivery.stored.send(());
+        }
         if matches!(statement, Statement::Command(_)) {
             timing.mark(Stage::Committed);
             timing.log(statement.id().as_str());
@@ -519,6 +537,18 @@ impl<T: LockTransport> Gateway<T> {
 
     fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
         Ok(self.facts.owners(&self.store)?.iter().any(|k| k.as_slice() == key.as_bytes()))
+    }
+
+    /// Whether `signer` is a user the gateway knows (an owner granted them something once);
+    /// from the facts cache when `lock` is paired, which the command's judgement reads next.
+    fn known_user(&self, signer: &PublicKey, lock: Option<LockId>) -> Result<bool, StoreError> {
+        match lock {
+            Some(lock) if self.lock(lock).is_some() => Ok(self
+                .facts
+                .signer(&self.store, signer.as_bytes(), lock, |store| self.signer_facts(store, signer, lock))?
+                .known_user),
+            _ => self.store().user_known(signer.as_bytes()),
+        }
     }
 
     /// What the store says about `signer` and paired `lock` (the facts cache's miss).
