@@ -218,8 +218,9 @@ async fn a_flood_of_garbage_is_counted_not_recorded_one_by_one() {
 
 /// A stranger's statements are refused without anything of theirs being remembered (beyond the
 /// budgeted audit records): a remembered id stays until its statement expires, and a stranger
-/// picks the expiry — here a grant to themselves valid for ten years. A replay is refused like
-/// the first delivery; a known user's ids are remembered as before.
+/// picks the expiry — here a grant to themselves valid for ten years, or a claim of a gateway
+/// that has its owner. A replay is refused like the first delivery; a known user's ids are
+/// remembered as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strangers_statements_are_refused_without_being_remembered() {
     let stack = Stack::start("gw-stranger").await;
@@ -235,6 +236,9 @@ async fn a_strangers_statements_are_refused_without_being_remembered() {
     }
     let unlock = Statement::Command(command(&stack.gw, p.lock_id, Operation::Unlock, now, 30));
     assert_reply(&p.app.send(&unlock, &stranger, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
+    // A claim of a gateway that has its owner is a stranger's statement too.
+    let reply = p.app.send(&claim(&stack.gw, "000000", now), &stranger, WAIT).await.unwrap();
+    assert_eq!(reply.result, Outcome::Refused, "{reply:?}");
     assert_reply(&p.send(&stack, Operation::Lock).await, Outcome::Ok, None);
     let remembered = stack.store.lock().unwrap().expire_commands(i64::MAX).unwrap();
     assert_eq!(remembered, 1, "only the known user's command id was remembered");

@@ -468,12 +468,13 @@ impl<T: LockTransport> Gateway<T> {
         };
         let (_, exp) = statement.validity();
         let owner = self.is_owner(&signed.signer)?;
-        // A stranger — anyone but an owner or a known user, signing anything but a claim — has
-        // nothing of theirs remembered: a noted id stays until its statement expires, and a
-        // stranger picks the expiry (a grant's may be years away), so a flood of them would fill
-        // the disk. Nothing of a stranger's ever runs, so there is nothing to run twice; a
-        // replay is judged like the first delivery.
-        let stranger = !owner && !matches!(statement, Statement::Claim(_)) && !self.known_user(&signed.signer, lock)?;
+        // A stranger — anyone but an owner or a known user, signing anything but a claim of an
+        // unclaimed gateway — has nothing of theirs remembered: a noted id stays until its
+        // statement expires, and a stranger picks the expiry (a grant's may be years away), so
+        // a flood of them would fill the disk. Nothing of a stranger's ever runs, so there is
+        // nothing to run twice; a replay is judged like the first delivery.
+        let claimable = matches!(statement, Statement::Claim(_)) && self.facts.owners(&self.store)?.is_empty();
+        let stranger = !owner && !claimable && !self.known_user(&signed.signer, lock)?;
         let seen = if stranger {
             CommandSeen::New
         } else {
