@@ -273,6 +273,18 @@ async fn acknowledged_then_gone(
     (reports, stop, task, db)
 }
 
+/// A second broker of `kind` beside the rig's, with a relay on it: the broker, the relay and
+/// what it sees, and the two brokers' ports in order.
+async fn second_broker(
+    rig: &Rig,
+    kind: Kind,
+) -> (TestBroker, AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>, [u16; 2]) {
+    let second = TestBroker::start(kind, &rig.pki, false);
+    let (relay, seen) = rig.relay_on(second.port(), false).await;
+    let ports = [rig.broker.port(), second.port()];
+    (second, relay, seen, ports)
+}
+
 /// Every event the relay sees until `last` (inclusive).
 async fn events_until(seen: &mut mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>, last: &str) -> Vec<String> {
     let mut got = Vec::new();
@@ -304,9 +316,7 @@ async fn acknowledged_records_are_deleted_when_the_link_stops_without_its_broker
 /// acknowledged: the next broker does not get it again.
 async fn acknowledged_records_are_deleted_before_the_link_moves_to_another_broker(kind: Kind) {
     let mut rig = rig(kind);
-    let second = TestBroker::start(kind, &rig.pki, false);
-    let (_relay, mut seen) = rig.relay_on(second.port(), false).await;
-    let ports = [rig.broker.port(), second.port()];
+    let (_second, _relay, mut seen, ports) = second_broker(&rig, kind).await;
     // Backing off from 250 ms, three failures take at least 1.3 s: the trigger goes well before.
     let (mut reports, stop, task, db) = acknowledged_then_gone(&mut rig, &ports, Duration::from_millis(250)).await;
     db.execute_batch("DROP TRIGGER refuse_deletes").unwrap();
@@ -325,9 +335,7 @@ async fn acknowledged_records_are_deleted_before_the_link_moves_to_another_broke
 /// with it, still to be deleted: the next broker does not get them again either.
 async fn records_the_store_cannot_delete_are_not_sent_to_the_next_broker_either(kind: Kind) {
     let mut rig = rig(kind);
-    let second = TestBroker::start(kind, &rig.pki, false);
-    let (_relay, mut seen) = rig.relay_on(second.port(), false).await;
-    let ports = [rig.broker.port(), second.port()];
+    let (_second, _relay, mut seen, ports) = second_broker(&rig, kind).await;
     let (mut reports, stop, task, db) = acknowledged_then_gone(&mut rig, &ports, Duration::from_millis(100)).await;
     reports.state.wait_for(|s| matches!(s, LinkState::Connected(1))).await.unwrap();
     rig.append_events(3..4);
