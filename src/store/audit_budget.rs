@@ -74,7 +74,7 @@ impl AuditBudget {
         if self.counted.is_empty() {
             self.since = now;
         }
-        // Outcomes are reason codes (a fixed, small set); a stranger never names the key.
+        // Outcomes are the gateway's reason codes (a fixed, small set), not the stranger's words.
         *self.counted.entry(outcome.to_owned()).or_default() += 1;
         Admission::Count
     }
@@ -93,8 +93,9 @@ impl AuditBudget {
         let total = counted.values().sum();
         let each: Vec<String> = counted.iter().map(|(outcome, n)| format!("{outcome} {n}")).collect();
         let detail = format!(
-            "{total} refusals of statements from nobody known, counted instead of recorded one by one \
-             (more than {BURST} at once, then one a minute): {}",
+            "{total} refusals of statements from nobody known since {} (Unix time), counted instead of \
+             recorded one by one (more than {BURST} at once, then one a minute): {}",
+            self.since,
             each.join(", ")
         );
         Some(Summary { since: self.since, total, detail })
