@@ -246,6 +246,23 @@ async fn a_strangers_statements_are_refused_without_being_remembered() {
     assert_eq!(outcomes.iter().filter(|o| *o == "unknown_key").count(), 2, "each delivery audited: {outcomes:?}");
 }
 
+/// Before the gateway has its owner anyone may send a claim, with any expiry: a claim's id is
+/// remembered two hours at most (an hour past an expiry capped at an hour), not until an
+/// expiry ten years away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_id_is_remembered_two_hours_at_most() {
+    let stack = Stack::start("gw-claims").await;
+    let app = stack.app().await;
+    let now = unix_now();
+    let Statement::Claim(mut far) = claim(&stack.gw, "000000", now) else { unreachable!() };
+    far.exp = now + 10 * 365 * 86_400;
+    let reply = app.send(&Statement::Claim(far), &stack.key("anyone"), WAIT).await.unwrap();
+    assert_eq!(reply.result, Outcome::Refused, "{reply:?}");
+    let mut store = stack.store.lock().unwrap();
+    assert_eq!(store.expire_commands(now + 2 * 3600 - 60).unwrap(), 0, "forgotten too early");
+    assert_eq!(store.expire_commands(now + 2 * 3600 + 60).unwrap(), 1, "remembered past two hours");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jam_and_an_unreachable_lock_are_reported_truthfully() {
     let stack = Stack::start("gw-faults").await;

@@ -40,6 +40,9 @@ use crate::store::{AuditEntry, CommandSeen, Store, StoreError};
 /// still answered with the stored reply.
 const REMEMBER_AFTER_EXPIRY_S: i64 = 3600;
 
+/// The longest a claim counts as unexpired for remembering its id, whatever its `exp` says.
+const CLAIM_REMEMBERED_S: i64 = 3600;
+
 /// A command's report, waiting to be written with its reply.
 struct Pending {
     report: Option<super::lock_worker::Report>,
@@ -475,11 +478,18 @@ impl<T: LockTransport> Gateway<T> {
         // nothing to run twice; a replay is judged like the first delivery.
         let claimable = matches!(statement, Statement::Claim(_)) && self.facts.owners(&self.store)?.is_empty();
         let stranger = !owner && !claimable && !self.known_user(&signed.signer, lock)?;
+        // A claim of an unclaimed gateway is anyone's, and so is its expiry: remembered an hour
+        // at most (once the gateway has its owner, every claim is refused anyway).
+        let remember_until = match statement {
+            Statement::Claim(_) => exp.min((self.clock)().0.saturating_add(CLAIM_REMEMBERED_S)),
+            _ => exp,
+        }
+        .saturating_add(REMEMBER_AFTER_EXPIRY_S);
         let seen = if stranger {
             CommandSeen::New
         } else {
             self.store().transaction(|tx| {
-                let seen = tx.note_command(&key, lock, exp.saturating_add(REMEMBER_AFTER_EXPIRY_S), &digest)?;
+                let seen = tx.note_command(&key, lock, remember_until, &digest)?;
                 if let CommandSeen::Duplicate(Some(reply)) = &seen {
                     tx.append_outbox(None, &self.topics.replies(), reply, false, (self.clock)().0)?;
                 }
