@@ -200,8 +200,10 @@ async fn a_flood_of_garbage_is_counted_not_recorded_one_by_one() {
     for i in 0..BURST as usize + over {
         p.app.publish_text(format!("not a statement {i}")).await.unwrap();
     }
-    // Taken in order after the flood: by its reply, all of the flood was handled.
+    // Taken in order after the flood: by its reply, all of the flood was handled. The reply
+    // leaves while its record commits: await the record.
     assert_reply(&p.send(&stack, Operation::Lock).await, Outcome::Ok, None);
+    stack.audited("command.lock", &["ok"]).await;
     let store = stack.store.lock().unwrap();
     let records = store.audit_records(0, 1000).unwrap();
     let one_by_one = records.iter().filter(|r| r.action == "cloud.statement" && r.outcome == "malformed").count();
