@@ -22,4 +22,5 @@ pub mod local;
 #[cfg(feature = "devtools")]
 pub mod memlink;
 pub mod protocol;
+pub mod stop;
 pub mod store;

@@ -511,7 +511,7 @@ impl CloudLink {
                             backoff = (backoff * 2).min(self.config.max_backoff);
                             tokio::select! {
                                 () = tokio::time::sleep(pause) => {}
-                                _ = shutdown.changed() => {
+                                () = crate::stop::requested(&mut shutdown) => {
                                     self.leave(&client, &mut flight, &mut draining).await;
                                     return;
                                 }
@@ -544,25 +544,22 @@ impl CloudLink {
                             send_express(&client, &mut flight, express);
                         }
                     }
-                    changed = shutdown.changed() => {
-                        // A sender gone is a stop too (else this arm would fire on every turn).
-                        if changed.is_err() || *shutdown.borrow() {
-                            self.finish_drain(&client, &mut flight, &mut draining, connected).await;
-                            if connected {
-                                self.flush(&client, &mut eventloop, &mut flight).await;
-                            }
-                            self.delete_acked(&mut flight).await;
-                            let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, offline_payload());
-                            let _ = client.try_disconnect();
-                            // Let the offline status and the DISCONNECT go out: the broker closes
-                            // the connection once it has the DISCONNECT (bounded wait). Closing
-                            // first would make it publish the will as well.
-                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                                while eventloop.poll().await.is_ok() {}
-                            })
-                            .await;
-                            return;
+                    () = crate::stop::requested(&mut shutdown) => {
+                        self.finish_drain(&client, &mut flight, &mut draining, connected).await;
+                        if connected {
+                            self.flush(&client, &mut eventloop, &mut flight).await;
                         }
+                        self.delete_acked(&mut flight).await;
+                        let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, offline_payload());
+                        let _ = client.try_disconnect();
+                        // Let the offline status and the DISCONNECT go out: the broker closes
+                        // the connection once it has the DISCONNECT (bounded wait). Closing
+                        // first would make it publish the will as well.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while eventloop.poll().await.is_ok() {}
+                        })
+                        .await;
+                        return;
                     }
                 }
             }
@@ -691,8 +688,8 @@ impl CloudLink {
     /// Takes in a deletion of acknowledged records. The ids of a failed one stay acknowledged,
     /// to be deleted with the next batch: read again as pending, they would be sent again,
     /// acknowledged again and fail again, as fast as the broker answers, for as long as the
-    /// store fails. (If the link stops first, they are sent again after the restart, as any
-    /// record not deleted.)
+    /// store fails. They go with the link to the next broker; a stop tries them once more,
+    /// and what still fails is sent again after the restart, as any record not deleted.
     fn after_deletion(&self, flight: &mut InFlight, deleted: Deletion) {
         match deleted {
             Ok(0) => {}

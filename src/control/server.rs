@@ -178,12 +178,9 @@ impl<T: LockTransport> ControlServer<T> {
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
-                changed = shutdown.changed() => {
-                    // A sender gone is a stop too (else this arm would fire on every turn).
-                    if changed.is_err() || *shutdown.borrow() {
-                        let _ = std::fs::remove_file(&this.path);
-                        return;
-                    }
+                () = crate::stop::requested(&mut shutdown) => {
+                    let _ = std::fs::remove_file(&this.path);
+                    return;
                 }
             }
         }

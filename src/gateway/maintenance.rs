@@ -77,12 +77,7 @@ pub async fn run(store: Arc<Mutex<Store>>, clock: Clock, mut shutdown: watch::Re
         }
         tokio::select! {
             () = tokio::time::sleep(EVERY) => {}
-            changed = shutdown.changed() => {
-                // A sender gone is a stop too (else this arm would fire on every turn).
-                if changed.is_err() || *shutdown.borrow() {
-                    return;
-                }
-            }
+            () = crate::stop::requested(&mut shutdown) => return,
         }
     }
 }

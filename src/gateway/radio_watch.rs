@@ -73,7 +73,7 @@ pub async fn watch_advertisements(
         // wait for it.
         let started = tokio::select! {
             started = watched => started,
-            _ = shutdown.changed() => return,
+            () = crate::stop::requested(&mut shutdown) => return,
         };
         match started {
             Ok((changes, stream)) => {
@@ -116,7 +116,7 @@ pub async fn watch_advertisements(
                             tracing::info!("discovery restarted on the new connection to D-Bus");
                             break;
                         }
-                        _ = shutdown.changed() => return,
+                        () = crate::stop::requested(&mut shutdown) => return,
                     }
                 }
             }
@@ -135,14 +135,14 @@ pub async fn watch_advertisements(
                 }
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
-                    _ = shutdown.changed() => return,
+                    () = crate::stop::requested(&mut shutdown) => return,
                 }
                 continue;
             }
         }
         tokio::select! {
             () = tokio::time::sleep(RETRY_FIRST) => {}
-            _ = shutdown.changed() => return,
+            () = crate::stop::requested(&mut shutdown) => return,
         }
     }
 }

@@ -214,7 +214,7 @@ impl<T: LockTransport> LocalBridge<T> {
                         connected = false;
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.changed() => return,
+                            () = crate::stop::requested(&mut shutdown) => return,
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
@@ -243,20 +243,17 @@ impl<T: LockTransport> LocalBridge<T> {
                         let _ = outgoing.send(vec![Retained { topic: this.ha.cloud_topic(), payload: state.into() }]);
                     }
                 }
-                changed = shutdown.changed() => {
-                    // A sender gone is a stop too (else this arm would fire on every turn).
-                    if changed.is_err() || *shutdown.borrow() {
-                        if connected {
-                            // try_: a full request queue must not hold the stop up.
-                            let _ = client.try_publish(this.ha.availability(), QoS::AtLeastOnce, true, OFFLINE);
-                            let _ = client.try_disconnect();
-                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                                while eventloop.poll().await.is_ok() {}
-                            })
-                            .await;
-                        }
-                        return;
+                () = crate::stop::requested(&mut shutdown) => {
+                    if connected {
+                        // try_: a full request queue must not hold the stop up.
+                        let _ = client.try_publish(this.ha.availability(), QoS::AtLeastOnce, true, OFFLINE);
+                        let _ = client.try_disconnect();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while eventloop.poll().await.is_ok() {}
+                        })
+                        .await;
                     }
+                    return;
                 }
             }
         }

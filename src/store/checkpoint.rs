@@ -249,7 +249,7 @@ impl Checkpoints {
             tokio::select! {
                 () = hand_off.wanted() => {}
                 () = tokio::time::sleep(RETRY_OWED), if owing => {}
-                _ = stopped.changed() => return,
+                () = crate::stop::requested(&mut stopped) => return,
             }
             // Read before the try: a debt recorded during it is owed afterwards.
             let now = *debt.borrow_and_update();

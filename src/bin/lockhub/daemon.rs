@@ -171,7 +171,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         // and come again after the restart; the gateway sees its input end.
         tokio::select! {
             () = intake::serve(intake, inbound, accepted_tx, unix_now) => {}
-            _ = intake_stopped.changed() => {}
+            () = lockhub::stop::requested(&mut intake_stopped) => {}
         }
     });
     let statements = tokio::spawn(gateway.clone().serve(accepted));

@@ -49,7 +49,7 @@ pub async fn run(store: Arc<Mutex<Store>>, mut stopped: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stopped.changed() => return,
+            () = lockhub::stop::requested(&mut stopped) => return,
         }
         let changes = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).changes_so_far();
         if spell.look(changes) {

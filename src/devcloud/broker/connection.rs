@@ -267,7 +267,7 @@ impl Session<'_> {
                     None => return Err(Ended::Protocol("the event store task failed")),
                 },
                 () = keep_alive_expired => return Err(Ended::KeepAlive),
-                _ = shutdown.changed() => return Ok(()),
+                () = crate::stop::requested(&mut shutdown) => return Ok(()),
             }
         }
     }

@@ -202,12 +202,7 @@ impl Broker {
                     // Reap finished connections as we go.
                     while connections.try_join_next().is_some() {}
                 }
-                changed = shutdown.changed() => {
-                    // A sender gone is a stop too (else this arm would fire on every turn).
-                    if changed.is_err() || *shutdown.borrow() {
-                        break;
-                    }
-                }
+                () = crate::stop::requested(&mut shutdown) => break,
             }
         }
         let _ =
