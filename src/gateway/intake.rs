@@ -137,3 +137,35 @@ pub async fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::statement::StatementId;
+    use crate::store::StoreConfig;
+    use crate::store::audit_budget::BURST;
+
+    /// A refusal that names its statement is answered while the audit budget records it one by
+    /// one, and neither recorded nor answered beyond it: the flood is only counted.
+    #[test]
+    fn beyond_the_audit_budget_a_refusal_is_counted_and_not_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(dir.path()) }).unwrap();
+        let store = Arc::new(Mutex::new(store));
+        let intake = Intake::new(store.clone(), GatewayId::new("gw-intake").unwrap(), Arc::new(Notify::new()));
+        let refusal = Refusal {
+            id: Some(StatementId::new("c-1").unwrap()),
+            signer: None,
+            reason: Reason::BadSignature,
+            detail: "bad signature".into(),
+        };
+        let t = 1_700_000_000;
+        for _ in 0..BURST {
+            intake.refuse(&refusal, "cloud.statement", t).unwrap();
+        }
+        let counts = |store: &Store| (store.outbox_len().unwrap(), store.audit_records(0, 1000).unwrap().len());
+        assert_eq!(counts(&store.lock().unwrap()), (u64::from(BURST), BURST as usize), "answered and recorded");
+        intake.refuse(&refusal, "cloud.statement", t).unwrap();
+        assert_eq!(counts(&store.lock().unwrap()), (u64::from(BURST), BURST as usize), "beyond the budget");
+    }
+}

@@ -470,13 +470,14 @@ impl<T: LockTransport> Gateway<T> {
             Statement::Claim(_) | Statement::Revoke(_) => None,
         };
         let (_, exp) = statement.validity();
-        let owner = self.is_owner(&signed.signer)?;
+        let owners = self.facts.owners(&self.store)?;
+        let owner = owners.iter().any(|k| k.as_slice() == signed.signer.as_bytes());
         // A stranger — anyone but an owner or a known user, signing anything but a claim of an
         // unclaimed gateway — has nothing of theirs remembered: a noted id stays until its
         // statement expires, and a stranger picks the expiry (a grant's may be years away), so
         // a flood of them would fill the disk. Nothing of a stranger's ever runs, so there is
         // nothing to run twice; a replay is judged like the first delivery.
-        let claimable = matches!(statement, Statement::Claim(_)) && self.facts.owners(&self.store)?.is_empty();
+        let claimable = matches!(statement, Statement::Claim(_)) && owners.is_empty();
         let stranger = !owner && !claimable && !self.known_user(&signed.signer, lock)?;
         // A claim of an unclaimed gateway is anyone's, and so is its expiry: remembered an hour
         // at most (once the gateway has its owner, every claim is refused anyway).
@@ -544,10 +545,6 @@ impl<T: LockTransport> Gateway<T> {
             timing.log(statement.id().as_str());
         }
         Ok(())
-    }
-
-    fn is_owner(&self, key: &PublicKey) -> Result<bool, StoreError> {
-        Ok(self.facts.owners(&self.store)?.iter().any(|k| k.as_slice() == key.as_bytes()))
     }
 
     /// Whether `signer` is a user the gateway knows (an owner granted them something once);

@@ -183,14 +183,14 @@ impl Tx<'_> {
 
     /// Writes what the audit budget counted since its last summary, as one record, if anything.
     pub fn write_counted(&mut self, now: i64) -> Result<(), StoreError> {
-        let Some(summary) = self.audit_budget.take_summary() else { return Ok(()) };
+        let Some(detail) = self.audit_budget.take_summary() else { return Ok(()) };
         self.append_record(AuditEntry {
             at: now,
             action: SUMMARY_ACTION,
             outcome: "counted",
             actor: AuditActor::Unknown,
             lock: None,
-            detail: &summary.detail,
+            detail: &detail,
         })
         .map(|_| ())
     }
