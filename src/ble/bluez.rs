@@ -641,7 +641,7 @@ impl BluezTransport {
         };
         match ready.await {
             Ok((events, info, writer, reader, max_fragment)) => {
-                Ok(BluezLink { device, writer, reader, events: Box::pin(events), max_fragment, info })
+                Ok(BluezLink { device, writer, reader, events: Box::pin(events), down: false, max_fragment, info })
             }
             Err(e) => {
                 let _ = device.disconnect().await;
@@ -657,6 +657,8 @@ pub struct BluezLink {
     writer: CharacteristicWriter,
     reader: CharacteristicReader,
     events: Pin<Box<dyn Stream<Item = DeviceEvent> + Send>>,
+    /// BlueZ said the link is down: only what the notification socket still holds is left.
+    down: bool,
     max_fragment: usize,
     info: LockInfo,
 }
@@ -691,23 +693,8 @@ impl LockLink for BluezLink {
     }
 
     async fn recv(&mut self) -> Result<Vec<u8>, BleError> {
-        loop {
-            tokio::select! {
-                r = self.reader.recv() => {
-                    return match r {
-                        // A closed notification socket reads as an empty datagram.
-                        Ok(v) if !v.is_empty() => Ok(v),
-                        _ => Err(BleError::LinkLost),
-                    };
-                }
-                ev = self.events.next() => match ev {
-                    None | Some(DeviceEvent::PropertyChanged(DeviceProperty::Connected(false))) => {
-                        return Err(BleError::LinkLost);
-                    }
-                    Some(_) => {}
-                },
-            }
-        }
+        let reader = &self.reader;
+        next_fragment(|| reader.recv(), &mut self.events, &mut self.down).await
     }
 
     async fn close(self) {
@@ -718,9 +705,109 @@ impl LockLink for BluezLink {
     }
 }
 
+/// How long, once BlueZ has said a link is down, what the lock sent before it went may take to
+/// be read. BlueZ closes the notification socket with the link, so this bounds only a socket
+/// left open.
+const DRAIN_AFTER_DOWN: Duration = Duration::from_millis(500);
+
+/// The next notification fragment of a link, read with `read`; [`BleError::LinkLost`] once
+/// the link is down and nothing is left.
+///
+/// The lock's last words and the news of the link's end travel apart — the socket, and a
+/// D-Bus signal — and the signal can be seen first: a lock answers an unpair, then drops the
+/// link, and a busy gateway finds both waiting. So once `events` says the link is down
+/// (`down` remembers it across calls), what the socket still holds is read until it closes,
+/// instead of the answer being taken for lost.
+async fn next_fragment<F>(
+    mut read: impl FnMut() -> F,
+    events: &mut (impl Stream<Item = DeviceEvent> + Unpin),
+    down: &mut bool,
+) -> Result<Vec<u8>, BleError>
+where
+    F: Future<Output = std::io::Result<Vec<u8>>>,
+{
+    // A closed notification socket reads as an empty datagram.
+    let fragment = |r: std::io::Result<Vec<u8>>| match r {
+        Ok(v) if !v.is_empty() => Ok(v),
+        _ => Err(BleError::LinkLost),
+    };
+    while !*down {
+        tokio::select! {
+            r = read() => return fragment(r),
+            ev = events.next() => match ev {
+                None | Some(DeviceEvent::PropertyChanged(DeviceProperty::Connected(false))) => *down = true,
+                Some(_) => {}
+            },
+        }
+    }
+    match tokio::time::timeout(DRAIN_AFTER_DOWN, read()).await {
+        Ok(r) => fragment(r),
+        Err(_) => Err(BleError::LinkLost),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A notification socket pair (SOCK_SEQPACKET, as BlueZ hands out): the lock's end, and
+    /// the gateway's for tokio.
+    fn notify_pair() -> (std::os::unix::net::UnixDatagram, tokio::net::UnixDatagram) {
+        let (lock, ours) = socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let ours = std::os::unix::net::UnixDatagram::from(std::os::fd::OwnedFd::from(ours));
+        (
+            std::os::unix::net::UnixDatagram::from(std::os::fd::OwnedFd::from(lock)),
+            tokio::net::UnixDatagram::from_std(ours).unwrap(),
+        )
+    }
+
+    async fn recv_on(socket: &tokio::net::UnixDatagram) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0; 64];
+        let n = socket.recv(&mut buf).await?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn link_down() -> futures::stream::Iter<std::vec::IntoIter<DeviceEvent>> {
+        futures::stream::iter(vec![
+            DeviceEvent::PropertyChanged(DeviceProperty::Rssi(-40)),
+            DeviceEvent::PropertyChanged(DeviceProperty::Connected(false)),
+        ])
+    }
+
+    /// The lock answered and dropped the link before the gateway looked: the answer is read,
+    /// whichever of the two the gateway sees first, and then the link is lost.
+    #[tokio::test]
+    async fn what_the_lock_sent_before_the_link_went_is_read_first() {
+        for _ in 0..32 {
+            let (lock, ours) = notify_pair();
+            lock.send(b"last words").unwrap();
+            lock.send(b"and more").unwrap();
+            drop(lock);
+            let (mut events, mut down) = (link_down(), false);
+            assert_eq!(next_fragment(|| recv_on(&ours), &mut events, &mut down).await.unwrap(), b"last words");
+            assert_eq!(next_fragment(|| recv_on(&ours), &mut events, &mut down).await.unwrap(), b"and more");
+            assert_eq!(next_fragment(|| recv_on(&ours), &mut events, &mut down).await, Err(BleError::LinkLost));
+        }
+    }
+
+    /// A link that goes with nothing in flight is lost as soon as its socket closes — and
+    /// within the drain bound if BlueZ were to leave the socket open.
+    #[tokio::test(start_paused = true)]
+    async fn a_link_gone_quiet_is_lost_at_once_or_within_the_bound() {
+        let (lock, ours) = notify_pair();
+        drop(lock);
+        let (mut events, mut down) = (link_down(), false);
+        let started = tokio::time::Instant::now();
+        assert_eq!(next_fragment(|| recv_on(&ours), &mut events, &mut down).await, Err(BleError::LinkLost));
+        assert!(started.elapsed() < DRAIN_AFTER_DOWN, "a closed socket is not waited out");
+
+        let (_open, ours) = notify_pair();
+        let (mut events, mut down) = (link_down(), false);
+        assert_eq!(next_fragment(|| recv_on(&ours), &mut events, &mut down).await, Err(BleError::LinkLost));
+        assert!(down);
+    }
 
     #[tokio::test]
     async fn an_attempt_is_failed_on_every_way_out_but_success_a_panic_included() {

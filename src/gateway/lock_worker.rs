@@ -444,6 +444,11 @@ impl<T: LockTransport> LockWorker<T> {
                 self.applied(&report);
                 self.outbox_ready.notify_one();
             }
+            // The lock was unbound meanwhile (its last words after an unpair, its link going):
+            // nothing of it may be written any more, and the transaction wrote nothing.
+            Ok(Err(StoreError::NotFound(_))) => {
+                tracing::debug!(lock_id = %lock, "the lock was unbound: its news is dropped");
+            }
             // Not recorded: the entries stay unread (last_seq unchanged) and are read again.
             Ok(Err(e)) => tracing::error!(lock_id = %lock, error = %e, "could not record the lock's events"),
             Err(e) => tracing::error!(lock_id = %lock, error = %e, "the store task failed"),
