@@ -165,6 +165,7 @@ fn unbinding_beside_a_checkpointing_connection_still_leaves_no_byte_of_the_lock(
     let mut store = Store::open(config(dir.path())).unwrap();
     let (lock, address, name) = paired_lock(&mut store);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, running) = std::sync::mpsc::channel();
     let checkpointing = {
         let (stop, mut checkpointer) = (stop.clone(), Checkpointer::open(store.database_path()).unwrap());
         std::thread::spawn(move || {
@@ -172,10 +173,15 @@ fn unbinding_beside_a_checkpointing_connection_still_leaves_no_byte_of_the_lock(
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 checkpointer.checkpoint().unwrap();
                 runs += 1;
+                if runs == 1 {
+                    let _ = started.send(());
+                }
             }
             runs
         })
     };
+    // On a busy machine the thread may not have run yet: the unbinding must meet it running.
+    running.recv().unwrap();
     for _ in 0..20 {
         store.transaction(|tx| tx.set_last_event_seq(lock, 7)).unwrap();
     }
