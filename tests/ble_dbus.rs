@@ -82,6 +82,33 @@ async fn a_link_dropped_mid_command_is_link_lost_and_the_next_command_reconnects
     assert!(matches!(r.result, Ok(Reply::Done(s)) if s.state == LockState::Unlocked));
 }
 
+/// When the lock drops the link, BlueZ closes the sockets acquired on it: the central reads
+/// the end at once, instead of waiting on a socket nobody writes to any more (the emulated
+/// BlueZ kept it open until the central closed its own end, and the gateway waited out its
+/// drain bound on every link the lock dropped).
+#[tokio::test]
+async fn a_link_the_lock_drops_closes_its_notification_socket() {
+    let ctl = control().await;
+    let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let transport = transport().await;
+    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
+    let session = bluer::Session::new().await.unwrap();
+    let device = session.default_adapter().await.unwrap().device(lock.address.parse().unwrap()).unwrap();
+    device.connect().await.unwrap();
+    let mut notify = None;
+    for service in device.services().await.unwrap() {
+        for c in service.characteristics().await.unwrap() {
+            if c.uuid().await.unwrap() == bluer::Uuid::from_u128(lockhub::protocol::gatt::NOTIFY_CHAR_UUID) {
+                notify = Some(c);
+            }
+        }
+    }
+    let reader = notify.expect("the notify characteristic").notify_io().await.unwrap();
+    ctl.drop_link(&lock.lock_id).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(60), reader.recv()).await.expect("the socket outlived the link");
+    assert!(end.is_err() || end.as_ref().is_ok_and(Vec::is_empty), "{end:?}");
+}
+
 #[tokio::test]
 async fn a_lock_out_of_range_is_unreachable_within_the_configured_timeout() {
     let ctl = control().await;

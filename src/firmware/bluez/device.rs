@@ -42,7 +42,11 @@ impl Device {
             return Err(BluezError::Failed("le-connection-abort-by-local".into()));
         }
         lock.host.input(|fw, now| fw.connect(lock.spec.mtu, now));
-        lock.radio().connected = true;
+        {
+            let mut r = lock.radio();
+            r.connected = true;
+            r.link = Some(tokio::sync::watch::channel(()).0);
+        }
         let c = &shared.counters;
         c.connects.fetch_add(1, Ordering::AcqRel);
         let active = c.active.fetch_add(1, Ordering::AcqRel) + 1;

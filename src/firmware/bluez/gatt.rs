@@ -186,21 +186,32 @@ impl Characteristic {
         if self.role != Role::Write {
             return Err(BluezError::NotSupported("Operation is not supported".into()));
         }
-        if std::mem::replace(&mut self.lock.radio().write_acquired, true) {
-            return Err(BluezError::NotPermitted("Write acquired".into()));
-        }
+        let mut link_gone = {
+            let mut r = self.lock.radio();
+            let link = r.link.as_ref().ok_or_else(|| BluezError::NotConnected("Not Connected".into()))?.subscribe();
+            if std::mem::replace(&mut r.write_acquired, true) {
+                return Err(BluezError::NotPermitted("Write acquired".into()));
+            }
+            link
+        };
         let (ours, theirs) = seqpacket_pair().map_err(|e| BluezError::Failed(e.to_string()))?;
         let lock = self.lock.clone();
         let max = usize::from(self.mtu());
         tokio::spawn(async move {
             let mut buf = vec![0u8; max];
             loop {
-                match ours.recv(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => lock.host.input(|fw, now| fw.write(&buf[..n], now)),
+                tokio::select! {
+                    r = ours.recv(&mut buf) => match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => lock.host.input(|fw, now| fw.write(&buf[..n], now)),
+                    },
+                    // The link went: the socket closes with it (the central's writes fail).
+                    _ = link_gone.changed() => break,
                 }
             }
-            lock.radio().write_acquired = false;
+            if link_gone.has_changed().is_ok() {
+                lock.radio().write_acquired = false;
+            }
         });
         self.write_acquired_changed(&emitter).await?;
         Ok((OwnedFd::from(theirs), self.mtu()))
@@ -217,18 +228,24 @@ impl Characteristic {
         }
         let (ours, theirs) = seqpacket_pair().map_err(|e| BluezError::Failed(e.to_string()))?;
         let ours = Arc::new(ours);
-        {
+        let mut link_gone = {
             let mut r = self.lock.radio();
+            let link = r.link.as_ref().ok_or_else(|| BluezError::NotConnected("Not Connected".into()))?.subscribe();
             if r.notify_socket.is_some() || r.notify_subscribers > 0 {
                 return Err(BluezError::NotPermitted("Notify acquired".into()));
             }
             r.notify_socket = Some(ours.clone());
-        }
-        // The central releases the notification by closing its end.
+            link
+        };
+        // The central releases the notification by closing its end; the link going closes
+        // ours (what was sent before stays readable on theirs, then the end).
         let lock = self.lock.clone();
         tokio::spawn(async move {
             let mut probe = [0u8; 1];
-            let _ = ours.recv(&mut probe).await;
+            tokio::select! {
+                _ = ours.recv(&mut probe) => {}
+                _ = link_gone.changed() => {}
+            }
             let mut r = lock.radio();
             if r.notify_socket.as_ref().is_some_and(|s| Arc::ptr_eq(s, &ours)) {
                 r.notify_socket = None;

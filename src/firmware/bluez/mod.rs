@@ -139,6 +139,10 @@ struct RadioState {
     /// A Device1 object exists (the lock was seen in a discovery).
     exported: bool,
     connected: bool,
+    /// The connection, while it is up. Dropped when the link goes, which ends its acquired
+    /// sockets: BlueZ closes them with the link, so a central reads what was sent before and
+    /// then the end, and its writes fail.
+    link: Option<tokio::sync::watch::Sender<()>>,
     /// Centrals subscribed through StartNotify.
     notify_subscribers: usize,
     notify_socket: Option<Arc<UnixDatagram>>,
@@ -357,6 +361,7 @@ impl Shared {
         let was_connected = {
             let mut r = lock.radio();
             let was = std::mem::take(&mut r.connected);
+            r.link = None;
             r.notify_subscribers = 0;
             r.notify_socket = None;
             r.write_acquired = false;
