@@ -64,10 +64,10 @@ impl HomeBroker {
             let ok = Command::new("mosquitto_passwd").args(args).arg(&passwd).args([user, password]).status().unwrap();
             assert!(ok.success(), "mosquitto_passwd");
         }
-        let port = support::mosquitto::free_port();
+        let [port, spare] = support::mosquitto::free_ports::<2>();
         let root = std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t"));
         let conf = dir.path().join("mosquitto.conf");
-        let tls_port = pki.map(|_| support::mosquitto::free_port());
+        let tls_port = pki.map(|_| spare);
         // Listener settings apply per listener: each gets the password file.
         let listener = |port: u16| {
             format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n", passwd.display())

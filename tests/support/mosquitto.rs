@@ -25,8 +25,17 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on, for a server started next.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports. Each is held until all are chosen: a port let go at once can be
+/// handed out again by the next `bind(0)` (a NATS node once got the same port for MQTT and
+/// its routes, and failed to start).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
 }
 
 impl Mosquitto {

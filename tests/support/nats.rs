@@ -12,7 +12,7 @@ use lockhub::devcloud::nats_config::NatsNode;
 use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::GatewayId;
 
-use super::mosquitto::free_port;
+use super::mosquitto::free_ports;
 
 /// One node: its process and MQTT port.
 pub struct Node {
@@ -41,7 +41,7 @@ impl NatsCluster {
     /// elected its JetStream leader (MQTT clients are refused until then).
     pub fn start(pki: &Pki, gateways: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16, u16)> = free_ports::<9>().chunks(3).map(|p| (p[0], p[1], p[2])).collect();
         let gateways: Vec<GatewayId> = gateways.iter().map(|g| GatewayId::new(*g).unwrap()).collect();
         let (lines_tx, lines) = mpsc::channel::<String>();
         let mut nodes = Vec::new();
