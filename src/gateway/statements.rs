@@ -479,8 +479,9 @@ impl<T: LockTransport> Gateway<T> {
         // nothing to run twice; a replay is judged like the first delivery.
         let claimable = matches!(statement, Statement::Claim(_)) && owners.is_empty();
         let stranger = !owner && !claimable && !self.known_user(&signed.signer, lock)?;
-        // A claim of an unclaimed gateway is anyone's, and so is its expiry: remembered an hour
-        // at most (once the gateway has its owner, every claim is refused anyway).
+        // A claim of an unclaimed gateway is anyone's, and so is its expiry: it counts as an
+        // hour away at most, so the id is remembered two hours at most (once the gateway has
+        // its owner, every claim is a stranger's and not remembered at all).
         let remember_until = match statement {
             Statement::Claim(_) => exp.min((self.clock)().0.saturating_add(CLAIM_REMEMBERED_S)),
             _ => exp,
