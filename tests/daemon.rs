@@ -551,3 +551,84 @@ async fn the_daemon_runs_without_any_privilege() {
         assert_eq!(meta.mode() & 0o077, 0, "readable by others: mode {:o}", meta.mode());
     }
 }
+
+/// Out of descriptors, the control socket's `accept` fails for as long as they stay taken: the
+/// daemon pauses accepting (a warning at most every 100 ms, not a loop turning as fast as it
+/// fails) and serves again as soon as descriptors are free. The daemon's limit is lowered
+/// from outside (`prlimit --pid`) once it runs, to leave it three descriptors. (Its log, on a
+/// pipe here, is plain text: no colour codes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
+    use std::io::{BufRead, Read, Write};
+    use std::os::unix::net::UnixStream;
+    const WARNING: &str = "control socket: accept failed";
+    let bed = support::bed();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = "gw-descriptors";
+    let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
+    let broker = support::bundled::Bundled::start(&pki);
+    let config = write_config(dir.path(), &pki, broker.port, gw);
+    let (notify_path, mut notes) = notify_socket(dir.path());
+    let mut daemon = Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
+        .arg(&config)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bed.bus)
+        .env("LOCKHUB_LOG", "warn")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (warned, warnings) = std::sync::mpsc::channel();
+    let stderr = daemon.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut count = 0;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("lockhub: {line}");
+            assert!(!line.contains('\u{1b}'), "colour codes in a log that is not a terminal: {line:?}");
+            if line.contains(WARNING) {
+                count += 1;
+                let _ = warned.send(());
+            }
+        }
+        count
+    });
+    ready_and_connected(&mut notes).await;
+    let socket = dir.path().join("control.sock");
+    let status = |socket: std::path::PathBuf| -> String {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(status(socket.clone()).contains(gw), "the control socket does not serve to begin with");
+
+    // The lowest limit that leaves three descriptor numbers free.
+    let taken: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{}/fd", daemon.id()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let limit = (0..).filter(|n| !taken.contains(n)).nth(3).unwrap();
+    let started = std::time::Instant::now();
+    let lowered =
+        Command::new("prlimit").arg("--pid").arg(daemon.id().to_string()).arg(format!("--nofile={limit}:")).status();
+    assert!(lowered.unwrap().success(), "prlimit failed");
+    let silent: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&socket).unwrap()).collect();
+    // Failing, and failing again after its pause: it neither spins nor gives up.
+    for _ in 0..2 {
+        warnings.recv_timeout(WAIT).expect("no accept failed while out of descriptors");
+    }
+    drop(silent);
+    let answer = tokio::task::spawn_blocking(move || status(socket)).await.unwrap();
+    assert!(answer.contains(gw), "not served once descriptors were free: {answer}");
+
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    let exit = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
+    let elapsed = started.elapsed();
+    assert!(exit.success(), "the daemon exited with {exit}");
+    let count = log.join().unwrap();
+    let most = elapsed.as_millis() / 100 + 1;
+    assert!(count <= most, "{count} accept failures logged in {elapsed:?}: at most {most} with a 100 ms pause");
+}

@@ -5,6 +5,7 @@
 //! `device:inode`; comparing both (not just the variable's presence) keeps a shell started
 //! from a unit, whose stderr was redirected, on plain lines.
 
+use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 
@@ -28,7 +29,13 @@ pub fn init(default_filter: &str) {
             Err(e) => eprintln!("lockhub: the journal's socket is unusable ({e}); logging to stderr"),
         }
     }
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only for a terminal: a pipe or a file (a container's log, `2> lockhub.log`)
+    // would keep the escape codes as text.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn stderr_is_journal() -> bool {
