@@ -1,6 +1,7 @@
 //! The `lockhub` binary as an operator runs it: `check-config` and its errors, `claim-code`,
 //! and `run` as a process on the test bus and the bundled broker — online, claimed and
-//! commanded through the cloud, `offline` after SIGTERM.
+//! commanded through the cloud, `offline` after SIGTERM; its log quiet through a lock's life;
+//! its control socket out of descriptors.
 
 mod support;
 
@@ -631,4 +632,61 @@ async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
     let count = log.join().unwrap();
     let most = elapsed.as_millis() / 100 + 1;
     assert!(count <= most, "{count} accept failures logged in {elapsed:?}: at most {most} with a 100 ms pause");
+}
+
+/// A lock's whole life through the daemon — paired, granted, unlocked by a user, turned by
+/// hand, unbound through the control socket — and the daemon stopped: its log holds no
+/// warning and no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_paired_used_and_unbound_leaves_no_warning_in_the_log() {
+    use lockhub::auth::statement::Permission;
+    use lockhub::devcloud::app::{claim, command, grant, pair, remote_unlock};
+    use lockhub::protocol::ids::LockId;
+    use support::daemon::{Daemon, claim_code, until_online};
+    let bed = support::bed();
+    let dir = tempfile::tempdir().unwrap();
+    let name = "gw-clean-log";
+    let gw = GatewayId::new(name).unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), &[name]).unwrap();
+    let broker = support::bundled::Bundled::start(&pki);
+    let config = write_config(dir.path(), &pki, broker.port, name);
+    // The admin group exists here (else the daemon warns that only root may use the socket).
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}group = \"root\"\n")).unwrap();
+    let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port), &pki, &gw).await.unwrap();
+    let mut seen = app.watch();
+    let (mut daemon, log) = Daemon::spawn_logged(&config, &bed.bus);
+    until_online(&mut seen, name, WAIT).await;
+
+    let keys = dir.path().join("keys");
+    let (owner, user) =
+        (AppKey::generate(&keys, "owner", false).unwrap(), AppKey::generate(&keys, "user", false).unwrap());
+    let ok = |reply: lockhub::cloud::reply::Reply| assert_eq!(reply.result, Outcome::Ok, "{reply:?}");
+    ok(app.send(&claim(&gw, &claim_code(&config), unix_now()), &owner, WAIT).await.unwrap());
+    let ctl = support::control().await;
+    let lock = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let lock_id = LockId::parse(&lock.lock_id).unwrap();
+    ok(app.send(&pair(&gw, lock_id, &lock.setup_code, unix_now()), &owner, WAIT).await.unwrap());
+    ok(app.send(&remote_unlock(&gw, lock_id, true, unix_now()), &owner, WAIT).await.unwrap());
+    let granted = grant(&gw, user.public(), lock_id, vec![Permission::Unlock, Permission::Remote], None, 1, unix_now());
+    ok(app.send(&Statement::Grant(granted), &owner, WAIT).await.unwrap());
+    let unlock = command(&gw, lock_id, Operation::Unlock, unix_now(), 30);
+    ok(app.send(&Statement::Command(unlock), &user, WAIT).await.unwrap());
+    ctl.turn_knob(&lock.lock_id).await.unwrap();
+    let events = format!("lockhub/v1/{name}/events");
+    loop {
+        let m = tokio::time::timeout(WAIT, seen.recv()).await.expect("the thumb-turn never reached the cloud").unwrap();
+        if m.topic == events && String::from_utf8_lossy(&m.payload).contains("\"manual\"") {
+            break;
+        }
+    }
+
+    let socket = dir.path().join("control.sock");
+    let args = ["unbind", &lock.lock_id, "--yes", "--socket", socket.to_str().unwrap()];
+    let out = lockhub(&args);
+    assert!(out.status.success(), "unbind: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(tokio::task::spawn_blocking(move || daemon.stop()).await.unwrap(), "the daemon did not exit cleanly");
+    let lines: Vec<String> = log.iter().collect();
+    let loud: Vec<&String> = lines.iter().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+    assert!(loud.is_empty(), "the daemon's log: {loud:#?}");
 }

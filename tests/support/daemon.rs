@@ -70,6 +70,37 @@ impl Daemon {
         Daemon { child }
     }
 
+    /// Like [`Daemon::spawn`], its log read line by line: each line is copied to the test's
+    /// stderr and sent to the returned channel, which closes when the daemon exits.
+    pub fn spawn_logged(config: &Path, bus: &str) -> (Daemon, std::sync::mpsc::Receiver<String>) {
+        use std::io::BufRead;
+        let mut child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
+            .arg(config)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
+            .env("LOCKHUB_LOG", std::env::var("LOCKHUB_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting lockhub run");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("lockhub: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        (Daemon { child }, rx)
+    }
+
+    /// Asks it to stop (SIGTERM) and waits for it; true when it exited with status 0.
+    pub fn stop(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signalling lockhub run");
+        self.child.wait().expect("waiting for lockhub run").success()
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
