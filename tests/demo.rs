@@ -1,5 +1,6 @@
 //! The README's first command, `lockhub demo`, run as a user would: it must exit 0 and show
-//! each step of the story with its outcome, with Debian's dbus-daemon and without it.
+//! each step of the story with its outcome, with Debian's dbus-daemon and without it, and from
+//! a temporary directory whose path a D-Bus address cannot carry.
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -43,6 +44,21 @@ fn a_dbus_daemon_that_fails_to_start_leaves_the_demo_on_the_embedded_bus() {
         assert!(stdout.contains(&format!("dbus-daemon did not start ({why})")), "it says so:\n{stdout}");
         assert!(stdout.contains("bus      busd, inside this process"), "{stdout}");
     }
+}
+
+/// A temporary directory the private bus cannot listen in — a space and a comma in its name,
+/// which a D-Bus address must escape and zbus does not unescape — is said so, and the demo
+/// runs its story in /tmp instead of failing with a bus error.
+#[test]
+fn a_temporary_directory_the_bus_cannot_use_leaves_the_demo_in_tmp() {
+    let odd = tempfile::tempdir().unwrap();
+    let tmp = odd.path().join("my files, odd");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
+    demo.arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS").env("TMPDIR", &tmp);
+    let stdout = the_whole_story(demo);
+    assert!(stdout.contains("its path holds ' '") && stdout.contains("using /tmp instead"), "it says so:\n{stdout}");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "the demo wrote in the directory it said it would not use");
 }
 
 /// Runs `demo`, checks that it exits 0 having told every step of the story with its latency,

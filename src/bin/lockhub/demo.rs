@@ -50,7 +50,12 @@ impl Drop for Scratch {
 
 /// Runs the demo.
 pub fn run(locks: u8) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("lockhub-demo-{}", std::process::id()));
+    let name = format!("lockhub-demo-{}", std::process::id());
+    let mut dir = std::env::temp_dir().join(&name);
+    if let Some(why) = PrivateBus::unusable_in(&dir) {
+        println!("lockhub demo: the temporary directory will not do for the private bus ({why}); using /tmp instead.");
+        dir = Path::new("/tmp").join(&name);
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let scratch = Scratch { dir: dir.clone() };
     // SAFETY: no other thread exists yet (the bus and the runtime start below); libdbus reads

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use futures::channel::oneshot;
 
 /// The bus configuration given to dbus-daemon: only this user's processes reach it.
@@ -59,6 +59,31 @@ impl PrivateBus {
         format!("unix:path={}", Self::socket_in(dir).display())
     }
 
+    /// Why a bus in `dir` could not be reached, if it could not: its socket's path must fit a
+    /// Unix socket address, and the path must not need escaping in a D-Bus address — libdbus
+    /// and dbus-daemon decode `%xx`, zbus (the emulated locks, busd) takes it literally, so no
+    /// one spelling of a path with a space, a comma or an `=` reaches all three.
+    pub fn unusable_in(dir: &Path) -> Option<String> {
+        use std::os::unix::ffi::OsStrExt;
+        let socket = Self::socket_in(dir);
+        let bytes = socket.as_os_str().as_bytes();
+        if let Some(&odd) = bytes.iter().find(|b| !(b.is_ascii_alphanumeric() || b"-_/.".contains(b))) {
+            let shown = if odd.is_ascii_graphic() || odd == b' ' {
+                format!("{:?}", char::from(odd))
+            } else {
+                format!("byte {odd:#04x}")
+            };
+            return Some(format!("its path holds {shown}, which a D-Bus address would have to escape"));
+        }
+        if bytes.len() > MAX_SOCKET_PATH {
+            return Some(format!(
+                "its socket's path would be {} bytes, more than a Unix socket's {MAX_SOCKET_PATH}",
+                bytes.len()
+            ));
+        }
+        None
+    }
+
     /// The socket behind [`PrivateBus::address_in`] `dir`.
     fn socket_in(dir: &Path) -> PathBuf {
         dir.join("bus")
@@ -67,6 +92,9 @@ impl PrivateBus {
     /// Starts the bus on [`PrivateBus::address_in`] `dir`; returns once it accepts connections.
     /// Says on standard output why it is not dbus-daemon, when it is not.
     pub fn start(dir: &Path) -> Result<PrivateBus> {
+        if let Some(why) = Self::unusable_in(dir) {
+            bail!("the private bus cannot listen in {}: {why}", dir.display());
+        }
         let address = Self::address_in(dir);
         let runner = match find_program("dbus-daemon") {
             Some(daemon) => match start_daemon(&daemon, dir, &address) {
@@ -119,6 +147,10 @@ impl Drop for PrivateBus {
         }
     }
 }
+
+/// The longest path a Unix socket may be bound to: `sun_path` holds 108 bytes, its last the
+/// terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 fn find_program(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
@@ -203,5 +235,26 @@ fn start_embedded(address: &str) -> Result<Runner> {
         Ok(Ok(())) => Ok(Runner::Embedded { stop: Some(stop), thread: Some(thread) }),
         Ok(Err(e)) => Err(e.context("starting the embedded bus (busd)")),
         Err(_) => Err(anyhow!("the embedded bus's thread ended before it was ready")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_usable_when_its_socket_path_is_plain_and_short_enough() {
+        assert_eq!(PrivateBus::unusable_in(Path::new("/tmp/lockhub-demo-42")), None);
+        let why = PrivateBus::unusable_in(Path::new("/tmp/my dir/lockhub-demo-42")).unwrap();
+        assert!(why.contains("' '"), "{why}");
+        let why = PrivateBus::unusable_in(Path::new("/tmp/a,b=c")).unwrap();
+        assert!(why.contains("','"), "{why}");
+        let why = PrivateBus::unusable_in(Path::new("/tmp/caf\u{e9}")).unwrap();
+        assert!(why.contains("byte 0xc3"), "{why}");
+        // 107 bytes with "/bus" is the most a socket's path may be.
+        let longest = format!("/{}", "d".repeat(MAX_SOCKET_PATH - "/bus".len() - 1));
+        assert_eq!(PrivateBus::unusable_in(Path::new(&longest)), None);
+        let why = PrivateBus::unusable_in(Path::new(&format!("{longest}d"))).unwrap();
+        assert!(why.contains("108 bytes"), "{why}");
     }
 }
