@@ -542,8 +542,9 @@ async fn twenty_locks_times_fifty_commands_get_one_outcome_each() {
 }
 
 /// `lockhub-cloud app …` as a person would type it.
-fn app_cli(stack: &Stack, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub-cloud"))
+fn app_command(stack: &Stack, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub-cloud"));
+    command
         .arg("app")
         .arg("--dir")
         .arg(stack.dir.path().join("cli-keys"))
@@ -551,9 +552,13 @@ fn app_cli(stack: &Stack, args: &[&str]) -> (bool, String, String) {
         .arg(stack.pki.dir())
         .arg("--broker")
         .arg(format!("mqtts://localhost:{}", stack.broker.port))
-        .args(args)
-        .output()
-        .unwrap();
+        .args(args);
+    command
+}
+
+/// [`app_command`] run to its end: whether it succeeded, its stdout and its stderr.
+fn app_cli(stack: &Stack, args: &[&str]) -> (bool, String, String) {
+    let out = app_command(stack, args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -599,6 +604,12 @@ async fn the_app_command_line_claims_pairs_grants_and_unlocks() {
         status.contains("/status {\"status\":\"online\"") && status.contains(&format!("/lock/{}/state", lock.lock_id)),
         "{status}"
     );
+    // Its reader gone before the listing (`… status | head -0`): a quiet, successful end.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = app_command(&stack, &["--key", "nobody", "status", "--gateway", &gw]).stdout(writer).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.is_empty(), "{}: {err}", out.status);
     // Bad input: a clear error, no panic.
     let (success, _, stderr) = app_cli(&stack, &["unlock", "--gateway", &gw, "--lock", "not-a-lock"]);
     assert!(!success && stderr.contains("16 hex digits"), "{stderr}");

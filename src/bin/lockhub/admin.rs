@@ -66,25 +66,26 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// Prints rows as an aligned table.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+/// Writes rows as an aligned table.
+fn table(out: &mut impl Write, headers: &[&str], rows: Vec<Vec<String>>) -> std::io::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let print = |cells: Vec<String>| {
+    let mut print = |cells: Vec<String>| {
         let line: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", line.join("  ").trim_end());
+        writeln!(out, "{}", line.join("  ").trim_end())
     };
-    print(headers.iter().map(|h| h.to_string()).collect());
+    print(headers.iter().map(|h| h.to_string()).collect())?;
     if rows.is_empty() {
-        println!("(none)");
+        print(vec!["(none)".into()])?;
     }
     for row in rows {
-        print(row);
+        print(row)?;
     }
+    Ok(())
 }
 
 fn time(unix: &Value) -> String {
@@ -94,11 +95,10 @@ fn time(unix: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// Prints an answer for people (or as JSON).
-pub fn show(request: &Request, value: &Value, json: bool) {
+/// Writes an answer for people (or as JSON).
+pub fn show(request: &Request, value: &Value, json: bool, out: &mut impl Write) -> std::io::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(value).expect("values serialise"));
-        return;
+        return writeln!(out, "{}", serde_json::to_string_pretty(value).expect("values serialise"));
     }
     match request {
         Request::Status => {
@@ -107,25 +107,33 @@ pub fn show(request: &Request, value: &Value, json: bool) {
             } else {
                 "unreachable: working offline".into()
             };
-            println!("gateway:         {}", text(&value["gateway"]));
-            println!("version:         {}", text(&value["version"]));
-            println!("cloud:           {cloud}");
-            println!("locks:           {}", value["locks"]);
-            println!("reports queued:  {}", value["reports_queued"]);
-            println!("claimed:         {}", if value["claimed"] == true { "yes" } else { "no (lockhub claim-code)" });
-            println!(
+            writeln!(out, "gateway:         {}", text(&value["gateway"]))?;
+            writeln!(out, "version:         {}", text(&value["version"]))?;
+            writeln!(out, "cloud:           {cloud}")?;
+            writeln!(out, "locks:           {}", value["locks"])?;
+            writeln!(out, "reports queued:  {}", value["reports_queued"])?;
+            writeln!(
+                out,
+                "claimed:         {}",
+                if value["claimed"] == true { "yes" } else { "no (lockhub claim-code)" }
+            )?;
+            writeln!(
+                out,
                 "clock:           {}",
                 if value["clock_synchronised"] == true { "synchronised" } else { "NOT synchronised" }
-            );
+            )?;
             if value["deleted_rows_in_log"] == true {
-                println!(
+                writeln!(
+                    out,
                     "deletions:       deleted rows still in the store's log: another connection to the database keeps it in use (emptied as soon as it lets go)"
-                );
+                )?;
             } else if value["deleted_rows_in_log"] == false {
-                println!("deletions:       complete");
+                writeln!(out, "deletions:       complete")?;
             }
+            Ok(())
         }
         Request::Locks => table(
+            out,
             &["LOCK", "NAME", "STATE", "BATTERY", "DOOR", "LINK", "PAIRED"],
             rows(value, |l| {
                 vec![
@@ -146,6 +154,7 @@ pub fn show(request: &Request, value: &Value, json: bool) {
             }),
         ),
         Request::Audit { .. } => table(
+            out,
             &["SEQ", "TIME", "ACTION", "OUTCOME", "DETAIL"],
             rows(value, |r| {
                 vec![text(&r["seq"]), time(&r["at"]), text(&r["action"]), text(&r["outcome"]), text(&r["detail"])]
@@ -153,23 +162,27 @@ pub fn show(request: &Request, value: &Value, json: bool) {
         ),
         Request::AuditVerify => {
             if value["intact"] == true {
-                println!("audit chain intact: {} record(s) verified", value["records"]);
+                writeln!(out, "audit chain intact: {} record(s) verified", value["records"])?;
             } else {
-                println!("audit chain BROKEN at record {}: {}", value["seq"], text(&value["reason"]));
+                writeln!(out, "audit chain BROKEN at record {}: {}", value["seq"], text(&value["reason"]))?;
             }
+            Ok(())
         }
         Request::Users => table(
+            out,
             &["KEY", "SINCE", "GRANTS"],
             rows(value, |u| vec![text(&u["key"]), time(&u["since"]), text(&u["grants"])]),
         ),
-        Request::ForgetUser { key } => println!("forgot user {key}: their key, grants and passcodes are deleted"),
+        Request::ForgetUser { key } => writeln!(out, "forgot user {key}: their key, grants and passcodes are deleted"),
         Request::Unbind { lock } => {
-            println!("unbound lock {lock}");
+            writeln!(out, "unbound lock {lock}")?;
             if value["lock_told"] != true {
-                println!("the lock could not be reached and still holds its pairing: factory-reset it");
+                writeln!(out, "the lock could not be reached and still holds its pairing: factory-reset it")?;
             }
+            Ok(())
         }
         Request::Scan { .. } => table(
+            out,
             &["LOCK", "ADDRESS", "RSSI", "PAIRING MODE", "PAIRED HERE"],
             rows(value, |a| {
                 vec![
@@ -181,8 +194,8 @@ pub fn show(request: &Request, value: &Value, json: bool) {
                 ]
             }),
         ),
-        Request::Pair { lock, .. } => println!("paired lock {lock}"),
-        Request::Rekey => println!("store re-sealed under a new master key ({} secret(s))", value["resealed"]),
+        Request::Pair { lock, .. } => writeln!(out, "paired lock {lock}"),
+        Request::Rekey => writeln!(out, "store re-sealed under a new master key ({} secret(s))", value["resealed"]),
     }
 }
 

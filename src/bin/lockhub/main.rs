@@ -22,15 +22,27 @@ mod quiet;
 mod service;
 mod text_pages;
 
-use anyhow::Result;
+use std::io::Write;
+
+use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use cli::{AdminArgs, Cli, Command};
 use lockhub::control::protocol::Request;
 
 fn run_admin(admin: &AdminArgs, request: Request) -> Result<()> {
     let value = admin::call(&admin.socket, &request)?;
-    admin::show(&request, &value, admin.json);
-    Ok(())
+    print_answer(&request, &value, admin.json)
+}
+
+/// Prints an answer on standard output. A reader that went away before the end (`lockhub
+/// audit | head`) had what it wanted: that ends the command quietly and successfully, as it
+/// would a C tool, rather than with a panic.
+fn print_answer(request: &Request, value: &serde_json::Value, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match admin::show(request, value, json, &mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written.context("writing to standard output"),
+    }
 }
 
 /// sysexits(3)'s "configuration error".
@@ -72,7 +84,7 @@ fn main() -> Result<()> {
         Command::Audit { verify, after, limit, admin } => {
             if verify {
                 let value = admin::call(&admin.socket, &Request::AuditVerify)?;
-                admin::show(&Request::AuditVerify, &value, admin.json);
+                print_answer(&Request::AuditVerify, &value, admin.json)?;
                 if value["intact"] != true {
                     std::process::exit(1);
                 }
