@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::ble::BleConfig;
 use crate::cloud::link::{BrokerUrl, CloudConfig};
+use crate::cloud::tls::MAX_PEM_BYTES;
 use crate::gateway::policy::PolicyLimits;
 use crate::protocol::ids::GatewayId;
 
@@ -30,13 +31,11 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// Bigger than [`MAX_CONFIG_BYTES`].
-    #[error("{path}: {size} bytes; a configuration is at most {MAX_CONFIG_BYTES} bytes")]
+    /// Bigger than [`MAX_CONFIG_BYTES`] (a device, or the wrong file).
+    #[error("{path}: more than {MAX_CONFIG_BYTES} bytes, which no configuration needs: is this the right file?")]
     TooBig {
         /// The file.
         path: PathBuf,
-        /// Its size.
-        size: u64,
     },
     /// Not valid TOML, an unknown key, or a value of the wrong type (the message shows the
     /// line and column).
@@ -172,12 +171,14 @@ impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let read = |source| ConfigError::Read { path: path.to_owned(), source };
-        let size = std::fs::metadata(path).map_err(read)?.len();
-        if size > MAX_CONFIG_BYTES as u64 {
-            return Err(ConfigError::TooBig { path: path.to_owned(), size });
-        }
-        let text = std::fs::read_to_string(path).map_err(read)?;
-        Self::parse(path, &text)
+        let bytes = crate::bounded_file::read(path, MAX_CONFIG_BYTES).map_err(|e| match e.kind() {
+            std::io::ErrorKind::FileTooLarge => ConfigError::TooBig { path: path.to_owned() },
+            _ => read(e),
+        })?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
+            read(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text: is this the right file?"))
+        })?;
+        Self::parse(path, text)
     }
 
     /// Parses and checks `text` (read from `path`, for messages).
@@ -335,16 +336,8 @@ impl Config {
     }
 }
 
-/// Largest certificate or key file read.
-const MAX_PEM_BYTES: u64 = 64 * 1024;
-
 fn read_pem(file: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
-    let size = std::fs::metadata(file).map_err(|e| file_problem(&e))?.len();
-    if size > MAX_PEM_BYTES {
-        return Err(format!("{size} bytes; a PEM file here is at most {MAX_PEM_BYTES} bytes"));
-    }
-    // Zeroized: the key file's bytes are a secret.
-    std::fs::read(file).map(zeroize::Zeroizing::new).map_err(|e| file_problem(&e))
+    crate::bounded_file::read(file, MAX_PEM_BYTES).map_err(|e| file_problem(&e))
 }
 
 fn file_problem(e: &std::io::Error) -> String {
@@ -353,6 +346,7 @@ fn file_problem(e: &std::io::Error) -> String {
         std::io::ErrorKind::PermissionDenied => {
             "permission denied: the daemon's user (lockhub) must be able to read it (group lockhub, mode 0640)".into()
         }
+        std::io::ErrorKind::FileTooLarge => format!("{e}: not a certificate or key file"),
         _ => e.to_string(),
     }
 }

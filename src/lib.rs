@@ -8,11 +8,13 @@
 
 pub mod auth;
 pub mod ble;
+pub mod bounded_file;
 pub mod cloud;
 pub mod config;
 pub mod control;
 #[cfg(feature = "devtools")]
 pub mod devcloud;
+pub mod error_report;
 #[cfg(feature = "devtools")]
 pub mod firmware;
 #[cfg(feature = "devtools")]

@@ -97,6 +97,23 @@ fn check_config_says_where_what_and_how_to_fix_it() {
     // No file at all.
     let out = lockhub(&["check-config", "--config", "/nonexistent/lockhub.toml"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/nonexistent/lockhub.toml"));
+    // Paths that name no configuration: a device that never ends (its size says 0), refused at
+    // the bound rather than read until memory runs out; a directory, said once.
+    let stderr = |args: &[&str]| {
+        let out = lockhub(args);
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert_eq!(
+        stderr(&["check-config", "--config", "/dev/zero"]),
+        "Error: /dev/zero: more than 65536 bytes, which no configuration needs: is this the right file?\n"
+    );
+    let here = dir.path().to_str().unwrap();
+    assert_eq!(stderr(&["check-config", "--config", here]), format!("Error: {here}: Is a directory (os error 21)\n"));
+    // A certificate path naming that device.
+    let cert = pki.client_cert("gw-cfg");
+    let err = broken(&config, |t| t.replace(cert.to_str().unwrap(), "/dev/zero"));
+    assert!(err.contains("more than 65536 bytes: not a certificate or key file"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

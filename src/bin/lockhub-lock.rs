@@ -53,7 +53,11 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    lockhub::error_report::exit_code(run().await)
+}
+
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCKHUB_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -42,8 +42,12 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source })
+/// The largest certificate or key file read: a CA, a chain or a key is a few KiB; more is the
+/// wrong file (and a device would never end).
+pub const MAX_PEM_BYTES: usize = 64 * 1024;
+
+fn read_pem(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, TlsError> {
+    crate::bounded_file::read(path, MAX_PEM_BYTES).map_err(|source| TlsError::Io { path: path.to_owned(), source })
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -58,7 +62,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = zeroize::Zeroizing::new(read_pem(path)?);
+    let pem = read_pem(path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|source| TlsError::Io { path: path.to_owned(), source })?
         .ok_or_else(|| TlsError::Empty { path: path.to_owned(), what: "private key" })

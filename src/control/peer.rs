@@ -9,7 +9,7 @@
 use std::os::unix::fs::MetadataExt;
 
 /// Largest /etc/group or /etc/passwd read.
-const MAX_DB_BYTES: u64 = 1024 * 1024;
+const MAX_DB_BYTES: usize = 1024 * 1024;
 
 /// The admin group, as /etc/group has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,10 +22,10 @@ pub struct AdminGroup {
 }
 
 fn read_db(path: &str) -> String {
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() <= MAX_DB_BYTES => std::fs::read_to_string(path).unwrap_or_default(),
-        _ => String::new(),
-    }
+    crate::bounded_file::read(std::path::Path::new(path), MAX_DB_BYTES)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes.to_vec()).ok())
+        .unwrap_or_default()
 }
 
 /// The user name of `uid`, from /etc/passwd.

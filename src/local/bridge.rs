@@ -35,7 +35,7 @@ use crate::store::unix_now;
 const SOURCE: &str = "local MQTT";
 
 /// Largest password file read.
-const MAX_PASSWORD_BYTES: u64 = 1024;
+const MAX_PASSWORD_BYTES: usize = 1024;
 
 /// Why the bridge could not start.
 #[derive(Debug, Error)]
@@ -442,11 +442,9 @@ async fn publish(client: &AsyncClient, messages: Vec<Retained>) {
 
 fn read_password(path: &std::path::Path) -> Result<Zeroizing<String>, BridgeError> {
     let err = |source| BridgeError::Password { path: path.to_owned(), source };
-    let size = std::fs::metadata(path).map_err(err)?.len();
-    if size > MAX_PASSWORD_BYTES {
-        return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidData, "larger than 1 KiB")));
-    }
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(err)?);
+    let bytes = crate::bounded_file::read(path, MAX_PASSWORD_BYTES).map_err(err)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")))?;
     Ok(Zeroizing::new(text.lines().next().unwrap_or("").to_owned()))
 }
 
@@ -463,7 +461,7 @@ mod tests {
 
         std::fs::write(&path, "s3cret-local".repeat(200)).unwrap();
         let too_big = read_password(&path).unwrap_err().to_string();
-        assert!(too_big.contains("local-mqtt.password") && too_big.contains("larger than 1 KiB"), "{too_big}");
+        assert!(too_big.contains("local-mqtt.password") && too_big.contains("more than 1024 bytes"), "{too_big}");
         assert!(!too_big.contains("s3cret"), "{too_big}");
 
         let missing = read_password(&dir.path().join("absent")).unwrap_err();

@@ -70,6 +70,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
     move |source| KeyError::Io { path: path.to_owned(), source }
 }
 
+/// A key file's bytes: at most 65 (64 hex digits and a newline); a longer file is no key.
+fn read_key_bytes(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    crate::bounded_file::read(path, 65).map_err(|e| match e.kind() {
+        std::io::ErrorKind::FileTooLarge => KeyError::Malformed { path: path.to_owned() },
+        _ => io(path)(e),
+    })
+}
+
 fn parse_key(bytes: &[u8], path: &Path) -> Result<MasterKey, KeyError> {
     let malformed = || KeyError::Malformed { path: path.to_owned() };
     let mut key = Zeroizing::new([0u8; 32]);
@@ -96,8 +104,7 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey, KeyError> {
     if mode & 0o077 != 0 {
         return Err(KeyError::Permissions { path: path.to_owned(), mode });
     }
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(io(path))?);
-    parse_key(&bytes, path)
+    parse_key(&read_key_bytes(path)?, path)
 }
 
 /// Writes `key` to `path` atomically with mode 0600: a temporary file, fsync, then a link that
@@ -125,8 +132,7 @@ pub fn load(credentials_dir: Option<&Path>, key_file: &Path) -> Result<(MasterKe
     if let Some(dir) = credentials_dir {
         let path = dir.join(CREDENTIAL_NAME);
         if path.exists() {
-            let bytes = Zeroizing::new(std::fs::read(&path).map_err(io(&path))?);
-            return Ok((parse_key(&bytes, &path)?, KeySource::Credential(path)));
+            return Ok((parse_key(&read_key_bytes(&path)?, &path)?, KeySource::Credential(path)));
         }
     }
     match read_key_file(key_file) {

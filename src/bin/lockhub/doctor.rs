@@ -90,7 +90,7 @@ pub fn run(config_path: &Path, socket: &Path, json: bool) -> Result<()> {
 }
 
 fn certificate(name: &'static str, path: &Path) -> Check {
-    let Ok(pem) = std::fs::read(path) else {
+    let Ok(pem) = lockhub::bounded_file::read(path, lockhub::cloud::tls::MAX_PEM_BYTES) else {
         return fail(name, format!("{} cannot be read", path.display()), "see the configuration check");
     };
     let parsed = x509_parser::pem::parse_x509_pem(&pem).ok().and_then(|(_, pem)| {

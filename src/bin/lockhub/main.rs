@@ -48,7 +48,11 @@ fn print_answer(request: &Request, value: &serde_json::Value, json: bool) -> Res
 /// sysexits(3)'s "configuration error".
 const EX_CONFIG: i32 = 78;
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    lockhub::error_report::exit_code(run())
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
