@@ -43,6 +43,17 @@ pub enum AppError {
     /// A key file holds no key.
     #[error("{0}: not a lockhub app key (run `lockhub-cloud app keygen`)")]
     BadKey(PathBuf),
+    /// A key's name that would not stay a plain file name in the keys' directory.
+    #[error("key name {0:?}: 1 to 32 letters, digits, '-' or '_'")]
+    BadName(String),
+    /// No key of that name.
+    #[error("no key named {name} in {dir}: make one with `lockhub-cloud app --key {name} keygen`")]
+    NoKey {
+        /// The keys' directory.
+        dir: PathBuf,
+        /// The name asked for.
+        name: String,
+    },
     /// A key of that name exists.
     #[error("{0} exists: pass --force to replace it (the old key's grants stop working)")]
     Exists(PathBuf),
@@ -72,16 +83,26 @@ impl std::fmt::Debug for AppKey {
     }
 }
 
+/// The most a key file holds: 43 characters of base64url and a newline, with room to spare.
+const MAX_KEY_FILE_BYTES: usize = 128;
+
 impl AppKey {
-    fn path(dir: &Path, name: &str) -> PathBuf {
-        dir.join(format!("{name}.key"))
+    /// Where the key named `name` lives: a name is a plain file name (no `/`, no `..`), so that
+    /// no key is read or written outside `dir`.
+    fn path(dir: &Path, name: &str) -> Result<PathBuf, AppError> {
+        let plain =
+            (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !plain {
+            return Err(AppError::BadName(name.to_owned()));
+        }
+        Ok(dir.join(format!("{name}.key")))
     }
 
     /// Creates a key named `name` in `dir`.
     pub fn generate(dir: &Path, name: &str, force: bool) -> Result<Self, AppError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let path = Self::path(dir, name);
+        let path = Self::path(dir, name)?;
         if path.exists() && !force {
             return Err(AppError::Exists(path));
         }
@@ -95,16 +116,22 @@ impl AppKey {
             .mode(0o600)
             .open(&path)
             .map_err(|source| AppError::Io { path: path.clone(), source })?;
+        // A key replaced with --force keeps its file, and the file its mode: make it 0600 too.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|source| AppError::Io { path: path.clone(), source })?;
         f.write_all(text.as_bytes()).map_err(|source| AppError::Io { path: path.clone(), source })?;
         Ok(AppKey { key })
     }
 
     /// Loads the key named `name` from `dir`.
     pub fn load(dir: &Path, name: &str) -> Result<Self, AppError> {
-        let path = Self::path(dir, name);
-        let text = Zeroizing::new(
-            std::fs::read_to_string(&path).map_err(|source| AppError::Io { path: path.clone(), source })?,
-        );
+        let path = Self::path(dir, name)?;
+        let bytes = crate::bounded_file::read(&path, MAX_KEY_FILE_BYTES).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => AppError::NoKey { dir: dir.to_owned(), name: name.to_owned() },
+            std::io::ErrorKind::FileTooLarge => AppError::BadKey(path.clone()),
+            _ => AppError::Io { path: path.clone(), source },
+        })?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| AppError::BadKey(path.clone()))?;
         let seed = Zeroizing::new(URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| AppError::BadKey(path.clone()))?);
         let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| AppError::BadKey(path.clone()))?;
         Ok(AppKey { key: SigningKey::from_bytes(&seed) })
@@ -446,6 +473,35 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    /// A key's name is a plain file name: none reads or writes outside the keys' directory.
+    /// A missing key says how to make one; a file that is no key (or far too long to be one)
+    /// says so; a key replaced with --force is 0600 again, whatever mode its file had.
+    #[test]
+    fn key_names_stay_inside_the_directory_and_errors_say_what_to_do() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        for bad in ["../evil", "", "a/b", ".hidden", "white space", &"x".repeat(33)] {
+            assert!(matches!(AppKey::generate(&keys, bad, false), Err(AppError::BadName(_))), "{bad:?}");
+            assert!(matches!(AppKey::load(&keys, bad), Err(AppError::BadName(_))), "{bad:?}");
+        }
+        assert!(!dir.path().join("evil.key").exists() && !keys.exists());
+        let missing = AppKey::load(&keys, "owner").unwrap_err().to_string();
+        assert!(missing.contains("no key named owner in") && missing.contains("--key owner keygen"), "{missing}");
+
+        AppKey::generate(&keys, "owner", false).unwrap();
+        let file = keys.join("owner.key");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let replaced = AppKey::generate(&keys, "owner", true).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(AppKey::load(&keys, "owner").unwrap().public(), replaced.public());
+
+        std::fs::write(keys.join("big.key"), [b'A'; 1000]).unwrap();
+        assert!(matches!(AppKey::load(&keys, "big"), Err(AppError::BadKey(_))));
+        std::fs::write(keys.join("short.key"), "AAAA").unwrap();
+        assert!(matches!(AppKey::load(&keys, "short"), Err(AppError::BadKey(_))));
+    }
 
     /// A persistent session that never gets one (a broker that takes the connection and never
     /// answers) gives up with the reason, and stops trying: no connection attempt after the
