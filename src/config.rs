@@ -20,6 +20,10 @@ use crate::protocol::ids::GatewayId;
 /// Largest configuration file read, in bytes.
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
 
+/// A day and a week, in seconds: the longest windows and lockouts the configuration takes.
+const DAY_S: i128 = 86_400;
+const WEEK_S: i128 = 7 * DAY_S;
+
 /// Why the configuration is unusable.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -205,16 +209,37 @@ impl Config {
         for url in &self.cloud.brokers {
             BrokerUrl::parse(url).map_err(|e| invalid("cloud.brokers", e.to_string()))?;
         }
-        if !(5..=3600).contains(&self.cloud.keep_alive_s) {
-            return Err(invalid("cloud.keep_alive_s", "5 to 3600 seconds".into()));
-        }
         if self.ble.max_links == 0 || self.ble.max_links > 10 {
             return Err(invalid("ble.max_links", "1 to 10 (3 suits a Raspberry Pi's controller)".into()));
         }
         if self.policy.rate_commands == 0 || self.policy.lockout_failures == 0 {
             return Err(invalid("policy", "rate_commands and lockout_failures must be at least 1".into()));
         }
-        let local = &self.local;
+        // Windows and bounds a person would set; beyond them, arithmetic on times could
+        // overflow (a lockout ending before it began), and a zero bound fails every attempt.
+        let (ble, policy, local) = (&self.ble, &self.policy, &self.local);
+        let ranges: [(&'static str, i128, i128, i128, &str); 15] = [
+            ("ble.connect_timeout_ms", ble.connect_timeout_ms.into(), 500, 120_000, "ms"),
+            ("ble.command_timeout_ms", ble.command_timeout_ms.into(), 500, 120_000, "ms"),
+            ("ble.resolve_timeout_ms", ble.resolve_timeout_ms.into(), 500, 120_000, "ms"),
+            ("ble.slot_timeout_ms", ble.slot_timeout_ms.into(), 500, 600_000, "ms"),
+            ("ble.keep_alive_ms", ble.keep_alive_ms.into(), 0, 3_600_000, "ms"),
+            ("ble.retry_backoff_ms", ble.retry_backoff_ms.into(), 10, 10_000, "ms"),
+            ("ble.connect_attempts", ble.connect_attempts.into(), 1, 10, "attempts"),
+            ("policy.rate_window_s", policy.rate_window_s.into(), 1, DAY_S, "seconds"),
+            ("policy.lockout_window_s", policy.lockout_window_s.into(), 1, WEEK_S, "seconds"),
+            ("policy.lockout_s", policy.lockout_s.into(), 1, WEEK_S, "seconds"),
+            ("policy.max_skew_s", policy.max_skew_s.into(), 0, 300, "seconds"),
+            ("local.lockout_window_s", local.lockout_window_s.into(), 1, WEEK_S, "seconds"),
+            ("local.lockout_s", local.lockout_s.into(), 1, WEEK_S, "seconds"),
+            ("local.lockout_failures", local.lockout_failures.into(), 1, 1_000, "failures"),
+            ("cloud.keep_alive_s", self.cloud.keep_alive_s.into(), 5, 3_600, "seconds"),
+        ];
+        for (key, value, least, most, unit) in ranges {
+            if !(least..=most).contains(&value) {
+                return Err(invalid(key, format!("{value} is out of range: {least} to {most} {unit}")));
+            }
+        }
         crate::local::codes::CodeBook::new(local).map_err(|e| invalid("local.codes", e.to_string()))?;
         let prefix_ok = !local.discovery_prefix.is_empty()
             && local.discovery_prefix.len() <= 64
@@ -224,9 +249,6 @@ impl Config {
                 "local.discovery_prefix",
                 "letters, digits, '_', '-', '/' (Home Assistant's default is homeassistant)".into(),
             ));
-        }
-        if local.lockout_failures == 0 || local.lockout_s <= 0 || local.lockout_window_s <= 0 {
-            return Err(invalid("local", "lockout_failures, lockout_window_s and lockout_s must be positive".into()));
         }
         if let Some(mqtt) = &local.mqtt {
             if mqtt.host.is_empty() || mqtt.host.len() > 253 {
@@ -416,5 +438,38 @@ rate_commands = 5
         let bad_id = GOOD.replace("gw-1", "gw 1");
         assert!(Config::parse(Path::new("x"), &bad_id).unwrap_err().to_string().contains("gateway.id"));
         assert!(matches!(Config::parse(Path::new("x"), "[gateway"), Err(ConfigError::Syntax { line: 1, .. })));
+    }
+
+    /// Windows, lockouts and bounds outside what a person would set are refused with the key
+    /// and the range: a lockout of i64::MAX seconds overflowed `now + lockout_s` (in a release
+    /// build, a lockout that ended before it began), a zero bound would fail every attempt.
+    #[test]
+    fn times_and_bounds_out_of_range_name_the_key_and_the_range() {
+        let with = |section: &str, line: &str| {
+            let text = if GOOD.contains(&format!("[{section}]")) {
+                GOOD.replace(&format!("[{section}]\n"), &format!("[{section}]\n{line}\n"))
+            } else {
+                format!("{GOOD}\n[{section}]\n{line}\n")
+            };
+            Config::parse(Path::new("lockhub.toml"), &text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let e = with("policy", "lockout_s = 9223372036854775807").unwrap_err();
+        assert_eq!(e, "lockhub.toml: policy.lockout_s: 9223372036854775807 is out of range: 1 to 604800 seconds");
+        for (section, line, key) in [
+            ("policy", "lockout_s = 0", "policy.lockout_s"),
+            ("policy", "rate_window_s = -60", "policy.rate_window_s"),
+            ("policy", "lockout_window_s = 604801", "policy.lockout_window_s"),
+            ("policy", "max_skew_s = -1", "policy.max_skew_s"),
+            ("ble", "connect_timeout_ms = 0", "ble.connect_timeout_ms"),
+            ("ble", "command_timeout_ms = 9223372036854775807", "ble.command_timeout_ms"),
+            ("ble", "connect_attempts = 0", "ble.connect_attempts"),
+            ("local", "lockout_s = 9223372036854775807", "local.lockout_s"),
+            ("local", "lockout_failures = 0", "local.lockout_failures"),
+        ] {
+            let e = with(section, line).unwrap_err();
+            assert!(e.contains(&format!("{key}: ")) && e.contains("is out of range"), "{line}: {e}");
+        }
+        with("policy", "lockout_s = 604800").unwrap();
+        with("ble", "keep_alive_ms = 0").unwrap();
     }
 }

@@ -36,6 +36,9 @@ pub mod typ {
 /// Longest a command may be valid: `exp - iat` at most this many seconds.
 pub const MAX_COMMAND_LIFETIME_S: i64 = 60;
 
+/// The latest time a statement may name: the last second of the year 9999.
+pub const MAX_TIME: i64 = 253_402_300_799;
+
 /// A statement id: 1 to 64 characters of `[A-Za-z0-9._-]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -444,6 +447,20 @@ pub fn open(text: &str) -> Result<Signed, Refusal> {
     })?;
     let id = Some(statement.id().clone());
     let (iat, exp) = statement.validity();
+    let nbf = match &statement {
+        Statement::Grant(g) => Some(g.nbf),
+        Statement::LocalCode(c) => Some(c.nbf),
+        _ => None,
+    };
+    // Bounded before any arithmetic on them: at the ends of i64, `exp - iat` overflows.
+    if [iat, exp].into_iter().chain(nbf).any(|t| !(0..=MAX_TIME).contains(&t)) {
+        return Err(refuse(
+            id,
+            signer,
+            Reason::Malformed,
+            "times are seconds since 1970, before the year 10000".into(),
+        ));
+    }
     if exp < iat {
         return Err(refuse(id, signer, Reason::Malformed, "expires before it is issued".into()));
     }
@@ -509,6 +526,29 @@ mod tests {
                 assert_eq!(refusal.id.as_ref().map(StatementId::as_str), Some(*id), "{refusal}");
             }
         }
+    }
+
+    /// Times are seconds since 1970 before the year 10000 (RFC 7519's NumericDate, bounded):
+    /// at the ends of i64, `exp - iat` overflowed — a panic in a debug build, before the
+    /// signature was even checked, and in a release build a lifetime that wrapped below the
+    /// 60 s bound and passed. Signed or forged, such a statement is malformed.
+    #[test]
+    fn times_beyond_the_year_9999_or_before_1970_are_malformed_not_arithmetic() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        for (iat, exp) in [(-1, i64::MAX), (i64::MIN, i64::MIN), (i64::MIN, 0), (0, MAX_TIME + 1), (-1, 10)] {
+            let c = Command { iat, exp, ..command() };
+            let signed = Statement::Command(c.clone()).sign(&key);
+            let refusal = open(&signed).unwrap_err();
+            assert_eq!(refusal.reason, Reason::Malformed, "iat {iat}, exp {exp}: {refusal}");
+            assert!(refusal.detail.contains("year 10000"), "{refusal}");
+            let forged = Statement::Command(c).sign(&SigningKey::from_bytes(&[8; 32]));
+            let parts: Vec<&str> = forged.split('.').collect();
+            let other: Vec<&str> = signed.split('.').collect();
+            let refusal = open(&format!("{}.{}.{}", parts[0], parts[1], other[2])).unwrap_err();
+            assert_eq!(refusal.reason, Reason::Malformed, "{refusal}");
+        }
+        let latest = Command { iat: MAX_TIME - 30, exp: MAX_TIME, ..command() };
+        assert!(open(&Statement::Command(latest).sign(&key)).is_ok());
     }
 
     #[test]

@@ -337,8 +337,7 @@ impl<T: LockTransport> LockWorker<T> {
         // The lock's clock stamps its log and bounds its passcodes: set it from ours when ours
         // is trustworthy and the two disagree (each setting is an entry in the lock's log).
         let (now, synced) = (self.clock)();
-        let drift = status.and_then(|s| s.clock).map(|c| (c as i64 - now).abs());
-        if synced && now > 0 && drift.is_none_or(|d| d > MAX_CLOCK_DRIFT_S) {
+        if synced && now > 0 && clock_is_off(status.and_then(|s| s.clock), now) {
             self.client.call(Actor::Hub, Op::SetTime { unix_secs: now as u64 }).await?;
             if let Ok(LockReply::Status(s)) = self.client.call(Actor::Hub, Op::Status).await?.result {
                 status = Some(s);
@@ -492,6 +491,14 @@ impl<T: LockTransport> LockWorker<T> {
     }
 }
 
+/// Whether the lock's clock (`None`: never set) is more than [`MAX_CLOCK_DRIFT_S`] from `now`.
+/// The lock's value is whatever its frame carried: any u64, compared without a cast that
+/// could wrap or overflow.
+fn clock_is_off(lock_clock: Option<u64>, now: i64) -> bool {
+    let now = u64::try_from(now).unwrap_or(0);
+    lock_clock.is_none_or(|c| c.abs_diff(now) > MAX_CLOCK_DRIFT_S.unsigned_abs())
+}
+
 /// The reply for a BLE failure: unreachable when no command reached the lock; failed (with the
 /// stable code) when the link broke after it was sent — the lock's own log says whether it ran.
 fn ble_failure(e: &BleError) -> Failure {
@@ -532,5 +539,20 @@ mod run_tests {
         assert_eq!(run_end(5, [9, 10].into_iter()), 5, "a push beyond a gap waits for the log");
         assert_eq!(run_end(5, [3, 5, 7, 6, 6].into_iter()), 7);
         assert_eq!(run_end(0, std::iter::empty()), 0);
+    }
+
+    /// The lock's clock comes from its frame: any u64. At 2^63 and above, the old cast to i64
+    /// wrapped negative and the subtraction overflowed (a panic in a debug build).
+    #[test]
+    fn a_lock_clock_anywhere_in_u64_is_compared_without_overflow() {
+        use super::clock_is_off;
+        let now = 1_700_000_000;
+        assert!(!clock_is_off(Some(1_700_000_002), now));
+        assert!(!clock_is_off(Some(1_699_999_998), now));
+        assert!(clock_is_off(Some(1_700_000_003), now));
+        assert!(clock_is_off(None, now), "a clock never set is set");
+        for extreme in [0, 1 << 63, u64::MAX] {
+            assert!(clock_is_off(Some(extreme), now), "{extreme}");
+        }
     }
 }

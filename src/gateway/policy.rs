@@ -174,11 +174,11 @@ impl PolicyEngine {
             // (a stale clock or an unpaired lock is not their attempt at something forbidden).
             Err(d) if counts_toward_lockout(d.reason) => {
                 history.refused.push_back(now);
-                while history.refused.front().is_some_and(|t| *t <= now - limits.lockout_window_s) {
+                while history.refused.front().is_some_and(|t| *t <= now.saturating_sub(limits.lockout_window_s)) {
                     history.refused.pop_front();
                 }
                 if history.refused.len() >= limits.lockout_failures {
-                    history.locked_until = now + limits.lockout_s;
+                    history.locked_until = now.saturating_add(limits.lockout_s);
                     history.refused.clear();
                     tracing::warn!(signer = %signer, "too many refused commands: locked out");
                 }
@@ -188,8 +188,8 @@ impl PolicyEngine {
         // Forget signers with nothing left to remember, so the map stays bounded: unknown keys
         // (free to make) leave nothing behind, and the rest is pruned when it grows.
         let idle = |h: &History| {
-            h.allowed.back().is_none_or(|t| *t <= now - limits.rate_window_s)
-                && h.refused.back().is_none_or(|t| *t <= now - limits.lockout_window_s)
+            h.allowed.back().is_none_or(|t| *t <= now.saturating_sub(limits.rate_window_s))
+                && h.refused.back().is_none_or(|t| *t <= now.saturating_sub(limits.lockout_window_s))
                 && h.locked_until <= now
         };
         if self
@@ -214,7 +214,7 @@ impl PolicyEngine {
         if now > command.exp {
             return Err(deny(Reason::Expired, format!("expired {} s ago", now - command.exp)));
         }
-        if command.iat > now + limits.max_skew_s {
+        if command.iat > now.saturating_add(limits.max_skew_s) {
             return Err(deny(Reason::NotYetValid, format!("issued {} s in the future", command.iat - now)));
         }
         if facts.seen {
@@ -242,7 +242,7 @@ impl PolicyEngine {
             return Err(deny(Reason::QuietHours, "quiet hours: only the owner operates remotely now"));
         }
         if let Some(h) = self.history.get_mut(signer) {
-            while h.allowed.front().is_some_and(|t| *t <= now - limits.rate_window_s) {
+            while h.allowed.front().is_some_and(|t| *t <= now.saturating_sub(limits.rate_window_s)) {
                 h.allowed.pop_front();
             }
             if h.allowed.len() >= limits.rate_commands {

@@ -194,13 +194,13 @@ impl CodeBook {
         match found {
             Some(user) => CodeCheck::Accepted { user },
             None => {
-                while self.failures.front().is_some_and(|t| *t <= now - self.lockout_window_s) {
+                while self.failures.front().is_some_and(|t| *t <= now.saturating_sub(self.lockout_window_s)) {
                     self.failures.pop_front();
                 }
                 self.failures.push_back(now);
                 if self.failures.len() >= self.lockout_failures {
                     self.failures.clear();
-                    self.locked_until = now + self.lockout_s;
+                    self.locked_until = now.saturating_add(self.lockout_s);
                     tracing::warn!(for_s = self.lockout_s, "too many wrong local codes: local control locked out");
                 }
                 CodeCheck::Wrong
