@@ -110,6 +110,16 @@ fn check_config_says_where_what_and_how_to_fix_it() {
     );
     let here = dir.path().to_str().unwrap();
     assert_eq!(stderr(&["check-config", "--config", here]), format!("Error: {here}: Is a directory (os error 21)\n"));
+    // A state directory that is a file: said so, at the first command that opens the store.
+    let good = std::fs::read_to_string(&config).unwrap();
+    let state = dir.path().join("state").display().to_string();
+    std::fs::write(&config, good.replace(&state, "/dev/null")).unwrap();
+    assert_eq!(
+        stderr(&["claim-code", "--config", path]),
+        "Error: gateway.state_dir = /dev/null: not a directory: point it at a directory (the package's is \
+         /var/lib/lockhub)\n"
+    );
+    std::fs::write(&config, good).unwrap();
     // A certificate path naming that device.
     let cert = pki.client_cert("gw-cfg");
     let err = broken(&config, |t| t.replace(cert.to_str().unwrap(), "/dev/zero"));

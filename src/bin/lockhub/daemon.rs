@@ -59,15 +59,30 @@ pub fn open_store(config: &Config) -> Result<Store> {
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         // Private, whatever the umask (systemd's StateDirectoryMode= says the same).
+        if dir.exists() && !dir.is_dir() {
+            anyhow::bail!(
+                "gateway.state_dir = {}: not a directory: point it at a directory (the package's is /var/lib/lockhub)",
+                dir.display()
+            );
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating the state directory {}", dir.display()))?;
-        let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+        let mode = std::fs::metadata(dir)
+            .with_context(|| format!("the state directory {}", dir.display()))?
+            .permissions()
+            .mode()
+            & 0o7777;
         if mode & 0o077 != 0 {
             tracing::warn!(dir = %dir.display(), mode = format!("{mode:04o}"), "tightening to 0700");
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
+                format!(
+                    "the state directory {} is mode {mode:04o}, open to others, and cannot be made 0700",
+                    dir.display()
+                )
+            })?;
         }
     }
     let mut store = Store::open(StoreConfig::in_dir(dir)).context("opening the store")?;
