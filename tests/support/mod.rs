@@ -51,11 +51,24 @@ pub struct Frozen {
 }
 
 impl Frozen {
+    /// Stops the process and returns once every thread of it has stopped. `kill` returns
+    /// before that: one thread is woken to take the signal and stops the others when it runs,
+    /// and on a busy machine it may wait for a CPU while its siblings go on answering (a scan
+    /// "while BlueZ is frozen" once found the lock). The parent is told when the whole group
+    /// has stopped, and both processes are this one's children.
     fn stop(pid: &std::sync::atomic::AtomicU32, what: &str) -> Frozen {
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
         let raw = pid.load(std::sync::atomic::Ordering::Acquire);
         let pid = nix::unistd::Pid::from_raw(i32::try_from(raw).expect("a process id"));
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)
             .unwrap_or_else(|e| panic!("stopping {what}: {e}"));
+        loop {
+            match waitid(Id::Pid(pid), WaitPidFlag::WSTOPPED) {
+                Ok(WaitStatus::Stopped(..)) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => panic!("waiting for {what} to stop: {other:?}"),
+            }
+        }
         Frozen { pid }
     }
 
