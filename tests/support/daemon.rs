@@ -59,30 +59,26 @@ impl Daemon {
     /// Starts `lockhub run --config config` on the D-Bus `bus`, logging warnings and errors to
     /// the test's stderr; it dies with the test process however that ends.
     pub fn spawn(config: &Path, bus: &str) -> Daemon {
-        let child = Command::new("setpriv")
+        Daemon { child: Self::command(config, bus).spawn().expect("starting lockhub run") }
+    }
+
+    /// `lockhub run --config config` on `bus`, at the log level `LOCKHUB_TEST_LOG` says (warn).
+    fn command(config: &Path, bus: &str) -> Command {
+        let mut command = Command::new("setpriv");
+        command
             .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
             .arg(config)
             .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
             .env("LOCKHUB_LOG", std::env::var("LOCKHUB_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting lockhub run");
-        Daemon { child }
+            .stdin(Stdio::null());
+        command
     }
 
     /// Like [`Daemon::spawn`], its log read line by line: each line is copied to the test's
     /// stderr and sent to the returned channel, which closes when the daemon exits.
     pub fn spawn_logged(config: &Path, bus: &str) -> (Daemon, std::sync::mpsc::Receiver<String>) {
         use std::io::BufRead;
-        let mut child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
-            .arg(config)
-            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
-            .env("LOCKHUB_LOG", std::env::var("LOCKHUB_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting lockhub run");
+        let mut child = Self::command(config, bus).stderr(Stdio::piped()).spawn().expect("starting lockhub run");
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
