@@ -61,6 +61,22 @@ fn a_temporary_directory_the_bus_cannot_use_leaves_the_demo_in_tmp() {
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "the demo wrote in the directory it said it would not use");
 }
 
+/// Its reader gone at once (`lockhub demo | head -0`): the story runs on to its end, cleans
+/// up and exits 0, without a panic over the closed pipe.
+#[test]
+fn with_its_reader_gone_the_demo_still_ends_cleanly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
+        .arg("demo")
+        .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{}: {err}", out.status);
+}
+
 /// Runs `demo`, checks that it exits 0 having told every step of the story with its latency,
 /// and returns what it printed.
 fn the_whole_story(mut demo: std::process::Command) -> String {

@@ -167,15 +167,15 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
         .await
         .context("the gateway did not reach the broker")??;
 
-    println!("lockhub demo: everything runs on this machine, nothing needs root.");
-    println!("  broker   {broker_url} (mutual TLS, per-gateway ACLs; PKI made just now)");
+    let _ = writeln!(t.out, "lockhub demo: everything runs on this machine, nothing needs root.");
+    let _ = writeln!(t.out, "  broker   {broker_url} (mutual TLS, per-gateway ACLs; PKI made just now)");
     let bus_path = bus.trim_start_matches("unix:path=");
-    println!("  bus      {}, private, at {bus_path}", private_bus.kind());
-    println!("  locks    {} emulated, serving org.bluez on that bus", lock_ids.len());
-    println!("  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer");
-    println!("  app      owner and user keys made just now; statements signed as JWS (EdDSA)");
-    println!();
-    println!("    {:<62} {:<44} {:>11}", "step", "result", "latency");
+    let _ = writeln!(t.out, "  bus      {}, private, at {bus_path}", private_bus.kind());
+    let _ = writeln!(t.out, "  locks    {} emulated, serving org.bluez on that bus", lock_ids.len());
+    let _ = writeln!(t.out, "  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer");
+    let _ = writeln!(t.out, "  app      owner and user keys made just now; statements signed as JWS (EdDSA)");
+    let _ = writeln!(t.out);
+    let _ = writeln!(t.out, "    {:<62} {:<44} {:>11}", "step", "result", "latency");
 
     let keys = dir.join("app");
     let (owner, user) = (AppKey::generate(&keys, "owner", false)?, AppKey::generate(&keys, "user", false)?);
@@ -269,12 +269,12 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     t.line("someone with no grant", &describe(&reply?), took);
 
     let verified = store.lock().expect("store").verify_audit()?;
-    println!();
+    let _ = writeln!(t.out);
     let verified = match verified {
         lockhub::store::AuditVerification::Intact { records } => format!("{records} records, intact"),
         broken => format!("{broken:?}"),
     };
-    println!("audit chain: {verified}. The demo took {:.2} s.", total.elapsed().as_secs_f64());
+    let _ = writeln!(t.out, "audit chain: {verified}. The demo took {:.2} s.", total.elapsed().as_secs_f64());
     // In the daemon's order: the locks' tasks let go of their locks before the locks go away
     // (a task still recording then would have its store work cancelled with the runtime).
     gateway.stop_locks(Duration::from_secs(5)).await;
