@@ -402,7 +402,7 @@ fn main() {
         ok(app.send(&remote_unlock(&gw, lock, true, now), &owner, WAIT).await.unwrap());
         let perms = vec![Permission::Lock, Permission::Unlock, Permission::Remote];
         ok(app.send(&Statement::Grant(grant(&gw, user.public(), lock, perms, None, 1, now)), &owner, WAIT).await.unwrap());
-        let op = |i: usize| if i % 2 == 0 { Operation::Unlock } else { Operation::Lock };
+        let op = |i: usize| if i.is_multiple_of(2) { Operation::Unlock } else { Operation::Lock };
         // Each command's id → (sent, reply received), µs since the Unix epoch.
         let sent_at = std::sync::Mutex::new(std::collections::HashMap::<String, (u64, u64)>::new());
         let send = |i: usize| {

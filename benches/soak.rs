@@ -137,7 +137,7 @@ async fn soak(length: Duration, sample_every: Duration) {
         tick.tick().await;
         second += 1;
         let (name, id) = &locks[(second as usize) % LOCKS];
-        let op = if (second / LOCKS as u64) % 2 == 0 { Operation::Unlock } else { Operation::Lock };
+        let op = if (second / LOCKS as u64).is_multiple_of(2) { Operation::Unlock } else { Operation::Lock };
         let sent = Instant::now();
         let c = Statement::Command(command(&gw, *id, op, unix_now(), 30));
         match app.send(&c, &user, WAIT).await {

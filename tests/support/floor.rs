@@ -214,7 +214,7 @@ impl GattExchanges {
     async fn exchange(&mut self) {
         let op = match self.op {
             GattOp::Status => Op::Status,
-            GattOp::UnlockThenLock if self.done % 2 == 0 => Op::Unlock,
+            GattOp::UnlockThenLock if self.done.is_multiple_of(2) => Op::Unlock,
             GattOp::UnlockThenLock => Op::Lock,
         };
         self.client.call(Actor::Hub, op).await.unwrap();

@@ -398,10 +398,10 @@ impl Radio for LockRadio {
         };
         if let Some(socket) = socket {
             // A full or closed socket means the central is gone: the link is lost.
-            if socket.send(&fragment).await.is_err() {
-                if let Some(shared) = lock.emulator.upgrade() {
-                    shared.disconnect(&lock).await;
-                }
+            if socket.send(&fragment).await.is_err()
+                && let Some(shared) = lock.emulator.upgrade()
+            {
+                shared.disconnect(&lock).await;
             }
         } else if subscribed {
             gatt::notify_value(&lock, fragment).await;
