@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Standard output goes through `standard_output`, which ends quietly when its reader has gone.
+#![deny(clippy::print_stdout)]
 
 pub mod auth;
 pub mod ble;
@@ -24,5 +26,6 @@ pub mod local;
 #[cfg(feature = "devtools")]
 pub mod memlink;
 pub mod protocol;
+pub mod standard_output;
 pub mod stop;
 pub mod store;

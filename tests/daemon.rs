@@ -36,6 +36,40 @@ fn broken(config: &Path, edit: impl Fn(&str) -> String) -> String {
     String::from_utf8(out.stderr).unwrap()
 }
 
+/// Every command that prints, its reader gone before the first byte (`lockhub man | head -0`):
+/// a quiet, successful end, not "failed printing to stdout" and exit 101.
+#[test]
+fn every_printing_command_ends_quietly_when_its_reader_has_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    let pki = Pki::init(&pki_dir, &["gw-pipe"]).unwrap();
+    let config = write_config(dir.path(), &pki, 8883, "gw-pipe");
+    let config = config.to_str().unwrap();
+    let pki_dir = pki_dir.to_str().unwrap();
+    let code = dir.path().join("code");
+    std::fs::write(&code, "2468\n").unwrap();
+    for args in [
+        &["check-config", "--config", config][..],
+        &["claim-code", "--config", config],
+        &["completions", "bash"],
+        &["man"],
+    ] {
+        support::assert_quiet_with_reader_gone(Command::new(env!("CARGO_BIN_EXE_lockhub")).args(args));
+    }
+    support::assert_quiet_with_reader_gone(
+        Command::new(env!("CARGO_BIN_EXE_lockhub")).arg("hash-code").stdin(std::fs::File::open(&code).unwrap()),
+    );
+    let new_pki = dir.path().join("pki-2");
+    for args in [
+        &["pki", "init", "--dir", new_pki.to_str().unwrap(), "--gateway", "gw-a"][..],
+        &["pki", "issue", "--dir", pki_dir, "gw-b"],
+        &["mosquitto-config", "--pki", pki_dir],
+        &["mosquitto-config", "--pki", pki_dir, "--acl"],
+    ] {
+        support::assert_quiet_with_reader_gone(Command::new(env!("CARGO_BIN_EXE_lockhub-cloud")).args(args));
+    }
+}
+
 #[test]
 fn check_config_says_where_what_and_how_to_fix_it() {
     use std::os::unix::fs::PermissionsExt;
@@ -587,7 +621,7 @@ async fn the_daemon_runs_without_any_privilege() {
 /// pipe here, is plain text: no colour codes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     const WARNING: &str = "control socket: accept failed";
     let bed = support::bed();
@@ -597,30 +631,12 @@ async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
     let broker = support::bundled::Bundled::start(&pki);
     let config = write_config(dir.path(), &pki, broker.port, gw);
     let (notify_path, mut notes) = notify_socket(dir.path());
-    let mut daemon = Command::new("setpriv")
-        .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub"), "run", "--config"])
-        .arg(&config)
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &bed.bus)
-        .env("LOCKHUB_LOG", "warn")
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (warned, warnings) = std::sync::mpsc::channel();
-    let stderr = daemon.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut count = 0;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("lockhub: {line}");
-            assert!(!line.contains('\u{1b}'), "colour codes in a log that is not a terminal: {line:?}");
-            if line.contains(WARNING) {
-                count += 1;
-                let _ = warned.send(());
-            }
-        }
-        count
-    });
+    let (mut daemon, log) =
+        support::daemon::Daemon::spawn_logged_with(&config, &bed.bus, &[("NOTIFY_SOCKET", notify_path.as_os_str())]);
+    let is_warning = |line: &str| {
+        assert!(!line.contains('\u{1b}'), "colour codes in a log that is not a terminal: {line:?}");
+        line.contains(WARNING)
+    };
     ready_and_connected(&mut notes).await;
     let socket = dir.path().join("control.sock");
     let status = |socket: std::path::PathBuf| -> String {
@@ -634,30 +650,31 @@ async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
     assert!(status(socket.clone()).contains(gw), "the control socket does not serve to begin with");
 
     // The lowest limit that leaves three descriptor numbers free.
-    let taken: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{}/fd", daemon.id()))
+    let taken: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
         .collect();
     let limit = (0..).filter(|n| !taken.contains(n)).nth(3).unwrap();
     let started = std::time::Instant::now();
     let lowered =
-        Command::new("prlimit").arg("--pid").arg(daemon.id().to_string()).arg(format!("--nofile={limit}:")).status();
+        Command::new("prlimit").arg("--pid").arg(daemon.pid().to_string()).arg(format!("--nofile={limit}:")).status();
     assert!(lowered.unwrap().success(), "prlimit failed");
     let silent: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&socket).unwrap()).collect();
     // Failing, and failing again after its pause: it neither spins nor gives up.
-    for _ in 0..2 {
-        warnings.recv_timeout(WAIT).expect("no accept failed while out of descriptors");
+    let mut count = 0;
+    while count < 2 {
+        count += usize::from(is_warning(&log.recv_timeout(WAIT).expect("no accept failed while out of descriptors")));
     }
     drop(silent);
     let answer = tokio::task::spawn_blocking(move || status(socket)).await.unwrap();
     assert!(answer.contains(gw), "not served once descriptors were free: {answer}");
 
-    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
-    let exit = tokio::task::spawn_blocking(move || daemon.wait().unwrap()).await.unwrap();
+    let stopped = tokio::task::spawn_blocking(move || daemon.stop()).await.unwrap();
     let elapsed = started.elapsed();
-    assert!(exit.success(), "the daemon exited with {exit}");
-    let count = log.join().unwrap();
-    let most = elapsed.as_millis() / 100 + 1;
+    assert!(stopped, "the daemon did not exit with 0");
+    // The channel closes once the log's reader has read it to its end.
+    count += log.iter().filter(|line| is_warning(line)).count();
+    let most = usize::try_from(elapsed.as_millis() / 100 + 1).unwrap();
     assert!(count <= most, "{count} accept failures logged in {elapsed:?}: at most {most} with a 100 ms pause");
 }
 

@@ -2,6 +2,8 @@
 //! each step of the story with its outcome, with Debian's dbus-daemon and without it, and from
 //! a temporary directory whose path a D-Bus address cannot carry.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 
 #[test]
@@ -65,16 +67,9 @@ fn a_temporary_directory_the_bus_cannot_use_leaves_the_demo_in_tmp() {
 /// up and exits 0, without a panic over the closed pipe.
 #[test]
 fn with_its_reader_gone_the_demo_still_ends_cleanly() {
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
-        .arg("demo")
-        .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
-        .stdout(writer)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !err.contains("panicked"), "{}: {err}", out.status);
+    support::assert_quiet_with_reader_gone(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lockhub")).arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS"),
+    );
 }
 
 /// Runs `demo`, checks that it exits 0 having told every step of the story with its latency,

@@ -605,11 +605,7 @@ async fn the_app_command_line_claims_pairs_grants_and_unlocks() {
         "{status}"
     );
     // Its reader gone before the listing (`… status | head -0`): a quiet, successful end.
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let out = app_command(&stack, &["--key", "nobody", "status", "--gateway", &gw]).stdout(writer).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.is_empty(), "{}: {err}", out.status);
+    support::assert_quiet_with_reader_gone(&mut app_command(&stack, &["--key", "nobody", "status", "--gateway", &gw]));
     // Bad input: a clear error, no panic.
     let (success, _, stderr) = app_cli(&stack, &["unlock", "--gateway", &gw, "--lock", "not-a-lock"]);
     assert!(!success && stderr.contains("16 hex digits"), "{stderr}");

@@ -4,6 +4,9 @@
 //! code can talk to them on a machine without Bluetooth. `peripheral` runs one lock as a real
 //! BLE peripheral on a hardware adapter, so a second board can stand in for a lock.
 
+// Standard output goes through `lockhub::standard_output`: a reader gone ends it quietly.
+#![deny(clippy::print_stdout)]
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -98,7 +101,7 @@ async fn serve(
     }
     let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
     // One line on stdout, flushed: what a parent process waits for.
-    println!("READY bus={bus} locks={}", ids.join(","));
+    lockhub::outln!("READY bus={bus} locks={}", ids.join(","))?;
     tracing::info!(locks = ids.len(), "serving emulated locks as org.bluez");
     let stdin_closed = async {
         if exit_with_stdin {

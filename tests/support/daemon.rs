@@ -77,8 +77,19 @@ impl Daemon {
     /// Like [`Daemon::spawn`], its log read line by line: each line is copied to the test's
     /// stderr and sent to the returned channel, which closes when the daemon exits.
     pub fn spawn_logged(config: &Path, bus: &str) -> (Daemon, std::sync::mpsc::Receiver<String>) {
+        Self::spawn_logged_with(config, bus, &[])
+    }
+
+    /// Like [`Daemon::spawn_logged`], with more in its environment (`NOTIFY_SOCKET`, say).
+    pub fn spawn_logged_with(
+        config: &Path,
+        bus: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Daemon, std::sync::mpsc::Receiver<String>) {
         use std::io::BufRead;
-        let mut child = Self::command(config, bus).stderr(Stdio::piped()).spawn().expect("starting lockhub run");
+        let mut command = Self::command(config, bus);
+        command.envs(env.iter().copied());
+        let mut child = command.stderr(Stdio::piped()).spawn().expect("starting lockhub run");
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

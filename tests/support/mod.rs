@@ -336,3 +336,14 @@ pub async fn paired_client(
         .expect("pairing");
     lockhub::ble::client::LockClient::new(transport, budget, config, gateway, lock_id, lock.address.clone(), key)
 }
+
+/// Runs `command` with its standard output a pipe whose reader has already gone (`… | head
+/// -0`) and asserts that it ends as a C tool would: successfully and silently, with no panic
+/// over the closed pipe.
+pub fn assert_quiet_with_reader_gone(command: &mut Command) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = command.stdout(writer).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.is_empty(), "{command:?} with its reader gone: {}: {err}", out.status);
+}

@@ -2,7 +2,6 @@
 //! statements are signed with them and sent through the broker with the relay's certificate;
 //! each command prints the gateway's typed reply and exits non-zero unless it was `ok`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +12,9 @@ use lockhub::auth::statement::{Operation, Permission, Schedule, Statement, State
 use lockhub::cloud::reply::{Outcome, Reply};
 use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, local_code, pair, remote_unlock, revoke};
 use lockhub::devcloud::pki::Pki;
+use lockhub::outln;
 use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::standard_output::Reader;
 use lockhub::store::unix_now;
 
 /// Where the app finds its keys and the cloud.
@@ -174,19 +175,8 @@ fn lock(id: &str) -> Result<LockId> {
     LockId::parse(id).map_err(|_| anyhow::anyhow!("--lock {id:?}: a lock id is 16 hex digits"))
 }
 
-/// Writes one line to standard output: false when its reader went away (`… events | head -3`),
-/// which ends a listing quietly rather than with a panic, as it would a C tool.
-fn print_line(line: std::fmt::Arguments<'_>) -> Result<bool> {
-    let mut out = std::io::stdout().lock();
-    match out.write_fmt(line).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(e).context("writing to standard output"),
-    }
-}
-
 fn print_reply(reply: &Reply) -> Result<()> {
-    print_line(format_args!("{}", serde_json::to_string_pretty(reply)?))?;
+    outln!("{}", serde_json::to_string_pretty(reply)?)?;
     if reply.result != Outcome::Ok {
         bail!("the gateway answered {:?}", reply.reason.map(|r| r.as_str()).unwrap_or("not ok"));
     }
@@ -200,11 +190,11 @@ pub async fn run(args: AppArgs) -> Result<()> {
     match &cmd {
         AppCommand::Keygen { force } => {
             let k = AppKey::generate(&dir, &key, *force)?;
-            print_line(format_args!("{}", k.public()))?;
+            outln!("{}", k.public())?;
             return Ok(());
         }
         AppCommand::Whoami => {
-            print_line(format_args!("{}", AppKey::load(&dir, &key)?.public()))?;
+            outln!("{}", AppKey::load(&dir, &key)?.public())?;
             return Ok(());
         }
         _ => {}
@@ -238,7 +228,7 @@ pub async fn run(args: AppArgs) -> Result<()> {
                 s.validate().map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
             }
             let g = grant(&gw, sub, lock(&l)?, perms, schedule, days, now);
-            print_line(format_args!("grant id: {} (to revoke it: --grant {})", g.jti, g.jti))?;
+            outln!("grant id: {} (to revoke it: --grant {})", g.jti, g.jti)?;
             (gw, Statement::Grant(g))
         }
         AppCommand::LocalCode { gateway: g, lock: l, user, days } => {
@@ -247,7 +237,7 @@ pub async fn run(args: AppArgs) -> Result<()> {
             let mut code = zeroize::Zeroizing::new(String::new());
             std::io::stdin().read_line(&mut code).context("reading the code from stdin")?;
             let c = local_code(&gw, sub, lock(&l)?, code.trim(), days, now).context("the code")?;
-            print_line(format_args!("local code id: {} (to revoke it: --grant {})", c.jti, c.jti))?;
+            outln!("local code id: {} (to revoke it: --grant {})", c.jti, c.jti)?;
             (gw, Statement::LocalCode(c))
         }
         AppCommand::Revoke { gateway: g, grant } => {
@@ -279,12 +269,12 @@ pub async fn run(args: AppArgs) -> Result<()> {
             let retained = app.retained();
             let any = !retained.is_empty();
             for (topic, payload) in retained {
-                if !print_line(format_args!("{topic} {}", String::from_utf8_lossy(&payload)))? {
+                if outln!("{topic} {}", String::from_utf8_lossy(&payload))? == Reader::Gone {
                     return Ok(());
                 }
             }
             if !any {
-                print_line(format_args!("nothing retained for {gw}: it has never connected to this broker"))?;
+                outln!("nothing retained for {gw}: it has never connected to this broker")?;
             }
             return Ok(());
         }
@@ -303,7 +293,7 @@ pub async fn run(args: AppArgs) -> Result<()> {
                 tokio::select! {
                     msg = next => match msg {
                         Some(Ok(m)) => {
-                            if !print_line(format_args!("{} {}", m.topic, String::from_utf8_lossy(&m.payload)))? {
+                            if outln!("{} {}", m.topic, String::from_utf8_lossy(&m.payload))? == Reader::Gone {
                                 return Ok(());
                             }
                         }

@@ -9,6 +9,9 @@
 //! - `app …` is the phone-app stand-in: keys in a directory, statements signed and sent,
 //!   typed replies printed.
 
+// Standard output goes through `lockhub::standard_output`: a reader gone ends it quietly.
+#![deny(clippy::print_stdout)]
+
 mod app;
 
 use std::net::SocketAddr;
@@ -20,7 +23,9 @@ use lockhub::devcloud::broker::{Broker, BrokerConfig};
 use lockhub::devcloud::mosquitto_config::MosquittoConfig;
 use lockhub::devcloud::nats_config::NatsNode;
 use lockhub::devcloud::pki::Pki;
+use lockhub::outln;
 use lockhub::protocol::ids::GatewayId;
+use lockhub::standard_output;
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -147,7 +152,8 @@ fn run() -> Result<()> {
         Command::MosquittoConfig { pki, port, bind, acl_file, acl } => {
             let pki = open_pki(&pki)?;
             let config = MosquittoConfig::for_pki(&pki, &bind, port, acl_file);
-            print!("{}", if acl { config.render_acl() } else { config.render() });
+            let text = if acl { config.render_acl() } else { config.render() };
+            standard_output::write_with(|out| out.write_all(text.as_bytes()))?;
         }
         Command::NatsConfig { pki, name, bind, client_port, cluster_port, mqtt_port, routes, store_dir, gateways } => {
             let pki = open_pki(&pki)?;
@@ -169,21 +175,21 @@ fn run() -> Result<()> {
                 store_dir,
                 gateways,
             );
-            print!("{}", node.render());
+            standard_output::write_with(|out| out.write_all(node.render().as_bytes()))?;
         }
         Command::Pki(PkiCommand::Init { dir, gateways }) => {
             let names: Vec<&str> = gateways.iter().map(String::as_str).collect();
             let pki = Pki::init(&dir, &names).with_context(|| format!("creating the PKI in {}", dir.display()))?;
-            println!("CA certificate:     {}", pki.ca_cert().display());
-            println!("broker certificate: {}", pki.broker_cert().display());
+            outln!("CA certificate:     {}", pki.ca_cert().display())?;
+            outln!("broker certificate: {}", pki.broker_cert().display())?;
             for name in &names {
-                println!("client {name}: {}", pki.client_cert(name).display());
+                outln!("client {name}: {}", pki.client_cert(name).display())?;
             }
         }
         Command::Pki(PkiCommand::Issue { dir, name }) => {
             let pki = open_pki(&dir)?;
             pki.issue_client(&name).with_context(|| format!("issuing a certificate for {name}"))?;
-            println!("client {name}: {}", pki.client_cert(&name).display());
+            outln!("client {name}: {}", pki.client_cert(&name).display())?;
         }
     }
     Ok(())
@@ -209,9 +215,7 @@ async fn serve(pki: PathBuf, listen: SocketAddr, data: Option<PathBuf>) -> Resul
     };
     let broker = Broker::bind(BrokerConfig::from_pki(&pki, listen, events_db)).await?;
     // The harness and the demo read this line to learn the port.
-    println!("listening on {}", broker.local_addr());
-    use std::io::Write;
-    std::io::stdout().flush()?;
+    outln!("listening on {}", broker.local_addr())?;
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(broker.run(stopped));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

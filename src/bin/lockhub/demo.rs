@@ -7,7 +7,6 @@
 //! app stand-in signs statements with its own keys. Nothing listens beyond 127.0.0.1, nothing
 //! outlives the run.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +27,7 @@ use lockhub::gateway::policy::PolicyLimits;
 use lockhub::gateway::statements::{Clock, Gateway};
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, Op, Passcode};
+use lockhub::standard_output::{self, OutputError};
 use lockhub::store::{Store, StoreConfig, unix_now};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -53,7 +53,9 @@ pub fn run(locks: u8) -> Result<()> {
     let name = format!("lockhub-demo-{}", std::process::id());
     let mut dir = std::env::temp_dir().join(&name);
     if let Some(why) = PrivateBus::unusable_in(&dir) {
-        println!("lockhub demo: the temporary directory will not do for the private bus ({why}); using /tmp instead.");
+        lockhub::outln!(
+            "lockhub demo: the temporary directory will not do for the private bus ({why}); using /tmp instead."
+        )?;
         dir = Path::new("/tmp").join(&name);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -70,21 +72,36 @@ pub fn run(locks: u8) -> Result<()> {
     result
 }
 
-/// One line of the transcript.
+/// The transcript, on standard output. With its reader gone the story still runs to its end,
+/// so that it cleans up after itself; any other failure to write fails the demo at the end.
 struct Transcript {
     step: usize,
-    out: std::io::Stdout,
+    failed: Option<OutputError>,
 }
 
 impl Transcript {
+    fn say(&mut self, text: std::fmt::Arguments<'_>) {
+        if self.failed.is_none()
+            && let Err(e) = standard_output::line(text)
+        {
+            self.failed = Some(e);
+        }
+    }
+
+    /// A numbered step: what was done, what came of it, how long it took.
     fn line(&mut self, what: &str, result: &str, took: Duration) {
         self.step += 1;
         let ms = took.as_secs_f64() * 1000.0;
-        let _ = writeln!(self.out, "{:>2}  {what:<62} {result:<44} {ms:>8.1} ms", self.step);
+        let step = self.step;
+        self.say(format_args!("{step:>2}  {what:<62} {result:<44} {ms:>8.1} ms"));
     }
 
     fn note(&mut self, text: &str) {
-        let _ = writeln!(self.out, "    {text}");
+        self.say(format_args!("    {text}"));
+    }
+
+    fn finish(self) -> Result<()> {
+        self.failed.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 
@@ -104,7 +121,7 @@ async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
 
 async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     let bus = private_bus.address.as_str();
-    let mut t = Transcript { step: 0, out: std::io::stdout() };
+    let mut t = Transcript { step: 0, failed: None };
     let total = Instant::now();
 
     // The locks, behind org.bluez on the private bus.
@@ -167,15 +184,15 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
         .await
         .context("the gateway did not reach the broker")??;
 
-    let _ = writeln!(t.out, "lockhub demo: everything runs on this machine, nothing needs root.");
-    let _ = writeln!(t.out, "  broker   {broker_url} (mutual TLS, per-gateway ACLs; PKI made just now)");
+    t.say(format_args!("lockhub demo: everything runs on this machine, nothing needs root."));
+    t.say(format_args!("  broker   {broker_url} (mutual TLS, per-gateway ACLs; PKI made just now)"));
     let bus_path = bus.trim_start_matches("unix:path=");
-    let _ = writeln!(t.out, "  bus      {}, private, at {bus_path}", private_bus.kind());
-    let _ = writeln!(t.out, "  locks    {} emulated, serving org.bluez on that bus", lock_ids.len());
-    let _ = writeln!(t.out, "  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer");
-    let _ = writeln!(t.out, "  app      owner and user keys made just now; statements signed as JWS (EdDSA)");
-    let _ = writeln!(t.out);
-    let _ = writeln!(t.out, "    {:<62} {:<44} {:>11}", "step", "result", "latency");
+    t.say(format_args!("  bus      {}, private, at {bus_path}", private_bus.kind()));
+    t.say(format_args!("  locks    {} emulated, serving org.bluez on that bus", lock_ids.len()));
+    t.say(format_args!("  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer"));
+    t.say(format_args!("  app      owner and user keys made just now; statements signed as JWS (EdDSA)"));
+    t.say(format_args!(""));
+    t.say(format_args!("    {:<62} {:<44} {:>11}", "step", "result", "latency"));
 
     let keys = dir.join("app");
     let (owner, user) = (AppKey::generate(&keys, "owner", false)?, AppKey::generate(&keys, "user", false)?);
@@ -269,19 +286,19 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     t.line("someone with no grant", &describe(&reply?), took);
 
     let verified = store.lock().expect("store").verify_audit()?;
-    let _ = writeln!(t.out);
+    t.say(format_args!(""));
     let verified = match verified {
         lockhub::store::AuditVerification::Intact { records } => format!("{records} records, intact"),
         broken => format!("{broken:?}"),
     };
-    let _ = writeln!(t.out, "audit chain: {verified}. The demo took {:.2} s.", total.elapsed().as_secs_f64());
+    t.say(format_args!("audit chain: {verified}. The demo took {:.2} s.", total.elapsed().as_secs_f64()));
     // In the daemon's order: the locks' tasks let go of their locks before the locks go away
     // (a task still recording then would have its store work cancelled with the runtime).
     gateway.stop_locks(Duration::from_secs(5)).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), link_task).await;
     emulator.shutdown().await;
-    Ok(())
+    t.finish()
 }
 
 /// Waits for a JSON message on the gateway's topics that `want` accepts.

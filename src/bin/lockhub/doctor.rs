@@ -14,6 +14,7 @@ use anyhow::Result;
 use lockhub::cloud::link::BrokerUrl;
 use lockhub::config::Config;
 use lockhub::control::protocol::Request;
+use lockhub::outln;
 use serde_json::json;
 
 /// Certificates expiring sooner than this are reported.
@@ -74,12 +75,12 @@ pub fn run(config_path: &Path, socket: &Path, json: bool) -> Result<()> {
     if json {
         let list: Vec<_> =
             checks.iter().map(|c| json!({ "check": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix })).collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?)?;
     } else {
         for c in &checks {
-            println!("{:<4}  {:<20}  {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+            outln!("{:<4}  {:<20}  {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail)?;
             if let Some(fix) = &c.fix {
-                println!("      {:<20}  fix: {fix}", "");
+                outln!("      {:<20}  fix: {fix}", "")?;
             }
         }
     }

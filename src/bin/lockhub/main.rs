@@ -9,6 +9,9 @@
 //!   D-Bus bus, the gateway, the phone-app stand-in — and prints a transcript of a remote unlock
 //!   and what the gateway refuses.
 
+// Standard output goes through `lockhub::standard_output`: a reader gone ends it quietly.
+#![deny(clippy::print_stdout)]
+
 mod admin;
 mod cli;
 mod daemon;
@@ -22,27 +25,22 @@ mod quiet;
 mod service;
 mod text_pages;
 
-use std::io::Write;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{CommandFactory, Parser};
 use cli::{AdminArgs, Cli, Command};
 use lockhub::control::protocol::Request;
+use lockhub::outln;
+use lockhub::standard_output;
 
 fn run_admin(admin: &AdminArgs, request: Request) -> Result<()> {
     let value = admin::call(&admin.socket, &request)?;
     print_answer(&request, &value, admin.json)
 }
 
-/// Prints an answer on standard output. A reader that went away before the end (`lockhub
-/// audit | head`) had what it wanted: that ends the command quietly and successfully, as it
-/// would a C tool, rather than with a panic.
+/// Prints an answer on standard output.
 fn print_answer(request: &Request, value: &serde_json::Value, json: bool) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match admin::show(request, value, json, &mut out).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        written => written.context("writing to standard output"),
-    }
+    standard_output::write_with(|mut out| admin::show(request, value, json, &mut out))?;
+    Ok(())
 }
 
 /// sysexits(3)'s "configuration error".
@@ -71,16 +69,16 @@ fn run() -> Result<()> {
         Command::CheckConfig { config } => {
             let c = lockhub::config::Config::load(&config)?;
             c.check_files(&config)?;
-            println!("{}: ok (gateway {}, {} broker(s))", config.display(), c.gateway.id, c.cloud.brokers.len());
+            outln!("{}: ok (gateway {}, {} broker(s))", config.display(), c.gateway.id, c.cloud.brokers.len())?;
             Ok(())
         }
         Command::ClaimCode { config } => {
             let c = lockhub::config::Config::load(&config)?;
             let mut store = daemon::open_store(&c)?;
             match lockhub::gateway::claim::claim_code(&mut store)? {
-                Some(code) => println!("{}", code.as_str()),
-                None => println!("already claimed: the owner's key is pinned"),
-            }
+                Some(code) => outln!("{}", code.as_str())?,
+                None => outln!("already claimed: the owner's key is pinned")?,
+            };
             Ok(())
         }
         Command::Status { admin } => run_admin(&admin, Request::Status),
@@ -131,15 +129,18 @@ fn run() -> Result<()> {
             let mut line = zeroize::Zeroizing::new(String::new());
             std::io::stdin().read_line(&mut line)?;
             let hash = lockhub::local::codes::hash_code(line.trim())?;
-            println!("{hash}");
+            outln!("{hash}")?;
             Ok(())
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "lockhub", &mut std::io::stdout());
+            // Into memory first: the generator panics when a write fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lockhub", &mut script);
+            standard_output::write_with(|out| out.write_all(&script))?;
             Ok(())
         }
         Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            standard_output::write_with(|out| clap_mangen::Man::new(Cli::command()).render(out))?;
             Ok(())
         }
         #[cfg(feature = "devtools")]

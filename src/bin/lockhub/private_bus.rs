@@ -100,20 +100,20 @@ impl PrivateBus {
             Some(daemon) => match start_daemon(&daemon, dir, &address) {
                 Ok(child) => Runner::Daemon(child),
                 Err(e) => {
-                    println!(
+                    lockhub::outln!(
                         "lockhub demo: {} did not start ({e:#}), so the private bus is busd, run inside this process.",
                         daemon.display()
-                    );
+                    )?;
                     // What it may have left on the socket's path.
                     let _ = std::fs::remove_file(Self::socket_in(dir));
                     start_embedded(&address)?
                 }
             },
             None => {
-                println!(
+                lockhub::outln!(
                     "lockhub demo: dbus-daemon is not installed here, so the private bus is busd, run inside this \
                      process (install dbus, e.g. `sudo apt install dbus`, to run it on the daemon BlueZ uses)."
-                );
+                )?;
                 start_embedded(&address)?
             }
         };

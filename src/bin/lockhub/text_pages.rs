@@ -101,6 +101,7 @@ pub fn trim() -> io::Result<usize> {
 }
 
 #[cfg(test)]
+#[allow(clippy::print_stdout, reason = "a test's own output, read by its parent test")]
 mod tests {
     use super::*;
 
