@@ -351,6 +351,25 @@ fn a_systemd_credential_is_used_when_present() {
     Store::open(cfg).unwrap();
 }
 
+/// A credential that is no key: one that never ends (a device, as a wrong `LoadCredential=`
+/// could make it) is refused at the key's bound rather than read until memory runs out, and
+/// one with a byte too many is refused as well.
+#[test]
+fn a_credential_that_is_no_key_is_refused() {
+    let dir = temp_dir();
+    let creds = temp_dir();
+    let credential = creds.path().join("lockhub-master-key");
+    let cfg = StoreConfig { credentials_dir: Some(creds.path().to_owned()), ..config(dir.path()) };
+    std::os::unix::fs::symlink("/dev/zero", &credential).unwrap();
+    let err = Store::open(cfg.clone()).unwrap_err().to_string();
+    assert!(err.contains("lockhub-master-key") && err.contains("does not hold a key"), "{err}");
+    std::fs::remove_file(&credential).unwrap();
+    std::fs::write(&credential, format!("{}\n\n", hex::encode(random_bytes::<32>()))).unwrap();
+    let err = Store::open(cfg).unwrap_err().to_string();
+    assert!(err.contains("does not hold a key"), "{err}");
+    assert!(!dir.path().join("master.key").exists(), "no key file made beside a credential");
+}
+
 #[test]
 fn rekey_reseals_everything_and_an_interrupted_rekey_recovers() {
     let dir = temp_dir();
