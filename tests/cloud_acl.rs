@@ -1,13 +1,15 @@
 //! Mutual TLS and per-gateway topic ACLs, the same tests against the bundled broker
 //! (`lockhub-cloud serve`) and Debian's Mosquitto (configured as `lockhub-cloud
 //! mosquitto-config` says), with the development PKI (`lockhub::devcloud::pki`) and the
-//! gateway TLS configuration (`lockhub::cloud::tls`).
+//! gateway TLS configuration (`lockhub::cloud::tls`); and the app stand-in's marker, which
+//! tells it every retained message of a gateway's subtree has arrived.
 
 mod support;
 
 on_both_brokers!(
     a_client_without_a_certificate_or_with_another_cas_is_refused,
-    gateway_a_can_neither_read_nor_write_gateway_bs_subtree
+    gateway_a_can_neither_read_nor_write_gateway_bs_subtree,
+    every_retained_message_arrives_before_the_apps_marker
 );
 
 use std::path::Path;
@@ -15,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockhub::cloud::tls::client_config;
+use lockhub::devcloud::app::AppClient;
 use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
+use lockhub::protocol::ids::GatewayId;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
 use support::broker::{Kind, TestBroker};
 use tokio::sync::mpsc;
@@ -181,4 +185,32 @@ async fn gateway_a_can_neither_read_nor_write_gateway_bs_subtree(kind: Kind) {
         }
     }
     drop(relay_rx.try_recv());
+}
+
+/// `AppClient::retained` (what `lockhub-cloud app status` prints) returns every retained
+/// message of a gateway's subtree, however many: the broker delivers them before the marker
+/// the app publishes after subscribing. Sixty of them: Mosquitto sends at most twenty QoS 1
+/// messages at a time, so they take several rounds while the marker waits behind them.
+async fn every_retained_message_arrives_before_the_apps_marker(kind: Kind) {
+    const STATES: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let broker = TestBroker::start(kind, &pki, false);
+    let (gateway, mut gateway_rx) = connected(&pki, &broker, "gw-a").await;
+    for i in 0..STATES {
+        let topic = format!("lockhub/v1/gw-a/lock/{i:016x}/state");
+        gateway.publish(topic, QoS::AtLeastOnce, true, format!("{{\"n\":{i}}}").into_bytes()).await.unwrap();
+    }
+    let mut acknowledged = 0;
+    while acknowledged < STATES {
+        match next(&mut gateway_rx).await {
+            Seen::PubAck => acknowledged += 1,
+            Seen::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    let url = format!("mqtts://localhost:{}", broker.port());
+    let app = AppClient::connect(&url, &pki, &GatewayId::new("gw-a").unwrap()).await.unwrap();
+    let retained = app.retained(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(retained.len(), STATES, "{:?}", retained.iter().map(|(topic, _)| topic).collect::<Vec<_>>());
 }

@@ -43,4 +43,11 @@ impl Topics {
     pub fn lock_states(&self) -> String {
         format!("{}/lock/+/state", self.base)
     }
+
+    /// A topic nobody but one cloud client uses, which that client publishes on and reads back
+    /// to learn that what the broker queued for it before has arrived (`…/marker/<nonce>`).
+    /// The gateway neither reads nor writes it.
+    pub fn marker(&self, nonce: &str) -> String {
+        format!("{}/marker/{nonce}", self.base)
+    }
 }

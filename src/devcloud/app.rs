@@ -424,11 +424,35 @@ impl AppClient {
         }
     }
 
-    /// The retained messages received so far (the gateway's status, its locks' states), by
-    /// topic. They arrive right after the subscription.
-    pub fn retained(&self) -> Vec<(String, Vec<u8>)> {
+    /// The retained messages of the gateway's topics (its status, its locks' states), by
+    /// topic, once the broker has delivered them all, waiting at most `timeout`.
+    ///
+    /// MQTT marks no end of the retained messages. A broker queues them for the subscriber
+    /// when it takes the subscription and delivers to one client in order, so a message of
+    /// our own, published on a topic nobody else uses after the subscription was taken, comes
+    /// back behind them: its return is the end.
+    pub async fn retained(&self, timeout: Duration) -> Result<Vec<(String, Vec<u8>)>, AppError> {
+        let marker = self.topics.marker(new_id("end").as_str());
+        let mut seen = self.watch();
+        let mqtt = |e: rumqttc::ClientError| AppError::Mqtt(e.to_string());
+        self.client.subscribe(marker.as_str(), QoS::AtLeastOnce).await.map_err(mqtt)?;
+        self.client.publish(marker.as_str(), QoS::AtLeastOnce, false, b"end".to_vec()).await.map_err(mqtt)?;
+        let came_back = async {
+            loop {
+                match seen.recv().await {
+                    Ok(m) if m.topic == marker => return Ok(()),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(AppError::Mqtt("the session with the broker ended".into()));
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, came_back).await.map_err(|_| AppError::Timeout(timeout))??;
+        let _ = self.client.unsubscribe(marker.as_str()).await;
+        // The session task keeps a retained message before it passes it on: all are kept now.
         let kept = self.retained.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        kept.iter().map(|(t, p)| (t.clone(), p.clone())).collect()
+        Ok(kept.iter().map(|(t, p)| (t.clone(), p.clone())).collect())
     }
 
     /// Everything published on the gateway's topics from now on.

@@ -264,9 +264,7 @@ pub async fn run(args: AppArgs) -> Result<()> {
         AppCommand::Status { gateway: g } => {
             let gw = gateway(&g)?;
             let app = AppClient::connect(&broker, &pki, &gw).await?;
-            // Retained messages come right after the subscription: give them a moment.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let retained = app.retained();
+            let retained = app.retained(timeout).await?;
             let any = !retained.is_empty();
             for (topic, payload) in retained {
                 if outln!("{topic} {}", String::from_utf8_lossy(&payload))? == Reader::Gone {
