@@ -43,7 +43,7 @@ pub fn exit_code<E: AsRef<dyn Error + 'static>>(result: Result<(), E>) -> std::p
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{}", Report(e.as_ref()));
+            crate::errln!("{}", Report(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

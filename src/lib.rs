@@ -5,8 +5,8 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
-// Standard output goes through `standard_output`, which ends quietly when its reader has gone.
-#![deny(clippy::print_stdout)]
+// Standard output and error go through `standard_streams`: a reader gone is no panic.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod auth;
 pub mod ble;
@@ -26,6 +26,6 @@ pub mod local;
 #[cfg(feature = "devtools")]
 pub mod memlink;
 pub mod protocol;
-pub mod standard_output;
+pub mod standard_streams;
 pub mod stop;
 pub mod store;

@@ -37,7 +37,8 @@ fn broken(config: &Path, edit: impl Fn(&str) -> String) -> String {
 }
 
 /// Every command that prints, its reader gone before the first byte (`lockhub man | head -0`):
-/// a quiet, successful end, not "failed printing to stdout" and exit 101.
+/// a quiet, successful end, not "failed printing to stdout" and exit 101; and a failing
+/// command with nobody reading its errors, a plain failure.
 #[test]
 fn every_printing_command_ends_quietly_when_its_reader_has_gone() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,6 +69,17 @@ fn every_printing_command_ends_quietly_when_its_reader_has_gone() {
     ] {
         support::assert_quiet_with_reader_gone(Command::new(env!("CARGO_BIN_EXE_lockhub-cloud")).args(args));
     }
+    // A command that fails, with nobody reading its standard error either (`… 2>&1 | head
+    // -0`): its status says it failed (1), not that it panicked over the pipe (101).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(env!("CARGO_BIN_EXE_lockhub"))
+        .args(["check-config", "--config", "/nonexistent/lockhub.toml"])
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
 }
 
 #[test]

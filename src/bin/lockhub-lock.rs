@@ -4,8 +4,8 @@
 //! code can talk to them on a machine without Bluetooth. `peripheral` runs one lock as a real
 //! BLE peripheral on a hardware adapter, so a second board can stand in for a lock.
 
-// Standard output goes through `lockhub::standard_output`: a reader gone ends it quietly.
-#![deny(clippy::print_stdout)]
+// Standard output and error go through `lockhub::standard_streams`: a reader gone is no panic.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::PathBuf;
 

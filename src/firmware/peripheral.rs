@@ -69,7 +69,7 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result
         let caps = Capabilities { unlatch: true, keypad: true, door_sensor: true };
         PersistentState::factory_new(LockId(id), caps, Mechanics::default(), &mut rand_core::OsRng)
     };
-    eprintln!(
+    crate::errln!(
         "lock {} — setup code {} (pairing mode: {})",
         state.identity.lock_id,
         state.identity.setup_code.expose(),

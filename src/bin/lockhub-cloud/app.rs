@@ -14,7 +14,7 @@ use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, local_cod
 use lockhub::devcloud::pki::Pki;
 use lockhub::outln;
 use lockhub::protocol::ids::{GatewayId, LockId};
-use lockhub::standard_output::Reader;
+use lockhub::standard_streams::Reader;
 use lockhub::store::unix_now;
 
 /// Where the app finds its keys and the cloud.
@@ -295,7 +295,7 @@ pub async fn run(args: AppArgs) -> Result<()> {
                                 return Ok(());
                             }
                         }
-                        Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => eprintln!("({n} messages skipped)"),
+                        Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => lockhub::errln!("({n} messages skipped)"),
                         Some(Err(_)) => bail!("the connection to the broker ended"),
                         None => return Ok(()),
                     },
@@ -308,6 +308,6 @@ pub async fn run(args: AppArgs) -> Result<()> {
     let app = AppClient::connect(&broker, &pki, &gw).await?;
     let started = std::time::Instant::now();
     let reply = app.send(&statement, &signer, timeout).await?;
-    eprintln!("{} answered in {:.1} ms", statement.typ(), started.elapsed().as_secs_f64() * 1000.0);
+    lockhub::errln!("{} answered in {:.1} ms", statement.typ(), started.elapsed().as_secs_f64() * 1000.0);
     print_reply(&reply)
 }

@@ -9,8 +9,8 @@
 //! - `app …` is the phone-app stand-in: keys in a directory, statements signed and sent,
 //!   typed replies printed.
 
-// Standard output goes through `lockhub::standard_output`: a reader gone ends it quietly.
-#![deny(clippy::print_stdout)]
+// Standard output and error go through `lockhub::standard_streams`: a reader gone is no panic.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 mod app;
 
@@ -25,7 +25,7 @@ use lockhub::devcloud::nats_config::NatsNode;
 use lockhub::devcloud::pki::Pki;
 use lockhub::outln;
 use lockhub::protocol::ids::GatewayId;
-use lockhub::standard_output;
+use lockhub::standard_streams;
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -153,7 +153,7 @@ fn run() -> Result<()> {
             let pki = open_pki(&pki)?;
             let config = MosquittoConfig::for_pki(&pki, &bind, port, acl_file);
             let text = if acl { config.render_acl() } else { config.render() };
-            standard_output::write_with(|out| out.write_all(text.as_bytes()))?;
+            standard_streams::write_with(|out| out.write_all(text.as_bytes()))?;
         }
         Command::NatsConfig { pki, name, bind, client_port, cluster_port, mqtt_port, routes, store_dir, gateways } => {
             let pki = open_pki(&pki)?;
@@ -175,7 +175,7 @@ fn run() -> Result<()> {
                 store_dir,
                 gateways,
             );
-            standard_output::write_with(|out| out.write_all(node.render().as_bytes()))?;
+            standard_streams::write_with(|out| out.write_all(node.render().as_bytes()))?;
         }
         Command::Pki(PkiCommand::Init { dir, gateways }) => {
             let names: Vec<&str> = gateways.iter().map(String::as_str).collect();

@@ -35,7 +35,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Value> {
     for line in BufReader::new(stream).lines() {
         let line = line.context("reading the answer")?;
         match serde_json::from_str::<Answer>(&line).with_context(|| format!("unreadable answer: {line}"))? {
-            Answer::Progress(text) => eprintln!("{text}…"),
+            Answer::Progress(text) => lockhub::errln!("{text}…"),
             Answer::Ok(value) => return Ok(value),
             Answer::Error { code, message } => bail!("{message} ({code})"),
         }
@@ -49,7 +49,7 @@ pub fn confirm(question: &str) -> Result<()> {
     if !std::io::stdin().is_terminal() {
         bail!("{question}: not confirmed (no terminal); pass --yes to confirm from a script");
     }
-    eprint!("{question} [y/N] ");
+    lockhub::standard_streams::ask(format_args!("{question} [y/N] "));
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;
     if !matches!(answer.trim(), "y" | "Y" | "yes") {

@@ -27,7 +27,7 @@ use lockhub::gateway::policy::PolicyLimits;
 use lockhub::gateway::statements::{Clock, Gateway};
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, Op, Passcode};
-use lockhub::standard_output::{self, OutputError};
+use lockhub::standard_streams::{self, OutputError};
 use lockhub::store::{Store, StoreConfig, unix_now};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -82,7 +82,7 @@ struct Transcript {
 impl Transcript {
     fn say(&mut self, text: std::fmt::Arguments<'_>) {
         if self.failed.is_none()
-            && let Err(e) = standard_output::line(text)
+            && let Err(e) = standard_streams::line(text)
         {
             self.failed = Some(e);
         }

@@ -26,7 +26,7 @@ pub fn init(default_filter: &str) {
                 tracing_subscriber::registry().with(filter).with(journal).init();
                 return;
             }
-            Err(e) => eprintln!("lockhub: the journal's socket is unusable ({e}); logging to stderr"),
+            Err(e) => lockhub::errln!("lockhub: the journal's socket is unusable ({e}); logging to stderr"),
         }
     }
     // Colours only for a terminal: a pipe or a file (a container's log, `2> lockhub.log`)

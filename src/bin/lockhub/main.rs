@@ -9,8 +9,8 @@
 //!   D-Bus bus, the gateway, the phone-app stand-in — and prints a transcript of a remote unlock
 //!   and what the gateway refuses.
 
-// Standard output goes through `lockhub::standard_output`: a reader gone ends it quietly.
-#![deny(clippy::print_stdout)]
+// Standard output and error go through `lockhub::standard_streams`: a reader gone is no panic.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 mod admin;
 mod cli;
@@ -30,7 +30,7 @@ use clap::{CommandFactory, Parser};
 use cli::{AdminArgs, Cli, Command};
 use lockhub::control::protocol::Request;
 use lockhub::outln;
-use lockhub::standard_output;
+use lockhub::standard_streams;
 
 fn run_admin(admin: &AdminArgs, request: Request) -> Result<()> {
     let value = admin::call(&admin.socket, &request)?;
@@ -39,7 +39,7 @@ fn run_admin(admin: &AdminArgs, request: Request) -> Result<()> {
 
 /// Prints an answer on standard output.
 fn print_answer(request: &Request, value: &serde_json::Value, json: bool) -> Result<()> {
-    standard_output::write_with(|mut out| admin::show(request, value, json, &mut out))?;
+    standard_streams::write_with(|mut out| admin::show(request, value, json, &mut out))?;
     Ok(())
 }
 
@@ -116,7 +116,7 @@ fn run() -> Result<()> {
             let setup = match setup {
                 Some(s) => s,
                 None => {
-                    eprint!("setup code (on the lock's label): ");
+                    lockhub::standard_streams::ask(format_args!("setup code (on the lock's label): "));
                     let mut line = String::new();
                     std::io::stdin().read_line(&mut line)?;
                     line.trim().to_owned()
@@ -136,11 +136,11 @@ fn run() -> Result<()> {
             // Into memory first: the generator panics when a write fails.
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "lockhub", &mut script);
-            standard_output::write_with(|out| out.write_all(&script))?;
+            standard_streams::write_with(|out| out.write_all(&script))?;
             Ok(())
         }
         Command::Man => {
-            standard_output::write_with(|out| clap_mangen::Man::new(Cli::command()).render(out))?;
+            standard_streams::write_with(|out| clap_mangen::Man::new(Cli::command()).render(out))?;
             Ok(())
         }
         #[cfg(feature = "devtools")]

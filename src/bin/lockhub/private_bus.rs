@@ -224,7 +224,7 @@ fn start_embedded(address: &str) -> Result<Runner> {
                     let running = std::pin::pin!(bus.run());
                     if let futures::future::Either::Left((Err(e), _)) = futures::future::select(running, stopped).await
                     {
-                        eprintln!("lockhub demo: the embedded bus stopped: {e:#}");
+                        lockhub::errln!("lockhub demo: the embedded bus stopped: {e:#}");
                     }
                 }
                 let _ = bus.cleanup().await;

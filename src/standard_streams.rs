@@ -1,5 +1,5 @@
-//! What the binaries print on standard output, written so that a reader who went away is the
-//! end of the output rather than a failure.
+//! What the binaries print on standard output and standard error, written so that a reader
+//! who went away is the end of the output rather than a failure.
 //!
 //! `lockhub audit | head -3` closes the pipe once it has its lines. Rust ignores SIGPIPE, so
 //! the next write fails with `BrokenPipe`, and `println!` turns that into a panic (exit 101,
@@ -8,9 +8,10 @@
 //! Restoring SIGPIPE's default instead would also kill the control client, which writes to
 //! the daemon's socket with write(2) and must see a daemon that hung up as an error.
 //!
-//! Every other write error (a full disk behind a redirection, say) is still an error, and
-//! says it was standard output that failed.
-
+//! On standard output every other write error (a full disk behind a redirection, say) is still
+//! an error, and says it was standard output that failed. Standard error carries what a person
+//! is told on the side (progress, prompts, the final error): failing to write it changes
+//! neither what a command does nor its exit status, so [`note`] lets it go.
 use std::fmt;
 use std::io::{self, Write};
 
@@ -47,7 +48,26 @@ pub fn line(text: fmt::Arguments<'_>) -> Result<Reader, OutputError> {
 #[macro_export]
 macro_rules! outln {
     ($($arg:tt)*) => {
-        $crate::standard_output::line(::std::format_args!($($arg)*))
+        $crate::standard_streams::line(::std::format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to standard error; a failure to (its reader gone, say) is let go.
+pub fn note(text: fmt::Arguments<'_>) {
+    let mut err = io::stderr().lock();
+    let _ = err.write_fmt(text).and_then(|()| err.write_all(b"\n"));
+}
+
+/// Asks on standard error, leaving the cursor on the line for the answer; a failure is let go.
+pub fn ask(question: fmt::Arguments<'_>) {
+    let _ = io::stderr().lock().write_fmt(question);
+}
+
+/// [`note`] with `format!`'s arguments: `errln!("{step}…")`.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::standard_streams::note(::std::format_args!($($arg)*))
     };
 }
 
