@@ -69,6 +69,9 @@ pub enum AppError {
     /// No reply in time.
     #[error("no reply from the gateway within {0:?} (is it online? `lockhub-cloud app status`)")]
     Timeout(Duration),
+    /// The broker did not deliver the retained messages in time.
+    #[error("the broker did not deliver the gateway's retained messages within {0:?}")]
+    RetainedTimeout(Duration),
 }
 
 /// A key pair kept as `<dir>/<name>.key` (mode 0600; the 32-byte seed, base64url).
@@ -448,7 +451,7 @@ impl AppClient {
                 }
             }
         };
-        tokio::time::timeout(timeout, came_back).await.map_err(|_| AppError::Timeout(timeout))??;
+        tokio::time::timeout(timeout, came_back).await.map_err(|_| AppError::RetainedTimeout(timeout))??;
         let _ = self.client.unsubscribe(marker.as_str()).await;
         // The session task keeps a retained message before it passes it on: all are kept now.
         let kept = self.retained.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
