@@ -3,7 +3,7 @@
 //! A [`LockSession`] owns a [`LockLink`] and a [`HubConnection`]; it writes what the state
 //! machine queues, feeds it what the lock notifies, honours its reassembly deadline, and bounds
 //! every wait. Log entries the lock pushes while a caller waits for something else are kept
-//! for [`LockSession::take_events`].
+//! for [`LockSession::take_events`], up to [`MAX_PENDING_EVENTS`].
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -15,6 +15,12 @@ use crate::protocol::hub::{HubConnection, HubEvent};
 use crate::protocol::ids::{GatewayId, LockId};
 use crate::protocol::message::{Actor, LogEntry, Op, Response};
 use crate::protocol::pairing::{PairingKey, SetupCode};
+
+/// The log entries a session keeps while its caller waits for something else. A lock pushes a
+/// few per operation; the entries of one pushing more within one wait (a flood, a fault) are
+/// dropped past this bound rather than held without end. Nothing is lost by it: they stay in
+/// the lock's log, and the gateway reads the log on from the last entry of an unbroken run.
+pub const MAX_PENDING_EVENTS: usize = 256;
 
 /// An established (or establishing) protocol session over one link.
 pub struct LockSession<L: LockLink> {
@@ -115,6 +121,14 @@ impl<L: LockLink> LockSession<L> {
         self.link.close().await;
     }
 
+    fn keep(&mut self, entry: LogEntry) {
+        if self.events.len() < MAX_PENDING_EVENTS {
+            self.events.push_back(entry);
+        } else {
+            tracing::debug!(seq = entry.seq, "more pushed log entries than a wait keeps; left in the lock's log");
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -138,7 +152,7 @@ impl<L: LockLink> LockSession<L> {
                 fragment = self.link.recv() => {
                     let now = self.now_ms();
                     match self.conn.on_notification(&fragment?, now)? {
-                        Some(HubEvent::Event(e)) if !done(&HubEvent::Event(e)) => self.events.push_back(e),
+                        Some(HubEvent::Event(e)) if !done(&HubEvent::Event(e)) => self.keep(e),
                         Some(ev) if done(&ev) => return Ok(ev),
                         _ => {}
                     }
@@ -152,5 +166,90 @@ impl<L: LockLink> LockSession<L> {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "devtools"))]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::firmware::{Firmware, Mechanics, Output, PersistentState};
+    use crate::protocol::gatt::Capabilities;
+    use crate::protocol::message::Reply;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A link straight to emulated firmware (no radio, no D-Bus), which can make the lock's
+    /// thumb-turn move many times as the next request reaches it.
+    struct FirmwareLink {
+        lock: Arc<Mutex<Firmware>>,
+        inbox: VecDeque<Vec<u8>>,
+        turns_before_answer: usize,
+    }
+
+    impl FirmwareLink {
+        fn new(lock: &Arc<Mutex<Firmware>>) -> Self {
+            lock.lock().unwrap().connect(23, 0);
+            FirmwareLink { lock: lock.clone(), inbox: VecDeque::new(), turns_before_answer: 0 }
+        }
+    }
+
+    impl LockLink for FirmwareLink {
+        fn info(&self) -> crate::protocol::gatt::LockInfo {
+            self.lock.lock().unwrap().info()
+        }
+
+        fn max_fragment(&self) -> usize {
+            20
+        }
+
+        async fn write(&mut self, fragment: &[u8]) -> Result<(), BleError> {
+            let mut lock = self.lock.lock().unwrap();
+            for _ in 0..std::mem::take(&mut self.turns_before_answer) {
+                lock.turn_knob(0);
+            }
+            lock.write(fragment, 0);
+            while let Some(output) = lock.poll_output(0) {
+                if let Output::Notify(fragment) = output {
+                    self.inbox.push_back(fragment);
+                }
+            }
+            Ok(())
+        }
+
+        async fn recv(&mut self) -> Result<Vec<u8>, BleError> {
+            match self.inbox.pop_front() {
+                Some(fragment) => Ok(fragment),
+                None => std::future::pending().await,
+            }
+        }
+
+        async fn close(self) {
+            self.lock.lock().unwrap().disconnect(0);
+        }
+    }
+
+    /// A lock pushing a thousand log entries while the session waits for one answer: the
+    /// answer comes, and the session holds the first entries (an unbroken run), at most
+    /// [`MAX_PENDING_EVENTS`], not all of them.
+    #[tokio::test]
+    async fn a_lock_flooding_log_entries_during_a_call_is_kept_to_the_bound() {
+        let lock_id = LockId([7; 8]);
+        let state = PersistentState::factory_new(lock_id, Capabilities::default(), Mechanics::default(), &mut OsRng);
+        let code = state.identity.setup_code.clone();
+        let lock = Arc::new(Mutex::new(Firmware::boot(state, Box::new(OsRng))));
+        let gateway = GatewayId::new("gw-flood").unwrap();
+        let (key, paired) =
+            LockSession::pair(FirmwareLink::new(&lock), gateway.clone(), lock_id, &code, WAIT).await.unwrap();
+        paired.close().await;
+        let mut session = LockSession::open(FirmwareLink::new(&lock), gateway, lock_id, &key, WAIT).await.unwrap();
+        session.link.turns_before_answer = 1000;
+        let response = session.call(Actor::Hub, Op::Status, WAIT).await.unwrap();
+        let Ok(Reply::Status(status)) = response.result else { panic!("{response:?}") };
+        let kept = session.take_events();
+        assert_eq!(kept.len(), MAX_PENDING_EVENTS, "the lock logged up to {}", status.last_seq);
+        assert!(status.last_seq >= kept[0].seq + 999, "the lock logged all thousand: {}", status.last_seq);
+        assert!(kept.windows(2).all(|w| w[1].seq == w[0].seq + 1), "an unbroken run from the first");
     }
 }
