@@ -150,22 +150,57 @@ impl<L: LockLink> LockSession<L> {
             let wake = reassembly.map_or(deadline, |r| tokio::time::Instant::from_std(r).min(deadline));
             tokio::select! {
                 fragment = self.link.recv() => {
-                    let now = self.now_ms();
-                    match self.conn.on_notification(&fragment?, now)? {
-                        Some(HubEvent::Event(e)) if !done(&HubEvent::Event(e)) => self.keep(e),
-                        Some(ev) if done(&ev) => return Ok(ev),
-                        _ => {}
+                    if let Some(event) = self.on_fragment(&fragment?, &mut done)? {
+                        return Ok(event);
                     }
                 }
                 () = tokio::time::sleep_until(wake) => {
                     if wake >= deadline {
-                        return Err(BleError::Timeout { during, after: timeout });
+                        return self.last_look(&mut done).ok_or(BleError::Timeout { during, after: timeout })?;
                     }
                     let now = self.now_ms();
                     self.conn.on_timeout(now)?;
                 }
             }
         }
+    }
+
+    /// Feeds one notification to the state machine: the awaited event, if this completed it
+    /// (a log entry pushed meanwhile is kept).
+    fn on_fragment(
+        &mut self,
+        fragment: &[u8],
+        done: &mut impl FnMut(&HubEvent) -> bool,
+    ) -> Result<Option<HubEvent>, BleError> {
+        let now = self.now_ms();
+        match self.conn.on_notification(fragment, now)? {
+            Some(HubEvent::Event(e)) if !done(&HubEvent::Event(e)) => self.keep(e),
+            Some(event) if done(&event) => return Ok(Some(event)),
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// At the deadline, what the lock had already sent: an answer that arrived at the same
+    /// instant as the deadline (the two branches of the wait were ready together, and the
+    /// deadline's was picked) is taken, not reported missing. Only fragments ready now, and
+    /// at most those of two whole frames, so that a lock notifying without pause cannot hold
+    /// the deadline off.
+    fn last_look(&mut self, done: &mut impl FnMut(&HubEvent) -> bool) -> Option<Result<HubEvent, BleError>> {
+        use futures::FutureExt;
+        let fragments = 2 * crate::protocol::fragment::MAX_FRAME_LEN.div_ceil(self.link.max_fragment().max(1));
+        for _ in 0..fragments {
+            let fragment = match self.link.recv().now_or_never()? {
+                Ok(fragment) => fragment,
+                Err(e) => return Some(Err(e)),
+            };
+            match self.on_fragment(&fragment, done) {
+                Ok(Some(event)) => return Some(Ok(event)),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        None
     }
 }
 
@@ -181,17 +216,19 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(10);
 
     /// A link straight to emulated firmware (no radio, no D-Bus), which can make the lock's
-    /// thumb-turn move many times as the next request reaches it.
+    /// thumb-turn move many times as the next request reaches it, and hold what the lock
+    /// sends back until a given instant.
     struct FirmwareLink {
         lock: Arc<Mutex<Firmware>>,
         inbox: VecDeque<Vec<u8>>,
         turns_before_answer: usize,
+        hold_until: Option<tokio::time::Instant>,
     }
 
     impl FirmwareLink {
         fn new(lock: &Arc<Mutex<Firmware>>) -> Self {
             lock.lock().unwrap().connect(23, 0);
-            FirmwareLink { lock: lock.clone(), inbox: VecDeque::new(), turns_before_answer: 0 }
+            FirmwareLink { lock: lock.clone(), inbox: VecDeque::new(), turns_before_answer: 0, hold_until: None }
         }
     }
 
@@ -219,6 +256,11 @@ mod tests {
         }
 
         async fn recv(&mut self) -> Result<Vec<u8>, BleError> {
+            if let Some(at) = self.hold_until
+                && tokio::time::Instant::now() < at
+            {
+                tokio::time::sleep_until(at).await;
+            }
             match self.inbox.pop_front() {
                 Some(fragment) => Ok(fragment),
                 None => std::future::pending().await,
@@ -230,20 +272,41 @@ mod tests {
         }
     }
 
+    /// A lock and an open session with it.
+    async fn session() -> LockSession<FirmwareLink> {
+        let lock_id = LockId([7; 8]);
+        let state = PersistentState::factory_new(lock_id, Capabilities::default(), Mechanics::default(), &mut OsRng);
+        let code = state.identity.setup_code.clone();
+        let lock = Arc::new(Mutex::new(Firmware::boot(state, Box::new(OsRng))));
+        let gateway = GatewayId::new("gw-session").unwrap();
+        let (key, paired) =
+            LockSession::pair(FirmwareLink::new(&lock), gateway.clone(), lock_id, &code, WAIT).await.unwrap();
+        paired.close().await;
+        LockSession::open(FirmwareLink::new(&lock), gateway, lock_id, &key, WAIT).await.unwrap()
+    }
+
+    /// An answer that arrives at the very instant of the deadline is taken, not reported as a
+    /// timeout: the wait's two branches are ready together and either may be picked. Twenty
+    /// times, as the pick is random (a deadline that won half the time would pass this once
+    /// in a million runs).
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_arriving_at_the_deadline_is_taken() {
+        let mut session = session().await;
+        for _ in 0..20 {
+            let at = tokio::time::Instant::now() + WAIT;
+            session.link.hold_until = Some(at);
+            let response = session.call(Actor::Hub, Op::Status, WAIT).await;
+            assert!(matches!(&response, Ok(r) if matches!(r.result, Ok(Reply::Status(_)))), "{response:?}");
+            assert_eq!(tokio::time::Instant::now(), at, "the answer came at the deadline, no later");
+        }
+    }
+
     /// A lock pushing a thousand log entries while the session waits for one answer: the
     /// answer comes, and the session holds the first entries (an unbroken run), at most
     /// [`MAX_PENDING_EVENTS`], not all of them.
     #[tokio::test]
     async fn a_lock_flooding_log_entries_during_a_call_is_kept_to_the_bound() {
-        let lock_id = LockId([7; 8]);
-        let state = PersistentState::factory_new(lock_id, Capabilities::default(), Mechanics::default(), &mut OsRng);
-        let code = state.identity.setup_code.clone();
-        let lock = Arc::new(Mutex::new(Firmware::boot(state, Box::new(OsRng))));
-        let gateway = GatewayId::new("gw-flood").unwrap();
-        let (key, paired) =
-            LockSession::pair(FirmwareLink::new(&lock), gateway.clone(), lock_id, &code, WAIT).await.unwrap();
-        paired.close().await;
-        let mut session = LockSession::open(FirmwareLink::new(&lock), gateway, lock_id, &key, WAIT).await.unwrap();
+        let mut session = session().await;
         session.link.turns_before_answer = 1000;
         let response = session.call(Actor::Hub, Op::Status, WAIT).await.unwrap();
         let Ok(Reply::Status(status)) = response.result else { panic!("{response:?}") };
