@@ -743,6 +743,8 @@ impl CloudLink {
         .await
         {
             Ok(deleted) => self.after_deletion(flight, deleted),
+            // Cancelled before it ran: the runtime is going; the records are sent again.
+            Err(e) if e.is_cancelled() => tracing::debug!("stopping: acknowledged records left for the next start"),
             Err(e) => tracing::error!(error = %e, "the store task failed"),
         }
     }

@@ -131,6 +131,7 @@ pub async fn serve(
                     }
                     // Not recorded: left unacknowledged, so the broker delivers it again.
                     Ok(Err(e)) => tracing::error!(error = %e, "could not record a refusal"),
+                    Err(e) if e.is_cancelled() => tracing::debug!("stopping: a refusal left unrecorded, to come again"),
                     Err(e) => tracing::error!(error = %e, "the intake task failed"),
                 }
             }

@@ -450,6 +450,11 @@ impl<T: LockTransport> LockWorker<T> {
             }
             // Not recorded: the entries stay unread (last_seq unchanged) and are read again.
             Ok(Err(e)) => tracing::error!(lock_id = %lock, error = %e, "could not record the lock's events"),
+            // Cancelled before it ran: the runtime is going (a stop that did not wait for this
+            // task). Not recorded, so read again at the next start, as above.
+            Err(e) if e.is_cancelled() => {
+                tracing::debug!(lock_id = %lock, "stopping: the lock's news is left to the next start")
+            }
             Err(e) => tracing::error!(lock_id = %lock, error = %e, "the store task failed"),
         }
     }

@@ -72,6 +72,7 @@ pub async fn run(store: Arc<Mutex<Store>>, clock: Clock, mut shutdown: watch::Re
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not tidy the store; trying again later"),
+                Err(e) if e.is_cancelled() => return, // the runtime is going
                 Err(e) => tracing::error!(error = %e, "the tidying task failed"),
             }
         }
