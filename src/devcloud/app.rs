@@ -433,7 +433,9 @@ impl AppClient {
     /// MQTT marks no end of the retained messages. A broker queues them for the subscriber
     /// when it takes the subscription and delivers to one client in order, so a message of
     /// our own, published on a topic nobody else uses after the subscription was taken, comes
-    /// back behind them: its return is the end.
+    /// back behind them: its return is the end. (So the bundled broker and Mosquitto do; a
+    /// NATS cluster serves each subscription from its own stream, and the marker may overtake
+    /// them there.)
     pub async fn retained(&self, timeout: Duration) -> Result<Vec<(String, Vec<u8>)>, AppError> {
         let marker = self.topics.marker(new_id("end").as_str());
         let mut seen = self.watch();
