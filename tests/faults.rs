@@ -5,7 +5,8 @@
 //! - `lockhub run` killed with SIGKILL in the middle of a burst of 1,000 lock events, and
 //!   started again: every event reaches the cloud, exactly once after deduplication;
 //! - the store's filesystem full (a small tmpfs): a typed, plain error, nothing already
-//!   stored lost or corrupted, writes working again once there is room.
+//!   stored lost or corrupted, writes working again once there is room; a refusal that cannot
+//!   be recorded is not acknowledged to the broker, so it comes again.
 
 mod support;
 
@@ -251,4 +252,54 @@ fn a_full_filesystem_is_a_plain_error_loses_nothing_and_passes() {
     assert_eq!(store.outbox_len().unwrap(), stored as u64 + 1);
     store.integrity_check().unwrap();
     println!("filesystem full after {stored} events of 4 KiB: a plain error, none lost, writes resumed");
+}
+
+/// A refusal is acknowledged to the broker only once it is recorded: with the store's disk
+/// full, garbage from the cloud cannot be recorded and its delivery is left unacknowledged
+/// (the broker delivers it again); once there is room, the same delivery is recorded and
+/// acknowledged.
+#[tokio::test]
+async fn a_refusal_the_full_store_cannot_record_is_left_unacknowledged() {
+    use lockhub::cloud::link::InboundCommand;
+    use lockhub::gateway::intake::{self, Intake};
+    use lockhub::protocol::ids::GatewayId;
+    use lockhub::store::{Store, StoreConfig, StoreError};
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::{Notify, mpsc, oneshot};
+
+    let fs = SmallFilesystem::mount("1m");
+    let mut store =
+        Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&fs.path().join("state")) }).unwrap();
+    // Fill the disk, with ever smaller records so that no room is left for a small one.
+    for size in [4096, 256, 16] {
+        let payload = vec![b'e'; size];
+        let mut i = 0;
+        loop {
+            match store.transaction(|tx| tx.append_outbox(None, &format!("fill/{size}/{i}"), &payload, false, 0)) {
+                Ok(_) => i += 1,
+                Err(StoreError::Full) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(i < 100_000, "the filesystem never filled");
+        }
+    }
+    let records = |store: &Mutex<Store>| store.lock().unwrap().audit_records(0, 100).unwrap().len();
+    let store = Arc::new(Mutex::new(store));
+    let before = records(&store);
+    let intake = Intake::new(store.clone(), GatewayId::new("gw-full").unwrap(), Arc::new(Notify::new()));
+    let (inbound, inbound_rx) = mpsc::channel(4);
+    let (accepted, _accepted_rx) = mpsc::channel(4);
+    tokio::spawn(intake::serve(intake, inbound_rx, accepted, unix_now));
+    let deliver = |inbound: mpsc::Sender<InboundCommand>| async move {
+        let (stored, acknowledged) = oneshot::channel();
+        let payload = b"not a statement".to_vec();
+        inbound.send(InboundCommand { payload, received: std::time::Instant::now(), stored }).await.unwrap();
+        acknowledged.await
+    };
+
+    assert!(deliver(inbound.clone()).await.is_err(), "acknowledged though the refusal was not recorded");
+    assert_eq!(records(&store), before, "recorded on a full disk");
+    fs.resize("16m");
+    deliver(inbound).await.expect("not acknowledged once there was room to record it");
+    assert_eq!(records(&store), before + 1, "the refusal is on the record");
 }
