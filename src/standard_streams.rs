@@ -12,6 +12,7 @@
 //! an error, and says it was standard output that failed. Standard error carries what a person
 //! is told on the side (progress, prompts, the final error): failing to write it changes
 //! neither what a command does nor its exit status, so [`note`] lets it go.
+
 use std::fmt;
 use std::io::{self, Write};
 

@@ -37,8 +37,8 @@ fn broken(config: &Path, edit: impl Fn(&str) -> String) -> String {
 }
 
 /// Every command that prints, its reader gone before the first byte (`lockhub man | head -0`):
-/// a quiet, successful end, not "failed printing to stdout" and exit 101; and a failing
-/// command with nobody reading its errors, a plain failure.
+/// a quiet, successful end, not "failed printing to stdout" and exit 101; a failing command
+/// with nobody reading its errors, a plain failure; output to a full device, an error.
 #[test]
 fn every_printing_command_ends_quietly_when_its_reader_has_gone() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,6 +80,18 @@ fn every_printing_command_ends_quietly_when_its_reader_has_gone() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(1), "{status}");
+    // A reader that is there but cannot take it (`> /dev/full`): an error that says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_lockhub"))
+        .args(["check-config", "--config", config])
+        .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.starts_with("Error: writing to standard output: No space left on device"),
+        "{}: {err}",
+        out.status
+    );
 }
 
 #[test]

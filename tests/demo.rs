@@ -72,6 +72,28 @@ fn with_its_reader_gone_the_demo_still_ends_cleanly() {
     );
 }
 
+/// Its output going to a device that takes nothing (`lockhub demo > /dev/full`): the demo
+/// fails saying why, rather than ignoring the lost transcript, and leaves nothing behind.
+#[test]
+fn with_its_output_lost_the_demo_fails_saying_why() {
+    let demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"))
+        .arg("demo")
+        .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+        .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scratch = std::env::temp_dir().join(format!("lockhub-demo-{}", demo.id()));
+    let out = demo.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.starts_with("Error: writing to standard output: No space left on device"),
+        "{}: {err}",
+        out.status
+    );
+    assert!(!scratch.exists(), "{} left behind", scratch.display());
+}
+
 /// Runs `demo`, checks that it exits 0 having told every step of the story with its latency,
 /// and returns what it printed.
 fn the_whole_story(mut demo: std::process::Command) -> String {

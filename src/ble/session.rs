@@ -301,6 +301,19 @@ mod tests {
         }
     }
 
+    /// At the deadline, a lock with ten thousand log entries queued ahead of its answer does
+    /// not hold the deadline off: the last look reads a bounded number of fragments and the
+    /// call ends as a timeout (without the bound it would read them all, and the answer).
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_waiting_at_the_deadline_does_not_hold_it_off() {
+        let mut session = session().await;
+        session.link.hold_until = Some(tokio::time::Instant::now() + WAIT);
+        session.link.turns_before_answer = 10_000;
+        let response = session.call(Actor::Hub, Op::Status, WAIT).await;
+        assert!(matches!(response, Err(BleError::Timeout { .. })), "{response:?}");
+        assert!(session.link.inbox.len() > 10_000, "{} fragments left unread", session.link.inbox.len());
+    }
+
     /// A lock pushing a thousand log entries while the session waits for one answer: the
     /// answer comes, and the session holds the first entries (an unbroken run), at most
     /// [`MAX_PENDING_EVENTS`], not all of them.
