@@ -2,7 +2,8 @@
 //! (`lockhub-cloud serve`) and Debian's Mosquitto (configured as `lockhub-cloud
 //! mosquitto-config` says), with the development PKI (`lockhub::devcloud::pki`) and the
 //! gateway TLS configuration (`lockhub::cloud::tls`); and the app stand-in's marker, which
-//! tells it every retained message of a gateway's subtree has arrived.
+//! tells it every retained message of a gateway's subtree has arrived (and its own error
+//! where a broker drops the marker).
 
 mod support;
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockhub::cloud::tls::client_config;
-use lockhub::devcloud::app::AppClient;
+use lockhub::devcloud::app::{AppClient, AppError};
 use lockhub::devcloud::pki::{Pki, RELAY_IDENTITY};
 use lockhub::protocol::ids::GatewayId;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
@@ -213,4 +214,37 @@ async fn every_retained_message_arrives_before_the_apps_marker(kind: Kind) {
     let app = AppClient::connect(&url, &pki, &GatewayId::new("gw-a").unwrap()).await.unwrap();
     let retained = app.retained(Duration::from_secs(30)).await.unwrap();
     assert_eq!(retained.len(), STATES, "{:?}", retained.iter().map(|(topic, _)| topic).collect::<Vec<_>>());
+}
+
+/// A broker that drops the app's marker — here Mosquitto with an ACL that lets the relay's
+/// clients publish commands and nothing else, which Mosquitto acknowledges and discards —
+/// ends `AppClient::retained` with its own error at the deadline: never a list that may be
+/// missing messages, never a wait without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_drops_the_apps_marker_ends_the_wait_with_its_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let acl = format!(
+        "user {RELAY_IDENTITY}\ntopic read lockhub/v1/#\ntopic write lockhub/v1/+/cmd\n\npattern readwrite lockhub/v1/%u/#\n"
+    );
+    let broker = TestBroker::Mosquitto(support::mosquitto::Mosquitto::start_with_acl(&pki, &acl));
+    let (gateway, mut gateway_rx) = connected(&pki, &broker, "gw-a").await;
+    gateway.publish("lockhub/v1/gw-a/status", QoS::AtLeastOnce, true, b"{}".to_vec()).await.unwrap();
+    loop {
+        match next(&mut gateway_rx).await {
+            Seen::PubAck => break,
+            Seen::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    let url = format!("mqtts://localhost:{}", broker.port());
+    let app = AppClient::connect(&url, &pki, &GatewayId::new("gw-a").unwrap()).await.unwrap();
+    let wait = Duration::from_millis(500);
+    match app.retained(wait).await {
+        Err(e @ AppError::RetainedTimeout(d)) => {
+            assert_eq!(d, wait);
+            assert_eq!(e.to_string(), "the broker did not deliver the gateway's retained messages within 500ms");
+        }
+        other => panic!("expected the marker's own timeout, got {other:?}"),
+    }
 }

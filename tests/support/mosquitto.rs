@@ -47,13 +47,23 @@ impl Mosquitto {
     /// Starts Mosquitto as [`Mosquitto::start`], keeping sessions and queued messages across
     /// restarts when `persistent`.
     pub fn start_with(pki: &Pki, persistent: bool) -> Self {
+        Self::start_configured(pki, persistent, None)
+    }
+
+    /// Starts Mosquitto as [`Mosquitto::start`] with `acl` in place of the fleet's ACL: a
+    /// broker that silently drops what a client may not publish.
+    pub fn start_with_acl(pki: &Pki, acl: &str) -> Self {
+        Self::start_configured(pki, false, Some(acl))
+    }
+
+    fn start_configured(pki: &Pki, persistent: bool, acl: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         // Exactly what `lockhub-cloud mosquitto-config` prints, plus logging for readiness.
         let mut config = MosquittoConfig::for_pki(pki, "127.0.0.1", port, dir.path().join("acl"));
         config.persistence_dir = persistent.then(|| dir.path().to_owned());
         config.run_as_root = is_root();
-        std::fs::write(&config.acl_file, config.render_acl()).unwrap();
+        std::fs::write(&config.acl_file, acl.map_or_else(|| config.render_acl(), str::to_owned)).unwrap();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
