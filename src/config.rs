@@ -12,7 +12,8 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::ble::BleConfig;
-use crate::cloud::link::{BrokerUrl, CloudConfig};
+use crate::cloud::broker_url::BrokerUrl;
+use crate::cloud::link::CloudConfig;
 use crate::cloud::tls::MAX_PEM_BYTES;
 use crate::gateway::policy::PolicyLimits;
 use crate::protocol::ids::GatewayId;

@@ -17,7 +17,6 @@
 //!   them (manual acks). Oversized ones (and anything on another topic) are dropped unread
 //!   with an audit record, and the link carries on.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +25,9 @@ use rumqttc::{AsyncClient, Event, Incoming, LastWill, MqttOptions, Outgoing, QoS
 use thiserror::Error;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use super::broker_url::{BadBrokerUrl, BrokerUrl};
+use super::express::{Express, ExpressLane};
+use super::in_flight::{InFlight, Tag, resolve, send_express};
 use super::tls::{TlsError, client_config};
 use super::topics::Topics;
 use crate::auth::reason::Reason;
@@ -77,21 +79,12 @@ impl CloudConfig {
     }
 }
 
-/// A broker address from the configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BrokerUrl {
-    /// Host name (checked against the broker's certificate).
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-}
-
 /// Why the cloud link could not start.
 #[derive(Debug, Error)]
 pub enum CloudError {
     /// A broker URL is not `mqtts://host[:port]`.
-    #[error("broker URL {0:?}: expected mqtts://host[:port] (TLS is required)")]
-    BadUrl(String),
+    #[error(transparent)]
+    BadUrl(#[from] BadBrokerUrl),
     /// No broker configured.
     #[error("no broker configured")]
     NoBroker,
@@ -101,27 +94,6 @@ pub enum CloudError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl BrokerUrl {
-    /// Parses `mqtts://host[:port]` strictly.
-    pub fn parse(url: &str) -> Result<Self, CloudError> {
-        let bad = || CloudError::BadUrl(url.to_owned());
-        let rest = url.strip_prefix("mqtts://").ok_or_else(bad)?;
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse::<u16>().map_err(|_| bad())?),
-            _ => (rest, 8883),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let valid = !host.is_empty()
-            && host.len() <= 253
-            && host.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':'));
-        if !valid || port == 0 {
-            return Err(bad());
-        }
-        Ok(BrokerUrl { host: host.to_owned(), port })
-    }
 }
 
 /// A command received from the cloud. Drop `stored` (or send on it) once it is durably
@@ -138,44 +110,6 @@ pub struct InboundCommand {
 }
 
 /// A record published ahead of its outbox commit (see [`ExpressLane`]).
-#[derive(Debug)]
-struct Express {
-    topic: String,
-    payload: Vec<u8>,
-    /// The outbox record holding it once committed; `None` (or dropped): not committed.
-    record: oneshot::Receiver<Option<i64>>,
-}
-
-/// Hands the link a record to publish before the transaction that writes it to the outbox has
-/// committed, so that the commit is not on the way of a reply someone waits for.
-#[derive(Clone, Debug)]
-pub struct ExpressLane(mpsc::Sender<Express>);
-
-/// Where an express publish learns its outbox record: send it, while the store is still locked
-/// for the transaction that wrote it (so the link can never read the record back as pending
-/// before it knows it is already in flight), or `None` if the transaction failed.
-#[derive(Debug)]
-pub struct ExpressRecord(oneshot::Sender<Option<i64>>);
-
-impl ExpressRecord {
-    /// Tells the link which outbox record holds the express publish (`None`: none does).
-    pub fn committed(self, record: Option<i64>) {
-        let _ = self.0.send(record);
-    }
-}
-
-impl ExpressLane {
-    /// Hands `payload` for `topic` to the link. `None` when the link cannot take it now (its
-    /// lane is full, or it is gone): the outbox alone carries the record then.
-    pub fn send(&self, topic: String, payload: Vec<u8>) -> Option<ExpressRecord> {
-        let (tx, record) = oneshot::channel();
-        self.0.try_send(Express { topic, payload, record }).ok().map(|()| ExpressRecord(tx))
-    }
-}
-
-/// Express publishes waiting in the lane at most.
-const EXPRESS_LANE: usize = 64;
-
 /// What the link reports about itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkState {
@@ -186,23 +120,6 @@ pub enum LinkState {
 }
 
 /// Why a publish went out: to map PUBACKs back to outbox records.
-#[derive(Clone, Copy, Debug)]
-enum Tag {
-    Outbox(i64),
-    /// An express publish, by its number on this connection.
-    Express(u64),
-    Status,
-}
-
-/// What is known of an express publish in flight.
-#[derive(Debug, Default)]
-struct ExpressState {
-    /// Its outbox record, once committed.
-    record: Option<i64>,
-    /// Its PUBACK arrived before its record was known.
-    acked: bool,
-}
-
 /// The cloud link.
 pub struct CloudLink {
     brokers: Vec<BrokerUrl>,
@@ -236,100 +153,6 @@ impl std::fmt::Debug for CloudLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CloudLink").field("brokers", &self.brokers).finish_non_exhaustive()
     }
-}
-
-/// Per-connection bookkeeping of what is in flight.
-#[derive(Default)]
-struct InFlight {
-    /// Tags of publishes handed to rumqttc, waiting for their packet id.
-    unassigned: VecDeque<Tag>,
-    /// Packet id → tag, until the PUBACK.
-    by_pkid: HashMap<u16, Tag>,
-    /// Outbox ids published and not yet acknowledged.
-    outbox: HashSet<i64>,
-    /// Outbox ids acknowledged by the broker, to delete in the next batch.
-    acked: Vec<i64>,
-    /// Express publishes sent on this connection, by number.
-    express: HashMap<u64, ExpressState>,
-    /// Express publishes still to learn their outbox record.
-    unresolved: Vec<(u64, oneshot::Receiver<Option<i64>>)>,
-    /// The next express publish's number.
-    next_express: u64,
-    /// The outbox may hold records not sent yet: something was appended since the last read,
-    /// or the last read stopped at the window. Without it a PUBACK costs no outbox read.
-    unsent: bool,
-    /// The last deletion of acknowledged records failed (said once until one succeeds).
-    deletions_failing: bool,
-}
-
-impl InFlight {
-    /// Takes in that express publish `number` is held by outbox record `record` (`None`: by
-    /// none, its transaction failed).
-    fn learn(&mut self, number: u64, record: Option<i64>) {
-        let Some(state) = self.express.get_mut(&number) else { return };
-        match (record, state.acked) {
-            // Acknowledged already: only the deletion is left.
-            (Some(id), true) => {
-                self.express.remove(&number);
-                self.acked.push(id);
-            }
-            (Some(id), false) => {
-                state.record = Some(id);
-                self.outbox.insert(id);
-            }
-            // Never written: nothing to delete or send again (a PUBACK still to come finds
-            // nothing, as it should).
-            (None, _) => {
-                self.express.remove(&number);
-            }
-        }
-    }
-
-    /// The outbox record to delete now that the publish tagged `tag` was acknowledged, if any.
-    fn acknowledged(&mut self, tag: Tag) -> Option<i64> {
-        match tag {
-            Tag::Outbox(id) => Some(id),
-            Tag::Express(number) => match self.express.get_mut(&number) {
-                Some(ExpressState { record: Some(id), .. }) => {
-                    let id = *id;
-                    self.express.remove(&number);
-                    Some(id)
-                }
-                // Its record is learnt later, and deleted then.
-                Some(state) => {
-                    state.acked = true;
-                    None
-                }
-                None => None,
-            },
-            Tag::Status => None,
-        }
-    }
-
-    /// Learns the records of express publishes whose transactions have finished.
-    fn resolve_express(&mut self) {
-        for (number, record) in resolve(&mut self.unresolved) {
-            self.learn(number, record);
-        }
-    }
-}
-
-/// Takes out of `unresolved` the express publishes whose transactions have finished, with
-/// their records.
-fn resolve(unresolved: &mut Vec<(u64, oneshot::Receiver<Option<i64>>)>) -> Vec<(u64, Option<i64>)> {
-    let mut resolved = Vec::new();
-    unresolved.retain_mut(|(number, record)| match record.try_recv() {
-        Ok(record) => {
-            resolved.push((*number, record));
-            false
-        }
-        Err(oneshot::error::TryRecvError::Empty) => true,
-        Err(oneshot::error::TryRecvError::Closed) => {
-            resolved.push((*number, None));
-            false
-        }
-    });
-    resolved
 }
 
 /// A drain's store work, on the blocking pool while the link's loop goes on: acknowledged
@@ -397,7 +220,7 @@ impl CloudLink {
         let (delivered, delivered_rx) = watch::channel(0);
         let (acknowledged, acknowledged_rx) = watch::channel(0);
         let topics = Topics::new(&gateway_id);
-        let (express_tx, express) = mpsc::channel(EXPRESS_LANE);
+        let (express_lane, express) = super::express::lane();
         let link = CloudLink {
             brokers,
             tls,
@@ -411,7 +234,7 @@ impl CloudLink {
             delivered,
             acknowledged,
             express,
-            express_lane: ExpressLane(express_tx),
+            express_lane,
         };
         Ok((link, LinkReports { state: state_rx, delivered: delivered_rx, acknowledged: acknowledged_rx }))
     }
@@ -872,18 +695,6 @@ fn delete_acknowledged(store: &mut Store, acked: Vec<i64>) -> Deletion {
     }
 }
 
-/// Publishes an express record and keeps track of it until its PUBACK and its outbox record
-/// are both known. rumqttc's request queue full: left to the outbox.
-fn send_express(client: &AsyncClient, flight: &mut InFlight, express: Express) {
-    if client.try_publish(express.topic, QoS::AtLeastOnce, false, express.payload).is_ok() {
-        let number = flight.next_express;
-        flight.next_express += 1;
-        flight.unassigned.push_back(Tag::Express(number));
-        flight.express.insert(number, ExpressState::default());
-        flight.unresolved.push((number, express.record));
-    }
-}
-
 fn jittered(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
     let jitter = rand_core::RngCore::next_u64(&mut rand_core::OsRng) % (ms / 2 + 1);
@@ -944,39 +755,5 @@ mod tests {
         );
         assert!(flight.outbox.contains(&id));
         assert!(link.express.try_recv().is_err(), "the lane is empty");
-    }
-
-    #[test]
-    fn an_express_publish_is_forgotten_whatever_the_order_of_its_puback_and_its_record() {
-        // (record committed?, PUBACK before the record is learnt?) → what is deleted.
-        for (record, ack_first) in [(Some(7), true), (Some(7), false), (None, true), (None, false)] {
-            let mut flight = InFlight::default();
-            flight.express.insert(0, ExpressState::default());
-            let deleted = if ack_first {
-                let now = flight.acknowledged(Tag::Express(0));
-                flight.learn(0, record);
-                assert_eq!(now, None, "nothing known to delete at the PUBACK");
-                flight.acked.clone()
-            } else {
-                flight.learn(0, record);
-                assert_eq!(flight.outbox.contains(&7), record.is_some(), "in flight once known");
-                flight.acknowledged(Tag::Express(0)).into_iter().collect()
-            };
-            assert_eq!(deleted, record.into_iter().collect::<Vec<_>>(), "{record:?} ack first {ack_first}");
-            assert!(flight.express.is_empty(), "{record:?} ack first {ack_first}: {:?}", flight.express);
-        }
-    }
-
-    #[test]
-    fn broker_urls_are_parsed_strictly() {
-        assert_eq!(
-            BrokerUrl::parse("mqtts://broker.example:8884").unwrap(),
-            BrokerUrl { host: "broker.example".into(), port: 8884 }
-        );
-        assert_eq!(BrokerUrl::parse("mqtts://localhost").unwrap().port, 8883);
-        for bad in ["mqtt://plain:1883", "mqtts://", "mqtts://host:0", "mqtts://host:99999", "mqtts://ho st", "tcp://x"]
-        {
-            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -22,7 +22,7 @@ use crate::auth::keys::{PublicKey, generate};
 use crate::auth::statement::{
     Claim, Command, Grant, LocalCode, Operation, Pair, Permission, Policy, Revoke, Schedule, Statement, StatementId,
 };
-use crate::cloud::link::BrokerUrl;
+use crate::cloud::broker_url::BrokerUrl;
 use crate::cloud::reply::Reply;
 use crate::cloud::tls::{TlsError, client_config};
 use crate::cloud::topics::Topics;
@@ -62,7 +62,7 @@ pub enum AppError {
     Tls(#[from] TlsError),
     /// The broker URL is unusable.
     #[error(transparent)]
-    Url(#[from] crate::cloud::link::CloudError),
+    Url(#[from] crate::cloud::broker_url::BadBrokerUrl),
     /// MQTT failed.
     #[error("MQTT: {0}")]
     Mqtt(String),

@@ -26,7 +26,8 @@ use crate::auth::statement::{Command, Grant, Operation, Signed, Statement, open}
 use crate::ble::budget::ConnectionBudget;
 use crate::ble::client::{LockClient, pair};
 use crate::ble::{BleConfig, LockTransport};
-use crate::cloud::link::{ExpressLane, ExpressRecord, InboundCommand};
+use crate::cloud::express::{ExpressLane, ExpressRecord};
+use crate::cloud::link::InboundCommand;
 use crate::cloud::reply::{Outcome, Reply};
 use crate::cloud::topics::Topics;
 use crate::local::codes::{CodeHolder, IssuedCode, validate_hash};

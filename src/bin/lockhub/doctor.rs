@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use lockhub::cloud::link::BrokerUrl;
+use lockhub::cloud::broker_url::BrokerUrl;
 use lockhub::config::Config;
 use lockhub::control::protocol::Request;
 use lockhub::outln;
