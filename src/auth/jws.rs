@@ -140,6 +140,57 @@ mod tests {
         assert_eq!(Jws::parse(&swapped).unwrap().verify(), Err(JwsError::BadSignature));
     }
 
+    /// A signed envelope of exactly `len` bytes. Unpadded base64url of n bytes is ⌈4n / 3⌉
+    /// characters, which skips every length ≡ 1 (mod 4): a longer `typ` (a longer header)
+    /// covers those.
+    fn envelope_of(len: usize) -> String {
+        for typ in ["t", "tt", "ttt"] {
+            let header = sign(typ, b"", &key(1)).split('.').next().unwrap().len();
+            // header "." payload "." signature (64 bytes: 86 characters)
+            if let Some(n) = (0..len).find(|n| header + 1 + (4 * n).div_ceil(3) + 1 + 86 == len) {
+                let text = sign(typ, &vec![b' '; n], &key(1));
+                assert_eq!(text.len(), len);
+                return text;
+            }
+        }
+        panic!("no envelope of {len} bytes")
+    }
+
+    #[test]
+    fn the_size_caps_are_exact() {
+        // The whole envelope: the cloud link's command cap, so that nothing the link takes in
+        // is refused as too long here; at the cap accepted, a byte over refused before any
+        // decoding.
+        assert_eq!(MAX_JWS_LEN, crate::cloud::link::MAX_COMMAND_BYTES);
+        Jws::parse(&envelope_of(MAX_JWS_LEN)).unwrap().verify().unwrap();
+        assert_eq!(Jws::parse(&envelope_of(MAX_JWS_LEN + 1)).unwrap_err(), JwsError::Malformed("too long"));
+
+        // The header: 512 encoded bytes accepted, 513 refused (a longer `typ` grows it).
+        let header_of = |typ_len: usize| {
+            let text = sign(&"t".repeat(typ_len), b"{}", &key(1));
+            let header_len = text.split('.').next().unwrap().len();
+            (header_len, text)
+        };
+        let fits = (1..600).map(header_of).filter(|(h, _)| *h <= MAX_HEADER_LEN).max_by_key(|(h, _)| *h).unwrap();
+        let too_long = (1..600).map(header_of).find(|(h, _)| *h > MAX_HEADER_LEN).unwrap();
+        assert!(fits.0 > MAX_HEADER_LEN - 2 && too_long.0 <= MAX_HEADER_LEN + 2, "{} {}", fits.0, too_long.0);
+        Jws::parse(&fits.1).unwrap().verify().unwrap();
+        assert_eq!(Jws::parse(&too_long.1).unwrap_err(), JwsError::Malformed("empty or oversized part"));
+    }
+
+    #[test]
+    fn an_empty_part_is_refused_as_such() {
+        let good = sign("t", b"{}", &key(1));
+        let parts: Vec<&str> = good.split('.').collect();
+        for case in [
+            format!(".{}.{}", parts[1], parts[2]),
+            format!("{}..{}", parts[0], parts[2]),
+            format!("{}.{}.", parts[0], parts[1]),
+        ] {
+            assert_eq!(Jws::parse(&case).unwrap_err(), JwsError::Malformed("empty or oversized part"), "{case}");
+        }
+    }
+
     #[test]
     fn anything_but_our_compact_eddsa_form_is_refused() {
         let good = sign("t", b"{}", &key(1));

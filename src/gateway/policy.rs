@@ -465,4 +465,133 @@ mod tests {
             "per signer"
         );
     }
+
+    #[test]
+    fn a_reload_applies_new_limits_and_keeps_what_was_remembered() {
+        let grants = [grant(&[Permission::Unlock, Permission::Remote], None)];
+        let policy = remote_on();
+        let f = facts(&grants, &policy);
+        let cmd = |i: usize| command(&format!("c{i}"), Operation::Unlock);
+        let mut engine =
+            PolicyEngine::new(PolicyLimits { rate_commands: 3, lockout_failures: 2, ..PolicyLimits::default() });
+        for i in 0..2 {
+            assert!(engine.decide(&user(), &cmd(i), &f).is_ok());
+        }
+        // A stricter limit counts the commands already allowed in the window.
+        engine.set_limits(PolicyLimits { rate_commands: 2, lockout_failures: 2, ..PolicyLimits::default() });
+        assert_eq!(reason(engine.decide(&user(), &cmd(2), &f)), Reason::RateLimited);
+        // A lockout outlives a reload, even one that would not have locked the signer out.
+        for _ in 0..2 {
+            assert_eq!(reason(engine.decide(&user(), &cmd(0), &Facts { seen: true, ..f.clone() })), Reason::Replayed);
+        }
+        engine.set_limits(PolicyLimits { rate_commands: 100, lockout_failures: 50, ..PolicyLimits::default() });
+        assert_eq!(reason(engine.decide(&user(), &cmd(3), &f)), Reason::LockedOut);
+    }
+
+    #[test]
+    fn refusals_that_are_not_the_signers_doing_do_not_lock_them_out() {
+        let grants = [grant(&[Permission::Unlock, Permission::Remote], None)];
+        let policy = remote_on();
+        let f = facts(&grants, &policy);
+        let limits = PolicyLimits { rate_commands: 1, lockout_failures: 2, ..PolicyLimits::default() };
+        let mut engine = PolicyEngine::new(limits);
+        let cmd = |i: usize| command(&format!("c{i}"), Operation::Unlock);
+        // The gateway's clock, a lock not (yet) paired, and the rate limit: twice each, more
+        // than the two refusals that lock a signer out.
+        for i in 0..2 {
+            let stale = Facts { clock_synced: false, ..f.clone() };
+            assert_eq!(reason(engine.decide(&user(), &cmd(i), &stale)), Reason::ClockUnsynchronised);
+            let unpaired = Facts { lock_paired: false, ..f.clone() };
+            assert_eq!(reason(engine.decide(&user(), &cmd(i), &unpaired)), Reason::UnknownLock);
+        }
+        assert!(engine.decide(&user(), &cmd(10), &f).is_ok());
+        for i in 11..13 {
+            assert_eq!(reason(engine.decide(&user(), &cmd(i), &f)), Reason::RateLimited);
+        }
+        // A minute on, the window has room again and nothing has locked the signer out.
+        let later = Facts { now: NOW + 61, ..f.clone() };
+        let fresh = Command { iat: NOW + 60, exp: NOW + 90, ..cmd(13) };
+        assert_eq!(engine.decide(&user(), &fresh, &later), Ok(Role::User));
+    }
+
+    #[test]
+    fn the_time_bounds_are_inclusive() {
+        let grants = [grant(&[Permission::Unlock, Permission::Remote], None)];
+        let policy = remote_on();
+        let f = facts(&grants, &policy);
+        let mut engine = PolicyEngine::default();
+        // Valid up to and including its `exp`…
+        let at_expiry = Command { iat: NOW - 30, exp: NOW, ..command("at-exp", Operation::Unlock) };
+        assert_eq!(engine.decide(&user(), &at_expiry, &f), Ok(Role::User));
+        // …and issued at most `max_skew_s` ahead of the gateway's clock.
+        let skew = PolicyLimits::default().max_skew_s;
+        let ahead = Command { iat: NOW + skew, exp: NOW + skew + 30, ..command("ahead", Operation::Unlock) };
+        assert_eq!(engine.decide(&user(), &ahead, &f), Ok(Role::User));
+    }
+
+    #[test]
+    fn one_refusal_short_of_the_limit_does_not_lock_out_and_the_limit_does() {
+        let grants = [grant(&[Permission::Unlock, Permission::Remote], None)];
+        let policy = remote_on();
+        let f = facts(&grants, &policy);
+        let mut engine = PolicyEngine::new(PolicyLimits { lockout_failures: 3, ..PolicyLimits::default() });
+        let replayed = Facts { seen: true, ..f.clone() };
+        for _ in 0..2 {
+            assert_eq!(reason(engine.decide(&user(), &command("old", Operation::Unlock), &replayed)), Reason::Replayed);
+        }
+        assert_eq!(engine.decide(&user(), &command("c1", Operation::Unlock), &f), Ok(Role::User));
+        // The signer had an allowed command; this one has none, and its lockout must hold all
+        // the same (nothing else is left in its history to remember it by).
+        let stranger = PublicKey::from_bytes([4; 32]);
+        let their_grants = [GrantFacts { grant: Grant { sub: stranger, ..grants[0].grant.clone() }, revoked: false }];
+        let theirs = Facts { grants: &their_grants, ..f.clone() };
+        for _ in 0..3 {
+            let old = command("old", Operation::Unlock);
+            assert_eq!(
+                reason(engine.decide(&stranger, &old, &Facts { seen: true, ..theirs.clone() })),
+                Reason::Replayed
+            );
+        }
+        assert_eq!(reason(engine.decide(&stranger, &command("c2", Operation::Unlock), &theirs)), Reason::LockedOut);
+        let after = Facts { now: NOW + PolicyLimits::default().lockout_s, ..theirs.clone() };
+        let fresh = Command { iat: after.now - 1, exp: after.now + 29, ..command("c3", Operation::Unlock) };
+        assert_eq!(engine.decide(&stranger, &fresh, &after), Ok(Role::User), "the lockout ends");
+    }
+
+    #[test]
+    fn the_memory_of_signers_is_pruned_of_the_idle_only() {
+        let policy = remote_on();
+        let grant_for = |signer: PublicKey| GrantFacts {
+            grant: Grant { sub: signer, ..grant(&[Permission::Unlock, Permission::Remote], None).grant },
+            revoked: false,
+        };
+        let signer = |i: u32| {
+            let mut bytes = [9; 32];
+            bytes[..4].copy_from_slice(&i.to_be_bytes());
+            PublicKey::from_bytes(bytes)
+        };
+        let limits = PolicyLimits { rate_commands: 1, lockout_failures: 1, ..PolicyLimits::default() };
+        let mut engine = PolicyEngine::new(limits);
+        // At NOW: one signer locked out, then as many others as the map holds, each with one
+        // allowed command.
+        let locked = signer(u32::MAX);
+        let locked_grants = [grant_for(locked)];
+        let f = facts(&locked_grants, &policy);
+        engine.decide(&locked, &command("old", Operation::Unlock), &Facts { seen: true, ..f.clone() }).unwrap_err();
+        for i in 0..MAX_TRACKED_SIGNERS as u32 {
+            let grants = [grant_for(signer(i))];
+            engine.decide(&signer(i), &command("c", Operation::Unlock), &facts(&grants, &policy)).unwrap();
+        }
+        assert_eq!(engine.history.len(), MAX_TRACKED_SIGNERS + 1, "nothing is pruned up to the bound");
+        // A minute on, their rate windows are over: the next new signer prunes them, but
+        // neither the lockout nor the newcomer's window.
+        let later = |grants| Facts { now: NOW + 61, ..facts(grants, &policy) };
+        let fresh = |id: &str| Command { iat: NOW + 60, exp: NOW + 90, ..command(id, Operation::Unlock) };
+        let newcomer = signer(MAX_TRACKED_SIGNERS as u32);
+        let newcomer_grants = [grant_for(newcomer)];
+        engine.decide(&newcomer, &fresh("n1"), &later(&newcomer_grants)).unwrap();
+        assert_eq!(engine.history.len(), 2, "the idle are forgotten");
+        assert_eq!(reason(engine.decide(&locked, &fresh("l1"), &later(&locked_grants))), Reason::LockedOut);
+        assert_eq!(reason(engine.decide(&newcomer, &fresh("n2"), &later(&newcomer_grants))), Reason::RateLimited);
+    }
 }
