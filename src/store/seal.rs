@@ -146,6 +146,14 @@ mod tests {
     }
 
     #[test]
+    fn the_key_is_never_printed() {
+        let key = MasterKey::from_bytes([0xab; 32]);
+        // Debug output is what `{:?}` in a log line or an error would show.
+        assert_eq!(format!("{key:?}"), "MasterKey(<redacted>)");
+        assert_eq!(format!("{:?}", Sealer::new(&key)), "Sealer(<key redacted>)");
+    }
+
+    #[test]
     fn round_trip_and_every_binding_holds() {
         let s = Sealer::new(&MasterKey::generate());
         let sealed = s.seal(place(b"lock-a"), b"secret");
@@ -159,5 +167,21 @@ mod tests {
         assert!(Sealer::new(&MasterKey::generate()).open(place(b"lock-a"), &sealed).is_err(), "another key");
         assert!(matches!(s.open(place(b"lock-a"), &sealed[..10]), Err(SealError::Malformed { .. })));
         assert_ne!(s.seal(place(b"lock-a"), b"secret"), sealed, "fresh nonce every time");
+    }
+
+    #[test]
+    fn the_shortest_sealed_value_is_version_nonce_and_tag() {
+        let s = Sealer::new(&MasterKey::generate());
+        // An empty plaintext seals to exactly the minimum and opens again.
+        let empty = s.seal(place(b"r"), b"");
+        assert_eq!(empty.len(), 1 + NONCE_LEN + TAG_LEN);
+        assert!(s.open(place(b"r"), &empty).unwrap().is_empty());
+        // Anything shorter is malformed, not a failed tag; so is another version.
+        for len in 0..empty.len() {
+            assert!(matches!(s.open(place(b"r"), &empty[..len]), Err(SealError::Malformed { .. })), "{len} bytes");
+        }
+        let mut other_version = empty.clone();
+        other_version[0] = VERSION + 1;
+        assert!(matches!(s.open(place(b"r"), &other_version), Err(SealError::Malformed { .. })));
     }
 }
