@@ -570,28 +570,57 @@ mod tests {
             bytes[..4].copy_from_slice(&i.to_be_bytes());
             PublicKey::from_bytes(bytes)
         };
-        let limits = PolicyLimits { rate_commands: 1, lockout_failures: 1, ..PolicyLimits::default() };
+        let limits = PolicyLimits { rate_commands: 1, lockout_failures: 2, ..PolicyLimits::default() };
         let mut engine = PolicyEngine::new(limits);
-        // At NOW: one signer locked out, then as many others as the map holds, each with one
-        // allowed command.
-        let locked = signer(u32::MAX);
-        let locked_grants = [grant_for(locked)];
-        let f = facts(&locked_grants, &policy);
-        engine.decide(&locked, &command("old", Operation::Unlock), &Facts { seen: true, ..f.clone() }).unwrap_err();
-        for i in 0..MAX_TRACKED_SIGNERS as u32 {
+        let replay = |engine: &mut PolicyEngine, who: PublicKey, f: &Facts<'_>| {
+            let old = Command { iat: f.now - 1, exp: f.now + 29, ..command("old", Operation::Unlock) };
+            assert_eq!(reason(engine.decide(&who, &old, &Facts { seen: true, ..f.clone() })), Reason::Replayed);
+        };
+        // At NOW: one signer locked out, one a refusal short of it, then as many others as the
+        // map holds, each with one allowed command.
+        let (locked, refused_once) = (signer(u32::MAX), signer(u32::MAX - 1));
+        let (locked_grants, refused_grants) = ([grant_for(locked)], [grant_for(refused_once)]);
+        replay(&mut engine, locked, &facts(&locked_grants, &policy));
+        replay(&mut engine, locked, &facts(&locked_grants, &policy));
+        replay(&mut engine, refused_once, &facts(&refused_grants, &policy));
+        for i in 0..MAX_TRACKED_SIGNERS as u32 - 3 {
             let grants = [grant_for(signer(i))];
             engine.decide(&signer(i), &command("c", Operation::Unlock), &facts(&grants, &policy)).unwrap();
         }
-        assert_eq!(engine.history.len(), MAX_TRACKED_SIGNERS + 1, "nothing is pruned up to the bound");
-        // A minute on, their rate windows are over: the next new signer prunes them, but
-        // neither the lockout nor the newcomer's window.
+        // A minute on, the others' rate windows are over. The bound's last place is taken
+        // without pruning; the signer past it prunes them, but neither the lockout, nor the
+        // refusal still inside its window, nor the newcomers' windows.
         let later = |grants| Facts { now: NOW + 61, ..facts(grants, &policy) };
         let fresh = |id: &str| Command { iat: NOW + 60, exp: NOW + 90, ..command(id, Operation::Unlock) };
-        let newcomer = signer(MAX_TRACKED_SIGNERS as u32);
-        let newcomer_grants = [grant_for(newcomer)];
+        let (last, newcomer) = (signer(MAX_TRACKED_SIGNERS as u32), signer(MAX_TRACKED_SIGNERS as u32 + 1));
+        let (last_grants, newcomer_grants) = ([grant_for(last)], [grant_for(newcomer)]);
+        engine.decide(&last, &fresh("m1"), &later(&last_grants)).unwrap();
+        assert_eq!(engine.history.len(), MAX_TRACKED_SIGNERS, "nothing is pruned up to the bound");
         engine.decide(&newcomer, &fresh("n1"), &later(&newcomer_grants)).unwrap();
-        assert_eq!(engine.history.len(), 2, "the idle are forgotten");
+        assert_eq!(engine.history.len(), 4, "the idle are forgotten");
         assert_eq!(reason(engine.decide(&locked, &fresh("l1"), &later(&locked_grants))), Reason::LockedOut);
         assert_eq!(reason(engine.decide(&newcomer, &fresh("n2"), &later(&newcomer_grants))), Reason::RateLimited);
+        replay(&mut engine, refused_once, &later(&refused_grants));
+        assert_eq!(
+            reason(engine.decide(&refused_once, &fresh("r1"), &later(&refused_grants))),
+            Reason::LockedOut,
+            "its first refusal was remembered"
+        );
+    }
+
+    #[test]
+    fn a_grant_counts_only_inside_its_validity_window() {
+        let policy = remote_on();
+        let cmd = command("c", Operation::Unlock);
+        let with_window = |nbf: i64, exp: i64| {
+            let mut g = grant(&[Permission::Unlock, Permission::Remote], None);
+            (g.grant.nbf, g.grant.exp) = (nbf, exp);
+            [g]
+        };
+        let decide = |grants: &[GrantFacts]| PolicyEngine::default().decide(&user(), &cmd, &facts(grants, &policy));
+        assert_eq!(decide(&with_window(NOW, NOW + 60)), Ok(Role::User), "from its nbf");
+        assert_eq!(decide(&with_window(NOW - 60, NOW)), Ok(Role::User), "until its exp");
+        assert_eq!(reason(decide(&with_window(NOW + 1, NOW + 60))), Reason::NotGranted, "not yet valid");
+        assert_eq!(reason(decide(&with_window(NOW - 60, NOW - 1))), Reason::NotGranted, "expired");
     }
 }
