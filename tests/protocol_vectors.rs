@@ -90,9 +90,17 @@ fn vectors() -> Vec<(String, String)> {
 
     let request = Request { id: 1, actor: Actor::Hub, op: Op::Unlock }.encode().unwrap();
     out.push(("unlock_request_plaintext", hex(&request)));
-    let sealed = SecureChannel::new(&keys, Role::Gateway).seal(&request).unwrap();
-    assert_eq!(&SecureChannel::new(&keys, Role::Lock).open(&sealed).unwrap()[..], &request[..]);
+    let (mut gateway, mut lock) = (SecureChannel::new(&keys, Role::Gateway), SecureChannel::new(&keys, Role::Lock));
+    let sealed = gateway.seal(&request).unwrap();
+    assert_eq!(&lock.open(&sealed).unwrap()[..], &request[..]);
     out.push(("unlock_request_sealed", hex(&sealed)));
+    // The second frame (counter 1) pins how the counter enters the header and the nonce: at
+    // counter 0 both are zeros, which a constant nonce would match too.
+    let second = Request { id: 2, actor: Actor::Hub, op: Op::Lock }.encode().unwrap();
+    out.push(("lock_request_plaintext", hex(&second)));
+    let second_sealed = gateway.seal(&second).unwrap();
+    assert_eq!(&lock.open(&second_sealed).unwrap()[..], &second[..]);
+    out.push(("lock_request_sealed", hex(&second_sealed)));
     let mut out: Vec<(String, String)> = out.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     for (i, f) in fragment(&sealed, 20).unwrap().into_iter().enumerate() {
         out.push((format!("mtu23_fragment_{i}"), hex(f)));

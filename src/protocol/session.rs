@@ -339,4 +339,35 @@ mod tests {
             assert_eq!(lock.open(&next), Err(SessionError::Closed), "{name}");
         }
     }
+
+    #[test]
+    fn a_full_frame_carries_998_bytes_and_not_one_more() {
+        // docs/protocol.md: 1024 − 10 − 16.
+        assert_eq!(MAX_PLAINTEXT_LEN, 998);
+        let (mut gw, mut lock) = pair();
+        let full = gw.seal(&[0x5a; MAX_PLAINTEXT_LEN]).unwrap();
+        assert_eq!(full.len(), MAX_FRAME_LEN);
+        assert_eq!(&lock.open(&full).unwrap()[..], &[0x5a; MAX_PLAINTEXT_LEN][..]);
+        assert_eq!(gw.seal(&[0; MAX_PLAINTEXT_LEN + 1]), Err(SessionError::TooLarge(MAX_PLAINTEXT_LEN + 1)));
+        // Refusing to seal is not an error of the channel: the next frame still goes out.
+        assert_eq!(&lock.open(&gw.seal(b"next").unwrap()).unwrap()[..], b"next");
+    }
+
+    #[test]
+    fn no_key_is_ever_printed() {
+        let keys = SessionKeys::derive(&PairingKey::from_bytes([7; 32]), LockId([1; 8]), &[2; 16], &[3; 16]);
+        assert_eq!(format!("{keys:?}"), "SessionKeys(<redacted>)");
+        let (gw, _) = pair();
+        assert_eq!(format!("{gw:?}"), "SecureChannel { send_counter: 0, recv_counter: 0, closed: false, .. }");
+    }
+
+    #[test]
+    fn each_frame_has_its_own_nonce() {
+        // AES-GCM under one key must never see a nonce twice: the same plaintext sealed again
+        // must not give the same ciphertext (and tag).
+        let (mut gw, _) = pair();
+        let bodies: Vec<Vec<u8>> = (0..3).map(|_| gw.seal(b"unlock").unwrap()[SEALED_HEADER_LEN..].to_vec()).collect();
+        assert!(bodies[0] != bodies[1] && bodies[1] != bodies[2] && bodies[0] != bodies[2], "{bodies:?}");
+        assert_eq!(nonce(0x0102_0304_0506_0708), [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    }
 }
