@@ -350,7 +350,9 @@ mod tests {
         assert_eq!(&lock.open(&full).unwrap()[..], &[0x5a; MAX_PLAINTEXT_LEN][..]);
         assert_eq!(gw.seal(&[0; MAX_PLAINTEXT_LEN + 1]), Err(SessionError::TooLarge(MAX_PLAINTEXT_LEN + 1)));
         // Refusing to seal is not an error of the channel: the next frame still goes out.
+        assert!(!gw.is_closed());
         assert_eq!(&lock.open(&gw.seal(b"next").unwrap()).unwrap()[..], b"next");
+        assert!(!lock.is_closed());
     }
 
     #[test]
