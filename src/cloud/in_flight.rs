@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 
 use super::express::Express;
 
+/// Why a publish went out: to map PUBACKs back to outbox records.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Tag {
     Outbox(i64),

@@ -109,7 +109,6 @@ pub struct InboundCommand {
     pub stored: oneshot::Sender<()>,
 }
 
-/// A record published ahead of its outbox commit (see [`ExpressLane`]).
 /// What the link reports about itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkState {
@@ -119,7 +118,6 @@ pub enum LinkState {
     Connected(usize),
 }
 
-/// Why a publish went out: to map PUBACKs back to outbox records.
 /// The cloud link.
 pub struct CloudLink {
     brokers: Vec<BrokerUrl>,
