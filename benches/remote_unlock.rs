@@ -4,14 +4,17 @@
 //! floor measured in the same run, its samples taken in turns with the warm commands (ten
 //! rounds of each, so that both see the machine at the same pace): the MQTT round trip through
 //! the same broker (a request to a client that answers at once, and its reply: the four TLS
-//! hops of the path) + the D-Bus GATT round trip + one durable SQLite commit. Also the time
+//! hops of the path) + the D-Bus GATT round trip + one durable SQLite commit. The warm
+//! commands run twice, each time with the floor sampled at the same cadence: back to back
+//! (the machine never idle) and spaced (an idle machine woken for each, as a hub is). Also the time
 //! from a lock-side event (the thumb-turn) to the lock's retained state on the broker, and the
 //! daemon's memory (peak during the run; idle with 10 paired locks). And where a warm command's time goes: the daemon's
 //! `lockhub::timing` records (each stage's end inside the gateway) as medians, and the way in
 //! and the way back outside it; and the least mean latency this machine allows a back-to-back
 //! run, from the CPU all processes spent per command and the number of cores.
 //!
-//! Run: `cargo bench --bench remote_unlock` (needs dbus-daemon; `.ci/run` installs it).
+//! Run: `cargo bench --bench remote_unlock` (needs dbus-daemon; `.ci/run` installs it; about
+//! three minutes once built, most of them the spaced run's idle time).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -39,7 +42,60 @@ const ROUNDS: usize = 10;
 const FLOOR_MQTT: usize = 1_000;
 const FLOOR_GATT: usize = 1_000;
 const FLOOR_COMMITS: usize = 500;
+/// Spaced, the floor's samples: chains of the three parts.
+const FLOOR_CHAINS: usize = 500;
 const WAIT: Duration = Duration::from_secs(30);
+/// The spaced cadence's interval between the starts of two commands (`BENCH_SPACING_US` to
+/// change it). The previous command's trailing work (its outcome's commit, events and state)
+/// is over within a few milliseconds, but a machine left idle longer wakes slower still: on
+/// the development machine the ratio to the floor grew between 50 and 100 ms of spacing
+/// (docs/benchmarks.md). A hub's commands come seconds apart; 100 ms is the longest that keeps
+/// 1,000 commands within a few minutes.
+const SPACING: Duration = Duration::from_millis(100);
+
+/// How the warm commands follow each other; the floor's samples follow the same cadence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cadence {
+    /// Each command leaves the moment the previous reply is in: the machine never idles, and
+    /// the previous command's trailing work shares the cores with the next command. The
+    /// stress case, bounded by the CPU a command costs across every process of the bench.
+    BackToBack,
+    /// A command, or a chain of the floor's three parts, starts every so often, the machine
+    /// idle in between: how a hub receives commands, and what waking an idle machine costs,
+    /// on both sides.
+    Spaced(Duration),
+}
+
+impl Cadence {
+    /// The interval between starts, if any.
+    fn spacing(self) -> Option<Duration> {
+        match self {
+            Cadence::BackToBack => None,
+            Cadence::Spaced(every) => Some(every),
+        }
+    }
+}
+
+impl std::fmt::Display for Cadence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cadence::BackToBack => f.write_str("back to back"),
+            Cadence::Spaced(every) => write!(f, "one command every {every:?}"),
+        }
+    }
+}
+
+/// One cadence's warm commands and the floor sampled in turns with them.
+struct WarmRun {
+    cadence: Cadence,
+    samples: Vec<Duration>,
+    /// Medians: MQTT request/reply, GATT round trip, durable commit.
+    floor: [Duration; 3],
+    stages: Vec<StageRecord>,
+    /// CPU per command by process, and in all (µs): meaningful back to back only, where the
+    /// run holds nothing but the commands.
+    cpu: (String, f64),
+}
 
 struct Daemon(Child);
 
@@ -470,39 +526,58 @@ fn main() {
         let (mut floor_gatt, _) =
             support::floor::GattExchanges::start(247, support::floor::GattOp::Status).await;
         let mut floor_commits = support::floor::DurableCommits::open(&dir.path().join("floor-store"));
-        let (mut mqtt, mut gatt, mut commit) = (Vec::new(), Vec::new(), Vec::new());
-        stages.take();
-        let mut warm = Vec::with_capacity(WARM);
-        let mut cpu_spent = std::collections::BTreeMap::new();
-        // BENCH_PACE_US: start a warm command at most every that many µs instead of back to
-        // back, to see what the previous command's trailing work (its outcome's commit, its
-        // events and state) costs the next one.
-        let pace = std::env::var("BENCH_PACE_US")
-            .ok()
-            .map(|v| Duration::from_micros(v.parse().expect("BENCH_PACE_US: a whole number of µs")));
-        for round in 0..ROUNDS {
-            let cpu_before = cpu_ticks_by_process();
-            for i in round * WARM / ROUNDS..(round + 1) * WARM / ROUNDS {
-                if i % 200 == 0 {
-                    refill().await;
+        let spacing = std::env::var("BENCH_SPACING_US").map_or(SPACING, |v| {
+            Duration::from_micros(v.parse().expect("BENCH_SPACING_US: a whole number of µs"))
+        });
+        let mut warm_runs = Vec::new();
+        for cadence in [Cadence::BackToBack, Cadence::Spaced(spacing)] {
+            let spacing = cadence.spacing();
+            let (mut mqtt, mut gatt, mut commit) = (Vec::new(), Vec::new(), Vec::new());
+            stages.take();
+            let mut samples = Vec::with_capacity(WARM);
+            let mut cpu_spent = std::collections::BTreeMap::new();
+            for round in 0..ROUNDS {
+                let cpu_before = cpu_ticks_by_process();
+                for i in round * WARM / ROUNDS..(round + 1) * WARM / ROUNDS {
+                    if i % 200 == 0 {
+                        refill().await;
+                    }
+                    let t = tokio::time::Instant::now();
+                    samples.push(send(i).await);
+                    if let Some(spacing) = spacing {
+                        tokio::time::sleep_until(t + spacing).await;
+                    }
                 }
-                let t = tokio::time::Instant::now();
-                warm.push(send(i).await);
-                if let Some(pace) = pace {
-                    tokio::time::sleep_until(t + pace).await;
+                add_cpu(&mut cpu_spent, &cpu_before, &cpu_ticks_by_process());
+                let Some(spacing) = spacing else {
+                    mqtt.extend(floor_mqtt.sample(FLOOR_MQTT / ROUNDS).await);
+                    gatt.extend(floor_gatt.sample(FLOOR_GATT / ROUNDS).await);
+                    commit.extend(floor_commits.sample(FLOOR_COMMITS / ROUNDS));
+                    continue;
+                };
+                // Spaced, the three parts run as one chain from an idle machine, in the order
+                // a command needs them, one chain per interval: like a command, a chain wakes
+                // the machine once and then finds it awake.
+                for _ in 0..FLOOR_CHAINS / ROUNDS {
+                    let t = tokio::time::Instant::now();
+                    mqtt.push(floor_mqtt.once().await);
+                    commit.extend(floor_commits.sample(1));
+                    gatt.extend(floor_gatt.sample(1).await);
+                    tokio::time::sleep_until(t + spacing).await;
                 }
             }
-            add_cpu(&mut cpu_spent, &cpu_before, &cpu_ticks_by_process());
-            mqtt.extend(floor_mqtt.sample(FLOOR_MQTT / ROUNDS).await);
-            gatt.extend(floor_gatt.sample(FLOOR_GATT / ROUNDS).await);
-            commit.extend(floor_commits.sample(FLOOR_COMMITS / ROUNDS));
+            // Records of the last commands may still be on their way through the log pipe:
+            // those of the warm run are nearly all in, which is enough for medians.
+            warm_runs.push(WarmRun {
+                cadence,
+                samples,
+                floor: [median(mqtt), median(gatt), median(commit)],
+                stages: stages.take(),
+                cpu: cpu_per_command(&Default::default(), &cpu_spent, WARM),
+            });
         }
         drop(floor_mqtt);
         floor_gatt.finish().await;
-        let (cpu, cpu_total_us) = cpu_per_command(&Default::default(), &cpu_spent, WARM);
-        // Records of the last commands may still be on their way through the log pipe: those
-        // of the warm run are nearly all in, which is enough for medians.
-        let warm_stages = stages.take();
         refill().await;
 
         // Cold: the link dropped before each command (connect + session + command).
@@ -529,10 +604,7 @@ fn main() {
         }
         let (_, peak_rss, _, _) = memory_kib(daemon.0.id());
 
-        // The floor, its samples taken between the warm commands' rounds; what its MQTT part
-        // costs in CPU, on its own afterwards.
-        let (mqtt, gatt, commit) = (median(mqtt), median(gatt), median(commit));
-        let floor = mqtt + gatt + commit;
+        // What the floor's MQTT part costs in CPU, on its own.
         let floor_cpu_before = cpu_ticks_by_process();
         let mut floor_mqtt = support::floor::MqttRequestReply::start(&pki, broker.port(), GW).await;
         floor_mqtt.sample(FLOOR_MQTT).await;
@@ -543,49 +615,58 @@ fn main() {
         let loopback = median(support::floor::mqtt_round_trips(&pki, broker.port(), GW, 1_000).await);
         let motor = median(support::floor::gatt_motor_round_trips(1_000).await);
 
-        let ratio = |d: Duration| d.as_secs_f64() / floor.as_secs_f64();
-        let warm_sum: Duration = warm.iter().sum();
-        let mut sorted = warm.clone();
-        sorted.sort();
         println!("remote unlock, app → TLS broker → lockhub run → D-Bus → emulated lock (motor 0 ms) → app");
-        println!("  warm link ({WARM})  : {}", percentiles(warm));
-        println!("  cold link ({COLD})   : {}", percentiles(cold.clone()));
-        println!(
-            "  floor (same run)  : {floor:.1?} = MQTT request/reply {mqtt:.1?} + GATT round trip {gatt:.1?} + durable commit {commit:.1?}"
-        );
-        println!(
-            "  warm / floor      : p50 {:.2}x  p99 {:.2}x   (targets: 1.5x, 3x)",
-            ratio(at(&sorted, 0.5)),
-            ratio(at(&sorted, 0.99))
-        );
-        let old_floor = loopback + gatt + commit;
-        let old_ratio = |d: Duration| d.as_secs_f64() / old_floor.as_secs_f64();
-        println!(
-            "  (with the two-hop MQTT loopback {loopback:.1?} instead: floor {old_floor:.1?}, p50 {:.2}x, p99 {:.2}x)",
-            old_ratio(at(&sorted, 0.5)),
-            old_ratio(at(&sorted, 0.99))
-        );
-        println!(
-            "  inside the gateway, warm, from the link receiving the command (medians): {}",
-            stage_medians(&warm_stages)
-        );
-        println!("  each step's own time, warm, p50/p99: {}", step_tails(&warm_stages, &sent_at.lock().unwrap()));
+        let sent_at = sent_at.lock().unwrap();
+        for run in &warm_runs {
+            let [mqtt, gatt, commit] = run.floor;
+            let floor = mqtt + gatt + commit;
+            let ratio = |d: Duration| d.as_secs_f64() / floor.as_secs_f64();
+            let mut sorted = run.samples.clone();
+            sorted.sort();
+            println!("  warm link, {} ({WARM}): {}", run.cadence, percentiles(run.samples.clone()));
+            println!(
+                "    floor (same run, same cadence): {floor:.1?} = MQTT request/reply {mqtt:.1?} + GATT round trip {gatt:.1?} + durable commit {commit:.1?}"
+            );
+            println!(
+                "    warm / floor: p50 {:.2}x  p99 {:.2}x   (targets: 1.5x, 3x)",
+                ratio(at(&sorted, 0.5)),
+                ratio(at(&sorted, 0.99))
+            );
+            println!(
+                "    inside the gateway, from the link receiving the command (medians): {}",
+                stage_medians(&run.stages)
+            );
+            println!("    each step's own time, p50/p99: {}", step_tails(&run.stages, &sent_at));
+            if run.cadence != Cadence::BackToBack {
+                continue;
+            }
+            let old_floor = loopback + gatt + commit;
+            let old_ratio = |d: Duration| d.as_secs_f64() / old_floor.as_secs_f64();
+            println!(
+                "    (with the two-hop MQTT loopback {loopback:.1?} instead: floor {old_floor:.1?}, p50 {:.2}x, p99 {:.2}x)",
+                old_ratio(at(&sorted, 0.5)),
+                old_ratio(at(&sorted, 0.99))
+            );
+            let (cpu, cpu_total_us) = &run.cpu;
+            println!("    CPU time per command (all its threads, this machine): {cpu}");
+            // One command at a time, each leaving when the previous one's reply is in: the CPU
+            // the run spent (every process, trailing work included) cannot have been spent
+            // faster than on all cores at once, so the mean command took at least that share
+            // of it. However the work is scheduled, only spending less CPU per command lowers
+            // this bound.
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            let bound = Duration::from_secs_f64(cpu_total_us / cores as f64 / 1e6);
+            let mean = run.samples.iter().sum::<Duration>() / WARM as u32;
+            println!(
+                "    this machine's bound: {cpu_total_us:.0} µs of CPU per command on {cores} cores → a back-to-back run averages at least {bound:.1?} ({:.2}x the floor); this one averaged {mean:.1?} ({:.2}x)",
+                ratio(bound),
+                ratio(mean)
+            );
+        }
+        println!("  cold link ({COLD}): {}", percentiles(cold.clone()));
         println!("  the lock alone: an unlock or lock over GATT (motor 0 ms, two log entries pushed before the answer) {motor:.1?}, median");
-        println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
-        println!("  CPU time per warm command (all its threads, this machine): {cpu}");
         println!("  CPU time per MQTT request/reply of the floor (its two clients are this benchmark): {floor_cpu}");
-        // One command at a time, each leaving when the previous one's reply is in: the CPU the
-        // run spent (every process, trailing work included) cannot have been spent faster than
-        // on all cores at once, so the mean command took at least that share of it. However
-        // the work is scheduled, only spending less CPU per command lowers this bound.
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let bound = Duration::from_secs_f64(cpu_total_us / cores as f64 / 1e6);
-        let mean = warm_sum / WARM as u32;
-        println!(
-            "  this machine's bound: {cpu_total_us:.0} µs of CPU per command on {cores} cores → a back-to-back run averages at least {bound:.1?} ({:.2}x the floor); this one averaged {mean:.1?} ({:.2}x)",
-            ratio(bound),
-            ratio(mean)
-        );
+        println!("lock-side event (thumb-turn) → retained state on the broker: {}", percentiles(to_state));
         println!("  the first command after the daemon gave memory back while quiet: {first_after_quiet:.1?}");
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(

@@ -43,23 +43,24 @@ pub async fn mqtt_round_trips(pki: &Pki, port: u16, gateway: &str, n: usize) -> 
     let topic = format!("lockhub/v1/{gateway}/rt");
     client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
     rx.recv().await.unwrap();
-    timed(&client, &topic, &mut rx, n).await
+    timed(&client, &topic, &mut rx, 100, n).await
 }
 
 /// `n` timings of a publish by `client` on `topic` until the next publish arrives on `rx`,
-/// after 100 to warm up.
+/// after `warm_up` untimed.
 async fn timed(
     client: &AsyncClient,
     topic: &str,
     rx: &mut mpsc::UnboundedReceiver<Option<bytes::Bytes>>,
+    warm_up: usize,
     n: usize,
 ) -> Vec<Duration> {
     let mut samples = Vec::with_capacity(n);
-    for i in 0..n + 100 {
+    for i in 0..warm_up + n {
         let t = Instant::now();
         client.publish(topic, QoS::AtLeastOnce, false, i.to_string()).await.unwrap();
         while rx.recv().await.unwrap().is_none() {}
-        if i >= 100 {
+        if i >= warm_up {
             samples.push(t.elapsed());
         }
     }
@@ -132,7 +133,12 @@ impl MqttRequestReply {
 
     /// `n` QoS 1 request/replies, after 100 to warm up.
     pub async fn sample(&mut self, n: usize) -> Vec<Duration> {
-        timed(&self.client, &self.request, &mut self.replies, n).await
+        timed(&self.client, &self.request, &mut self.replies, 100, n).await
+    }
+
+    /// One QoS 1 request/reply, with no warm-up: one link of a chain of the floor's parts.
+    pub async fn once(&mut self) -> Duration {
+        timed(&self.client, &self.request, &mut self.replies, 0, 1).await[0]
     }
 }
 
