@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::jws::{Jws, JwsError};
+use super::jws::Jws;
 use super::keys::PublicKey;
 use super::reason::Reason;
 use crate::protocol::ids::{GatewayId, LockId};
@@ -423,10 +423,8 @@ fn claims<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
 /// lifetime rules that do not depend on the clock, and verify the signature.
 pub fn open(text: &str) -> Result<Signed, Refusal> {
     let refuse = |id, signer, reason, detail: String| Refusal { id, signer, reason, detail };
-    let jws = Jws::parse(text).map_err(|e| {
-        let reason = if e == JwsError::BadSignature { Reason::BadSignature } else { Reason::Malformed };
-        refuse(None, None, reason, e.to_string())
-    })?;
+    // Parsing checks no signature (`verify` below does): whatever it refuses is malformed.
+    let jws = Jws::parse(text).map_err(|e| refuse(None, None, Reason::Malformed, e.to_string()))?;
     let signer = Some(jws.signer);
     let statement = match jws.header.typ.as_str() {
         typ::CLAIM => claims(&jws.payload).map(Statement::Claim),
@@ -502,6 +500,153 @@ mod tests {
         let signed = open(&text).unwrap();
         assert_eq!(signed.statement, Statement::Command(command()));
         assert_eq!(signed.signer, PublicKey::from(key.verifying_key()));
+    }
+
+    /// One statement of each kind, in the order of [`Statement`]'s variants: the `i`th has id
+    /// `s-i`, gateway `gw-a`, is issued at `1000 + i` and expires 100 s later (the command
+    /// 30 s later); the grant and the local code are valid from 900.
+    fn one_of_each_kind() -> [Statement; 7] {
+        let (gw, lock) = (GatewayId::new("gw-a").unwrap(), LockId([1, 2, 3, 4, 5, 6, 7, 8]));
+        let id = |s: &str| StatementId::new(s).unwrap();
+        let sub = PublicKey::from(SigningKey::from_bytes(&[9; 32]).verifying_key());
+        let hours =
+            Schedule { tz: "Europe/Berlin".into(), days: vec!["mon".into()], from: "22:00".into(), to: "06:00".into() };
+        [
+            Statement::Claim(Claim { jti: id("s-0"), gw: gw.clone(), code: "123456".into(), iat: 1_000, exp: 1_100 }),
+            Statement::Pair(Pair {
+                jti: id("s-1"),
+                gw: gw.clone(),
+                lock,
+                setup: "abcdef".into(),
+                iat: 1_001,
+                exp: 1_101,
+            }),
+            Statement::Grant(Grant {
+                jti: id("s-2"),
+                gw: gw.clone(),
+                sub,
+                lock,
+                perms: vec![Permission::Unlock, Permission::Remote],
+                nbf: 900,
+                iat: 1_002,
+                exp: 1_102,
+                schedule: Some(hours.clone()),
+            }),
+            Statement::Revoke(Revoke { jti: id("s-3"), gw: gw.clone(), grant: id("s-2"), iat: 1_003, exp: 1_103 }),
+            Statement::Policy(Policy {
+                jti: id("s-4"),
+                gw: gw.clone(),
+                lock,
+                remote_unlock: true,
+                quiet_hours: Some(hours),
+                iat: 1_004,
+                exp: 1_104,
+            }),
+            Statement::Command(Command { jti: id("s-5"), iat: 1_005, exp: 1_035, ..command() }),
+            Statement::LocalCode(LocalCode {
+                jti: id("s-6"),
+                gw: gw.clone(),
+                sub,
+                lock,
+                hash: "argon2id-hash".into(),
+                nbf: 900,
+                iat: 1_006,
+                exp: 1_106,
+            }),
+        ]
+    }
+
+    /// Every kind opens to what was signed (each `typ` decoded as its own claims) and
+    /// answers for its own id, gateway, validity and type.
+    #[test]
+    fn every_kind_of_statement_opens_as_itself() {
+        let (key, gw) = (SigningKey::from_bytes(&[7; 32]), GatewayId::new("gw-a").unwrap());
+        let mut types = std::collections::HashSet::new();
+        for (i, statement) in one_of_each_kind().iter().enumerate() {
+            let signed = open(&statement.sign(&key)).unwrap_or_else(|r| panic!("{}: {r}", statement.typ()));
+            assert_eq!(&signed.statement, statement);
+            assert_eq!(signed.statement.id().as_str(), format!("s-{i}"));
+            assert_eq!(signed.statement.gateway(), &gw);
+            let iat = 1_000 + i as i64;
+            assert_eq!(signed.statement.validity(), (iat, if i == 5 { iat + 30 } else { iat + 100 }));
+            assert!(signed.statement.typ().starts_with("lockhub."), "{}", statement.typ());
+            assert!(types.insert(signed.statement.typ()), "{} twice", statement.typ());
+        }
+    }
+
+    /// A grant's and a local code's `nbf` is bounded as `iat` and `exp` are.
+    #[test]
+    fn a_not_before_outside_1970_to_9999_is_malformed() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        for nbf in [-1, MAX_TIME + 1] {
+            for statement in one_of_each_kind() {
+                let statement = match statement {
+                    Statement::Grant(g) => Statement::Grant(Grant { nbf, ..g }),
+                    Statement::LocalCode(c) => Statement::LocalCode(LocalCode { nbf, ..c }),
+                    _ => continue,
+                };
+                let refusal = open(&statement.sign(&key)).unwrap_err();
+                assert_eq!(refusal.reason, Reason::Malformed, "{} nbf {nbf}: {refusal}", statement.typ());
+                assert!(refusal.detail.contains("year 10000"), "{refusal}");
+            }
+        }
+    }
+
+    /// A statement may expire the second it is issued, not before; a command may be valid
+    /// for exactly [`MAX_COMMAND_LIFETIME_S`], not a second longer.
+    #[test]
+    fn lifetimes_are_checked_at_their_exact_bounds() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let (at_once, backwards) = (Command { exp: 1_000, ..command() }, Command { exp: 999, ..command() });
+        assert!(open(&Statement::Command(at_once).sign(&key)).is_ok());
+        let refusal = open(&Statement::Command(backwards).sign(&key)).unwrap_err();
+        assert_eq!((refusal.reason, refusal.detail.as_str()), (Reason::Malformed, "expires before it is issued"));
+        let longest = Command { exp: 1_000 + MAX_COMMAND_LIFETIME_S, ..command() };
+        assert!(open(&Statement::Command(longest).sign(&key)).is_ok());
+        let longer = Command { exp: 1_001 + MAX_COMMAND_LIFETIME_S, ..command() };
+        assert_eq!(open(&Statement::Command(longer).sign(&key)).unwrap_err().reason, Reason::Expired);
+    }
+
+    #[test]
+    fn nonces_are_16_to_64_base64url_characters() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let open_with = |nonce: String| open(&Statement::Command(Command { nonce, ..command() }).sign(&key));
+        for nonce in ["A".repeat(16), "z".repeat(64), "0123456789-_abcDEF".into(), "________________".into()] {
+            assert!(open_with(nonce.clone()).is_ok(), "{nonce}");
+        }
+        for nonce in [
+            "A".repeat(15),
+            "A".repeat(65),
+            "AAAAAAAAAAAAAAA+".into(),
+            "AAAAAAAAAAAAAAA/".into(),
+            "AAAAAAAAAAAAAAA=".into(),
+        ] {
+            let refusal = open_with(nonce.clone()).unwrap_err();
+            assert_eq!(refusal.reason, Reason::Malformed, "{nonce}: {refusal}");
+        }
+    }
+
+    #[test]
+    fn an_envelope_that_does_not_parse_is_malformed_with_no_id_or_signer() {
+        for text in ["", "a.b", "a.b.c.d", "e30.e30.e30", "a".repeat(super::super::jws::MAX_JWS_LEN + 1).as_str()] {
+            let refusal = open(text).unwrap_err();
+            assert_eq!(refusal.reason, Reason::Malformed, "{text:.20}: {refusal}");
+            assert_eq!((refusal.id, refusal.signer), (None, None));
+        }
+    }
+
+    #[test]
+    fn a_statement_id_shows_as_itself() {
+        assert_eq!(StatementId::new("c-1").unwrap().to_string(), "c-1");
+    }
+
+    /// `as_str` names the operation in audit actions and refusals: the wire form statements
+    /// carry, not another spelling.
+    #[test]
+    fn an_operations_name_is_its_wire_form() {
+        for op in [Operation::Lock, Operation::Unlock, Operation::Unlatch] {
+            assert_eq!(serde_json::to_value(op).unwrap(), serde_json::Value::from(op.as_str()));
+        }
     }
 
     #[test]
