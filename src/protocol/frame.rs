@@ -301,9 +301,10 @@ impl Frame {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_frame_round_trips() {
-        let frames = vec![
+    /// One frame of each type; the sealed one as short as a sealed frame may be (a tag and
+    /// no ciphertext).
+    fn one_of_each() -> Vec<Frame> {
+        vec![
             Frame::PairRequest { gateway_id: GatewayId::new("gw-1").unwrap(), spake: [7; 33] },
             Frame::PairResponse { spake: [1; 33], confirm: [2; 32] },
             Frame::PairConfirm { confirm: [3; 32] },
@@ -312,11 +313,58 @@ mod tests {
             Frame::Hello { nonce: [4; 16] },
             Frame::HelloReply { nonce: [5; 16], confirm: [6; 16] },
             Frame::HelloReject { reason: HelloRejectReason::NotPaired },
-            Frame::Sealed { counter: 42, body: vec![9; 20] },
-        ];
-        for f in frames {
+            Frame::Sealed { counter: 42, body: vec![9; TAG_LEN] },
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in one_of_each().into_iter().chain([Frame::Sealed { counter: u64::MAX, body: vec![9; 200] }]) {
             assert_eq!(Frame::parse(&f.encode()).unwrap(), f);
         }
+    }
+
+    /// A frame one byte short, or one byte long where its length is fixed, is refused with
+    /// the exact length its type wanted: the error says what to fix.
+    #[test]
+    fn a_wrong_length_names_the_length_wanted() {
+        for f in one_of_each() {
+            let bytes = f.encode();
+            let body = bytes.len() - 2;
+            if body == 0 {
+                let long = [bytes.as_slice(), &[0]].concat();
+                let want = FrameError::Length { kind: f.kind(), expected: 0, got: 1 };
+                assert_eq!(Frame::parse(&long), Err(want), "{f:?}");
+                continue;
+            }
+            let want = FrameError::Length { kind: f.kind(), expected: body, got: body - 1 };
+            assert_eq!(Frame::parse(&bytes[..bytes.len() - 1]), Err(want), "{f:?}");
+        }
+        // A pairing request's length follows from its id's: with the id's length byte alone,
+        // and with an id of four bytes announced but cut short.
+        let want = |expected, got| Err(FrameError::Length { kind: kind::PAIR_REQUEST, expected, got });
+        assert_eq!(Frame::parse(&[PROTOCOL_VERSION, kind::PAIR_REQUEST]), want(1 + SPAKE_MSG_LEN, 0));
+        assert_eq!(Frame::parse(&[PROTOCOL_VERSION, kind::PAIR_REQUEST, 4, b'g']), want(1 + 4 + SPAKE_MSG_LEN, 2));
+    }
+
+    /// A frame's debug form shows its type and sizes, never the bytes it carries.
+    #[test]
+    fn debug_shows_the_type_and_sizes_only() {
+        let shown: Vec<String> = one_of_each().iter().map(|f| format!("{f:?}")).collect();
+        assert_eq!(
+            shown,
+            [
+                "PairRequest(gw-1)",
+                "PairResponse",
+                "PairConfirm",
+                "PairDone",
+                "PairReject(AttemptsExhausted, 0 left)",
+                "Hello",
+                "HelloReply",
+                "HelloReject(NotPaired)",
+                "Sealed(#42, 16 bytes)",
+            ]
+        );
     }
 
     #[test]
