@@ -347,6 +347,29 @@ mod tests {
         assert_eq!(Frame::parse(&[PROTOCOL_VERSION, kind::PAIR_REQUEST, 4, b'g']), want(1 + 4 + SPAKE_MSG_LEN, 2));
     }
 
+    /// Every refusal reason LHP/1 defines survives the wire; a byte it does not define is a
+    /// bad value, not some other reason.
+    #[test]
+    fn every_refusal_reason_round_trips_and_no_other() {
+        use PairRejectReason as P;
+        for reason in [P::NotInPairingMode, P::ConfirmationFailed, P::AttemptsExhausted, P::Unexpected] {
+            let f = Frame::PairReject { reason, attempts_left: 2 };
+            assert_eq!(Frame::parse(&f.encode()), Ok(f));
+        }
+        for reason in [HelloRejectReason::NotPaired, HelloRejectReason::Unexpected] {
+            let f = Frame::HelloReject { reason };
+            assert_eq!(Frame::parse(&f.encode()), Ok(f));
+        }
+        for byte in [0, 5, 0xff] {
+            let pair = [PROTOCOL_VERSION, kind::PAIR_REJECT, byte, 0];
+            assert_eq!(Frame::parse(&pair), Err(FrameError::BadValue(kind::PAIR_REJECT)), "{byte}");
+        }
+        for byte in [0, 3, 0xff] {
+            let hello = [PROTOCOL_VERSION, kind::HELLO_REJECT, byte];
+            assert_eq!(Frame::parse(&hello), Err(FrameError::BadValue(kind::HELLO_REJECT)), "{byte}");
+        }
+    }
+
     /// A frame's debug form shows its type and sizes, never the bytes it carries.
     #[test]
     fn debug_shows_the_type_and_sizes_only() {
