@@ -325,13 +325,105 @@ mod tests {
         assert_eq!(r.push(&frags[1], 0), Err(FragmentError::OutOfOrder { expected: 0, got: 1 }));
     }
 
+    /// Every fragment but the last is filled to the size allowed: a frame takes as few ATT
+    /// writes as it can, and each one is cut exactly where the header says.
+    #[test]
+    fn fragments_are_as_few_as_the_size_allows() {
+        let lens = |frags: &[Vec<u8>]| frags.iter().map(Vec::len).collect::<Vec<_>>();
+        let frags = fragment(&frame(100), 20).unwrap();
+        assert_eq!(lens(&frags), [20, 20, 20, 20, 20, 8]);
+        assert_eq!(frags.iter().map(|f| f[0]).collect::<Vec<_>>(), [FIRST, 1, 2, 3, 4, 5 | LAST]);
+        assert_eq!(frags[0][1..3], [0, 100], "the first fragment declares the frame's length");
+        assert_eq!(
+            frags.iter().flat_map(|f| &f[if f[0] & FIRST != 0 { 3 } else { 1 }..]).copied().collect::<Vec<_>>(),
+            frame(100)
+        );
+        // One that fits the first fragment whole is one write; one byte more is two.
+        let one = fragment(&frame(17), 20).unwrap();
+        assert_eq!((lens(&one), one[0][0]), (vec![20], FIRST | LAST));
+        assert_eq!(lens(&fragment(&frame(18), 20).unwrap()), [20, 2]);
+    }
+
+    /// The write size is the MTU less three, within the MTUs BLE allows; sizes and frames
+    /// outside the bounds are refused with what they are.
+    #[test]
+    fn sizes_outside_the_bounds_are_refused() {
+        assert_eq!(max_fragment_len(MIN_MTU), Ok(20));
+        assert_eq!(max_fragment_len(MAX_MTU), Ok(514));
+        assert_eq!(max_fragment_len(MIN_MTU - 1), Err(FragmentError::BadMtu(22)));
+        assert_eq!(max_fragment_len(MAX_MTU + 1), Err(FragmentError::BadMtu(518)));
+        assert_eq!(fragment(&frame(1), MIN_FRAGMENT_LEN - 1), Err(FragmentError::BadFragmentLen(17)));
+        assert_eq!(fragment(&frame(1), MAX_FRAGMENT_LEN + 1), Err(FragmentError::BadFragmentLen(515)));
+        assert_eq!(fragment(&[], 20), Err(FragmentError::Empty));
+    }
+
+    /// Fragments too short for what their header claims get the error that names the fault.
+    #[test]
+    fn short_and_empty_fragments_name_their_fault() {
+        let first_then = |next: &[u8]| {
+            let mut r = Reassembler::default();
+            assert_eq!(r.push(&[FIRST, 0, 5, 1], 0), Ok(None));
+            r.push(next, 0)
+        };
+        for (bytes, want) in [
+            (&[][..], FragmentError::Empty),
+            (&[FIRST][..], FragmentError::Truncated { received: 0, declared: 2 }),
+            (&[FIRST, 0][..], FragmentError::Truncated { received: 1, declared: 2 }),
+            (&[FIRST, 0, 0, 9][..], FragmentError::Empty),
+            // A first fragment that carries only the length.
+            (&[FIRST, 0, 5][..], FragmentError::Empty),
+            (&[FIRST | LAST, 0, 1][..], FragmentError::Truncated { received: 0, declared: 1 }),
+        ] {
+            assert_eq!(Reassembler::default().push(bytes, 0), Err(want), "{bytes:?}");
+        }
+        assert_eq!(first_then(&[1]), Err(FragmentError::Empty));
+        assert_eq!(first_then(&[1 | LAST]), Err(FragmentError::Empty));
+        assert_eq!(first_then(&[1 | LAST, 2, 3]), Err(FragmentError::Truncated { received: 3, declared: 5 }));
+        assert_eq!(first_then(&[1, 2, 3, 4, 5]), Err(FragmentError::MissingLast));
+        assert_eq!(first_then(&[1 | LAST, 2, 3, 4, 5, 6]), Err(FragmentError::Oversize { len: 6, max: 5 }));
+    }
+
+    /// The index has six bits: a frame still short of its length after 64 fragments is
+    /// refused at the 64th rather than waiting for a 65th that would wrap to index 0.
+    #[test]
+    fn a_frame_unfinished_after_64_fragments_is_refused_at_the_64th() {
+        let mut r = Reassembler::default();
+        assert_eq!(r.push(&[FIRST, 0x04, 0x00, 0], 0), Ok(None));
+        for index in 1..63u8 {
+            assert_eq!(r.push(&[index, index], 0), Ok(None), "fragment {index}");
+        }
+        assert_eq!(r.push(&[63, 63], 0), Err(FragmentError::Truncated { received: 64, declared: MAX_FRAME_LEN }));
+        assert!(!r.is_pending());
+    }
+
+    /// A partial frame is pending until it completes or fails; a failure leaves the same
+    /// reassembler ready for the next frame.
+    #[test]
+    fn a_failed_frame_leaves_the_reassembler_ready_for_the_next() {
+        let frags = fragment(&frame(60), 20).unwrap();
+        let mut r = Reassembler::default();
+        assert!(!r.is_pending() && r.deadline().is_none());
+        r.push(&frags[0], 0).unwrap();
+        assert!(r.is_pending());
+        assert_eq!(r.push(&frags[2], 0), Err(FragmentError::OutOfOrder { expected: 1, got: 2 }));
+        assert!(!r.is_pending() && r.deadline().is_none());
+        for (i, f) in frags.iter().enumerate() {
+            let done = r.push(f, 0).unwrap();
+            assert_eq!(done.is_some(), i == frags.len() - 1);
+            assert_eq!(r.is_pending(), i < frags.len() - 1);
+        }
+    }
+
     #[test]
     fn partial_frames_time_out_and_the_next_frame_still_works() {
         let frags = fragment(&frame(60), 20).unwrap();
         let mut r = Reassembler::new(100);
         r.push(&frags[0], 1_000).unwrap();
         assert_eq!(r.deadline(), Some(1_100));
+        assert_eq!(r.check_timeout(1_099), Ok(()));
+        assert!(r.is_pending());
         assert_eq!(r.push(&frags[1], 1_100), Err(FragmentError::Timeout { elapsed_ms: 100 }));
+        assert!(!r.is_pending());
         assert_eq!(reassemble(&frags).unwrap(), frame(60));
     }
 }

@@ -291,6 +291,81 @@ mod tests {
         assert_eq!(run("12345679", "12345678").unwrap_err(), PairingError::ConfirmationFailed);
     }
 
+    /// Hands out the given `u32`s in turn: exactly the values the code under test draws.
+    struct Draws(std::vec::IntoIter<u32>);
+
+    impl RngCore for Draws {
+        fn next_u32(&mut self) -> u32 {
+            self.0.next().expect("no more draws scripted")
+        }
+        fn next_u64(&mut self) -> u64 {
+            unreachable!("setup codes draw u32s")
+        }
+        fn fill_bytes(&mut self, _: &mut [u8]) {
+            unreachable!("setup codes draw u32s")
+        }
+        fn try_fill_bytes(&mut self, _: &mut [u8]) -> Result<(), rand_core::Error> {
+            unreachable!("setup codes draw u32s")
+        }
+    }
+
+    impl CryptoRng for Draws {}
+
+    /// A draw at or past the last whole multiple of 10^8 below 2^32 is drawn again (else the
+    /// low codes would come up more often); one below it is the code, zero-padded to 8 digits.
+    #[test]
+    fn random_codes_reject_the_draws_that_would_bias_them() {
+        let limit = u32::MAX - u32::MAX % 100_000_000;
+        assert_eq!(limit, 4_200_000_000);
+        let mut draws = Draws(vec![u32::MAX, limit, limit - 1, 123].into_iter());
+        assert_eq!(SetupCode::random(&mut draws).expose(), "99999999");
+        assert_eq!(SetupCode::random(&mut draws).expose(), "00000123");
+    }
+
+    /// A SPAKE2 message from the wrong side or not on the curve is refused as malformed, on
+    /// either side, before any confirmation is computed.
+    #[test]
+    fn malformed_spake_messages_are_refused() {
+        let code = SetupCode::parse("12345678").unwrap();
+        let (gw, lock) = (GatewayId::new("gw").unwrap(), LockId([1; 8]));
+        let (_, request) = PairingInitiator::start(&code, gw.clone(), lock, &mut OsRng);
+        let Frame::PairRequest { spake: msg_a, .. } = request else { unreachable!() };
+        // The side's letter right, but y = 2 is no point of the curve.
+        let not_a_point = |side: u8| {
+            let mut m = [0; SPAKE_MSG_LEN];
+            (m[0], m[1]) = (side, 2);
+            m
+        };
+        // The gateway's own message handed back as the lock's, and a point that is none.
+        for spake_b in [msg_a, not_a_point(b'B')] {
+            let (init, _) = PairingInitiator::start(&code, gw.clone(), lock, &mut OsRng);
+            assert_eq!(init.on_response(&spake_b, &[0; PAIR_CONFIRM_LEN]).unwrap_err(), PairingError::BadMessage);
+        }
+        let (_, response) = PairingResponder::respond(&code, lock, gw.clone(), &msg_a, &mut OsRng).unwrap();
+        let Frame::PairResponse { spake: msg_b, .. } = response else { unreachable!() };
+        for spake_a in [msg_b, not_a_point(b'A')] {
+            let refused = PairingResponder::respond(&code, lock, gw.clone(), &spake_a, &mut OsRng);
+            assert_eq!(refused.unwrap_err(), PairingError::BadMessage);
+        }
+    }
+
+    /// Neither the key nor the code shows in a debug print, and the states show whom they
+    /// pair only; the key's bytes go out and come back as they are.
+    #[test]
+    fn secrets_never_print() {
+        let key = PairingKey::from_bytes([7; 32]);
+        assert_eq!(key.as_bytes(), &[7; 32]);
+        assert_eq!(format!("{key:?}"), "PairingKey(<redacted>)");
+        let code = SetupCode::parse("1234 5678").unwrap();
+        assert_eq!((code.expose(), format!("{code:?}").as_str()), ("12345678", "SetupCode(<redacted>)"));
+        let (gw, lock) = (GatewayId::new("gw").unwrap(), LockId([1; 8]));
+        let (init, request) = PairingInitiator::start(&code, gw.clone(), lock, &mut OsRng);
+        assert_eq!(format!("{init:?}"), format!("PairingInitiator {{ lock_id: {lock:?}, .. }}"));
+        let Frame::PairRequest { spake, .. } = request else { unreachable!() };
+        let (resp, _) = PairingResponder::respond(&code, lock, gw.clone(), &spake, &mut OsRng).unwrap();
+        assert_eq!(format!("{resp:?}"), format!("PairingResponder {{ gateway_id: {gw:?}, .. }}"));
+    }
+
     #[test]
     fn setup_codes_are_validated_and_redacted() {
         assert!(SetupCode::parse("1234567").is_err());
