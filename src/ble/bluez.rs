@@ -14,15 +14,13 @@ use std::time::Duration;
 
 use bluer::gatt::remote::Characteristic;
 use bluer::gatt::{CharacteristicReader, CharacteristicWriter};
-use bluer::{
-    Adapter, AdapterEvent, Address, DeviceEvent, DeviceProperty, DiscoveryFilter, DiscoveryTransport, ErrorKind,
-};
+use bluer::{Adapter, Address, DeviceEvent, DeviceProperty, DiscoveryFilter, DiscoveryTransport, ErrorKind};
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::{Advertisement, BleConfig, BleError, LockLink, LockTransport};
 use crate::protocol::fragment::{MAX_FRAGMENT_LEN, MIN_FRAGMENT_LEN};
-use crate::protocol::gatt::{COMPANY_ID, INFO_CHAR_UUID, LockInfo, NOTIFY_CHAR_UUID, SERVICE_UUID, WRITE_CHAR_UUID};
+use crate::protocol::gatt::{INFO_CHAR_UUID, LockInfo, NOTIFY_CHAR_UUID, SERVICE_UUID, WRITE_CHAR_UUID};
 use crate::protocol::ids::LockId;
 
 fn bus_error(e: bluer::Error) -> BleError {
@@ -310,8 +308,8 @@ impl BluezTransport {
     }
 
     /// Starts LE discovery filtered by the LHP/1 service and yields every advertisement as it
-    /// is seen (a lock appears again whenever its RSSI or flags change). Discovery stops when
-    /// the stream is dropped.
+    /// is seen (a lock appears again whenever its RSSI or manufacturer data change; see
+    /// `ble::discovery`). Discovery stops when the stream is dropped.
     pub async fn discover(&self) -> Result<impl Stream<Item = Advertisement> + Send + use<>, BleError> {
         let bluez = self.live().await?;
         let filter = DiscoveryFilter {
@@ -326,20 +324,12 @@ impl BluezTransport {
                 Err(e) if e.kind == ErrorKind::DiscoveryActive => {}
                 r => r.map_err(bus_error)?,
             }
-            bluez.adapter.discover_devices_with_changes().await.map_err(bus_error)
+            bluez.adapter.discover_devices().await.map_err(bus_error)
         };
         let events = tokio::time::timeout(DISCOVERY_START, start)
             .await
             .map_err(|_| BleError::BluezSilent { after: DISCOVERY_START })??;
-        Ok(events.filter_map(move |ev| {
-            let adapter = bluez.adapter.clone();
-            async move {
-                match ev {
-                    AdapterEvent::DeviceAdded(address) => advertisement(&adapter, address).await,
-                    _ => None,
-                }
-            }
-        }))
+        Ok(super::discovery::advertisements(bluez.adapter.clone(), events))
     }
 
     /// The lock's write, notify and info characteristics: where they were last time if they
@@ -456,14 +446,6 @@ async fn choose_adapter(session: &bluer::Session, adapter: Option<&str>) -> Resu
             }
         }
     })
-}
-
-async fn advertisement(adapter: &Adapter, address: Address) -> Option<Advertisement> {
-    let device = adapter.device(address).ok()?;
-    let rssi = device.rssi().await.ok()??;
-    let data = device.manufacturer_data().await.ok()??;
-    let payload = data.get(&COMPANY_ID).or_else(|| data.values().next())?;
-    Advertisement::from_scan(address.to_string(), rssi, payload)
 }
 
 impl LockTransport for BluezTransport {

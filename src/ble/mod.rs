@@ -10,6 +10,7 @@
 pub mod bluez;
 pub mod budget;
 pub mod client;
+mod discovery;
 pub mod session;
 
 use std::time::Duration;

@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod bundled;
+pub mod bus_calls;
 pub mod bus_proxy;
 pub mod daemon;
 pub mod floor;

@@ -349,6 +349,8 @@ impl Shared {
         if let Ok(iface) = server.interface::<_, device::Device>(lock.path.as_str()).await {
             let emitter = iface.signal_emitter();
             let dev = iface.get().await;
+            // Every advertisement, even at the same strength: under a discovery filter BlueZ
+            // signals RSSI with no change threshold (`device_set_rssi_with_delta(.., 0)`).
             let _ = dev.r_s_s_i_changed(emitter).await;
             if changed {
                 let _ = dev.manufacturer_data_changed(emitter).await;

@@ -1,0 +1,79 @@
+//! Listening to the radio costs no calls to BlueZ: discovery reads a lock's RSSI and
+//! manufacturer data when it first reports the lock, and builds every later advertisement
+//! from the signal that carries it. Under a discovery filter BlueZ signals each advertisement
+//! it hears (the emulator, as BlueZ, every 300 ms for each lock in range), so a gateway that
+//! called back for each would keep bluetoothd and its own thread busy all day, and its
+//! commands would queue behind those calls.
+//!
+//! A binary of its own: a monitor on the private bus counts every property `Get`, and no
+//! other test may add to the count.
+
+mod support;
+
+use futures::StreamExt;
+use lockhub::ble::Advertisement;
+use support::*;
+
+/// The next advertisement of `lock_id` (bounded: a lock not heard fails the test).
+async fn heard(stream: &mut (impl futures::Stream<Item = Advertisement> + Unpin), lock_id: &str) -> Advertisement {
+    let next = async {
+        loop {
+            let ad = stream.next().await.expect("discovery goes on");
+            if ad.lock_id.to_string() == lock_id {
+                return ad;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), next).await.expect("the lock advertises")
+}
+
+#[tokio::test]
+async fn advertisements_after_the_first_ask_bluez_nothing_and_carry_what_changed() {
+    let ctl = control().await;
+    let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let transport = std::sync::Arc::new(transport().await);
+    // Paired (out of pairing mode, which the pairing button then changes), the link dropped,
+    // as a gateway's is between commands.
+    let config = lockhub::ble::BleConfig::default();
+    let budget = lockhub::ble::budget::ConnectionBudget::new(config.max_links);
+    let mut client = paired_client(transport.clone(), &lock, config, budget, "hub-discovery").await;
+    client.disconnect().await;
+
+    let mut gets = support::bus_calls::BusCalls::watch("Get").await;
+    let stream = transport.discover().await.expect("discovery");
+    let mut stream = std::pin::pin!(stream);
+
+    let first = heard(&mut stream, &lock.lock_id).await;
+    assert_eq!(
+        (first.rssi, first.address.as_str(), first.pairing_mode),
+        (-60, lock.address.as_str(), false),
+        "{first:?}"
+    );
+    let asked = gets.since_last().await;
+    assert!((1..=2).contains(&asked), "the first report reads RSSI and manufacturer data: {asked} calls");
+
+    for _ in 0..5 {
+        heard(&mut stream, &lock.lock_id).await;
+    }
+    assert_eq!(gets.since_last().await, 0, "five more advertisements asked BlueZ nothing");
+
+    // What changes comes in the signal: a new strength, and the lock's record (here its
+    // pairing mode, as its flag of unread events would).
+    ctl.set_rssi(&lock.lock_id, -75).await.unwrap();
+    let weaker = loop {
+        let ad = heard(&mut stream, &lock.lock_id).await;
+        if ad.rssi == -75 {
+            break ad;
+        }
+    };
+    assert!(!weaker.pairing_mode, "{weaker:?}");
+    ctl.press_pairing_button(&lock.lock_id).await.unwrap();
+    loop {
+        let ad = heard(&mut stream, &lock.lock_id).await;
+        if ad.pairing_mode {
+            assert_eq!(ad.rssi, -75, "the strength heard last stays with the lock: {ad:?}");
+            break;
+        }
+    }
+    assert_eq!(gets.since_last().await, 0, "changes came in the signals, not by asking");
+}
