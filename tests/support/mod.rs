@@ -6,7 +6,9 @@
 //! binary; each test adds its own locks through the emulator's control interface, so tests do
 //! not see each other's state. Both processes are started by a thread that lives as long as
 //! the test process, under `setpriv --pdeathsig KILL`: they die with the test process, however
-//! it ends. Tests that need the bus to themselves live in their own binary.
+//! it ends. Tests that need the bus to themselves live in their own binary. The bed's
+//! directory (the bus socket, the emulated locks' flash) is in memory where the machine has
+//! `/dev/shm`: see [`bed_root`].
 
 #![allow(dead_code)]
 
@@ -150,18 +152,30 @@ fn first_line(child: &mut std::process::Child, what: &str) -> String {
 /// Removes the directories of earlier test processes that are gone (a process cannot remove
 /// its own: the bed lives until the process exits).
 fn sweep_stale_beds() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("lockhub-test-")) else {
+    for root in [bed_root(), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(root) else {
             continue;
         };
-        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("lockhub-test-")) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
+}
+
+/// Where beds live: in memory (`/dev/shm`) where the machine has it. The emulated locks' flash
+/// is kept there because a real lock's flash is a chip of its own: on the hub's disk, each
+/// lock's save (a write, a rename and an fsync, 200 ms after a change) would compete with the
+/// gateway's own durable commits, as no real lock's can. A remote unlock every 100 ms met a
+/// lock's save, triggered by the command two before, at its own commit.
+fn bed_root() -> PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() && tempfile::tempdir_in(shm).is_ok() { shm.to_path_buf() } else { std::env::temp_dir() }
 }
 
 /// Starts the bus and the emulator on first use.
@@ -175,7 +189,7 @@ pub fn bed() -> &'static Bed {
             .name("dbus-test-bed".into())
             .spawn(move || {
                 sweep_stale_beds();
-                let dir = std::env::temp_dir().join(format!("lockhub-test-{}", std::process::id()));
+                let dir = bed_root().join(format!("lockhub-test-{}", std::process::id()));
                 std::fs::create_dir_all(&dir).expect("temporary directory");
                 let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dbus/bus.conf");
                 let socket = dir.join("bus");
