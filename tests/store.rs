@@ -315,6 +315,66 @@ fn verify_names_the_first_tampered_audit_record() {
     assert!(matches!(store.verify_audit().unwrap(), AuditVerification::Broken { seq: 8, .. }));
 }
 
+/// Every column of a record is covered: changing any one of them (the time, the action, the
+/// outcome, the pseudonyms, the detail) breaks the record's own hash; a changed link says so;
+/// a missing record is named by the one after it; and an anchor that is not a sequence number
+/// and a hash is an error, not an intact chain.
+#[test]
+fn every_column_of_an_audit_record_is_in_its_hash_and_each_break_says_what_it_is() {
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let lock = LockId::parse("4c48000000000042").unwrap();
+    store
+        .transaction(|tx| {
+            for i in 0..3 {
+                tx.audit(AuditEntry {
+                    at: 1_700_000_000 + i,
+                    action: "command.unlock",
+                    outcome: "allowed",
+                    actor: AuditActor::User(vec![7; 32]),
+                    lock: Some(lock),
+                    detail: "remote",
+                })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(store.verify_audit().unwrap(), AuditVerification::Intact { records: 3 });
+    let db = raw(dir.path());
+    let contents = "its contents do not match its hash";
+    for (column, changed) in [
+        ("at", "1"),
+        ("action", "'command.lock'"),
+        ("outcome", "'expired'"),
+        ("actor", "'admin'"),
+        ("subject", "NULL"),
+        ("detail", "'local'"),
+    ] {
+        let kept: rusqlite::types::Value =
+            db.query_row(&format!("SELECT {column} FROM audit WHERE seq = 2"), [], |r| r.get(0)).unwrap();
+        db.execute(&format!("UPDATE audit SET {column} = {changed} WHERE seq = 2"), []).unwrap();
+        assert_eq!(
+            store.verify_audit().unwrap(),
+            AuditVerification::Broken { seq: 2, reason: contents },
+            "{column} changed"
+        );
+        db.execute(&format!("UPDATE audit SET {column} = ?1 WHERE seq = 2"), [kept]).unwrap();
+        assert_eq!(store.verify_audit().unwrap(), AuditVerification::Intact { records: 3 }, "{column} put back");
+    }
+    db.execute("UPDATE audit SET prev_hash = zeroblob(32) WHERE seq = 3", []).unwrap();
+    assert_eq!(
+        store.verify_audit().unwrap(),
+        AuditVerification::Broken { seq: 3, reason: "does not link to the previous record" }
+    );
+    db.execute("DELETE FROM audit WHERE seq = 2", []).unwrap();
+    assert_eq!(
+        store.verify_audit().unwrap(),
+        AuditVerification::Broken { seq: 3, reason: "a record is missing before this one" }
+    );
+    db.execute("INSERT INTO meta (key, value) VALUES ('audit_anchor', zeroblob(39))", []).unwrap();
+    assert!(matches!(store.verify_audit(), Err(StoreError::Invalid("audit anchor"))));
+}
+
 #[test]
 fn a_key_file_readable_by_others_stops_start_up_with_the_fix() {
     let dir = temp_dir();

@@ -308,3 +308,50 @@ impl Store {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The chain's hash is the layout the module documents, pinned by two records computed
+    /// outside this code (Python's hashlib over the documented bytes): a chain written by one
+    /// version must verify under the next, so the layout may never drift. The second record
+    /// links to the first and has no subject (length 0xFFFFFFFF), the first no lock.
+    #[test]
+    fn the_hash_is_the_documented_layout() {
+        let first = AuditRecord {
+            seq: 1,
+            at: 1_700_000_000,
+            action: "command.unlock".into(),
+            outcome: "allowed".into(),
+            actor: Some("user:0123456789abcdef".into()),
+            subject: None,
+            detail: "remote".into(),
+        };
+        let h1 = record_hash(&[0u8; 32], &first);
+        assert_eq!(hex(&h1), "9a9b439bcde326573cf345516ea6263070117ec902a11f615422717348e84672");
+        let second = AuditRecord {
+            seq: 2,
+            at: 1_700_000_060,
+            action: "lock.unbound".into(),
+            outcome: "ok".into(),
+            actor: Some("admin".into()),
+            subject: Some("lock:fedcba9876543210".into()),
+            detail: String::new(),
+        };
+        assert_eq!(hex(&record_hash(&h1, &second)), "ea0c3dd960dc0d6b7ad803556676fcc8d2a5ab8c02bc71703bb7455c213e6224");
+    }
+
+    /// A pseudonym is the first 8 bytes of HMAC-SHA256(key, id) in hex after its prefix:
+    /// RFC 4231's first test case (key 0x0b × 20, data "Hi There", b0344c61d8db3853…).
+    #[test]
+    fn pseudonyms_are_hmac_sha256_cut_to_sixteen_hex_digits() {
+        assert_eq!(pseudonym("user", &[0x0b; 20], b"Hi There"), "user:b0344c61d8db3853");
+        assert_eq!(pseudonym("lock", &[0x0b; 20], b"Hi There"), "lock:b0344c61d8db3853");
+        assert_ne!(pseudonym("user", &[0x0c; 20], b"Hi There"), "user:b0344c61d8db3853", "another key, another name");
+    }
+}
