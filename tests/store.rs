@@ -148,7 +148,7 @@ fn unbinding_leaves_no_byte_of_the_lock_in_any_file() {
     assert!(matches!(store.pairing_key(lock), Err(StoreError::NotFound(_))));
 }
 
-/// A lock with its name and address in the store, for the unbinding tests.
+/// A lock with its name and address in the store.
 fn paired_lock(store: &mut Store) -> (LockId, String, String) {
     let lock = LockId(random_bytes());
     let (address, name) = ("C0:5A:17:E0:99:03".to_owned(), format!("Shed {}", hex::encode(random_bytes::<4>())));
@@ -373,6 +373,37 @@ fn every_column_of_an_audit_record_is_in_its_hash_and_each_break_says_what_it_is
     );
     db.execute("INSERT INTO meta (key, value) VALUES ('audit_anchor', zeroblob(39))", []).unwrap();
     assert!(matches!(store.verify_audit(), Err(StoreError::Invalid("audit anchor"))));
+}
+
+/// A record about a lock names it by the lock's own pseudonym: the same for every record
+/// about it, another for another lock, never its id; a lock the store does not know is
+/// `lock:unknown`.
+#[test]
+fn audit_records_name_each_lock_by_its_own_pseudonym() {
+    let dir = temp_dir();
+    let mut store = Store::open(config(dir.path())).unwrap();
+    let (a, _, _) = paired_lock(&mut store);
+    let (b, _, _) = paired_lock(&mut store);
+    let stranger = LockId::parse("4c48000000000099").unwrap();
+    store
+        .transaction(|tx| {
+            for lock in [a, b, a, stranger] {
+                audit(tx, "command.unlock", Some(lock), AuditActor::Hub);
+            }
+            Ok(())
+        })
+        .unwrap();
+    let subjects: Vec<String> =
+        store.audit_records(0, 10).unwrap().into_iter().map(|r| r.subject.expect("a lock")).collect();
+    let looks_like =
+        |s: &str| s.strip_prefix("lock:").is_some_and(|h| h.len() == 16 && h.bytes().all(|c| c.is_ascii_hexdigit()));
+    assert!(looks_like(&subjects[0]) && looks_like(&subjects[1]), "{subjects:?}");
+    assert_eq!(subjects[0], subjects[2], "the same lock, the same name");
+    assert_ne!(subjects[0], subjects[1], "another lock, another name");
+    assert_eq!(subjects[3], "lock:unknown");
+    for (lock, subject) in [(a, &subjects[0]), (b, &subjects[1])] {
+        assert!(!subject.contains(&lock.to_string()[..8]), "{subject} names the lock");
+    }
 }
 
 #[test]
