@@ -76,4 +76,21 @@ async fn advertisements_after_the_first_ask_bluez_nothing_and_carry_what_changed
         }
     }
     assert_eq!(gets.since_last().await, 0, "changes came in the signals, not by asking");
+
+    // Out of range, BlueZ drops the device; back in, it is a new report, read afresh once,
+    // and what it advertises from then on comes in the signals again.
+    ctl.set_in_range(&lock.lock_id, false).await.unwrap();
+    ctl.set_rssi(&lock.lock_id, -50).await.unwrap();
+    ctl.set_in_range(&lock.lock_id, true).await.unwrap();
+    loop {
+        if heard(&mut stream, &lock.lock_id).await.rssi == -50 {
+            break;
+        }
+    }
+    let asked = gets.since_last().await;
+    assert!((1..=2).contains(&asked), "a device back in range is read again: {asked} calls");
+    for _ in 0..3 {
+        assert_eq!(heard(&mut stream, &lock.lock_id).await.rssi, -50);
+    }
+    assert_eq!(gets.since_last().await, 0, "and not again");
 }
