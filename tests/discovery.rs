@@ -93,4 +93,90 @@ async fn advertisements_after_the_first_ask_bluez_nothing_and_carry_what_changed
         assert_eq!(heard(&mut stream, &lock.lock_id).await.rssi, -50);
     }
     assert_eq!(gets.since_last().await, 0, "and not again");
+
+    // And watched once: had the watch on its earlier report outlived it, each signal would
+    // come out twice. Between two strengths that mark where to start and stop counting, the
+    // stream yields one advertisement for each signal the bus carried.
+    let mut signals = DeviceSignals::watch(&lock.address).await;
+    ctl.set_rssi(&lock.lock_id, -51).await.unwrap();
+    let mut yielded = 0;
+    while yielded < 3 {
+        match heard(&mut stream, &lock.lock_id).await.rssi {
+            -51 => yielded += 1,
+            -50 => {}
+            other => panic!("a strength nobody set: {other}"),
+        }
+    }
+    ctl.set_rssi(&lock.lock_id, -52).await.unwrap();
+    loop {
+        match heard(&mut stream, &lock.lock_id).await.rssi {
+            -51 => yielded += 1,
+            -52 => break,
+            other => panic!("a strength out of order: {other}"),
+        }
+    }
+    assert_eq!(yielded, signals.between(-51, -52).await, "one advertisement per signal");
+}
+
+/// The `PropertiesChanged` signals BlueZ sends for one device, as a monitor on the bus sees
+/// them: in the order the bus routes them, which is the order the gateway receives them in.
+struct DeviceSignals {
+    monitor: zbus::MessageStream,
+    path: String,
+}
+
+impl DeviceSignals {
+    async fn watch(address: &str) -> Self {
+        let path = format!("/org/bluez/hci0/dev_{}", address.replace(':', "_"));
+        let monitor = support::bus().await;
+        let rule = format!(
+            "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='{path}'"
+        );
+        monitor
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus.Monitoring"),
+                "BecomeMonitor",
+                &(&[rule.as_str()][..], 0u32),
+            )
+            .await
+            .expect("becoming a monitor of the private bus");
+        DeviceSignals { monitor: zbus::MessageStream::from(monitor), path }
+    }
+
+    /// The signals that make an advertisement (those carrying RSSI or manufacturer data) from
+    /// the first with RSSI `from` up to the first with RSSI `to`, that one left out.
+    async fn between(&mut self, from: i16, to: i16) -> usize {
+        use std::collections::HashMap;
+        use zbus::OwnedVariant;
+        let mut counting = false;
+        let mut count = 0;
+        let counted = async {
+            while let Some(message) = self.monitor.next().await {
+                let message = message.expect("reading the monitor");
+                if message.header().path().is_none_or(|p| p.as_str() != self.path) {
+                    continue;
+                }
+                let (interface, changed, _): (String, HashMap<String, OwnedVariant>, Vec<String>) =
+                    message.body().deserialize().expect("a PropertiesChanged body");
+                if interface != "org.bluez.Device1" {
+                    continue;
+                }
+                let rssi = changed.get("RSSI").map(|v| i16::try_from(v).expect("RSSI is an int16"));
+                match rssi {
+                    Some(r) if r == to && counting => return count,
+                    Some(r) if r == from => counting = true,
+                    _ => {}
+                }
+                if counting && (rssi.is_some() || changed.contains_key("ManufacturerData")) {
+                    count += 1;
+                }
+            }
+            panic!("the monitor's connection ended");
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), counted)
+            .await
+            .expect("the signals reached the monitor")
+    }
 }
