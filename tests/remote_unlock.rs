@@ -248,6 +248,53 @@ async fn a_strangers_statements_are_refused_without_being_remembered() {
     assert_eq!(outcomes.iter().filter(|o| *o == "unknown_key").count(), 2, "each delivery audited: {outcomes:?}");
 }
 
+/// An owner's statement is guarded against replay as a command is: its id again with other
+/// bytes is refused as replayed and changes nothing (a grant replayed wider stays as granted).
+/// And the audit chain names who acted: the owner as `admin`, a granted user by pseudonym, a
+/// key nobody granted as `unknown` — never a pseudonym of a stranger's key —, each claim once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_owner_statement_changes_nothing_and_the_audit_names_who_acted() {
+    let stack = Stack::start("gw-owner-replay").await;
+    let p = claim_pair_grant(&stack, &[Permission::Unlock, Permission::Remote], None).await;
+    let now = unix_now();
+    let perms = vec![Permission::Unlock, Permission::Unlatch, Permission::Remote];
+    let wider = grant(&stack.gw, p.user.public(), p.lock_id, perms, None, 1, now);
+    let wider = Statement::Grant(lockhub::auth::statement::Grant { jti: p.grant.clone(), ..wider });
+    assert_reply(&p.app.send(&wider, &p.owner, WAIT).await.unwrap(), Outcome::Refused, Some("replayed"));
+    assert_reply(&p.send(&stack, Operation::Unlatch).await, Outcome::Refused, Some("not_granted"));
+    assert_reply(&p.send(&stack, Operation::Unlock).await, Outcome::Ok, None);
+    // A second claim by the owner (the gateway has its owner), then its id with another code.
+    let second = claim(&stack.gw, "000000", now);
+    assert_reply(&p.app.send(&second, &p.owner, WAIT).await.unwrap(), Outcome::Refused, Some("claim_state"));
+    let Statement::Claim(second) = second else { unreachable!() };
+    let again = Statement::Claim(lockhub::auth::statement::Claim { code: "111111".into(), ..second });
+    assert_reply(&p.app.send(&again, &p.owner, WAIT).await.unwrap(), Outcome::Refused, Some("replayed"));
+    let stranger = stack.key("stranger");
+    let unlock = Statement::Command(command(&stack.gw, p.lock_id, Operation::Unlock, unix_now(), 30));
+    assert_reply(&p.app.send(&unlock, &stranger, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_key"));
+
+    stack.audited("command.", &["not_granted", "ok", "unknown_key"]).await;
+    stack.audited("statement", &["replayed", "replayed"]).await;
+    let records = stack.store.lock().unwrap().audit_records(0, 100_000).unwrap();
+    let actors = |action: &str, outcome: &str| -> Vec<String> {
+        let mut actors: Vec<String> = records
+            .iter()
+            .filter(|r| r.action == action && r.outcome == outcome)
+            .map(|r| r.actor.clone().unwrap_or_default())
+            .collect();
+        actors.sort();
+        actors
+    };
+    assert_eq!(actors("gateway.claim", "ok"), ["admin"], "the claim, audited once");
+    assert_eq!(actors("gateway.claim", "claim_state"), ["unknown"], "the second claim, audited once");
+    assert_eq!(actors("statement", "replayed"), ["admin", "admin"], "the replayed grant and claim");
+    assert_eq!(actors("grant.add", "ok"), ["admin"], "the wider grant was not carried out");
+    let user = actors("command.unlock", "ok");
+    assert!(user.len() == 1 && user[0].starts_with("user:"), "{user:?}");
+    assert_eq!(actors("command.unlatch", "not_granted"), user, "the same user, by the same pseudonym");
+    assert_eq!(actors("command.unlock", "unknown_key"), ["unknown"], "a stranger is nobody in the chain");
+}
+
 /// Before the gateway has its owner anyone may send a claim, with any expiry: a claim's id is
 /// remembered two hours at most (an hour past an expiry capped at an hour), not until an
 /// expiry ten years away.
