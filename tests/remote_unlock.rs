@@ -295,6 +295,29 @@ async fn a_replayed_owner_statement_changes_nothing_and_the_audit_names_who_acte
     assert_eq!(actors("command.unlock", "unknown_key"), ["unknown"], "a stranger is nobody in the chain");
 }
 
+/// Refusals that name what is wrong with the statement rather than with its signer: an owner's
+/// statement past its expiry is `expired` (not carried out), and a granted user's command for a
+/// lock this gateway has not paired is `unknown_lock` — the user is known, the lock is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_owner_statement_and_a_command_for_an_unpaired_lock_are_refused_by_name() {
+    let stack = Stack::start("gw-refused-by-name").await;
+    let p = claim_pair_grant(&stack, &[Permission::Unlock, Permission::Unlatch, Permission::Remote], None).await;
+    let yesterday = unix_now() - 2 * 86_400;
+    let stale = grant(&stack.gw, stack.key("late").public(), p.lock_id, vec![Permission::Unlock], None, 1, yesterday);
+    assert_reply(
+        &p.app.send(&Statement::Grant(stale), &p.owner, WAIT).await.unwrap(),
+        Outcome::Refused,
+        Some("expired"),
+    );
+    let elsewhere = LockId::parse("00000000000000ff").unwrap();
+    assert_ne!(elsewhere, p.lock_id);
+    let unpaired = Statement::Command(command(&stack.gw, elsewhere, Operation::Unlock, unix_now(), 30));
+    assert_reply(&p.app.send(&unpaired, &p.user, WAIT).await.unwrap(), Outcome::Refused, Some("unknown_lock"));
+    stack.audited("statement", &["expired"]).await;
+    stack.audited("command.unlock", &["unknown_lock"]).await;
+    assert_eq!(stack.audit_outcomes("grant.add"), ["ok"], "only the set-up's grant was added");
+}
+
 /// Before the gateway has its owner anyone may send a claim, with any expiry: a claim's id is
 /// remembered two hours at most (an hour past an expiry capped at an hour), not until an
 /// expiry ten years away.
