@@ -89,7 +89,7 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
     }
 
     // The same delivery again: the stored reply, and the lock does not move again.
-    let again = app.send_text(first.id().as_str(), text, WAIT).await.unwrap();
+    let again = app.send_text(first.id().as_str(), text.clone(), WAIT).await.unwrap();
     assert_eq!(again, reply, "a redelivery gets the stored reply");
     assert_eq!(support::report(&ctl, &lock.lock_id).await.status.last_seq, status.last_seq, "not executed twice");
     // The same id with other bytes: a replay.
@@ -100,6 +100,10 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
         _ => unreachable!(),
     };
     assert_reply(&app.send(&replay, &user, WAIT).await.unwrap(), Outcome::Refused, Some("replayed"));
+    // The replay's refusal is not kept in the command's stead: the original, delivered once
+    // more, still gets its own reply.
+    let again = app.send_text(first.id().as_str(), text, WAIT).await.unwrap();
+    assert_eq!(again, reply, "a redelivery after a replay gets the stored reply");
 
     // Expired; not granted (no unlatch); the clock never synchronised.
     let stale = Statement::Command(command(&gw, lock_id, Operation::Lock, unix_now() - 120, 30));
@@ -468,18 +472,32 @@ async fn a_stopping_gateway_lets_go_of_its_locks() {
     assert_reply(&p.send(&stack, Operation::Unlock).await, Outcome::Ok, None);
     let ctl = support::control().await;
     assert!(support::report(&ctl, &p.lock.lock_id).await.connected, "the command left the link up");
+    // A second lock paired after it: its task starts while the first one's runs, and both
+    // are waited for.
+    let second = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let second_id = LockId::parse(&second.lock_id).unwrap();
+    let pairing = pair(&stack.gw, second_id, &second.setup_code, unix_now());
+    assert_reply(&p.app.send(&pairing, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
+    assert_eq!(stack.gateway.lock_count(), 2);
+    // Before stopping, a local command for a lock nobody paired is just that.
+    let holder = lockhub::local::codes::CodeHolder::Named("hallway".into());
+    let nowhere = LockId::parse("00000000000000ff").unwrap();
+    let outcome = stack.gateway.local_command(nowhere, lockhub::protocol::message::Op::Unlatch, &holder, "a test");
+    assert_eq!(outcome.await.unwrap(), Err("unknown_lock".to_owned()));
+    assert_eq!(stack.audit_outcomes("local.unlatch"), ["unknown_lock"]);
 
     // Busy when told to stop: reading the lock's news, as after an advertisement.
     stack.gateway.lock(p.lock_id).unwrap().sync();
     assert!(stack.gateway.stop_locks(WAIT).await, "every lock's task ended");
-    assert!(!support::report(&ctl, &p.lock.lock_id).await.connected, "the gateway still holds the lock's link");
+    for lock in [&p.lock.lock_id, &second.lock_id] {
+        assert!(!support::report(&ctl, lock).await.connected, "the gateway still holds {lock}'s link");
+    }
     assert!(stack.gateway.lock(p.lock_id).is_none());
     assert_eq!(stack.gateway.lock_count(), 0);
 
     // Nothing starts a lock's task again; a local command meanwhile is told why it cannot run.
     stack.gateway.start_locks().unwrap();
     assert_eq!(stack.gateway.lock_count(), 0);
-    let holder = lockhub::local::codes::CodeHolder::Named("hallway".into());
     let outcome = stack.gateway.local_command(p.lock_id, lockhub::protocol::message::Op::Unlock, &holder, "a test");
     assert_eq!(outcome.await.unwrap(), Err("failed".to_owned()), "not `unknown_lock`: the lock is still paired");
     assert_eq!(stack.audit_outcomes("local.unlock"), ["failed"]);
