@@ -128,21 +128,10 @@ struct DeviceSignals {
 impl DeviceSignals {
     async fn watch(address: &str) -> Self {
         let path = format!("/org/bluez/hci0/dev_{}", address.replace(':', "_"));
-        let monitor = support::bus().await;
         let rule = format!(
             "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='{path}'"
         );
-        monitor
-            .call_method(
-                Some("org.freedesktop.DBus"),
-                "/org/freedesktop/DBus",
-                Some("org.freedesktop.DBus.Monitoring"),
-                "BecomeMonitor",
-                &(&[rule.as_str()][..], 0u32),
-            )
-            .await
-            .expect("becoming a monitor of the private bus");
-        DeviceSignals { monitor: zbus::MessageStream::from(monitor), path }
+        DeviceSignals { monitor: support::bus_calls::monitor(&[rule.as_str()]).await, path }
     }
 
     /// The signals that make an advertisement (those carrying RSSI or manufacturer data) from

@@ -17,21 +17,12 @@ pub struct BusCalls {
 impl BusCalls {
     /// Starts counting the calls of `member` (a method's name, such as `GetManagedObjects`).
     pub async fn watch(member: &'static str) -> Self {
-        let monitor = zbus::connection::Builder::address(bed().bus.as_str()).build().await.unwrap();
         let counted = format!("type='method_call',member='{member}'");
-        let rules = [counted.as_str(), "type='method_call',interface='org.freedesktop.DBus.Peer',member='Ping'"];
-        monitor
-            .call_method(
-                Some("org.freedesktop.DBus"),
-                "/org/freedesktop/DBus",
-                Some("org.freedesktop.DBus.Monitoring"),
-                "BecomeMonitor",
-                &(&rules[..], 0u32),
-            )
-            .await
-            .expect("becoming a monitor of the private bus");
+        let monitor =
+            monitor(&[counted.as_str(), "type='method_call',interface='org.freedesktop.DBus.Peer',member='Ping'"])
+                .await;
         let marker = zbus::connection::Builder::address(bed().bus.as_str()).build().await.unwrap();
-        BusCalls { member, monitor: zbus::MessageStream::from(monitor), marker }
+        BusCalls { member, monitor, marker }
     }
 
     /// How many calls went to BlueZ since the last count: everything the bus routed before a
@@ -59,4 +50,21 @@ impl BusCalls {
         };
         tokio::time::timeout(std::time::Duration::from_secs(30), counted).await.expect("the ping reached the monitor")
     }
+}
+
+/// A connection turned monitor of the private bus: every message matching one of `rules`, in
+/// the order the bus routes them.
+pub async fn monitor(rules: &[&str]) -> zbus::MessageStream {
+    let monitor = zbus::connection::Builder::address(bed().bus.as_str()).build().await.unwrap();
+    monitor
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus.Monitoring"),
+            "BecomeMonitor",
+            &(rules, 0u32),
+        )
+        .await
+        .expect("becoming a monitor of the private bus");
+    zbus::MessageStream::from(monitor)
 }
