@@ -127,7 +127,7 @@ struct DeviceSignals {
 
 impl DeviceSignals {
     async fn watch(address: &str) -> Self {
-        let path = format!("/org/bluez/hci0/dev_{}", address.replace(':', "_"));
+        let path = lockhub::firmware::bluez::device_path(address).to_string();
         let rule = format!(
             "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='{path}'"
         );

@@ -473,7 +473,7 @@ async fn a_stopping_gateway_lets_go_of_its_locks() {
     let ctl = support::control().await;
     assert!(support::report(&ctl, &p.lock.lock_id).await.connected, "the command left the link up");
     // A second lock paired after it: its task starts while the first one's runs, and both
-    // are waited for.
+    // let go of their locks.
     let second = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let second_id = LockId::parse(&second.lock_id).unwrap();
     let pairing = pair(&stack.gw, second_id, &second.setup_code, unix_now());

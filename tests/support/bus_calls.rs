@@ -1,6 +1,7 @@
 //! Counting the calls clients make to BlueZ on the private bus: a monitor connection sees
 //! every method call the bus daemon routes, in the order it routes them. A test that counts
-//! must be the only one in its binary: the bus is the process's.
+//! must be the only one in its binary: the bus is the process's. [`monitor`] makes such a
+//! connection for any match rules (signals too).
 
 use futures::StreamExt;
 

@@ -126,7 +126,8 @@ pub fn address_for(lock_id: LockId) -> String {
     format!("C0:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}", b[3], b[4], b[5], b[6], b[7])
 }
 
-fn device_path(address: &str) -> OwnedObjectPath {
+/// The object path of the emulated device at `address`, named as bluetoothd names its own.
+pub fn device_path(address: &str) -> OwnedObjectPath {
     OwnedObjectPath::try_from(format!("{ADAPTER_PATH}/dev_{}", address.replace(':', "_")))
         .expect("address-derived path is valid")
 }
