@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lockhub::ble::budget::ConnectionBudget;
 use lockhub::ble::client::LockClient;
-use lockhub::ble::{BleConfig, BleError, LockTransport};
+use lockhub::ble::{BleConfig, BleError, LockLink, LockTransport};
 use lockhub::protocol::message::{Actor, LockState, Op, Reply, UserRef};
 use support::*;
 
@@ -43,7 +43,10 @@ async fn discovers_five_locks_with_their_ids_and_rssi() {
     }
     // The one-shot scan reports the same, strongest first.
     let scanned = transport.scan(Duration::from_millis(800)).await.unwrap();
-    let ours: Vec<_> = scanned.iter().filter(|a| ids.contains(&a.lock_id.to_string())).collect();
+    let ours: Vec<_> = scanned
+        .iter()
+        .filter(|a| ids.iter().any(|id| a.is_of(lockhub::protocol::ids::LockId::parse(id).unwrap())))
+        .collect();
     assert!(ours.windows(2).all(|w| w[0].rssi >= w[1].rssi));
 }
 
@@ -159,4 +162,31 @@ async fn an_unknown_address_is_not_found() {
     let transport = transport().await;
     let err = transport.connect("C0:DE:AD:00:00:01").await.unwrap_err();
     assert_eq!(err.code(), "not_found", "{err}");
+}
+
+/// A connection attempt its caller gave up on (a timeout dropping the future) is cancelled
+/// with `Device1.Disconnect`: bluetoothd keeps an abandoned attempt pending and refuses every
+/// new `Connect` meanwhile ("Operation already in progress", as the emulator now does too),
+/// which once left a hub unable to reach a lock for some 40 s after one slow attempt.
+#[tokio::test]
+async fn a_connection_attempt_given_up_is_cancelled_and_the_next_one_connects() {
+    use futures::StreamExt;
+    let ctl = control().await;
+    let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let transport = transport().await;
+    scan_until_seen(&transport, std::slice::from_ref(&lock.lock_id)).await;
+    let path = lockhub::firmware::bluez::device_path(&lock.address).to_string();
+    let rule = format!("type='method_call',interface='org.bluez.Device1',member='Disconnect',path='{path}'");
+    let mut disconnects = support::bus_calls::monitor(&[rule.as_str()]).await;
+    // Gone quiet (BlueZ still knows it), BlueZ's attempt takes seconds: the caller gives up
+    // long before.
+    ctl.set_quiet(&lock.lock_id, true).await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), transport.connect(&lock.address)).await;
+    assert!(gave_up.is_err(), "the attempt was to outlast its caller: {gave_up:?}");
+    let cancel = tokio::time::timeout(Duration::from_secs(30), disconnects.next()).await;
+    assert!(cancel.is_ok_and(|m| m.is_some()), "the abandoned attempt was never cancelled");
+    // Back in range, the next attempt connects at once instead of being refused.
+    ctl.set_quiet(&lock.lock_id, false).await.unwrap();
+    let link = transport.connect(&lock.address).await.expect("the next attempt connects");
+    link.close().await;
 }

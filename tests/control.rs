@@ -145,7 +145,9 @@ async fn the_admin_cli_over_the_control_socket() {
     let (ok, out, err) = cli(&socket, &["scan", "--seconds", "2"]).await;
     assert!(ok, "{err}");
     assert!(err.contains("scanning: 1 of 2 s") && err.contains("scanning: 2 of 2 s"), "{err}");
-    let row = out.lines().find(|l| l.starts_with(&fresh.lock_id)).unwrap_or_else(|| panic!("not seen: {out}"));
+    // Unpaired, it is known by the tag it advertises (its id is on its label).
+    let tag = lockhub::protocol::ids::LockTag::of(lockhub::protocol::ids::LockId::parse(&fresh.lock_id).unwrap());
+    let row = out.lines().find(|l| l.starts_with(&tag.to_string())).unwrap_or_else(|| panic!("not seen: {out}"));
     assert!(row.contains("dBm") && row.contains("yes  ") && row.trim_end().ends_with("no"), "{row}");
     let (ok, _, err) = cli(&socket, &["pair", &fresh.lock_id, "--setup", "00000000"]).await;
     assert!(!ok && err.contains("pairing failed"), "a wrong setup code: {err}");

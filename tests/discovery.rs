@@ -19,7 +19,7 @@ async fn heard(stream: &mut (impl futures::Stream<Item = Advertisement> + Unpin)
     let next = async {
         loop {
             let ad = stream.next().await.expect("discovery goes on");
-            if ad.lock_id.to_string() == lock_id {
+            if ad.is_of(lockhub::protocol::ids::LockId::parse(lock_id).unwrap()) {
                 return ad;
             }
         }

@@ -469,7 +469,7 @@ impl LockTransport for BluezTransport {
         let mut events = std::pin::pin!(events);
         let seen = async {
             while let Some(ad) = events.next().await {
-                if ad.lock_id == lock_id {
+                if ad.is_of(lock_id) {
                     return Some(ad);
                 }
             }
@@ -576,7 +576,18 @@ impl BluezTransport {
     /// Connects to the lock at `address` over `bluez` and readies its characteristics.
     async fn connect_on(&self, bluez: &Bluez, address: &str, addr: Address) -> Result<BluezLink, BleError> {
         let device = bluez.adapter.device(addr).map_err(bus_error)?;
+        // Until the link is handed over, giving up on it (a caller's timeout dropping this
+        // future) cancels what BlueZ is doing for it.
+        let attempt = Attempt { device: Some(device.clone()) };
         let mut connected = device.connect().await;
+        if connected.as_ref().is_err_and(in_progress) {
+            // An attempt nobody waits for any more (an earlier caller of ours that timed out
+            // before the cancel reached BlueZ, or a process that died): cancel it, then ask
+            // again. bluetoothd would otherwise refuse every Connect until it gives up.
+            tracing::info!(address, "an earlier connection attempt was still pending: cancelling it");
+            let _ = device.disconnect().await;
+            connected = device.connect().await;
+        }
         if connected.as_ref().is_err_and(|e| e.kind == ErrorKind::AlreadyConnected) {
             // BlueZ keeps a link when its client goes away: this one was left up by a gateway
             // process that died with it, and nobody holds its characteristics. Start clean;
@@ -588,12 +599,15 @@ impl BluezTransport {
         match connected {
             Ok(()) => {}
             Err(e) => {
+                // BlueZ answered: its attempt is over, nothing to cancel.
+                attempt.settled();
                 return Err(match e.kind {
                     ErrorKind::NotFound | ErrorKind::DoesNotExist => BleError::NotFound(address.to_owned()),
                     ErrorKind::NotReady => BleError::AdapterOff(bluez.adapter.name().to_owned()),
-                    ErrorKind::Failed | ErrorKind::ConnectionAttemptFailed | ErrorKind::NotAvailable => {
-                        BleError::Unreachable { address: address.to_owned(), detail: e.message }
-                    }
+                    ErrorKind::Failed
+                    | ErrorKind::ConnectionAttemptFailed
+                    | ErrorKind::NotAvailable
+                    | ErrorKind::InProgress => BleError::Unreachable { address: address.to_owned(), detail: e.message },
                     _ => bus_error(e),
                 });
             }
@@ -621,7 +635,9 @@ impl BluezTransport {
             }
             Ok((events, info, writer, reader, max_fragment.min(MAX_FRAGMENT_LEN)))
         };
-        match ready.await {
+        let result = ready.await;
+        attempt.settled();
+        match result {
             Ok((events, info, writer, reader, max_fragment)) => {
                 Ok(BluezLink { device, writer, reader, events: Box::pin(events), down: false, max_fragment, info })
             }
@@ -631,6 +647,42 @@ impl BluezTransport {
             }
         }
     }
+}
+
+/// A connection being set up. Dropped before [`Attempt::settled`] (its caller timed out), it
+/// asks BlueZ to let go: a Connect call abandoned on our side is still pending in bluetoothd,
+/// which then refuses every new one ("Operation already in progress") until its own attempt
+/// gives up, tens of seconds later. `Device1.Disconnect` cancels a pending attempt as well as
+/// a link made meanwhile that nobody will use.
+struct Attempt {
+    device: Option<bluer::Device>,
+}
+
+impl Attempt {
+    /// The attempt ended on its own (link handed over, or an error already handled).
+    fn settled(mut self) {
+        self.device = None;
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(device) = self.device.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                tracing::debug!(address = %device.address(), "connection attempt abandoned: cancelling it");
+                let _ = tokio::time::timeout(BUS_SILENCE, device.disconnect()).await;
+            });
+        }
+    }
+}
+
+/// Whether BlueZ refused a Connect because an attempt to the same device is pending
+/// (bluetoothd 5.66: `org.bluez.Error.Failed` "Operation already in progress"; later
+/// versions `org.bluez.Error.InProgress`).
+fn in_progress(e: &bluer::Error) -> bool {
+    e.kind == ErrorKind::InProgress || (e.kind == ErrorKind::Failed && e.message.contains("already in progress"))
 }
 
 /// One BlueZ connection to a lock.

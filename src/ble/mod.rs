@@ -20,15 +20,15 @@ use thiserror::Error;
 
 use crate::protocol::gatt::ManufacturerData;
 use crate::protocol::hub::ProtocolError;
-use crate::protocol::ids::LockId;
+use crate::protocol::ids::{LockId, LockTag};
 
 /// A lock seen in a scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Advertisement {
     /// Its Bluetooth address, `AA:BB:CC:DD:EE:FF`.
     pub address: String,
-    /// Its lock id.
-    pub lock_id: LockId,
+    /// The tag it advertises: its lock id's digest prefix (see [`LockTag`]).
+    pub tag: LockTag,
     /// Signal strength, dBm.
     pub rssi: i16,
     /// Whether it accepts pairing now.
@@ -42,13 +42,12 @@ impl Advertisement {
     /// is an LHP/1 record.
     pub fn from_scan(address: String, rssi: i16, manufacturer_data: &[u8]) -> Option<Self> {
         let m = ManufacturerData::parse(manufacturer_data).ok()?;
-        Some(Advertisement {
-            address,
-            lock_id: m.lock_id,
-            rssi,
-            pairing_mode: m.pairing_mode,
-            new_events: m.new_events,
-        })
+        Some(Advertisement { address, tag: m.tag, rssi, pairing_mode: m.pairing_mode, new_events: m.new_events })
+    }
+
+    /// Whether this is (by its tag) lock `lock_id`.
+    pub fn is_of(&self, lock_id: LockId) -> bool {
+        self.tag == LockTag::of(lock_id)
     }
 }
 

@@ -43,6 +43,12 @@ impl<L: LockLink> LockSession<L> {
     }
 
     fn new(link: L, gateway_id: GatewayId, lock_id: LockId) -> Result<Self, BleError> {
+        // A lock is found by the tag it advertises, a digest prefix of its id: the info
+        // record holds the whole id, so another lock with the same tag is told apart here.
+        let found = link.info().lock_id;
+        if found != lock_id {
+            return Err(BleError::NotALock(format!("the lock at this address is {found}, not {lock_id}")));
+        }
         let conn = HubConnection::new(gateway_id, lock_id, link.max_fragment())?;
         Ok(LockSession { link, conn, epoch: Instant::now(), events: VecDeque::new() })
     }

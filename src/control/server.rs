@@ -329,12 +329,12 @@ impl<T: LockTransport> ControlServer<T> {
 
     /// Scans one second at a time, reporting what it has seen so far after each.
     async fn scan(&self, seconds: u32, write: &mut (impl AsyncWriteExt + Unpin)) -> Answer {
-        let mut seen: HashMap<LockId, crate::ble::Advertisement> = HashMap::new();
+        let mut seen: HashMap<String, crate::ble::Advertisement> = HashMap::new();
         for elapsed in 1..=seconds {
             match self.gateway.scan(Duration::from_secs(1)).await {
                 Ok(found) => {
                     for ad in found {
-                        seen.insert(ad.lock_id, ad);
+                        seen.insert(ad.address.clone(), ad);
                     }
                 }
                 Err(e) => return Answer::error("failed", e.to_string()),
@@ -350,12 +350,16 @@ impl<T: LockTransport> ControlServer<T> {
             found
                 .into_iter()
                 .map(|a| {
+                    // A lock advertises its tag; the full id is on its label, and known here
+                    // for the locks paired with this hub.
+                    let paired = self.gateway.paired_tagged(a.tag);
                     json!({
-                        "lock": a.lock_id.to_string(),
+                        "tag": a.tag.to_string(),
+                        "lock": paired.map(|id| id.to_string()),
                         "address": a.address,
                         "rssi": a.rssi,
                         "pairing_mode": a.pairing_mode,
-                        "paired_here": self.gateway.lock(a.lock_id).is_some(),
+                        "paired_here": paired.is_some(),
                     })
                 })
                 .collect(),

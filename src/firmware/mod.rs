@@ -276,11 +276,11 @@ impl Firmware {
 
     /// The manufacturer data to advertise.
     pub fn advertisement(&self) -> ManufacturerData {
-        ManufacturerData {
-            lock_id: self.state.identity.lock_id,
-            pairing_mode: self.state.pairing_mode,
-            new_events: self.state.pairing.is_some() && self.state.log.last_seq() > self.state.reported_seq,
-        }
+        ManufacturerData::new(
+            self.state.identity.lock_id,
+            self.state.pairing_mode,
+            self.state.pairing.is_some() && self.state.log.last_seq() > self.state.reported_seq,
+        )
     }
 
     /// The current status.
@@ -324,13 +324,21 @@ impl Firmware {
 
     /// A central connected with this ATT MTU. A second central replaces the first, as a
     /// single-connection peripheral does.
-    pub fn connect(&mut self, mtu: u16, _now_ms: u64) {
+    pub fn connect(&mut self, mtu: u16, now_ms: u64) {
+        let mtu = mtu.clamp(fragment::MIN_MTU, fragment::MAX_MTU);
+        self.connect_with_fragments(usize::from(mtu) - 3, now_ms);
+    }
+
+    /// A central connected over a stack that carries at most `max_fragment` bytes per
+    /// notification (clamped to what LHP/1 allows): BlueZ serving the lock sends
+    /// notifications as Multiple Handle Value Notifications, whose length field leaves
+    /// `MTU - 5` bytes, where a plain notification carries `MTU - 3`.
+    pub fn connect_with_fragments(&mut self, max_fragment: usize, _now_ms: u64) {
         self.drop_link_quietly();
         // Whatever was queued belonged to the previous connection.
         self.outbox.clear();
-        let mtu = mtu.clamp(fragment::MIN_MTU, fragment::MAX_MTU);
-        self.link =
-            Some(Link { max_fragment: usize::from(mtu) - 3, reassembler: Reassembler::default(), phase: Phase::Idle });
+        let max_fragment = max_fragment.clamp(fragment::MIN_FRAGMENT_LEN, fragment::MAX_FRAGMENT_LEN);
+        self.link = Some(Link { max_fragment, reassembler: Reassembler::default(), phase: Phase::Idle });
     }
 
     /// The central went away.

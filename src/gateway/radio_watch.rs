@@ -88,7 +88,7 @@ pub async fn watch_advertisements(
                         ad = stream.next() => match ad {
                             Some(ad) => {
                                 quiet.as_mut().reset(tokio::time::Instant::now() + bus_check);
-                                if ad.new_events && let Some(lock) = gateway.lock(ad.lock_id) {
+                                if ad.new_events && let Some(lock) = gateway.lock_tagged(ad.tag) {
                                     lock.sync();
                                 }
                             }

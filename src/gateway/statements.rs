@@ -278,6 +278,19 @@ impl<T: LockTransport> Gateway<T> {
         self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&lock).cloned()
     }
 
+    /// The task of the paired lock that advertises `tag`, if any. Only called for an
+    /// advertisement that says a lock has news, so a digest per paired lock is cheap.
+    pub fn lock_tagged(&self, tag: crate::protocol::ids::LockTag) -> Option<LockHandle> {
+        let locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.iter().find(|(id, _)| crate::protocol::ids::LockTag::of(**id) == tag).map(|(_, lock)| lock.clone())
+    }
+
+    /// The id of the paired lock that advertises `tag`, if any.
+    pub fn paired_tagged(&self, tag: crate::protocol::ids::LockTag) -> Option<LockId> {
+        let locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.keys().find(|id| crate::protocol::ids::LockTag::of(**id) == tag).copied()
+    }
+
     /// Takes accepted statements until the channel closes: owner statements in order,
     /// commands concurrently. Returns once the commands in flight have finished too, so that a
     /// stopping daemon can close the channel and await this before flushing the outbox.

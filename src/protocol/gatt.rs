@@ -7,7 +7,7 @@
 
 use thiserror::Error;
 
-use super::ids::LockId;
+use super::ids::{LockId, LockTag};
 
 /// Builds a 128-bit UUID of the LHP/1 family: `6c6f636b-6875-6231-8000-0000000000NN`
 /// ("lockhub1" in ASCII in the first eight bytes).
@@ -123,11 +123,16 @@ impl LockInfo {
     }
 }
 
-/// The manufacturer-specific advertisement data (after the company id): 10 bytes.
+/// The manufacturer-specific advertisement data (after the company id): 6 bytes.
+///
+/// It has to fit a legacy advertisement beside the service UUID: 31 bytes, less 3 for the
+/// flags the controller adds, less 18 for the 128-bit UUID list, less 4 for this structure's
+/// length, type and company id. So it carries the lock's [`LockTag`], not its 8-byte id, and
+/// the protocol version shares a byte with the flags. [`advertising_data_len`] checks the sum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ManufacturerData {
-    /// The lock's identifier.
-    pub lock_id: LockId,
+    /// The lock's tag (a digest prefix of its id).
+    pub tag: LockTag,
     /// The lock accepts pairing right now.
     pub pairing_mode: bool,
     /// The lock has logged events since the paired gateway last read its log.
@@ -136,14 +141,18 @@ pub struct ManufacturerData {
 
 impl ManufacturerData {
     /// Encoded length in bytes (without the 2-byte company id, which BlueZ reports apart).
-    pub const LEN: usize = 10;
+    pub const LEN: usize = 6;
     const FLAG_PAIRING: u8 = 0x01;
     const FLAG_NEW_EVENTS: u8 = 0x02;
+
+    /// The record of lock `lock_id`.
+    pub fn new(lock_id: LockId, pairing_mode: bool, new_events: bool) -> Self {
+        ManufacturerData { tag: LockTag::of(lock_id), pairing_mode, new_events }
+    }
 
     /// Encodes the advertisement payload.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
-        out[0] = PROTOCOL_VERSION;
         let mut flags = 0;
         if self.pairing_mode {
             flags |= Self::FLAG_PAIRING;
@@ -151,8 +160,8 @@ impl ManufacturerData {
         if self.new_events {
             flags |= Self::FLAG_NEW_EVENTS;
         }
-        out[1] = flags;
-        out[2..].copy_from_slice(&self.lock_id.0);
+        out[0] = PROTOCOL_VERSION << 4 | flags;
+        out[1..].copy_from_slice(&self.tag.0);
         out
     }
 
@@ -161,21 +170,37 @@ impl ManufacturerData {
         if bytes.len() != Self::LEN {
             return Err(GattError::Length { expected: Self::LEN, got: bytes.len() });
         }
-        if bytes[0] != PROTOCOL_VERSION {
-            return Err(GattError::Version(bytes[0]));
+        let (version, flags) = (bytes[0] >> 4, bytes[0] & 0x0f);
+        if version != PROTOCOL_VERSION {
+            return Err(GattError::Version(version));
         }
-        if bytes[1] & !(Self::FLAG_PAIRING | Self::FLAG_NEW_EVENTS) != 0 {
+        if flags & !(Self::FLAG_PAIRING | Self::FLAG_NEW_EVENTS) != 0 {
             return Err(GattError::ReservedBits);
         }
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&bytes[2..]);
+        let mut tag = [0u8; 5];
+        tag.copy_from_slice(&bytes[1..]);
         Ok(ManufacturerData {
-            lock_id: LockId(id),
-            pairing_mode: bytes[1] & Self::FLAG_PAIRING != 0,
-            new_events: bytes[1] & Self::FLAG_NEW_EVENTS != 0,
+            tag: LockTag(tag),
+            pairing_mode: flags & Self::FLAG_PAIRING != 0,
+            new_events: flags & Self::FLAG_NEW_EVENTS != 0,
         })
     }
 }
+
+/// The most advertising data a legacy advertisement carries (Core 5.x, Vol 6, Part B, 2.3.1).
+pub const LEGACY_ADVERTISING_DATA_MAX: usize = 31;
+
+/// The length of the advertising data a lock sends: the flags the controller adds (3 bytes;
+/// an LE-only controller always adds them), the complete list of 128-bit service UUIDs holding
+/// [`SERVICE_UUID`] (2 + 16) and the manufacturer data (2 + company id 2 + the record). The
+/// local name goes in the scan response, where BlueZ puts it.
+pub const fn advertising_data_len() -> usize {
+    3 + (2 + 16) + (2 + 2 + ManufacturerData::LEN)
+}
+
+// bluetoothd refuses an advertisement over the limit ("Advertising data too long"), and a real
+// lock's controller could not send it: the layout must fit, flags included.
+const _: () = assert!(advertising_data_len() <= LEGACY_ADVERTISING_DATA_MAX);
 
 /// Why an info record, advertisement or lock id was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -224,10 +249,25 @@ mod tests {
 
     #[test]
     fn manufacturer_data_round_trips() {
-        let m = ManufacturerData { lock_id: LockId([9; 8]), pairing_mode: false, new_events: true };
+        let m = ManufacturerData::new(LockId([9; 8]), false, true);
         assert_eq!(ManufacturerData::parse(&m.encode()).unwrap(), m);
         let mut bad = m.encode();
-        bad[1] |= 0x80;
+        bad[0] |= 0x08;
         assert_eq!(ManufacturerData::parse(&bad), Err(GattError::ReservedBits));
+        let mut v2 = m.encode();
+        v2[0] = 0x20 | (v2[0] & 0x0f);
+        assert_eq!(ManufacturerData::parse(&v2), Err(GattError::Version(2)));
+        assert!(ManufacturerData::parse(&m.encode()[..5]).is_err());
+    }
+
+    /// The vector in `docs/protocol.md`: lock 4c48000000000001, pairing mode, no new events.
+    #[test]
+    fn manufacturer_data_vector() {
+        let m = ManufacturerData::new(LockId::parse("4c48000000000001").unwrap(), true, false);
+        assert_eq!(hex(&m.encode()), "11dc75a2600f");
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

@@ -39,6 +39,42 @@ impl std::fmt::Debug for LockId {
     }
 }
 
+/// The short name a lock advertises in place of its id: the first five bytes of
+/// SHA-256("LHP/1 lock tag" || lock id).
+///
+/// A legacy advertisement has 31 bytes, 28 once the controller adds its flags; the 128-bit
+/// service UUID takes 18 of them, which leaves six for the LHP record (`docs/protocol.md`).
+/// The tag is a hint, not an identity: a gateway that finds a lock by it checks the full id
+/// in the info record, and the session's keys prove it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockTag(pub [u8; 5]);
+
+impl LockTag {
+    /// The tag of `lock`.
+    pub fn of(lock: LockId) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new().chain_update(b"LHP/1 lock tag").chain_update(lock.0).finalize();
+        let mut tag = [0u8; 5];
+        tag.copy_from_slice(&digest[..5]);
+        LockTag(tag)
+    }
+}
+
+impl std::fmt::Display for LockTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for LockTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LockTag({self})")
+    }
+}
+
 /// A gateway's identifier: 1 to 32 bytes of `[A-Za-z0-9._-]`. It names the gateway in pairing
 /// (it is bound into the SPAKE2 transcript), in MQTT topics and in client certificates.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -111,6 +147,17 @@ mod tests {
         assert_eq!(LockId::parse(&id.to_string()).unwrap(), id);
         assert!(LockId::parse("xyz").is_err());
     }
+
+    /// Pinned so that a lock built elsewhere advertises what gateways look for
+    /// (`docs/protocol.md` gives the same vector).
+    #[test]
+    fn a_lock_tag_is_the_digest_prefix() {
+        let id = LockId::parse("4c48000000000001").unwrap();
+        assert_eq!(LockTag::of(id).to_string(), LOCK_TAG_VECTOR);
+        assert_ne!(LockTag::of(id), LockTag::of(LockId::parse("4c48000000000002").unwrap()));
+    }
+
+    const LOCK_TAG_VECTOR: &str = "dc75a2600f";
 
     #[test]
     fn gateway_ids_are_bounded_and_plain() {

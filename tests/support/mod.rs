@@ -320,8 +320,8 @@ pub async fn scan_until_seen(
     let mut stream = std::pin::pin!(stream);
     let wait = async {
         while let Some(ad) = stream.next().await {
-            let id = ad.lock_id.to_string();
-            if ids.contains(&id) {
+            let id = ids.iter().find(|id| ad.is_of(lockhub::protocol::ids::LockId::parse(id).unwrap())).cloned();
+            if let Some(id) = id {
                 seen.insert(id, ad);
                 if seen.len() == ids.len() {
                     break;

@@ -183,9 +183,10 @@ pub fn show(request: &Request, value: &Value, json: bool, out: &mut impl Write) 
         }
         Request::Scan { .. } => table(
             out,
-            &["LOCK", "ADDRESS", "RSSI", "PAIRING MODE", "PAIRED HERE"],
+            &["TAG", "LOCK", "ADDRESS", "RSSI", "PAIRING MODE", "PAIRED HERE"],
             rows(value, |a| {
                 vec![
+                    text(&a["tag"]),
                     text(&a["lock"]),
                     text(&a["address"]),
                     format!("{} dBm", a["rssi"]),

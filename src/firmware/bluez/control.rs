@@ -114,6 +114,18 @@ impl Control {
         Ok(())
     }
 
+    /// Moves the lock out of range (or back) while BlueZ still knows it: its `Device1` stays,
+    /// as bluetoothd keeps a device it heard minutes ago, and a `Connect` to it waits for a
+    /// lock that does not answer. (`set_in_range(false)` also forgets the device.)
+    async fn set_quiet(&self, lock_id: String, quiet: bool) -> zbus::fdo::Result<()> {
+        let lock = self.shared.lock(&lock_id)?;
+        lock.radio().in_range = !quiet;
+        if quiet {
+            self.shared.disconnect(&lock).await;
+        }
+        Ok(())
+    }
+
     /// Sets the RSSI reported while in range.
     fn set_rssi(&self, lock_id: String, rssi: i16) -> zbus::fdo::Result<()> {
         self.shared.lock(&lock_id)?.radio().rssi = rssi;
@@ -248,6 +260,8 @@ pub trait Emulator {
     fn lock_state(&self, lock_id: &str) -> zbus::Result<String>;
     /// Moves a lock into or out of range.
     fn set_in_range(&self, lock_id: &str, in_range: bool) -> zbus::Result<()>;
+    /// Moves a lock out of range (or back), its `Device1` kept.
+    fn set_quiet(&self, lock_id: &str, quiet: bool) -> zbus::Result<()>;
     /// Sets a lock's signal strength.
     fn set_rssi(&self, lock_id: &str, rssi: i16) -> zbus::Result<()>;
     /// Sets a lock's fault knobs (JSON `Faults`).

@@ -30,16 +30,36 @@ impl Device {
         if !shared.is_powered() {
             return Err(BluezError::NotReady("Resource Not Ready".into()));
         }
-        let in_range = {
-            let r = lock.radio();
+        let cancelled = {
+            let mut r = lock.radio();
             if r.connected {
                 return Err(BluezError::AlreadyConnected("Already Connected".into()));
             }
-            r.in_range
+            // bluetoothd 5.66 makes one LE connection attempt at a time per device, and its
+            // attempt outlives the D-Bus call that asked for it (a caller that gave up).
+            if r.connecting.is_some() {
+                return Err(BluezError::Failed("Operation already in progress".into()));
+            }
+            if r.in_range {
+                None
+            } else {
+                let (cancel, cancelled) = tokio::sync::oneshot::channel();
+                r.connecting = Some(cancel);
+                Some(cancelled)
+            }
         };
-        if !in_range {
-            tokio::time::sleep(CONNECT_FAILURE_DELAY).await;
-            return Err(BluezError::Failed("le-connection-abort-by-local".into()));
+        if let Some(cancelled) = cancelled {
+            let outcome = tokio::select! {
+                () = tokio::time::sleep(CONNECT_FAILURE_DELAY) => {
+                    // Still this attempt's: another Connect is refused while it is there.
+                    lock.radio().connecting = None;
+                    "le-connection-abort-by-local"
+                }
+                // Device1.Disconnect while connecting (it took the attempt): bluetoothd fails
+                // the attempt so.
+                _ = cancelled => "br-connection-canceled",
+            };
+            return Err(BluezError::Failed(outcome.into()));
         }
         lock.host.input(|fw, now| fw.connect(lock.spec.mtu, now));
         {

@@ -140,6 +140,9 @@ struct RadioState {
     /// A Device1 object exists (the lock was seen in a discovery).
     exported: bool,
     connected: bool,
+    /// A connection attempt BlueZ is making (the lock out of range): `Disconnect` cancels it
+    /// through this, and another `Connect` meanwhile is refused, as bluetoothd does.
+    connecting: Option<tokio::sync::oneshot::Sender<()>>,
     /// The connection, while it is up. Dropped when the link goes, which ends its acquired
     /// sockets: BlueZ closes them with the link, so a central reads what was sent before and
     /// then the end, and its writes fail.
@@ -363,6 +366,9 @@ impl Shared {
     async fn disconnect(&self, lock: &Arc<EmulatedLock>) {
         let was_connected = {
             let mut r = lock.radio();
+            if let Some(cancel) = r.connecting.take() {
+                let _ = cancel.send(());
+            }
             let was = std::mem::take(&mut r.connected);
             r.link = None;
             r.notify_subscribers = 0;
