@@ -18,6 +18,7 @@ pub mod bus_calls;
 pub mod bus_proxy;
 pub mod daemon;
 pub mod floor;
+pub mod guest;
 pub mod mosquitto;
 pub mod nats;
 pub mod small_fs;
