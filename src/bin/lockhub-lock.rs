@@ -52,6 +52,11 @@ enum Command {
         /// Directory keeping the lock's flash.
         #[arg(long)]
         state_dir: PathBuf,
+        /// Registers the advertisement anew this often (ms) while no central is connected:
+        /// for emulated controllers (btvirt) that report an advertisement only when it
+        /// starts. A real radio needs none.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+        refresh_advertising_ms: Option<u64>,
     },
 }
 
@@ -69,8 +74,9 @@ async fn run() -> Result<()> {
         Command::Serve { bus, state_dir, locks, mtu, motor_ms, exit_with_stdin } => {
             serve(bus, state_dir, locks, mtu, motor_ms, exit_with_stdin).await
         }
-        Command::Peripheral { adapter, state_dir } => {
-            lockhub::firmware::peripheral::run(adapter.as_deref(), &state_dir).await.context("peripheral")
+        Command::Peripheral { adapter, state_dir, refresh_advertising_ms } => {
+            let refresh = refresh_advertising_ms.map(std::time::Duration::from_millis);
+            lockhub::firmware::peripheral::run(adapter.as_deref(), &state_dir, refresh).await.context("peripheral")
         }
     }
 }

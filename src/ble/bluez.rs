@@ -612,6 +612,7 @@ impl BluezTransport {
                 });
             }
         }
+        let stale_cache = std::sync::atomic::AtomicBool::new(false);
         let ready = async {
             // Subscribe after the connection is up (an earlier subscription can still receive
             // the previous connection's `Connected: false`), then check it is still up.
@@ -622,10 +623,27 @@ impl BluezTransport {
             let [write, notify, info] = self.find_characteristics(&device).await?;
             // Four independent questions to BlueZ, asked together: one round trip, not four.
             // On a failure the sockets acquired meanwhile close as they drop.
-            let (info, char_mtu, writer, reader) =
-                futures::join!(info.read(), write.mtu(), write.write_io(), notify.notify_io());
-            let info = LockInfo::parse(&info.map_err(bus_error)?)
-                .map_err(|e| BleError::NotALock(format!("info record: {e}")))?;
+            // Bounded too: bluetoothd answers AcquireNotify only once the lock acknowledged its
+            // CCCD write, and a lock that restarted under a link BlueZ still believes in (its
+            // GATT table registered anew) left this waiting for the caller's whole connect
+            // bound, its late acquisition then refusing the next attempts ("Notify acquired").
+            let bound = self.resolve_timeout;
+            let (info, char_mtu, writer, reader) = tokio::time::timeout(bound, async {
+                futures::join!(info.read(), write.mtu(), write.write_io(), notify.notify_io())
+            })
+            .await
+            .map_err(|_| BleError::Timeout { during: "acquiring the lock's characteristics", after: bound })?;
+            let info = match info {
+                Ok(info) => info,
+                // The info record is readable by anyone: refused, BlueZ read another attribute
+                // at its handle, from a GATT table it cached before the lock's changed.
+                Err(e) if e.kind == ErrorKind::NotPermitted => {
+                    stale_cache.store(true, Ordering::Release);
+                    return Err(bus_error(e));
+                }
+                Err(e) => return Err(bus_error(e)),
+            };
+            let info = LockInfo::parse(&info).map_err(|e| BleError::NotALock(format!("info record: {e}")))?;
             // bluer reports both sizes already reduced to what one write may carry.
             let (char_mtu, writer, reader) =
                 (char_mtu.map_err(bus_error)?, writer.map_err(bus_error)?, reader.map_err(bus_error)?);
@@ -643,6 +661,15 @@ impl BluezTransport {
             }
             Err(e) => {
                 let _ = device.disconnect().await;
+                if stale_cache.load(Ordering::Acquire) {
+                    // Seen when a lock's controller was reset and its GATT table registered
+                    // anew (and after firmware updates that move it without saying so): only
+                    // forgetting the device drops BlueZ's copy. The next attempt finds the
+                    // lock again and reads its table afresh.
+                    tracing::info!(address, "BlueZ's copy of the lock's GATT table is stale: forgetting the device");
+                    let _ = bluez.adapter.remove_device(addr).await;
+                    self.forget(address);
+                }
                 Err(e)
             }
         }
@@ -728,7 +755,11 @@ impl LockLink for BluezLink {
 
     async fn recv(&mut self) -> Result<Vec<u8>, BleError> {
         let reader = &self.reader;
-        next_fragment(|| reader.recv(), &mut self.events, &mut self.down).await
+        let fragment = next_fragment(|| reader.recv(), &mut self.events, &mut self.down).await;
+        if let Ok(f) = &fragment {
+            tracing::trace!(len = f.len(), head = f.first().copied(), "fragment from the lock");
+        }
+        fragment
     }
 
     async fn close(self) {

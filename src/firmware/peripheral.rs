@@ -8,12 +8,16 @@
 //! What real bluetoothd taught this module (each was a failure under it, none under our own
 //! `org.bluez`; `docs/emulator.md` lists them):
 //! - bluer answers `StartNotify` only when the notify callback's future ends, so the callback
-//!   hands the subscription to a task of its own and returns at once; a subscription ends on
-//!   `StopNotify` or when a newer one replaces it, and an old one never clears a newer one.
+//!   hands the subscription to the one task that sends notifications and returns at once.
+//!   bluetoothd subscribes once for all centrals, possibly after a central's first write, and
+//!   bluer stops the old subscription when a new one comes: fragments wait in one ordered
+//!   queue for a live subscription, and only a subscription stopped without a successor ends
+//!   the lock's session.
 //! - An advertisement replaced while a central is connected comes back non-connectable after
 //!   the disconnect: the advertisement changes only while nobody is connected.
 //! - bluetoothd restarts, and adapters go and come back: the lock then registers its GATT
-//!   application and advertisement again, with its state (pairing, counters) untouched.
+//!   application and advertisement again, with its state (pairing, counters) untouched. A new
+//!   bluetoothd answers on the same object paths, so the lock watches who owns `org.bluez`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -26,9 +30,9 @@ use bluer::gatt::local::{
     Application, ApplicationHandle, Characteristic, CharacteristicNotifier, CharacteristicNotify,
     CharacteristicNotifyMethod, CharacteristicRead, CharacteristicWrite, CharacteristicWriteMethod, ReqError, Service,
 };
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::host::{HostedLock, Radio};
 use super::{Mechanics, PersistentState};
@@ -44,52 +48,46 @@ const TICK: Duration = Duration::from_millis(250);
 /// How long the lock waits before registering again after BlueZ or its adapter went.
 const RETRY: Duration = Duration::from_millis(500);
 
-/// The radio side of the peripheral: who is connected, and where notifications go.
-#[derive(Default)]
+/// Who the lock talks to. `link` numbers the central's sessions: it moves on when a new one
+/// starts (the first write after none) and when BlueZ says the central went, and fragments are
+/// delivered only within the session they were sent in.
 struct Central {
-    address: Option<Address>,
-    /// The current notification subscription: its number and where its fragments go.
-    notifications: Option<(u64, mpsc::Sender<Vec<u8>>)>,
-    /// Subscriptions numbered so far.
-    subscriptions: u64,
-    /// Fragments the firmware sent while nobody was subscribed, for the subscription that
-    /// comes: bluetoothd answers the central's CCCD write before our `StartNotify` call has
-    /// arrived, so the central may write (and the lock answer) first. Cleared when a new
-    /// connection starts; bounded.
-    pending: Vec<Vec<u8>>,
+    address: Mutex<Option<Address>>,
+    link: watch::Sender<u64>,
 }
 
-/// The most fragments kept for a subscription still to come: a few frames' worth.
-const MAX_PENDING: usize = 64;
+impl Central {
+    fn new() -> Arc<Self> {
+        Arc::new(Central { address: Mutex::new(None), link: watch::Sender::new(0) })
+    }
+
+    /// A session ended or began: what is still queued for the old one is dropped.
+    fn next_link(&self) {
+        self.link.send_modify(|n| *n += 1);
+    }
+}
+
+/// The most fragments queued for the central: a few frames' worth. A central that falls this
+/// far behind is gone; its session fails and the next one starts clean.
+const MAX_QUEUED: usize = 64;
 
 struct PeripheralRadio {
-    central: Arc<Mutex<Central>>,
+    central: Arc<Central>,
     adapter: Arc<Mutex<Option<bluer::Adapter>>>,
+    fragments: mpsc::Sender<(u64, Vec<u8>)>,
 }
 
 impl Radio for PeripheralRadio {
     async fn notify(&self, fragment: Vec<u8>) {
-        let tx = {
-            let mut c = self.central.lock().expect("central poisoned");
-            match c.notifications.as_ref() {
-                Some((_, tx)) => tx.clone(),
-                None => {
-                    if c.pending.len() < MAX_PENDING {
-                        c.pending.push(fragment);
-                    }
-                    return;
-                }
-            }
-        };
-        let _ = tx.send(fragment).await;
+        let link = *self.central.link.borrow();
+        if self.fragments.try_send((link, fragment)).is_err() {
+            tracing::warn!("the central reads no notifications: one dropped");
+        }
     }
 
     async fn disconnect(&self) {
-        let address = {
-            let mut c = self.central.lock().expect("central poisoned");
-            c.notifications = None;
-            c.address.take()
-        };
+        let address = self.central.address.lock().expect("central poisoned").take();
+        self.central.next_link();
         let adapter = self.adapter.lock().expect("adapter poisoned").clone();
         if let Some(device) = address.zip(adapter).and_then(|(a, adapter)| adapter.device(a).ok()) {
             let _ = device.disconnect().await;
@@ -99,8 +97,12 @@ impl Radio for PeripheralRadio {
 
 /// Runs the peripheral until interrupted (Ctrl-C or SIGTERM). The lock's flash lives in
 /// `state_dir`. Standard input takes the physical world, a line at a time: `turn` (the thumb
-/// turn), `door open` / `door closed`, `keypad CODE`, `pairing` (the pairing button).
-pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result<()> {
+/// turn), `door open` / `door closed`, `keypad CODE`, `pairing` (the pairing button), `wake`
+/// (the wake button many locks have: it starts advertising anew, which scanners hear at once).
+///
+/// `refresh` registers the advertisement anew that often while no central is connected: an
+/// emulated controller (btvirt) reports an advertisement to scanners only when it starts.
+pub async fn run(adapter_name: Option<&str>, state_dir: &Path, refresh: Option<Duration>) -> anyhow::Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let flash = state_dir.join("peripheral.json");
     let state = if flash.exists() {
@@ -115,11 +117,15 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result
     crate::errln!("lock {lock_id} — setup code {setup_code} (pairing mode: {})", state.pairing_mode);
     let lock = HostedLock::new(state, Some(flash));
 
-    let central = Arc::new(Mutex::new(Central::default()));
+    let central = Central::new();
     let adapter_slot = Arc::new(Mutex::new(None));
-    let radio = PeripheralRadio { central: central.clone(), adapter: adapter_slot.clone() };
+    let (fragments_tx, fragments) = mpsc::channel(MAX_QUEUED);
+    let (subscriptions_tx, subscriptions) = mpsc::unbounded_channel();
+    let radio = PeripheralRadio { central: central.clone(), adapter: adapter_slot.clone(), fragments: fragments_tx };
     let driver = tokio::spawn(lock.clone().run(radio));
-    let physical = tokio::spawn(physical_world(lock.clone()));
+    let forwarder = tokio::spawn(forward_notifications(lock.clone(), central.clone(), fragments, subscriptions));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let physical = tokio::spawn(physical_world(lock.clone(), wake.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop = async {
@@ -130,7 +136,7 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result
     };
     let mut stop = std::pin::pin!(stop);
     loop {
-        let served = serve(&lock, &central, &adapter_slot, adapter_name);
+        let served = serve(&lock, &central, &subscriptions_tx, &adapter_slot, &wake, refresh, adapter_name);
         tokio::select! {
             () = &mut stop => break,
             e = served => {
@@ -146,6 +152,7 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result
         }
     }
     physical.abort();
+    forwarder.abort();
     driver.abort();
     lock.save()?;
     Ok(())
@@ -159,25 +166,58 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path) -> anyhow::Result
 /// session: what a test watching the lock from outside reads.
 async fn serve(
     lock: &Arc<HostedLock>,
-    central: &Arc<Mutex<Central>>,
+    central: &Arc<Central>,
+    subscriptions: &mpsc::UnboundedSender<CharacteristicNotifier>,
     slot: &Arc<Mutex<Option<bluer::Adapter>>>,
+    wake: &tokio::sync::Notify,
+    refresh: Option<Duration>,
     adapter_name: Option<&str>,
 ) -> anyhow::Error {
-    let (adapter, _app) = match register(lock, central, adapter_name).await {
+    // Who serves org.bluez now: a bluetoothd restarted under us answers on the same paths,
+    // but knows nothing of our GATT application, so its coming is a reason to register again.
+    let bluez = match bluez_owner().await {
+        Ok(watch) => watch,
+        Err(e) => return e,
+    };
+    let (session, adapter, _app) = match register(lock, central, subscriptions, adapter_name).await {
         Ok(registered) => registered,
         Err(e) => return e,
+    };
+    // An adapter removed and added back (a USB dongle replugged, btvirt restarted) has the
+    // same name and path but none of our registrations.
+    let mut adapters = match session.events().await {
+        Ok(events) => Box::pin(events),
+        Err(e) => return e.into(),
     };
     *slot.lock().expect("adapter poisoned") = Some(adapter.clone());
     let mut advertised: Option<(Vec<u8>, AdvertisementHandle)> = None;
     let mut tick = tokio::time::interval(TICK);
     let mut bolt = None;
+    let mut registered = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
+        // Woken (the wake button), the advertisement is registered anew: its start is news
+        // to every scanner in range.
+        let woken = tokio::select! {
+            now = tick.tick() => refresh.is_some_and(|every| now.duration_since(registered) >= every),
+            () = wake.notified() => true,
+            event = adapters.next() => match event {
+                Some(bluer::SessionEvent::AdapterRemoved(name)) if name == adapter.name() => {
+                    return anyhow::anyhow!("adapter {name} removed");
+                }
+                Some(_) => continue,
+                None => return anyhow::anyhow!("BlueZ's event stream ended"),
+            },
+        };
         let state = lock.inspect(|fw, now| fw.status(now).state);
         if advertised.is_some() && bolt != Some(state) {
             let _ = crate::outln!("STATE {}", format!("{state:?}").to_lowercase());
         }
         bolt = Some(state);
+        match bluez.0.get_name_owner(BLUEZ_NAME.try_into().expect("a valid bus name")).await {
+            Ok(owner) if owner == bluez.1 => {}
+            Ok(_) => return anyhow::anyhow!("bluetoothd restarted"),
+            Err(e) => return anyhow::Error::new(e).context("asking who serves org.bluez"),
+        }
         // A question BlueZ must answer: an error means it or the adapter went away.
         match adapter.is_powered().await {
             Ok(true) => {}
@@ -189,7 +229,7 @@ async fn serve(
             Err(e) => return e.into(),
         }
         let data = lock.inspect(|fw, _| fw.advertisement().encode().to_vec());
-        if advertised.as_ref().is_some_and(|(d, _)| *d == data) {
+        if !woken && advertised.as_ref().is_some_and(|(d, _)| *d == data) {
             continue;
         }
         // An advertisement replaced while a central is connected comes back non-connectable
@@ -204,6 +244,7 @@ async fn serve(
             Err(e) => return anyhow::Error::new(e).context("registering the advertisement"),
         };
         advertised = Some((data, handle));
+        registered = tokio::time::Instant::now();
         if first {
             let id = lock.inspect(|fw, _| fw.lock_id());
             let setup = lock.inspect(|fw, _| fw.persistent().identity.setup_code.expose().to_owned());
@@ -216,20 +257,32 @@ async fn serve(
     }
 }
 
+/// BlueZ's well-known name on the system bus.
+const BLUEZ_NAME: &str = "org.bluez";
+
+/// The bus daemon, and the unique name that owns [`BLUEZ_NAME`] now.
+async fn bluez_owner() -> Result<(zbus::fdo::DBusProxy<'static>, zbus::names::OwnedUniqueName), anyhow::Error> {
+    let bus = zbus::Connection::system().await?;
+    let dbus = zbus::fdo::DBusProxy::new(&bus).await?;
+    let owner = dbus.get_name_owner(BLUEZ_NAME.try_into()?).await?;
+    Ok((dbus, owner))
+}
+
 /// Opens a BlueZ session, powers the adapter and registers the GATT application.
 async fn register(
     lock: &Arc<HostedLock>,
-    central: &Arc<Mutex<Central>>,
+    central: &Arc<Central>,
+    subscriptions: &mpsc::UnboundedSender<CharacteristicNotifier>,
     adapter_name: Option<&str>,
-) -> Result<(bluer::Adapter, ApplicationHandle), anyhow::Error> {
+) -> Result<(bluer::Session, bluer::Adapter, ApplicationHandle), anyhow::Error> {
     let session = bluer::Session::new().await?;
     let adapter = match adapter_name {
         Some(name) => session.adapter(name)?,
         None => session.default_adapter().await?,
     };
     adapter.set_powered(true).await?;
-    let app = adapter.serve_gatt_application(application(lock, central)).await?;
-    Ok((adapter, app))
+    let app = adapter.serve_gatt_application(application(lock, central, subscriptions)).await?;
+    Ok((session, adapter, app))
 }
 
 /// Whether a central is connected to this adapter, as BlueZ sees it.
@@ -258,9 +311,13 @@ fn advertisement(record: Vec<u8>) -> Advertisement {
 }
 
 /// The lock's GATT service: write, notify and info characteristics.
-fn application(lock: &Arc<HostedLock>, central: &Arc<Mutex<Central>>) -> Application {
+fn application(
+    lock: &Arc<HostedLock>,
+    central: &Arc<Central>,
+    subscriptions: &mpsc::UnboundedSender<CharacteristicNotifier>,
+) -> Application {
     let (write_lock, write_central) = (lock.clone(), central.clone());
-    let (notify_lock, notify_central) = (lock.clone(), central.clone());
+    let subscriptions = subscriptions.clone();
     let info_lock = lock.clone();
     Application {
         services: vec![Service {
@@ -277,15 +334,12 @@ fn application(lock: &Arc<HostedLock>, central: &Arc<Mutex<Central>>) -> Applica
                             let central = write_central.clone();
                             async move {
                                 let new_central = {
-                                    let mut c = central.lock().expect("central poisoned");
-                                    let new = c.address != Some(req.device_address);
-                                    c.address = Some(req.device_address);
-                                    new
+                                    let mut address = central.address.lock().expect("central poisoned");
+                                    address.replace(req.device_address) != Some(req.device_address)
                                 };
-                                let starts = new_central || lock.inspect(|fw, _| !fw.is_connected());
-                                if starts {
-                                    // What was held for a subscription belonged to the last link.
-                                    central.lock().expect("central poisoned").pending.clear();
+                                if new_central || lock.inspect(|fw, _| !fw.is_connected()) {
+                                    // A new session: what is queued belonged to the last one.
+                                    central.next_link();
                                 }
                                 let connected = lock.input(|fw, now| {
                                     let connected = new_central || !fw.is_connected();
@@ -315,7 +369,7 @@ fn application(lock: &Arc<HostedLock>, central: &Arc<Mutex<Central>>) -> Applica
                     notify: Some(CharacteristicNotify {
                         notify: true,
                         method: CharacteristicNotifyMethod::Fun(Box::new(move |notifier| {
-                            subscribe(&notify_lock, &notify_central, notifier);
+                            let _ = subscriptions.send(notifier);
                             // bluer answers StartNotify when this future ends: at once.
                             async {}.boxed()
                         })),
@@ -342,65 +396,74 @@ fn application(lock: &Arc<HostedLock>, central: &Arc<Mutex<Central>>) -> Applica
     }
 }
 
-/// Starts forwarding notifications to a new subscriber, the fragments held for it first.
-/// bluetoothd subscribes once for all centrals (`StartNotify` when the first enables
-/// notifications, `StopNotify` when the last leaves); a newer subscription takes over from an
-/// older one, whose end then changes nothing.
-fn subscribe(lock: &Arc<HostedLock>, central: &Arc<Mutex<Central>>, notifier: CharacteristicNotifier) {
-    let (tx, rx) = mpsc::channel(MAX_PENDING);
-    let number = {
-        let mut c = central.lock().expect("central poisoned");
-        c.subscriptions += 1;
-        // Sent before the subscription arrived: first in line (the channel holds them all).
-        for fragment in std::mem::take(&mut c.pending) {
-            let _ = tx.try_send(fragment);
-        }
-        c.notifications = Some((c.subscriptions, tx));
-        c.subscriptions
-    };
-    tokio::spawn(forward_notifications(lock.clone(), central.clone(), number, rx, notifier));
-}
-
-/// Serves subscription `number` until the central stops it or a newer one replaces it;
-/// stopping counts as the central going away.
+/// Delivers the firmware's fragments, in order, through the current notification
+/// subscription. bluetoothd subscribes once for all centrals (`StartNotify` when the first
+/// enables notifications, `StopNotify` when the last leaves), and its `StartNotify` may arrive
+/// after the central's first write (bluetoothd answers the CCCD write before asking us), so a
+/// fragment with no live subscription waits for the next one rather than being lost; a
+/// subscription bluer replaced fails its send and the fragment goes through the newer one.
+/// Fragments of a session that has ended are dropped.
 async fn forward_notifications(
     lock: Arc<HostedLock>,
-    central: Arc<Mutex<Central>>,
-    number: u64,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    mut notifier: CharacteristicNotifier,
+    central: Arc<Central>,
+    mut fragments: mpsc::Receiver<(u64, Vec<u8>)>,
+    mut subscriptions: mpsc::UnboundedReceiver<CharacteristicNotifier>,
 ) {
-    let stopped = notifier.stopped();
-    let mut stopped = std::pin::pin!(stopped);
+    let mut link = central.link.subscribe();
+    let mut current: Option<CharacteristicNotifier> = None;
+    let mut held: Option<(u64, Vec<u8>)> = None;
     loop {
+        if held.as_ref().is_some_and(|(n, _)| *n != *link.borrow()) {
+            held = None;
+        }
+        if let (Some(notifier), Some((_, fragment))) = (current.as_mut(), held.as_ref()) {
+            if notifier.notify(fragment.clone()).await.is_ok() {
+                tracing::debug!(len = fragment.len(), head = fragment.first().copied(), "notified");
+                held = None;
+            } else {
+                tracing::debug!("the subscription ended: the fragment waits for the next");
+                current = None;
+            }
+            continue;
+        }
+        let stopped = current.as_ref().map(CharacteristicNotifier::stopped);
+        let stopped = async {
+            match stopped {
+                Some(stopped) => stopped.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            fragment = rx.recv() => match fragment {
-                Some(fragment) => {
-                    if notifier.notify(fragment).await.is_err() {
-                        break;
-                    }
-                }
-                // Replaced by a newer subscription, which owns the firmware's connection now.
+            notifier = subscriptions.recv() => match notifier {
+                Some(notifier) => current = Some(notifier),
                 None => return,
             },
-            () = &mut stopped => break,
+            fragment = fragments.recv(), if held.is_none() => match fragment {
+                Some(fragment) => held = Some(fragment),
+                None => return,
+            },
+            () = stopped => {
+                current = None;
+                // bluer stops a subscription when bluetoothd starts a new one (and hands us
+                // the new one at once, without yielding); else bluetoothd stopped it because
+                // the last central left: the lock's end of the session ends with it.
+                tokio::task::yield_now().await;
+                match subscriptions.try_recv() {
+                    Ok(notifier) => current = Some(notifier),
+                    Err(_) => {
+                        tracing::debug!("notifications stopped: the central left");
+                        lock.input(|fw, now| fw.disconnect(now));
+                        central.next_link();
+                    }
+                }
+            }
+            changed = link.changed() => if changed.is_err() { return },
         }
-    }
-    let ours = {
-        let mut c = central.lock().expect("central poisoned");
-        let ours = c.notifications.as_ref().is_some_and(|(n, _)| *n == number);
-        if ours {
-            c.notifications = None;
-        }
-        ours
-    };
-    if ours {
-        lock.input(|fw, now| fw.disconnect(now));
     }
 }
 
 /// Reads the physical world from standard input until it closes (see [`run`]).
-async fn physical_world(lock: Arc<HostedLock>) {
+async fn physical_world(lock: Arc<HostedLock>, wake: Arc<tokio::sync::Notify>) {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -413,8 +476,9 @@ async fn physical_world(lock: Arc<HostedLock>) {
                 tracing::info!(opened, "keypad code entered");
             }
             ["pairing"] => lock.input(|fw, _| fw.press_pairing_button()),
+            ["wake"] => wake.notify_one(),
             [] => {}
-            _ => tracing::warn!(line, "unknown input: turn, door open, door closed, keypad CODE or pairing"),
+            _ => tracing::warn!(line, "unknown input: turn, door open, door closed, keypad CODE, pairing or wake"),
         }
         let state = lock.inspect(|fw, now| fw.status(now).state);
         tracing::info!(?state, "lock state");

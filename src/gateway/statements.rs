@@ -833,8 +833,10 @@ impl<T: LockTransport> Gateway<T> {
         let Ok(code) = SetupCode::parse(setup) else {
             return Ok(refused(id, Reason::Malformed, "the setup code is 8 digits", now));
         };
-        // Find the lock on the radio (it must be in pairing mode to accept).
-        let ad = match self.transport.locate(lock, Duration::from_secs(10)).await {
+        // Find the lock on the radio (it must be in pairing mode to accept), for as long as a
+        // connection may take: a lock advertises every few hundred ms, but a scan hears it
+        // only as often as the stack reports (under btvirt, once per scan restart, ~10 s).
+        let ad = match self.transport.locate(lock, self.ble.connect_timeout().max(Duration::from_secs(10))).await {
             Ok(ad) => ad,
             Err(e) => return Ok(failed(id, Reason::LockUnreachable, &format!("the lock was not seen: {e}"), now)),
         };
