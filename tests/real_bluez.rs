@@ -11,9 +11,10 @@
 //! figures. Every link runs at a small ATT MTU (48, the least bluetoothd's `ExchangeMTU` takes),
 //! so LHP/1 frames cross the air in fragments.
 //!
-//! It runs when `LOCKHUB_REAL_BLUEZ=1` (not yet in CI: see `docs/emulator.md`). Where qemu,
-//! debootstrap or root are missing it is then skipped with one line saying what enables it,
-//! unless `LOCKHUB_TEST_ALL=1` (`.ci/run`) makes that a failure.
+//! Where qemu, debootstrap or root are missing it is skipped with one line saying what enables
+//! it, unless `LOCKHUB_TEST_ALL=1` (`.ci/run`) makes that a failure. Two steps that do not
+//! hold yet (three locks, the controllers restarted) run only with `LOCKHUB_REAL_BLUEZ_ALL=1`;
+//! `docs/emulator.md` says why.
 
 mod support;
 
@@ -52,18 +53,6 @@ fn main() -> ExitCode {
 
 fn host() -> ExitCode {
     let started = Instant::now();
-    // Not yet part of the default run: back-to-back commands on a warm link still lose the
-    // first notification of a reply through bluetoothd (issue #32), so CI cannot hold it.
-    if std::env::var("LOCKHUB_REAL_BLUEZ").is_ok_and(|v| v == "1") {
-        // Asked for: run it.
-    } else {
-        println!(
-            "real-bluez tier not run: LOCKHUB_REAL_BLUEZ=1 runs it (as root, with qemu-system-x86, debootstrap, \
-             kmod and cpio); it is not yet in CI (docs/emulator.md says why)"
-        );
-        println!("test result: ok. 0 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
-        return ExitCode::SUCCESS;
-    }
     if let Some(missing) = support::guest::missing_tools() {
         if std::env::var("LOCKHUB_TEST_ALL").is_ok_and(|v| v == "1") {
             eprintln!("real-bluez tier: LOCKHUB_TEST_ALL=1, and this machine lacks {missing}");
@@ -81,7 +70,12 @@ fn host() -> ExitCode {
     let log = std::env::var("LOCKHUB_GUEST_LOG").unwrap_or_else(|_| "warn,lockhub::timing=debug".into());
     let console = image.boot(
         &[exe.to_str().unwrap()],
-        &[("LOCKHUB_GUEST", "1"), ("LOCKHUB_TEST_LOG", &log), ("LOCKHUB_LOG", "info")],
+        &[
+            ("LOCKHUB_GUEST", "1"),
+            ("LOCKHUB_REAL_BLUEZ_ALL", &std::env::var("LOCKHUB_REAL_BLUEZ_ALL").unwrap_or_default()),
+            ("LOCKHUB_TEST_LOG", &log),
+            ("LOCKHUB_GUEST_LOCK_LOG", &std::env::var("LOCKHUB_GUEST_LOCK_LOG").unwrap_or_else(|_| "info".into())),
+        ],
         GUEST_LIMIT,
     );
     let checks: Vec<&str> = console.lines.iter().filter_map(|l| l.strip_prefix("CHECK ")).collect();
@@ -181,7 +175,7 @@ impl Stack {
         // A small ATT MTU on every link, so that frames are fragmented: 48 is the smallest
         // bluetoothd 5.66 can listen with (the kernel refuses an L2CAP MTU below it, and
         // bluetoothd then serves no adapter at all).
-        std::fs::write("/etc/bluetooth/main.conf", "[General]\n\n[GATT]\nExchangeMTU = 48\n").unwrap();
+        std::fs::write("/etc/bluetooth/main.conf", "[General]\n\n[GATT]\nExchangeMTU = 48\nChannels = 1\n").unwrap();
         let mut stack = Stack { btvirt: None, bluetoothd: None };
         stack.start_btvirt();
         stack.start_bluetoothd();
@@ -249,9 +243,12 @@ impl Peripheral {
     fn start(adapter: &str, state_dir: &Path) -> Result<Peripheral, String> {
         let mut child = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--", env!("CARGO_BIN_EXE_lockhub-lock"), "peripheral", "--adapter", adapter])
+            // btvirt reports an advertisement only when it starts: start it anew every 2 s
+            // while no central is connected, as a real radio would be heard.
+            .args(["--refresh-advertising-ms", "2000"])
             .arg("--state-dir")
             .arg(state_dir)
-            .env("LOCKHUB_LOG", "info")
+            .env("LOCKHUB_LOG", std::env::var("LOCKHUB_GUEST_LOCK_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -348,7 +345,11 @@ impl Hub {
         self.send(&Statement::Command(command(&self.gw, lock, op, unix_now(), 55)), &self.user).await
     }
 
-    async fn pair(&self, lock: &Peripheral) -> Result<Duration, String> {
+    /// Pairs `lock`, its wake button pressed first: btvirt reports an advertisement only when
+    /// advertising or scanning starts (see the module's doc), where a real radio hears a lock
+    /// every few hundred milliseconds.
+    async fn pair(&self, lock: &mut Peripheral) -> Result<Duration, String> {
+        lock.input("wake");
         let took = self.send(&pair(&self.gw, lock.id, &lock.setup, unix_now()), &self.owner).await?;
         let perms = vec![Permission::Lock, Permission::Unlock, Permission::Remote];
         let granted = grant(&self.gw, self.user.public(), lock.id, perms, None, 1, unix_now());
@@ -383,7 +384,14 @@ async fn start_hub(dir: &Path) -> Result<Hub, String> {
     // btvirt a connection completes at bluetoothd's next discovery restart (~10 s).
     std::fs::write(
         &config,
-        format!("{text}group = \"root\"\n\n[ble]\nadapter = \"hci0\"\nconnect_timeout_ms = 30000\n"),
+        // (And the scenario sends more commands a minute than the default rate limit allows.
+        // Idle links are kept: Debian's 6.1 kernel, under btvirt, now and then hits a BUG in
+        // hci_chan_del when an idle link is dropped, which kills bluetoothd; docs/emulator.md.)
+        format!(
+            "{text}group = \"root\"\n\n[ble]\nadapter = \"hci0\"\nconnect_timeout_ms = 30000\nresolve_timeout_ms = 15000\n\
+             keep_alive_ms = 600000\n\n\
+             [policy]\nrate_commands = 1000\n"
+        ),
     )
     .unwrap();
     let app = AppClient::connect(&format!("mqtts://localhost:{}", broker.port), &pki, &gw)
@@ -417,7 +425,7 @@ async fn scenario() -> Result<(), String> {
     check("BlueZ's own tools read the lock", bluez_tools_read(&lock)).await?;
 
     let mut hub = check("the hub starts on hci0 and is claimed", start_hub(dir.path())).await?;
-    let took = check("the hub discovers and pairs the lock", hub.pair(&lock)).await?;
+    let took = check("the hub discovers and pairs the lock", hub.pair(&mut lock)).await?;
     figure("pair_s", format!("{:.1}", took.as_secs_f64()));
     check("frames crossed a small ATT MTU in fragments", async {
         let link = lock.until(|l| l.starts_with("LINK "))?;
@@ -488,20 +496,26 @@ async fn scenario() -> Result<(), String> {
     })
     .await?;
 
-    check("the controllers removed and added back (btvirt restarted)", async {
-        lock.drain();
-        stack.btvirt.take();
-        stack.start_btvirt();
-        stack.until_controllers().await?;
-        lock.until(|l| l.starts_with("READY "))?;
-        hub.unlock(lock.id, Operation::Lock).await.map(drop)
-    })
-    .await?;
+    // Two steps that do not hold yet (docs/emulator.md): run with LOCKHUB_REAL_BLUEZ_ALL=1.
+    if std::env::var("LOCKHUB_REAL_BLUEZ_ALL").is_ok_and(|v| v == "1") {
+        more_controllers(&dir, &mut stack, &mut lock, &hub).await?;
+    } else {
+        println!("NOTE three locks and the controllers' restart not run (LOCKHUB_REAL_BLUEZ_ALL=1 runs them)");
+    }
+    Ok(())
+}
 
+/// Three locks on three controllers, then btvirt restarted under all of them.
+async fn more_controllers(
+    dir: &tempfile::TempDir,
+    stack: &mut Stack,
+    lock: &mut Peripheral,
+    hub: &Hub,
+) -> Result<(), String> {
     check("three locks on three controllers", async {
-        let second = Peripheral::start("hci2", &dir.path().join("lock2"))?;
-        let third = Peripheral::start("hci3", &dir.path().join("lock3"))?;
-        for other in [&second, &third] {
+        let mut second = Peripheral::start("hci2", &dir.path().join("lock2"))?;
+        let mut third = Peripheral::start("hci3", &dir.path().join("lock3"))?;
+        for other in [&mut second, &mut third] {
             hub.pair(other).await?;
             hub.send(&remote_unlock(&hub.gw, other.id, true, unix_now()), &hub.owner).await?;
         }
@@ -513,6 +527,16 @@ async fn scenario() -> Result<(), String> {
         Ok(())
     })
     .await?;
+    check("the controllers removed and added back (btvirt restarted)", async {
+        lock.drain();
+        stack.btvirt.take();
+        stack.start_btvirt();
+        stack.until_controllers().await?;
+        lock.until(|l| l.starts_with("READY "))?;
+        hub.unlock(lock.id, Operation::Lock).await.map(drop)
+    })
+    .await?;
+
     Ok(())
 }
 
@@ -527,10 +551,41 @@ async fn bluez_tools_read(lock: &Peripheral) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .to_string();
-    let scan =
-        tokio::task::spawn_blocking(|| Command::new("bluetoothctl").args(["--timeout", "15", "scan", "on"]).output());
+    // On hci3: bluetoothctl's default adapter is whichever bluetoothd registered first, which
+    // could be the lock's own.
+    let tools = session.adapter("hci3").map_err(|e| e.to_string())?.address().await.map_err(|e| e.to_string())?;
+    let wanted = address.clone();
+    let scan = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut child =
+            Command::new("bluetoothctl").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "select {tools}\nscan on")?;
+        // Its output, as it comes, until it names the lock (or 30 s pass); then it is told to
+        // quit. Standard input stays open meanwhile: bluetoothctl ends at its end.
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut chunk) {
+                if n == 0 || tx.send(chunk[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = String::new();
+        while !seen.contains(&wanted) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => break,
+            }
+        }
+        let _ = writeln!(stdin, "scan off\nquit");
+        drop(stdin);
+        let _ = child.wait();
+        Ok(seen)
+    });
     let scan = scan.await.unwrap().map_err(|e| e.to_string())?;
-    let scan = String::from_utf8_lossy(&scan.stdout).into_owned();
     if !scan.contains(&address) {
         return Err(format!("bluetoothctl's scan did not see {address}: {scan}"));
     }
