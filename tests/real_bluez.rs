@@ -179,7 +179,15 @@ impl Stack {
         let mut stack = Stack { btvirt: None, bluetoothd: None };
         stack.start_btvirt();
         stack.start_bluetoothd();
-        stack.until_controllers().await?;
+        if let Err(e) = stack.until_controllers().await {
+            // On a loaded host, btvirt (emulated instruction by instruction) can answer a
+            // controller's HCI Reset after the kernel's timeout ("Opcode 0x0c03 failed: -110"),
+            // and that controller never comes up: new controllers, once.
+            println!("NOTE {e}: starting btvirt's controllers again");
+            stack.btvirt.take();
+            stack.start_btvirt();
+            stack.until_controllers().await?;
+        }
         Ok(stack)
     }
 

@@ -633,20 +633,19 @@ impl BluezTransport {
             })
             .await
             .map_err(|_| BleError::Timeout { during: "acquiring the lock's characteristics", after: bound })?;
-            let info = match info {
-                Ok(info) => info,
-                // The info record is readable by anyone: refused, BlueZ read another attribute
-                // at its handle, from a GATT table it cached before the lock's changed.
-                Err(e) if e.kind == ErrorKind::NotPermitted => {
+            // The info record is readable by anyone, the write characteristic takes writes
+            // without response and the notify one notifies: refused or "not supported", BlueZ
+            // used a GATT table it cached before the lock's changed.
+            let stale = |e: bluer::Error| {
+                if matches!(e.kind, ErrorKind::NotPermitted | ErrorKind::NotSupported) {
                     stale_cache.store(true, Ordering::Release);
-                    return Err(bus_error(e));
                 }
-                Err(e) => return Err(bus_error(e)),
+                bus_error(e)
             };
-            let info = LockInfo::parse(&info).map_err(|e| BleError::NotALock(format!("info record: {e}")))?;
+            let info =
+                LockInfo::parse(&info.map_err(stale)?).map_err(|e| BleError::NotALock(format!("info record: {e}")))?;
             // bluer reports both sizes already reduced to what one write may carry.
-            let (char_mtu, writer, reader) =
-                (char_mtu.map_err(bus_error)?, writer.map_err(bus_error)?, reader.map_err(bus_error)?);
+            let (char_mtu, writer, reader) = (char_mtu.map_err(stale)?, writer.map_err(stale)?, reader.map_err(stale)?);
             let max_fragment = writer.mtu().min(char_mtu);
             if max_fragment < MIN_FRAGMENT_LEN {
                 return Err(BleError::NotALock(format!("write size {max_fragment} below {MIN_FRAGMENT_LEN}")));
