@@ -315,18 +315,24 @@ pub struct Console {
 impl Console {
     /// The exit status of the guest's command, if it got that far.
     pub fn exit_code(&self) -> Option<i32> {
-        self.lines.iter().rev().find_map(|l| l.strip_prefix("GUEST-EXIT ")).and_then(|c| c.trim().parse().ok())
+        self.lines.iter().rev().find_map(|l| after(l, "GUEST-EXIT ")).and_then(|c| c.trim().parse().ok())
     }
 
     /// Seconds from the kernel's start to the second stage running.
     pub fn boot_s(&self) -> Option<f64> {
-        self.lines.iter().find_map(|l| l.strip_prefix("GUEST-UP ")).and_then(|s| s.trim().parse().ok())
+        self.lines.iter().find_map(|l| after(l, "GUEST-UP ")).and_then(|s| s.trim().parse().ok())
     }
 
     /// The last lines, for a failure's message.
     pub fn tail(&self) -> String {
         tail(&self.lines)
     }
+}
+
+/// What follows `mark` in `line`, wherever it is: the guest's processes share one console, so
+/// a line of the test's may follow another process's unfinished one.
+pub fn after<'a>(line: &'a str, mark: &str) -> Option<&'a str> {
+    line.find(mark).map(|at| &line[at + mark.len()..])
 }
 
 fn tail(lines: &[String]) -> String {
