@@ -337,17 +337,15 @@ fn application(
                                     let mut address = central.address.lock().expect("central poisoned");
                                     address.replace(req.device_address) != Some(req.device_address)
                                 };
-                                if new_central || lock.inspect(|fw, _| !fw.is_connected()) {
-                                    // A new session: what is queued belonged to the last one.
-                                    central.next_link();
-                                }
                                 let connected = lock.input(|fw, now| {
                                     let connected = new_central || !fw.is_connected();
                                     if connected {
-                                        // bluetoothd sends a notification to a central that
-                                        // supports it (BlueZ does) as a Multiple Handle Value
-                                        // Notification: 2 bytes of it are a length, and a value
-                                        // of MTU - 3 bytes loses its last two.
+                                        // A new session: what is queued belonged to the last
+                                        // one. bluetoothd sends a notification to a central
+                                        // that supports it (BlueZ does) as a Multiple Handle
+                                        // Value Notification: 2 bytes of it are a length, and
+                                        // a value of MTU - 3 bytes loses its last two.
+                                        central.next_link();
                                         fw.connect_with_fragments(usize::from(req.mtu).saturating_sub(5), now);
                                     }
                                     fw.write(&value, now);
