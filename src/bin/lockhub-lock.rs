@@ -57,6 +57,10 @@ enum Command {
         /// starts. A real radio needs none.
         #[arg(long, value_parser = clap::value_parser!(u64).range(100..=600_000))]
         refresh_advertising_ms: Option<u64>,
+        /// Motor time of a lock made now, in ms (a lock read from its state directory keeps
+        /// its own).
+        #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        motor_ms: u64,
     },
 }
 
@@ -74,9 +78,11 @@ async fn run() -> Result<()> {
         Command::Serve { bus, state_dir, locks, mtu, motor_ms, exit_with_stdin } => {
             serve(bus, state_dir, locks, mtu, motor_ms, exit_with_stdin).await
         }
-        Command::Peripheral { adapter, state_dir, refresh_advertising_ms } => {
+        Command::Peripheral { adapter, state_dir, refresh_advertising_ms, motor_ms } => {
             let refresh = refresh_advertising_ms.map(std::time::Duration::from_millis);
-            lockhub::firmware::peripheral::run(adapter.as_deref(), &state_dir, refresh).await.context("peripheral")
+            lockhub::firmware::peripheral::run(adapter.as_deref(), &state_dir, refresh, motor_ms)
+                .await
+                .context("peripheral")
         }
     }
 }

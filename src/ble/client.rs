@@ -1,6 +1,6 @@
 //! One lock's link, kept by the gateway: connected on demand, inside the connection budget,
-//! retried with backoff while connecting, bounded everywhere, dropped when idle (at once when
-//! another lock waits for a slot, else after the keep-alive window).
+//! retried with backoff while connecting, bounded everywhere, dropped when idle (after the
+//! keep-alive window, or by its owner between jobs when another lock waits for a slot).
 //!
 //! A command is sent at most once: if the link fails after the request went out, the caller
 //! gets [`BleError::LinkLost`] (the lock may or may not have acted, and the lock's log will
@@ -208,11 +208,10 @@ impl<T: LockTransport> LockClient<T> {
         let live = self.live.as_mut().expect("ensure_session leaves a live session");
         match live.session.call(actor, op, timeout).await {
             Ok(response) => {
+                // The link stays up even if another lock waits for a slot: a caller's next call
+                // (a sync is several) would otherwise reconnect, and two locks sharing one slot
+                // would trade it back and forth. The owner makes way between its jobs.
                 live.last_used = Instant::now();
-                // Another lock waits for a slot: make way rather than sit on an idle link.
-                if self.budget.has_waiters() {
-                    self.disconnect().await;
-                }
                 Ok(response)
             }
             Err(e) => {

@@ -102,7 +102,13 @@ impl Radio for PeripheralRadio {
 ///
 /// `refresh` registers the advertisement anew that often while no central is connected: an
 /// emulated controller (btvirt) reports an advertisement to scanners only when it starts.
-pub async fn run(adapter_name: Option<&str>, state_dir: &Path, refresh: Option<Duration>) -> anyhow::Result<()> {
+/// `motor_ms` is the motor time of a lock made now (a lock read from its flash keeps its own).
+pub async fn run(
+    adapter_name: Option<&str>,
+    state_dir: &Path,
+    refresh: Option<Duration>,
+    motor_ms: u64,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let flash = state_dir.join("peripheral.json");
     let state = if flash.exists() {
@@ -111,7 +117,8 @@ pub async fn run(adapter_name: Option<&str>, state_dir: &Path, refresh: Option<D
         let mut id = [0u8; 8];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
         let caps = Capabilities { unlatch: true, keypad: true, door_sensor: true };
-        PersistentState::factory_new(LockId(id), caps, Mechanics::default(), &mut rand_core::OsRng)
+        let mechanics = Mechanics { motor_ms, ..Mechanics::default() };
+        PersistentState::factory_new(LockId(id), caps, mechanics, &mut rand_core::OsRng)
     };
     let (lock_id, setup_code) = (state.identity.lock_id, state.identity.setup_code.expose().to_owned());
     crate::errln!("lock {lock_id} — setup code {setup_code} (pairing mode: {})", state.pairing_mode);
