@@ -210,6 +210,28 @@ impl Config {
         for url in &self.cloud.brokers {
             BrokerUrl::parse(url).map_err(|e| invalid("cloud.brokers", e.to_string()))?;
         }
+        if self.ble.adapter.is_some() && !self.ble.adapters.is_empty() {
+            return Err(invalid("ble.adapters", "set either adapter or adapters, not both".into()));
+        }
+        let most = crate::ble::radios::MAX_RADIOS;
+        if self.ble.adapters.len() > most {
+            return Err(invalid("ble.adapters", format!("at most {most} adapters")));
+        }
+        let (key, listed) = match &self.ble.adapter {
+            Some(one) => ("ble.adapter", std::slice::from_ref(one)),
+            None => ("ble.adapters", self.ble.adapters.as_slice()),
+        };
+        for (i, adapter) in listed.iter().enumerate() {
+            if !crate::ble::radios::is_adapter_selector(adapter) {
+                return Err(invalid(
+                    key,
+                    format!("{adapter:?}: an adapter's name (hci0) or address (00:1A:7D:DA:71:13)"),
+                ));
+            }
+            if listed[..i].iter().any(|a| a.eq_ignore_ascii_case(adapter)) {
+                return Err(invalid(key, format!("{adapter} is listed twice")));
+            }
+        }
         if self.ble.max_links == 0 || self.ble.max_links > 10 {
             return Err(invalid("ble.max_links", "1 to 10 (3 suits a Raspberry Pi's controller)".into()));
         }
@@ -422,6 +444,27 @@ rate_commands = 5
         assert_eq!(c.ble, BleConfig::default());
         assert_eq!(c.policy, PolicyLimits::default());
         assert!(c.clock.require_sync);
+    }
+
+    #[test]
+    fn adapters_are_named_by_name_or_address_once_each() {
+        let two = GOOD.replace("max_links = 2", "adapters = [\"hci0\", \"00:1a:7d:da:71:13\"]");
+        let c = Config::parse(Path::new("x"), &two).unwrap();
+        assert_eq!(c.ble.adapter_choices(), [Some("hci0".to_owned()), Some("00:1a:7d:da:71:13".to_owned())]);
+        assert_eq!(BleConfig::default().adapter_choices(), [None], "the first powered adapter");
+        let refused = [
+            ("adapters = [\"00:1A:7D:DA:71:13\", \"00:1a:7d:da:71:13\"]", "listed twice"),
+            ("adapters = [\"hci0\", \"hci0\"]", "listed twice"),
+            ("adapters = [\"wlan0\"]", "an adapter's name (hci0) or address"),
+            ("adapter = \"00:1A:7D:DA:71\"", "an adapter's name (hci0) or address"),
+            ("adapters = [\"hci0\", \"hci1\", \"hci2\", \"hci3\", \"hci4\"]", "at most 4 adapters"),
+            ("adapter = \"hci0\"\nadapters = [\"hci1\"]", "either adapter or adapters"),
+        ];
+        for (line, why) in refused {
+            let text = GOOD.replace("max_links = 2", line);
+            let e = Config::parse(Path::new("x"), &text).unwrap_err().to_string();
+            assert!(e.contains("ble.adapter") && e.contains(why), "{line}: {e}");
+        }
     }
 
     #[test]

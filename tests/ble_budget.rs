@@ -8,6 +8,7 @@ use std::sync::Arc;
 use lockhub::ble::bluez::BluezTransport;
 use lockhub::ble::budget::ConnectionBudget;
 use lockhub::ble::client::{LockClient, pair};
+use lockhub::ble::radios::Radios;
 use lockhub::ble::{BleConfig, BleError};
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, LockState, Op, Reply, UserRef};
@@ -45,8 +46,8 @@ async fn ten_locks_commanded_at_once_stay_within_the_budget_and_all_complete() {
         let code = SetupCode::parse(&lock.setup_code).unwrap();
         let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
         clients.push(LockClient::new(
-            transport.clone(),
-            budget.clone(),
+            Radios::single("hci0", transport.clone(), budget.clone()),
+            None,
             config.clone(),
             gateway.clone(),
             id,

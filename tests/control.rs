@@ -89,6 +89,7 @@ async fn the_admin_cli_over_the_control_socket() {
         "{out}"
     );
     assert!(out.contains("locks:           1") && out.contains("claimed:         yes"), "{out}");
+    assert!(out.contains("adapter:         hci0: home to 1 lock(s), "), "the emulator's one adapter: {out}");
     let (ok, out, err) = cli(&socket, &["locks"]).await;
     assert!(ok, "{err}");
     assert!(out.starts_with("LOCK") && out.contains(&lock), "{out}");
@@ -96,6 +97,7 @@ async fn the_admin_cli_over_the_control_socket() {
     let locks: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(ok);
     assert_eq!(locks[0]["lock"], lock.as_str());
+    assert_eq!(locks[0]["adapter"], "hci0", "the adapter it goes through");
     let (ok, out, _) = cli(&socket, &["audit", "--limit", "100"]).await;
     assert!(ok && out.contains("lock.pair") && out.contains("gateway.claim"), "{out}");
     let (ok, out, _) = cli(&socket, &["audit", "--json"]).await;

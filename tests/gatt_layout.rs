@@ -42,8 +42,8 @@ async fn a_lock_is_reconnected_by_its_known_handles_and_nothing_is_kept_of_locks
     let key = pair(&code).await.expect("pairing with the right code");
     assert!(listings.since_last().await >= 1, "and so does the next one after a failed pairing");
     let mut client = lockhub::ble::client::LockClient::new(
-        transport.clone(),
-        budget.clone(),
+        lockhub::ble::radios::Radios::single("hci0", transport.clone(), budget.clone()),
+        None,
         config.clone(),
         gateway.clone(),
         lock_id,

@@ -18,6 +18,7 @@ use bluer::{Adapter, Address, DeviceEvent, DeviceProperty, DiscoveryFilter, Disc
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
+use super::radios::Radios;
 use super::{Advertisement, BleConfig, BleError, LockLink, LockTransport};
 use crate::protocol::fragment::{MAX_FRAGMENT_LEN, MIN_FRAGMENT_LEN};
 use crate::protocol::gatt::{INFO_CHAR_UUID, LockInfo, NOTIFY_CHAR_UUID, SERVICE_UUID, WRITE_CHAR_UUID};
@@ -162,6 +163,29 @@ impl BluezTransport {
             resolve_timeout: config.resolve_timeout(),
             layouts: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Opens a transport on each adapter the configuration names (`ble.adapters`, else
+    /// `ble.adapter`), each with `max_links` links. An adapter that cannot be opened is left
+    /// out with a warning while another can (the hub keeps working through those it has);
+    /// when none can, the first one's error.
+    pub async fn open_radios(config: &BleConfig) -> Result<Radios<BluezTransport>, BleError> {
+        let mut opened = Vec::new();
+        let mut first_error = None;
+        for choice in config.adapter_choices() {
+            match BluezTransport::open(&config.for_adapter(choice.clone())).await {
+                Ok(transport) => opened.push((transport.adapter_name(), Arc::new(transport))),
+                Err(e) => {
+                    let adapter = choice.as_deref().unwrap_or("(first powered)");
+                    tracing::warn!(adapter, error = %e, "cannot use this Bluetooth adapter: going on without it");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if opened.is_empty() => Err(e),
+            _ => Ok(Radios::new(opened, config.max_links)),
+        }
     }
 
     /// Gives up the connection to the bus if it is still the one of `generation` (what
@@ -416,17 +440,28 @@ fn bus_silent_at_connect(bound: Duration) -> BleError {
     BleError::Bus(format!("the D-Bus system bus did not accept a connection within {bound:?}"))
 }
 
-/// The adapter to use on `session`: the one named, or the first powered one.
+/// The adapter to use on `session`: the one named (by name or address), or the first powered
+/// one.
 async fn choose_adapter(session: &bluer::Session, adapter: Option<&str>) -> Result<Adapter, BleError> {
     let names = session.adapter_names().await.map_err(bus_error)?;
     Ok(match adapter {
-        Some(name) => {
-            if !names.iter().any(|n| n == name) {
-                return Err(BleError::NoAdapter(format!(" named {name} (found: {})", names.join(", "))));
+        Some(wanted) => {
+            let mut name = names.iter().find(|n| *n == wanted).cloned();
+            if name.is_none() && super::radios::is_address(wanted) {
+                for candidate in &names {
+                    let address = session.adapter(candidate).map_err(bus_error)?.address().await.map_err(bus_error)?;
+                    if address.to_string().eq_ignore_ascii_case(wanted) {
+                        name = Some(candidate.clone());
+                        break;
+                    }
+                }
             }
-            let a = session.adapter(name).map_err(bus_error)?;
+            let Some(name) = name else {
+                return Err(BleError::NoAdapter(format!(" {wanted} (found: {})", names.join(", "))));
+            };
+            let a = session.adapter(&name).map_err(bus_error)?;
             if !a.is_powered().await.map_err(bus_error)? {
-                return Err(BleError::AdapterOff(name.to_owned()));
+                return Err(BleError::AdapterOff(name));
             }
             a
         }

@@ -16,6 +16,7 @@ use super::BleError;
 #[derive(Clone, Debug)]
 pub struct ConnectionBudget {
     slots: Arc<Semaphore>,
+    capacity: usize,
     counts: Arc<Counts>,
 }
 
@@ -44,7 +45,8 @@ impl Drop for Slot {
 impl ConnectionBudget {
     /// A budget of `max_links` slots (at least one).
     pub fn new(max_links: usize) -> Self {
-        ConnectionBudget { slots: Arc::new(Semaphore::new(max_links.max(1))), counts: Arc::default() }
+        let capacity = max_links.max(1);
+        ConnectionBudget { slots: Arc::new(Semaphore::new(capacity)), capacity, counts: Arc::default() }
     }
 
     /// Waits (in arrival order) for a slot, at most `timeout`.
@@ -61,6 +63,11 @@ impl ConnectionBudget {
         let in_use = self.counts.in_use.fetch_add(1, Ordering::AcqRel) + 1;
         self.counts.peak.fetch_max(in_use, Ordering::AcqRel);
         Ok(Slot { _permit: permit, counts: self.counts.clone() })
+    }
+
+    /// Slots in all.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Slots held now.

@@ -7,12 +7,14 @@
 //! say), and the next command starts a new connection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rand_core::RngCore;
 use tokio::time::Instant;
 
 use super::budget::{ConnectionBudget, Slot};
+use super::radios::Radios;
 use super::session::LockSession;
 use super::{BleConfig, BleError, LockTransport};
 use crate::protocol::ids::{GatewayId, LockId};
@@ -23,12 +25,17 @@ struct Live<L: super::LockLink> {
     session: LockSession<L>,
     _slot: Slot,
     last_used: Instant,
+    /// The adapter it goes through, and that adapter's budget (to make way on).
+    radio: usize,
+    budget: ConnectionBudget,
 }
 
 /// The gateway's handle on one paired lock.
 pub struct LockClient<T: LockTransport> {
-    transport: Arc<T>,
-    budget: ConnectionBudget,
+    radios: Radios<T>,
+    /// The adapter tried first (see `ble::radios`), an index into `radios`; shared so that
+    /// the gateway can say where each lock is without asking its task.
+    home: Arc<AtomicUsize>,
     config: BleConfig,
     gateway_id: GatewayId,
     lock_id: LockId,
@@ -42,6 +49,7 @@ impl<T: LockTransport> std::fmt::Debug for LockClient<T> {
         f.debug_struct("LockClient")
             .field("lock_id", &self.lock_id)
             .field("address", &self.address)
+            .field("adapter", &self.adapter())
             .field("connected", &self.live.is_some())
             .finish_non_exhaustive()
     }
@@ -149,7 +157,8 @@ async fn connect_with_retries<T: LockTransport>(
     Err(BleError::Unreachable { address: address.to_owned(), detail })
 }
 
-/// Pairs with the lock at `address` using its setup code; returns the key to keep sealed.
+/// Pairs with the lock at `address` using its setup code, through `transport` (an adapter
+/// that heard it); returns the key to keep sealed.
 pub async fn pair<T: LockTransport>(
     transport: &T,
     budget: &ConnectionBudget,
@@ -173,17 +182,40 @@ pub async fn pair<T: LockTransport>(
 }
 
 impl<T: LockTransport> LockClient<T> {
-    /// A client for a paired lock; nothing connects until the first command.
+    /// A client for a paired lock on the hub's adapters, at home on `home` (`None`: the
+    /// least loaded adapter); nothing connects until the first command.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        transport: Arc<T>,
-        budget: ConnectionBudget,
+        radios: Radios<T>,
+        home: Option<usize>,
         config: BleConfig,
         gateway_id: GatewayId,
         lock_id: LockId,
         address: String,
         key: PairingKey,
     ) -> Self {
-        LockClient { transport, budget, config, gateway_id, lock_id, address, key, live: None }
+        let home = Arc::new(AtomicUsize::new(radios.settle(home)));
+        LockClient { radios, home, config, gateway_id, lock_id, address, key, live: None }
+    }
+
+    /// The adapter the lock goes through: the live link's, else its home.
+    pub fn adapter(&self) -> &str {
+        self.radios.get(self.live.as_ref().map_or_else(|| self.home(), |l| l.radio)).name()
+    }
+
+    /// Its home adapter's index in the hub's adapters, kept current as the home moves.
+    pub fn home_index(&self) -> Arc<AtomicUsize> {
+        self.home.clone()
+    }
+
+    fn home(&self) -> usize {
+        self.home.load(Ordering::Acquire)
+    }
+
+    /// The budget of the live link's adapter, if a link is up: its owner makes way on it
+    /// between jobs when another lock waits.
+    pub fn link_budget(&self) -> Option<ConnectionBudget> {
+        self.live.as_ref().map(|l| l.budget.clone())
     }
 
     /// The lock's id.
@@ -265,18 +297,186 @@ impl<T: LockTransport> LockClient<T> {
         }
     }
 
+    /// Opens a session through the lock's home adapter, else through the others in turn (the
+    /// first that reaches it becomes its home).
     async fn ensure_session(&mut self) -> Result<(), BleError> {
         if self.live.is_some() {
             return Ok(());
         }
-        let slot = self.budget.acquire(self.config.slot_timeout()).await?;
-        let peer = Peer { gateway_id: &self.gateway_id, lock_id: self.lock_id, address: &self.address };
-        let session =
-            match connect_with_retries(&*self.transport, &self.config, &peer, Purpose::Session(&self.key)).await? {
-                Established::Session(session) => *session,
-                Established::Paired(_) => unreachable!("a session purpose yields a session"),
-            };
-        self.live = Some(Live { session, _slot: slot, last_used: Instant::now() });
-        Ok(())
+        let mut failures: Vec<(usize, BleError)> = Vec::new();
+        let home = self.home();
+        for index in self.radios.order_from(home).collect::<Vec<_>>() {
+            let peer = Peer { gateway_id: &self.gateway_id, lock_id: self.lock_id, address: &self.address };
+            match session_through(&self.radios, index, &self.config, &peer, &self.key).await {
+                Ok(live) => {
+                    if index != home {
+                        let (from, to) = (self.radios.get(home).name(), self.radios.get(index).name());
+                        let why = failures.first().map(|(_, e)| e.to_string()).unwrap_or_default();
+                        tracing::info!(lock_id = %self.lock_id, from, to, error = why, "the lock is reached through another adapter now");
+                        self.radios.move_home(home, index);
+                        self.home.store(index, Ordering::Release);
+                    }
+                    self.live = Some(live);
+                    return Ok(());
+                }
+                // The lock itself refused or is not what it should be: another adapter reaches
+                // the same lock.
+                Err(e @ (BleError::Protocol(_) | BleError::NotALock(_))) => return Err(e),
+                Err(e) => failures.push((index, e)),
+            }
+        }
+        Err(self.unreachable_through_all(failures))
+    }
+
+    /// What to answer when no adapter reached the lock: with one adapter its error; with
+    /// several, the lock unreachable, saying what each adapter met.
+    fn unreachable_through_all(&self, mut failures: Vec<(usize, BleError)>) -> BleError {
+        if failures.len() == 1 {
+            return failures.pop().expect("one failure").1;
+        }
+        let detail = failures
+            .iter()
+            .map(|(i, e)| format!("through {}: {e}", self.radios.get(*i).name()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        BleError::Unreachable { address: self.address.clone(), detail }
+    }
+}
+
+/// A session with `peer` through adapter `index`, within that adapter's budget.
+async fn session_through<T: LockTransport>(
+    radios: &Radios<T>,
+    index: usize,
+    config: &BleConfig,
+    peer: &Peer<'_>,
+    key: &PairingKey,
+) -> Result<Live<T::Link>, BleError> {
+    let radio = radios.get(index);
+    let slot = radio.budget().acquire(config.slot_timeout()).await?;
+    let session = match connect_with_retries(&**radio.transport(), config, peer, Purpose::Session(key)).await? {
+        Established::Session(session) => *session,
+        Established::Paired(_) => unreachable!("a session purpose yields a session"),
+    };
+    Ok(Live { session, _slot: slot, last_used: Instant::now(), radio: index, budget: radio.budget().clone() })
+}
+
+impl<T: LockTransport> Drop for LockClient<T> {
+    fn drop(&mut self) {
+        self.radios.leave(self.home());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::ble::{Advertisement, LockLink};
+    use crate::protocol::gatt::LockInfo;
+
+    /// A link that cannot exist: the transports below never make one.
+    enum NoLink {}
+
+    impl LockLink for NoLink {
+        fn info(&self) -> LockInfo {
+            match *self {}
+        }
+        fn max_fragment(&self) -> usize {
+            match *self {}
+        }
+        async fn write(&mut self, _: &[u8]) -> Result<(), BleError> {
+            match *self {}
+        }
+        async fn recv(&mut self) -> Result<Vec<u8>, BleError> {
+            match *self {}
+        }
+        async fn close(self) {
+            match self {}
+        }
+    }
+
+    /// An adapter whose every connection fails with `error`; it notes each attempt, by its
+    /// name, in `asked`.
+    struct Failing {
+        name: &'static str,
+        error: BleError,
+        asked: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    impl LockTransport for Failing {
+        type Link = NoLink;
+        async fn scan(&self, _: Duration) -> Result<Vec<Advertisement>, BleError> {
+            Ok(Vec::new())
+        }
+        async fn find(&self, _: &str, _: Duration) -> Result<(), BleError> {
+            Ok(())
+        }
+        async fn locate(&self, _: LockId, _: Duration) -> Result<Advertisement, BleError> {
+            Err(self.error.clone())
+        }
+        async fn connect(&self, _: &str) -> Result<NoLink, BleError> {
+            self.asked.lock().unwrap().push(self.name);
+            Err(self.error.clone())
+        }
+        fn forget(&self, _: &str) {}
+        fn remembers(&self, _: &str) -> bool {
+            false
+        }
+    }
+
+    fn client(errors: [BleError; 2], home: usize) -> (LockClient<Failing>, Arc<Mutex<Vec<&'static str>>>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let [a, b] = errors;
+        let radios = Radios::new(
+            vec![
+                ("hci0".into(), Arc::new(Failing { name: "hci0", error: a, asked: asked.clone() })),
+                ("hci1".into(), Arc::new(Failing { name: "hci1", error: b, asked: asked.clone() })),
+            ],
+            1,
+        );
+        let config = BleConfig { connect_attempts: 1, ..BleConfig::default() };
+        let gateway = GatewayId::new("hub").unwrap();
+        let key = PairingKey::from_bytes([9; 32]);
+        let client = LockClient::new(radios, Some(home), config, gateway, LockId([1; 8]), "AA:BB".into(), key);
+        (client, asked)
+    }
+
+    #[tokio::test]
+    async fn a_lock_its_home_adapter_cannot_reach_is_tried_through_the_other_and_both_reasons_told() {
+        let off = BleError::AdapterOff("hci1".into());
+        let gone = BleError::NoAdapter(" hci0 (found: hci1)".into());
+        let (mut client, asked) = client([gone, off], 1);
+        assert_eq!(client.adapter(), "hci1");
+        let e = client.call(Actor::Hub, Op::Status).await.unwrap_err();
+        assert_eq!(*asked.lock().unwrap(), ["hci1", "hci0"], "its home first, then the other");
+        assert_eq!(e.code(), "unreachable", "{e}");
+        let text = e.to_string();
+        assert!(text.contains("through hci1: Bluetooth adapter hci1 is powered off"), "{text}");
+        assert!(text.contains("through hci0: no Bluetooth adapter hci0"), "{text}");
+        assert_eq!(client.adapter(), "hci1", "no adapter reached it: its home stays");
+        assert!(client.radios.iter().all(|r| r.budget().in_use() == 0), "no slot is kept");
+    }
+
+    #[tokio::test]
+    async fn a_lock_that_refuses_is_not_tried_through_another_adapter() {
+        let refused = BleError::NotALock("no LHP/1 service".into());
+        let off = BleError::AdapterOff("hci1".into());
+        let (mut client, asked) = client([refused.clone(), off], 0);
+        let e = client.call(Actor::Hub, Op::Status).await.unwrap_err();
+        assert_eq!(e, refused, "the lock's own answer, as it is");
+        assert_eq!(*asked.lock().unwrap(), ["hci0"]);
+    }
+
+    #[tokio::test]
+    async fn with_one_adapter_its_error_is_told_as_it_is() {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let off = BleError::AdapterOff("hci0".into());
+        let transport = Arc::new(Failing { name: "hci0", error: off.clone(), asked });
+        let key = PairingKey::from_bytes([9; 32]);
+        let gateway = GatewayId::new("hub").unwrap();
+        let config = BleConfig::default();
+        let radios = Radios::single("hci0", transport, ConnectionBudget::new(1));
+        let mut client = LockClient::new(radios, None, config, gateway, LockId([1; 8]), "AA:BB".into(), key);
+        assert_eq!(client.call(Actor::Hub, Op::Status).await.unwrap_err(), off);
     }
 }

@@ -11,6 +11,7 @@ pub mod bluez;
 pub mod budget;
 pub mod client;
 mod discovery;
+pub mod radios;
 pub mod session;
 
 use std::time::Duration;
@@ -177,9 +178,12 @@ pub trait LockTransport: Send + Sync + 'static {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BleConfig {
-    /// Adapter name (`hci0`); the first powered adapter when absent.
+    /// Adapter name (`hci0`) or address; the first powered adapter when absent.
     pub adapter: Option<String>,
-    /// Most links up at once (BLE controllers handle few; 3 is safe on a Pi).
+    /// Several adapters (names or addresses), instead of `adapter`: locks are spread over
+    /// them, and a lock one of them cannot reach goes through another (`ble::radios`).
+    pub adapters: Vec<String>,
+    /// Most links up at once on each adapter (BLE controllers handle few; 3 is safe on a Pi).
     pub max_links: usize,
     /// Bound on establishing a session, retries included, in ms.
     pub connect_timeout_ms: u64,
@@ -201,6 +205,7 @@ impl Default for BleConfig {
     fn default() -> Self {
         BleConfig {
             adapter: None,
+            adapters: Vec::new(),
             max_links: 3,
             connect_timeout_ms: 10_000,
             command_timeout_ms: 10_000,
@@ -216,6 +221,21 @@ impl Default for BleConfig {
 impl BleConfig {
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    /// The adapters to open, each as `adapter` would name it: those of `adapters`, else the
+    /// one `adapter` names (or the first powered one, `None`).
+    pub fn adapter_choices(&self) -> Vec<Option<String>> {
+        if self.adapters.is_empty() {
+            vec![self.adapter.clone()]
+        } else {
+            self.adapters.iter().cloned().map(Some).collect()
+        }
+    }
+
+    /// This configuration with `adapter` as its only adapter.
+    pub fn for_adapter(&self, adapter: Option<String>) -> BleConfig {
+        BleConfig { adapter, adapters: Vec::new(), ..self.clone() }
     }
 
     /// [`BleConfig::connect_timeout_ms`] as a duration.

@@ -384,6 +384,12 @@ impl<T: LockTransport> ControlServer<T> {
             "version": env!("CARGO_PKG_VERSION"),
             "cloud": cloud,
             "locks": self.gateway.lock_count(),
+            "adapters": self.gateway.radios().iter().map(|r| json!({
+                "name": r.name(),
+                "locks": r.homes(),
+                "links": r.budget().in_use(),
+                "max_links": r.budget().capacity(),
+            })).collect::<Vec<_>>(),
             "reports_queued": outbox,
             "claimed": claimed,
             "clock_synchronised": (self.clock)().1,
@@ -393,6 +399,7 @@ impl<T: LockTransport> ControlServer<T> {
 
     fn locks(&self) -> Result<Value, StoreError> {
         let paired = self.gateway.paired_locks()?;
+        let adapters = self.gateway.adapters_of_locks();
         let latest = self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(Value::Array(
             paired
@@ -410,6 +417,7 @@ impl<T: LockTransport> ControlServer<T> {
                         "lock": l.lock_id.to_string(),
                         "name": l.name,
                         "address": l.address,
+                        "adapter": adapters.get(&l.lock_id),
                         "paired_at": l.paired_at,
                         "last_event_seq": l.last_event_seq,
                         "connected": now.connected,

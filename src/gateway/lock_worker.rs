@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use crate::auth::reason::Reason;
-use crate::ble::budget::ConnectionBudget;
 use crate::ble::client::LockClient;
 use crate::ble::{BleError, LockTransport};
 use crate::cloud::lock_report::{event_payload, state_payload};
@@ -127,9 +126,16 @@ pub struct LockHandle {
     jobs: mpsc::Sender<Job>,
     /// A sync is queued: advertisements repeat, and must not fill the queue with syncs.
     sync_queued: Arc<AtomicBool>,
+    /// The lock's home adapter (its index in the hub's adapters).
+    home: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl LockHandle {
+    /// The lock's home adapter, as an index in the hub's adapters.
+    pub fn home(&self) -> usize {
+        self.home.load(Ordering::Acquire)
+    }
+
     /// Queues an operation and waits for its outcome (see [`Executed`]). A full queue is
     /// refused at once (`overloaded`) rather than making the caller wait past its deadline.
     pub async fn execute(&self, op: Op, actor: Actor) -> Result<Executed, Failure> {
@@ -163,8 +169,6 @@ fn gone() -> Failure {
 pub struct LockWorker<T: LockTransport> {
     /// The lock's client.
     pub client: LockClient<T>,
-    /// The link budget it shares with the other locks (to make way when idle).
-    pub budget: ConnectionBudget,
     /// When this gateway paired it (the event ids' epoch).
     pub epoch: i64,
     /// The newest log entry already reported.
@@ -193,7 +197,8 @@ impl<T: LockTransport> LockWorker<T> {
     /// it lets go of the lock.
     pub fn spawn(self) -> (LockHandle, tokio::task::JoinHandle<()>) {
         let (jobs, queue) = mpsc::channel(QUEUE);
-        let handle = LockHandle { jobs, sync_queued: Arc::new(AtomicBool::new(false)) };
+        let home = self.client.home_index();
+        let handle = LockHandle { jobs, sync_queued: Arc::new(AtomicBool::new(false)), home };
         handle.sync();
         let task = tokio::spawn(self.run(queue, handle.sync_queued.clone()));
         (handle, task)
@@ -208,6 +213,9 @@ impl<T: LockTransport> LockWorker<T> {
             self.report_lost_link().await;
             let idle = self.client.idle_deadline();
             let connected = self.client.is_connected();
+            // The live link's adapter: another lock waiting there makes this link, idle
+            // between jobs, make way.
+            let link_budget = self.client.link_budget();
             let job = tokio::select! {
                 job = queue.recv() => match job {
                     Some(job) => job,
@@ -216,7 +224,12 @@ impl<T: LockTransport> LockWorker<T> {
                 // While a link is up, the lock may push events (a keypad, the thumb-turn), and
                 // the link may die (out of range, reboot): both are reported as they happen.
                 // Another lock waits for a link slot: an idle link makes way at once.
-                () = self.budget.someone_waits(), if connected => {
+                () = async {
+                    match &link_budget {
+                        Some(budget) => budget.someone_waits().await,
+                        None => std::future::pending().await,
+                    }
+                }, if connected => {
                     self.client.disconnect().await;
                     self.report(Vec::new(), None).await;
                     continue;

@@ -46,6 +46,16 @@ impl Retry {
     }
 }
 
+/// Watches advertisements through every adapter of `gateway` (see [`watch_advertisements`])
+/// until `shutdown` turns true.
+pub async fn watch_radios(gateway: Arc<Gateway<BluezTransport>>, bus_check: Duration, shutdown: watch::Receiver<bool>) {
+    let watches = gateway
+        .radios()
+        .iter()
+        .map(|radio| watch_advertisements(radio.transport().clone(), gateway.clone(), bus_check, shutdown.clone()));
+    futures::future::join_all(watches.collect::<Vec<_>>()).await;
+}
+
 /// Watches advertisements until `shutdown` turns true. Discovery is restarted when BlueZ
 /// comes back (restarted: its discovery died with it) and after an error, with a pause that
 /// grows while starting it keeps failing (BlueZ absent or hung: the transport bounds each

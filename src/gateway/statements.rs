@@ -23,8 +23,8 @@ use super::timing::{Stage, Timing};
 use crate::auth::keys::PublicKey;
 use crate::auth::reason::Reason;
 use crate::auth::statement::{Command, Grant, Operation, Signed, Statement, open};
-use crate::ble::budget::ConnectionBudget;
 use crate::ble::client::{LockClient, pair};
+use crate::ble::radios::Radios;
 use crate::ble::{BleConfig, LockTransport};
 use crate::cloud::express::{ExpressLane, ExpressRecord};
 use crate::cloud::link::InboundCommand;
@@ -88,8 +88,8 @@ pub struct Gateway<T: LockTransport> {
     topics: Topics,
     store: Arc<Mutex<Store>>,
     outbox_ready: Arc<Notify>,
-    transport: Arc<T>,
-    budget: ConnectionBudget,
+    /// The hub's adapters, each with its link budget.
+    radios: Radios<T>,
     ble: BleConfig,
     policy: Mutex<PolicyEngine>,
     locks: Mutex<HashMap<LockId, LockHandle>>,
@@ -148,7 +148,7 @@ impl<T: LockTransport> Gateway<T> {
         id: GatewayId,
         store: Arc<Mutex<Store>>,
         outbox_ready: Arc<Notify>,
-        transport: Arc<T>,
+        radios: Radios<T>,
         ble: BleConfig,
         limits: PolicyLimits,
         clock: Clock,
@@ -159,8 +159,7 @@ impl<T: LockTransport> Gateway<T> {
             id,
             store,
             outbox_ready,
-            transport,
-            budget: ConnectionBudget::new(ble.max_links),
+            radios,
             ble,
             policy: Mutex::new(PolicyEngine::new(limits)),
             locks: Mutex::new(HashMap::new()),
@@ -193,7 +192,7 @@ impl<T: LockTransport> Gateway<T> {
         };
         for lock in locks {
             let key = self.store().pairing_key(lock.lock_id)?;
-            self.start_lock(lock.lock_id, lock.address, key, lock.paired_at, lock.last_event_seq);
+            self.start_lock(lock.lock_id, lock.address, key, lock.paired_at, lock.last_event_seq, None);
         }
         let (now, _) = (self.clock)();
         for key in unanswered {
@@ -220,19 +219,11 @@ impl<T: LockTransport> Gateway<T> {
         key: crate::protocol::pairing::PairingKey,
         epoch: i64,
         last_seq: u64,
+        home: Option<usize>,
     ) {
-        let client = LockClient::new(
-            self.transport.clone(),
-            self.budget.clone(),
-            self.ble.clone(),
-            self.id.clone(),
-            lock,
-            address,
-            key,
-        );
+        let client = LockClient::new(self.radios.clone(), home, self.ble.clone(), self.id.clone(), lock, address, key);
         let worker = LockWorker {
             client,
-            budget: self.budget.clone(),
             epoch,
             last_seq,
             store: self.store.clone(),
@@ -429,7 +420,7 @@ impl<T: LockTransport> Gateway<T> {
         })
         .await
         .map_err(|_| StoreError::Invalid("the store task failed"))??;
-        self.transport.forget(&report.address);
+        self.radios.forget(&report.address);
         self.store().transaction(|tx| {
             for topic in &report.retained_topics {
                 tx.append_outbox(None, topic, b"", true, now)?;
@@ -456,6 +447,12 @@ impl<T: LockTransport> Gateway<T> {
     /// Replaces the policy limits (a configuration reload).
     pub fn set_policy_limits(&self, limits: PolicyLimits) {
         self.policy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_limits(limits);
+    }
+
+    /// The adapter each paired lock goes through (its home), by lock.
+    pub fn adapters_of_locks(&self) -> HashMap<LockId, String> {
+        let locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.iter().map(|(lock, handle)| (*lock, self.radios.get(handle.home()).name().to_owned())).collect()
     }
 
     /// How many locks are paired (and have a task).
@@ -836,16 +833,20 @@ impl<T: LockTransport> Gateway<T> {
         // Find the lock on the radio (it must be in pairing mode to accept), for as long as a
         // connection may take: a lock advertises every few hundred ms, but a scan hears it
         // only as often as the stack reports (under btvirt, once per scan restart, ~10 s).
-        let ad = match self.transport.locate(lock, self.ble.connect_timeout().max(Duration::from_secs(10))).await {
-            Ok(ad) => ad,
+        // Every adapter looks; the first to hear it pairs it and becomes its home.
+        let bound = self.ble.connect_timeout().max(Duration::from_secs(10));
+        let (heard_by, ad) = match self.radios.locate(lock, bound).await {
+            Ok(found) => found,
             Err(e) => return Ok(failed(id, Reason::LockUnreachable, &format!("the lock was not seen: {e}"), now)),
         };
-        let key = match pair(&*self.transport, &self.budget, &self.ble, &self.id, lock, &ad.address, &code).await {
+        let radio = self.radios.get(heard_by);
+        let paired = pair(&**radio.transport(), radio.budget(), &self.ble, &self.id, lock, &ad.address, &code).await;
+        let key = match paired {
             Ok(key) => key,
             Err(e) => return Ok(failed(id, Reason::Failed, &format!("pairing failed: {e} ({})", e.code()), now)),
         };
         self.store().transaction(|tx| tx.add_lock(lock, &ad.address, &lock.to_string(), &key, now))?;
-        self.start_lock(lock, ad.address.clone(), key, now, 0);
+        self.start_lock(lock, ad.address.clone(), key, now, 0, Some(heard_by));
         Ok(ok(id, "paired", now))
     }
 
@@ -868,9 +869,14 @@ impl<T: LockTransport> Gateway<T> {
         Ok(reply)
     }
 
-    /// Scans the radio for `duration`: every LHP/1 lock in range, strongest first.
+    /// Scans through every adapter for `duration`: every LHP/1 lock in range, strongest first.
     pub async fn scan(&self, duration: Duration) -> Result<Vec<crate::ble::Advertisement>, crate::ble::BleError> {
-        self.transport.scan(duration).await
+        self.radios.scan(duration).await
+    }
+
+    /// The hub's adapters.
+    pub fn radios(&self) -> &Radios<T> {
+        &self.radios
     }
 }
 

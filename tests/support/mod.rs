@@ -350,7 +350,8 @@ pub async fn paired_client(
     let key = lockhub::ble::client::pair(&*transport, &budget, &config, &gateway, lock_id, &lock.address, &code)
         .await
         .expect("pairing");
-    lockhub::ble::client::LockClient::new(transport, budget, config, gateway, lock_id, lock.address.clone(), key)
+    let radios = lockhub::ble::radios::Radios::single("hci0", transport, budget);
+    lockhub::ble::client::LockClient::new(radios, None, config, gateway, lock_id, lock.address.clone(), key)
 }
 
 /// Runs `command` with its standard output a pipe whose reader has already gone (`… | head

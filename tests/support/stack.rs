@@ -131,9 +131,10 @@ impl Stack {
             CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
         let c = clock.clone();
         let clock: lockhub::gateway::statements::Clock = Arc::new(move || c.now());
-        let transport = Arc::new(super::transport().await);
+        super::bed();
+        let radios = BluezTransport::open_radios(&ble()).await.expect("opening the BlueZ transport");
         let gateway: Arc<Gateway<BluezTransport>> =
-            Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), transport.clone(), ble(), limits, clock);
+            Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), radios, ble(), limits, clock);
         gateway.send_replies_through(link.express_lane());
         gateway.start_locks().unwrap();
         let (stop, stopped) = watch::channel(false);
@@ -146,18 +147,14 @@ impl Stack {
             unix_now,
         ));
         tokio::spawn(gateway.clone().serve(accepted));
-        tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(
-            transport.clone(),
-            gateway.clone(),
-            BUS_CHECK,
-            stopped.clone(),
-        ));
+        tokio::spawn(lockhub::gateway::radio_watch::watch_radios(gateway.clone(), BUS_CHECK, stopped.clone()));
         let link = tokio::spawn(link.run(stopped.clone()));
         reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
         // Keep the link's task handle alive with the switch: stopping ends it.
         tokio::spawn(async move {
             let _ = link.await;
         });
+        let transport = gateway.radios().get(0).transport().clone();
         Running { store, stop, gateway, transport, cloud: reports.state, delivered: reports.delivered, log_debt }
     }
 

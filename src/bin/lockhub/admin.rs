@@ -111,6 +111,16 @@ pub fn show(request: &Request, value: &Value, json: bool, out: &mut impl Write) 
             writeln!(out, "version:         {}", text(&value["version"]))?;
             writeln!(out, "cloud:           {cloud}")?;
             writeln!(out, "locks:           {}", value["locks"])?;
+            for adapter in value["adapters"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "adapter:         {}: home to {} lock(s), {} of {} links up",
+                    text(&adapter["name"]),
+                    adapter["locks"],
+                    adapter["links"],
+                    adapter["max_links"]
+                )?;
+            }
             writeln!(out, "reports queued:  {}", value["reports_queued"])?;
             writeln!(
                 out,
@@ -134,7 +144,7 @@ pub fn show(request: &Request, value: &Value, json: bool, out: &mut impl Write) 
         }
         Request::Locks => table(
             out,
-            &["LOCK", "NAME", "STATE", "BATTERY", "DOOR", "LINK", "PAIRED"],
+            &["LOCK", "NAME", "STATE", "BATTERY", "DOOR", "LINK", "ADAPTER", "PAIRED"],
             rows(value, |l| {
                 vec![
                     text(&l["lock"]),
@@ -149,6 +159,7 @@ pub fn show(request: &Request, value: &Value, json: bool, out: &mut impl Write) 
                     } else {
                         "idle".into()
                     },
+                    text(&l["adapter"]),
                     time(&l["paired_at"]),
                 ]
             }),

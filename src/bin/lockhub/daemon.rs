@@ -131,7 +131,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     let (inbound_tx, inbound) = mpsc::channel(64);
     let (link, reports) =
         CloudLink::new(config.cloud_config(), id.clone(), store.clone(), outbox_ready.clone(), inbound_tx)?;
-    let transport = Arc::new(BluezTransport::open(&config.ble).await.context("opening BlueZ")?);
+    let radios = BluezTransport::open_radios(&config.ble).await.context("opening BlueZ")?;
     let require_sync = Arc::new(AtomicBool::new(config.clock.require_sync));
     let clock = system_clock(require_sync.clone(), kernel_synchronised);
     if !clock().1 {
@@ -141,7 +141,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         id.clone(),
         store.clone(),
         outbox_ready.clone(),
-        transport.clone(),
+        radios,
         config.ble.clone(),
         config.policy,
         clock.clone(),
@@ -190,8 +190,7 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
         }
     });
     let statements = tokio::spawn(gateway.clone().serve(accepted));
-    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(
-        transport,
+    tokio::spawn(lockhub::gateway::radio_watch::watch_radios(
         gateway.clone(),
         lockhub::gateway::radio_watch::BUS_CHECK,
         stopped.clone(),

@@ -160,23 +160,15 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     // This machine's clock is taken as synchronised for the demo; the daemon checks.
     let clock: Clock = Arc::new(|| (unix_now(), true));
     let ble = BleConfig::default();
-    let transport = Arc::new(BluezTransport::open(&ble).await.context("opening BlueZ on the private bus")?);
-    let gateway: Arc<Gateway<BluezTransport>> = Gateway::new(
-        gw.clone(),
-        store.clone(),
-        outbox_ready.clone(),
-        transport.clone(),
-        ble,
-        PolicyLimits::default(),
-        clock,
-    );
+    let radios = BluezTransport::open_radios(&ble).await.context("opening BlueZ on the private bus")?;
+    let gateway: Arc<Gateway<BluezTransport>> =
+        Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), radios, ble, PolicyLimits::default(), clock);
     gateway.send_replies_through(link.express_lane());
     gateway.start_locks()?;
     let (accepted_tx, accepted) = mpsc::channel(64);
     tokio::spawn(intake::serve(Intake::new(store.clone(), gw.clone(), outbox_ready), inbound, accepted_tx, unix_now));
     tokio::spawn(gateway.clone().serve(accepted));
-    tokio::spawn(lockhub::gateway::radio_watch::watch_advertisements(
-        transport,
+    tokio::spawn(lockhub::gateway::radio_watch::watch_radios(
         gateway.clone(),
         lockhub::gateway::radio_watch::BUS_CHECK,
         stopped.clone(),

@@ -61,7 +61,7 @@ pub fn run(config_path: &Path, socket: &Path, json: bool) -> Result<()> {
         checks.push(clock(config.clock.require_sync));
         checks.push(modes(config));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        checks.push(runtime.block_on(bluez(config)));
+        checks.extend(runtime.block_on(bluez(config)));
         for url in &config.cloud.brokers {
             checks.push(runtime.block_on(broker(config, url)));
         }
@@ -156,15 +156,29 @@ fn modes(config: &Config) -> Check {
     }
 }
 
-async fn bluez(config: &Config) -> Check {
-    match lockhub::ble::bluez::BluezTransport::open(&config.ble).await {
-        Ok(_) => ok("bluetooth", "BlueZ answers on the system bus and a powered adapter is there"),
-        Err(e) => fail(
-            "bluetooth",
-            e.to_string(),
-            "systemctl status bluetooth; the daemon's user must be in group bluetooth; rfkill list",
-        ),
+/// One check per configured adapter (`ble.adapters`, else `ble.adapter`): BlueZ answers and
+/// the adapter is there, powered.
+async fn bluez(config: &Config) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for choice in config.ble.adapter_choices() {
+        let wanted = choice.clone().unwrap_or_else(|| "the first powered adapter".into());
+        checks.push(match lockhub::ble::bluez::BluezTransport::open(&config.ble.for_adapter(choice)).await {
+            Ok(transport) => ok(
+                "bluetooth",
+                format!(
+                    "{wanted}: BlueZ answers on the system bus; adapter {} is there, powered, for {} links at once",
+                    transport.adapter_name(),
+                    config.ble.max_links
+                ),
+            ),
+            Err(e) => fail(
+                "bluetooth",
+                format!("{wanted}: {e}"),
+                "systemctl status bluetooth; the daemon's user must be in group bluetooth; rfkill list; bluetoothctl list",
+            ),
+        });
     }
+    checks
 }
 
 async fn broker(config: &Config, url: &str) -> Check {
