@@ -11,6 +11,8 @@ pub mod bluez;
 pub mod budget;
 pub mod client;
 mod discovery;
+#[cfg(feature = "devtools")]
+pub mod memory;
 pub mod radios;
 pub mod session;
 
