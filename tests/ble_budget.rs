@@ -115,7 +115,7 @@ async fn a_run_of_calls_keeps_its_link_while_another_lock_waits() {
     let mut b = paired_client(transport.clone(), &second, config, budget.clone(), "hub-run").await;
 
     a.call(Actor::Hub, Op::Status).await.unwrap();
-    let before = connects(&ctl).await;
+    let before = support::connects(&ctl).await;
     let waiting = tokio::spawn(async move {
         let r = b.call(Actor::Hub, Op::Status).await.map(drop);
         b.disconnect().await;
@@ -129,15 +129,7 @@ async fn a_run_of_calls_keeps_its_link_while_another_lock_waits() {
         a.call(Actor::Hub, op).await.unwrap();
         assert!(a.is_connected(), "the link stays up between calls while another lock waits");
     }
-    assert_eq!(connects(&ctl).await, before, "three more calls, no new connection");
+    assert_eq!(support::connects(&ctl).await, before, "three more calls, no new connection");
     a.disconnect().await;
     waiting.await.unwrap().unwrap();
-}
-
-async fn connects(ctl: &support::EmulatorProxy<'_>) -> usize {
-    #[derive(Deserialize)]
-    struct Connects {
-        connects: usize,
-    }
-    serde_json::from_str::<Connects>(&ctl.counters().await.unwrap()).unwrap().connects
 }

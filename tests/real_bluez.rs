@@ -13,8 +13,10 @@
 //!
 //! Where qemu, debootstrap or root are missing it is skipped with one line saying what enables
 //! it, unless `LOCKHUB_TEST_ALL=1` (`.ci/run`) makes that a failure. One step that does not
-//! hold yet (the controllers restarted) runs only with `LOCKHUB_REAL_BLUEZ_ALL=1`;
-//! `docs/emulator.md` says why.
+//! hold every time (the controllers restarted) runs only with `LOCKHUB_REAL_BLUEZ_ALL=1`;
+//! `docs/emulator.md` says why. `LOCKHUB_GUEST_LOG` and `LOCKHUB_GUEST_LOCK_LOG` set the
+//! daemon's and the locks' log filters in the guest, `LOCKHUB_GUEST_BLUETOOTHD_DEBUG` the
+//! source files bluetoothd logs debug lines for (`src/adapter.c:src/device.c`).
 
 mod support;
 
@@ -78,6 +80,7 @@ fn host() -> ExitCode {
             ("LOCKHUB_REAL_BLUEZ_ALL", &std::env::var("LOCKHUB_REAL_BLUEZ_ALL").unwrap_or_default()),
             ("LOCKHUB_TEST_LOG", &log),
             ("LOCKHUB_GUEST_LOCK_LOG", &std::env::var("LOCKHUB_GUEST_LOCK_LOG").unwrap_or_else(|_| "info".into())),
+            ("LOCKHUB_GUEST_BLUETOOTHD_DEBUG", &std::env::var("LOCKHUB_GUEST_BLUETOOTHD_DEBUG").unwrap_or_default()),
         ],
         GUEST_LIMIT,
     );
@@ -205,11 +208,17 @@ impl Stack {
         ));
     }
 
+    /// bluetoothd, its debug log on for the source files `LOCKHUB_GUEST_BLUETOOTHD_DEBUG`
+    /// names (`src/device.c:src/adapter.c`, bluetoothd's `-d` syntax), if any.
     fn start_bluetoothd(&mut self) {
-        self.bluetoothd = Some(Process::spawn(
-            "bluetoothd",
-            Command::new("/usr/libexec/bluetooth/bluetoothd").arg("-n").stdout(Stdio::null()),
-        ));
+        let mut command = Command::new("/usr/libexec/bluetooth/bluetoothd");
+        command.arg("-n").stdout(Stdio::null());
+        if let Ok(files) = std::env::var("LOCKHUB_GUEST_BLUETOOTHD_DEBUG")
+            && !files.is_empty()
+        {
+            command.arg(format!("--debug={files}"));
+        }
+        self.bluetoothd = Some(Process::spawn("bluetoothd", &mut command));
     }
 
     /// Waits until bluetoothd serves every controller, powered.
@@ -674,7 +683,7 @@ async fn scenario() -> Result<(), String> {
     })
     .await?;
 
-    // A step that does not hold yet (docs/emulator.md): run with LOCKHUB_REAL_BLUEZ_ALL=1.
+    // A step that does not hold every time (docs/emulator.md): run with LOCKHUB_REAL_BLUEZ_ALL=1.
     if std::env::var("LOCKHUB_REAL_BLUEZ_ALL").is_ok_and(|v| v == "1") {
         controllers_restarted(&mut stack, &mut lock, &hub).await?;
     } else {
@@ -691,7 +700,13 @@ async fn controllers_restarted(stack: &mut Stack, lock: &mut Peripheral, hub: &H
         stack.start_btvirt();
         stack.until_controllers().await?;
         lock.until(|l| l.starts_with("READY "))?;
-        hub.unlock(lock.id, Operation::Lock).await.map(drop)
+        let unlocked = hub.unlock(lock.id, Operation::Lock).await.map(drop);
+        // bluetoothd dying here (seen) is worth saying apart from the hub failing.
+        let bluetoothd = stack.bluetoothd.as_mut().and_then(|p| p.child.try_wait().ok().flatten());
+        match (unlocked, bluetoothd) {
+            (Err(e), Some(status)) => Err(format!("{e}; bluetoothd exited: {status}")),
+            (unlocked, _) => unlocked,
+        }
     })
     .await?;
     Ok(())

@@ -677,8 +677,14 @@ impl BluezTransport {
                 }
                 bus_error(e)
             };
-            let info =
-                LockInfo::parse(&info.map_err(stale)?).map_err(|e| BleError::NotALock(format!("info record: {e}")))?;
+            // The info record has one fixed form: anything else was read from another
+            // attribute, where BlueZ's stale copy of the table put the info characteristic.
+            let info = LockInfo::parse(&info.map_err(stale)?).map_err(|e| {
+                stale_cache.store(true, Ordering::Release);
+                BleError::Bus(format!(
+                    "the lock's info record read wrong ({e}): BlueZ's copy of its GATT table is stale"
+                ))
+            })?;
             // bluer reports both sizes already reduced to what one write may carry.
             let (char_mtu, writer, reader) = (char_mtu.map_err(stale)?, writer.map_err(stale)?, reader.map_err(stale)?);
             let max_fragment = writer.mtu().min(char_mtu);

@@ -336,7 +336,14 @@ impl<T: LockTransport> LockClient<T> {
         }
         let detail = failures
             .iter()
-            .map(|(i, e)| format!("through {}: {e}", self.radios.get(*i).name()))
+            .map(|(i, e)| {
+                let name = self.radios.get(*i).name();
+                match e {
+                    // Already "lock at … unreachable": its reason alone.
+                    BleError::Unreachable { detail, .. } => format!("through {name}: {detail}"),
+                    e => format!("through {name}: {e}"),
+                }
+            })
             .collect::<Vec<_>>()
             .join("; ");
         BleError::Unreachable { address: self.address.clone(), detail }
@@ -453,8 +460,19 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("through hci1: Bluetooth adapter hci1 is powered off"), "{text}");
         assert!(text.contains("through hci0: no Bluetooth adapter hci0"), "{text}");
+        assert_eq!(text.matches("unreachable").count(), 1, "said once: {text}");
         assert_eq!(client.adapter(), "hci1", "no adapter reached it: its home stays");
         assert!(client.radios.iter().all(|r| r.budget().in_use() == 0), "no slot is kept");
+    }
+
+    #[tokio::test]
+    async fn a_lock_neither_adapter_reaches_is_said_unreachable_once_with_each_reason() {
+        let far = |why: &str| BleError::Unreachable { address: "AA:BB".into(), detail: why.into() };
+        let (mut client, _) = client([far("no answer"), far("connection aborted")], 0);
+        let text = client.call(Actor::Hub, Op::Status).await.unwrap_err().to_string();
+        assert!(text.starts_with("lock at AA:BB unreachable: through hci0: no session within "), "{text}");
+        assert!(text.contains("no answer); through hci1: no session within "), "{text}");
+        assert!(text.ends_with("connection aborted)"), "{text}");
     }
 
     #[tokio::test]

@@ -305,6 +305,15 @@ pub async fn add_lock(ctl: &EmulatorProxy<'_>, spec_json: &str) -> LockReport {
     report(ctl, &id).await
 }
 
+/// How many connections the emulator's locks have accepted so far.
+pub async fn connects(ctl: &EmulatorProxy<'_>) -> usize {
+    #[derive(serde::Deserialize)]
+    struct Connects {
+        connects: usize,
+    }
+    serde_json::from_str::<Connects>(&ctl.counters().await.unwrap()).unwrap().connects
+}
+
 /// Opens the BlueZ transport (on the bed's bus).
 pub async fn transport() -> BluezTransport {
     bed();

@@ -152,6 +152,15 @@ impl Control {
         Ok(())
     }
 
+    /// Makes BlueZ's copy of the lock's GATT table stale, as after the lock's controller was
+    /// reset behind a link BlueZ kept: reading the info characteristic returns 2 bytes of
+    /// another attribute until the device is removed (`RemoveDevice`), which is what drops
+    /// bluetoothd's copy.
+    fn set_stale_gatt_cache(&self, lock_id: String) -> zbus::fdo::Result<()> {
+        self.shared.lock(&lock_id)?.radio().stale_gatt_cache = true;
+        Ok(())
+    }
+
     /// Drops the lock's link from the lock's side.
     async fn drop_link(&self, lock_id: String) -> zbus::fdo::Result<()> {
         let lock = self.shared.lock(&lock_id)?;
@@ -268,6 +277,8 @@ pub trait Emulator {
     fn set_faults(&self, lock_id: &str, faults_json: &str) -> zbus::Result<()>;
     /// Moves a lock's GATT service (and characteristics) from its next connection on.
     fn move_gatt_handles(&self, lock_id: &str, service_handle: u16) -> zbus::Result<()>;
+    /// Makes BlueZ's copy of a lock's GATT table stale until the device is removed.
+    fn set_stale_gatt_cache(&self, lock_id: &str) -> zbus::Result<()>;
     /// Drops a lock's link.
     fn drop_link(&self, lock_id: &str) -> zbus::Result<()>;
     /// Reboots a lock.

@@ -157,6 +157,10 @@ impl Characteristic {
     async fn read_value(&self, _options: HashMap<String, OwnedVariant>) -> Result<Vec<u8>, BluezError> {
         self.connected()?;
         match self.role {
+            // As bluetoothd 5.66 did through the real-BlueZ tier after the lock's controller
+            // was reset: its cached table put the info characteristic where a 2-byte
+            // attribute of the lock's new table sits.
+            Role::Info if self.lock.radio().stale_gatt_cache => Ok(vec![0, 0]),
             Role::Info => Ok(self.lock.host.inspect(|fw, _| fw.info().encode().to_vec())),
             _ => Err(BluezError::NotPermitted("Read not permitted".into())),
         }

@@ -157,6 +157,10 @@ struct RadioState {
     gatt_service: Option<u16>,
     /// Where the next connection exports it (`MoveGattHandles`, as a firmware update would).
     gatt_service_next: Option<u16>,
+    /// BlueZ's copy of the lock's GATT table no longer matches the lock (`SetStaleGattCache`):
+    /// reading the info characteristic reads whatever sits at its old handle now, until the
+    /// device is removed.
+    stale_gatt_cache: bool,
 }
 
 /// One emulated lock on the fake bus.
@@ -315,6 +319,8 @@ impl Shared {
         let exported = {
             let mut r = lock.radio();
             r.advertised.clear();
+            // What BlueZ cached of the device goes with it.
+            r.stale_gatt_cache = false;
             std::mem::take(&mut r.exported)
         };
         if exported {
