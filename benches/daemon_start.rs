@@ -22,7 +22,7 @@ fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
     }
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
     let broker = support::bundled::Bundled::start(&pki);

@@ -383,7 +383,7 @@ fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
     }
-    let bed = support::bed();
+    let bed = support::test_bed();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();

@@ -74,7 +74,7 @@ fn main() {
 }
 
 async fn soak(length: Duration, sample_every: Duration) {
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayId::new(GW).unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();

@@ -58,7 +58,7 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     let after_reboot = recovered(&stack, &p, Operation::Unlock, "a reboot").await;
 
     // BlueZ (the emulator serving org.bluez) restarts.
-    tokio::task::block_in_place(|| support::bed().restart_emulator());
+    tokio::task::block_in_place(|| support::test_bed().restart_emulator());
     let after_bluez = recovered(&stack, &p, Operation::Lock, "an org.bluez restart").await;
 
     // The D-Bus daemon restarts (and BlueZ with it). The gateway's connection to the bus is
@@ -66,7 +66,7 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     // bus again and start discovery there by itself. With the link gone with BlueZ, only an
     // advertisement tells the gateway of a thumb-turn.
     let mut seen = p.app.watch();
-    tokio::task::block_in_place(|| support::bed().restart_bus());
+    tokio::task::block_in_place(|| support::test_bed().restart_bus());
     let ctl = support::control().await;
     next_state(&mut seen, &p.state_topic(&stack), |s| s["connected"] == false).await;
     ctl.turn_knob(&p.lock.lock_id).await.unwrap();
@@ -92,10 +92,10 @@ async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restart
     let transport = support::transport().await;
     support::scan_until_seen(&transport, std::slice::from_ref(&spare.lock_id)).await;
     transport.connect(&spare.address).await.expect("a link before the bus hangs").close().await;
-    let frozen = support::bed().freeze_bus();
+    let frozen = support::test_bed().freeze_bus();
     let Err(hung) = transport.connect(&spare.address).await else { panic!("a link through a hung bus") };
     assert!(hung.to_string().contains("did not accept a connection"), "the error names the bus: {hung}");
-    tokio::task::block_in_place(|| support::bed().restart_bus());
+    tokio::task::block_in_place(|| support::test_bed().restart_bus());
     drop(frozen); // its process is gone: nothing to let run again
     transport
         .find(&spare.address, std::time::Duration::from_secs(30))

@@ -16,10 +16,10 @@ use support::stack::{Stack, assert_reply, claim_pair_grant, next_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
-    let bed = support::bed();
+    let bed = support::test_bed();
     let proxy = BusProxy::start(&bed.bus);
     // SAFETY: before any bluer session exists in this process (libdbus reads the address
-    // when the first one connects), as the bed itself sets it.
+    // when the first one connects), as the test bed itself sets it.
     unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &proxy.address) };
     let stack = Stack::start("gw-wedged").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;

@@ -186,7 +186,7 @@ fn check_config_says_where_what_and_how_to_fix_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = "gw-daemon";
     let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
@@ -454,7 +454,7 @@ async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on
     use lockhub::protocol::message::LockState;
     use nix::sys::signal::Signal;
 
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = "gw-notify";
     let gw_id = GatewayId::new(gw).unwrap();
@@ -600,7 +600,7 @@ async fn the_daemon_runs_without_any_privilege() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     // What the unit gives it: an unprivileged user, no capabilities at all (bounding set
     // included), no new privileges, umask 0077. Here the user is `nobody`.
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = "gw-nobody";
     let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
@@ -648,7 +648,7 @@ async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     const WARNING: &str = "control socket: accept failed";
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = "gw-descriptors";
     let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
@@ -711,7 +711,7 @@ async fn a_lock_paired_used_and_unbound_leaves_no_warning_in_the_log() {
     use lockhub::devcloud::app::{claim, command, grant, pair, remote_unlock};
     use lockhub::protocol::ids::LockId;
     use support::daemon::{Daemon, claim_code, until_online};
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let name = "gw-clean-log";
     let gw = GatewayId::new(name).unwrap();

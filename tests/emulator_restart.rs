@@ -22,7 +22,7 @@ async fn pairings_and_lock_state_survive_an_emulator_restart() {
     client.call(Actor::Hub, Op::Unlock).await.unwrap();
     let seq_before = report(&ctl, &lock.lock_id).await.status.last_seq;
 
-    bed().restart_emulator();
+    test_bed().restart_emulator();
 
     let ctl = control().await;
     let after = report(&ctl, &lock.lock_id).await;

@@ -127,7 +127,7 @@ async fn the_gateway_killed_during_a_burst_of_a_thousand_lock_events_delivers_ea
 
     const EVENTS: usize = 1_000;
     const WAIT: Duration = Duration::from_secs(60);
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw_name = "gw-killed";
     let gw = GatewayId::new(gw_name).unwrap();

@@ -44,7 +44,7 @@ async fn send(app: &AppClient, statement: &Statement, key: &AppKey) -> lockhub::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_unlocks_cross_the_cluster_and_survive_the_death_of_the_gateways_node() {
-    let bed = support::bed();
+    let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayId::new(GW).unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();

@@ -480,7 +480,7 @@ async fn a_stopping_gateway_lets_go_of_its_locks() {
     assert_reply(&p.app.send(&pairing, &p.owner, WAIT).await.unwrap(), Outcome::Ok, None);
     assert_eq!(stack.gateway.lock_count(), 2);
     // Before stopping, a local command for a lock nobody paired is just that.
-    let holder = lockhub::local::codes::CodeHolder::Named("hallway".into());
+    let holder = lockhub::auth::local_code::CodeHolder::Named("hallway".into());
     let nowhere = LockId::parse("00000000000000ff").unwrap();
     let outcome = stack.gateway.local_command(nowhere, lockhub::protocol::message::Op::Unlatch, &holder, "a test");
     assert_eq!(outcome.await.unwrap(), Err("unknown_lock".to_owned()));

@@ -7,6 +7,7 @@
 
 pub mod jws;
 pub mod keys;
+pub mod local_code;
 pub mod reason;
 pub mod schedule;
 pub mod statement;

@@ -97,15 +97,15 @@ struct Progress {
 }
 
 /// Marks an attempt failed when dropped, unless told it succeeded.
-struct FailedUnlessMade(Option<Arc<Progress>>);
+struct FailOnDrop(Option<Arc<Progress>>);
 
-impl FailedUnlessMade {
-    fn made(mut self) {
+impl FailOnDrop {
+    fn succeeded(mut self) {
         self.0 = None;
     }
 }
 
-impl Drop for FailedUnlessMade {
+impl Drop for FailOnDrop {
     fn drop(&mut self) {
         if let Some(progress) = &self.0 {
             progress.failed.store(true, Ordering::Release);
@@ -265,7 +265,7 @@ impl BluezTransport {
         let task = tokio::spawn(async move {
             // Failed unless it succeeds, on every way out: a panic (the join error is the
             // waiters' answer) must not be handed to later callers either.
-            let unless_made = FailedUnlessMade(Some(reached.clone()));
+            let guard = FailOnDrop(Some(reached.clone()));
             // Unbounded here (libdbus bounds the Hello itself, and the waiters their wait): a
             // bound would only abandon the blocked thread and let the next waiter add another.
             let made = async {
@@ -275,7 +275,7 @@ impl BluezTransport {
             }
             .await;
             if made.is_ok() {
-                unless_made.made();
+                guard.succeeded();
             }
             made
         });
@@ -919,13 +919,13 @@ mod tests {
         let panicked = Arc::new(Progress::default());
         let reached = panicked.clone();
         let task = tokio::spawn(async move {
-            let _unless_made = FailedUnlessMade(Some(reached));
+            let _guard = FailOnDrop(Some(reached));
             panic!("inside bluer");
         });
         assert!(task.await.unwrap_err().is_panic());
         assert!(panicked.failed.load(Ordering::Acquire));
         let made = Arc::new(Progress::default());
-        FailedUnlessMade(Some(made.clone())).made();
+        FailOnDrop(Some(made.clone())).succeeded();
         assert!(!made.failed.load(Ordering::Acquire));
     }
 

@@ -17,10 +17,11 @@ use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 use zeroize::Zeroizing;
 
-use super::codes::{CodeBook, CodeCheck, CodeError, CodeHolder};
+use super::codes::{CodeBook, CodeCheck, CodeError};
 use super::command::LocalCommand;
 use super::config::{LocalConfig, LocalMqtt, LocalOperation};
 use super::home_assistant::{HomeAssistant, LockDescription, OFFLINE, ONLINE, Retained, lock_state};
+use crate::auth::local_code::CodeHolder;
 use crate::ble::LockTransport;
 use crate::cloud::link::LinkState;
 use crate::cloud::tls::{TlsError, server_auth_config};

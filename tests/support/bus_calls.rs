@@ -5,7 +5,7 @@
 
 use futures::StreamExt;
 
-use super::bed;
+use super::test_bed;
 
 /// The calls of one method to `org.bluez`, counted as the bus routes them.
 pub struct BusCalls {
@@ -22,7 +22,7 @@ impl BusCalls {
         let monitor =
             monitor(&[counted.as_str(), "type='method_call',interface='org.freedesktop.DBus.Peer',member='Ping'"])
                 .await;
-        let marker = zbus::connection::Builder::address(bed().bus.as_str()).build().await.unwrap();
+        let marker = zbus::connection::Builder::address(test_bed().bus.as_str()).build().await.unwrap();
         BusCalls { member, monitor, marker }
     }
 
@@ -56,7 +56,7 @@ impl BusCalls {
 /// A connection turned monitor of the private bus: every message matching one of `rules`, in
 /// the order the bus routes them.
 pub async fn monitor(rules: &[&str]) -> zbus::MessageStream {
-    let monitor = zbus::connection::Builder::address(bed().bus.as_str()).build().await.unwrap();
+    let monitor = zbus::connection::Builder::address(test_bed().bus.as_str()).build().await.unwrap();
     monitor
         .call_method(
             Some("org.freedesktop.DBus"),

@@ -6,7 +6,7 @@
 //! binary; each test adds its own locks through the emulator's control interface, so tests do
 //! not see each other's state. Both processes are started by a thread that lives as long as
 //! the test process, under `setpriv --pdeathsig KILL`: they die with the test process, however
-//! it ends. Tests that need the bus to themselves live in their own binary. The bed's
+//! it ends. Tests that need the bus to themselves live in their own binary. The test bed's
 //! directory (the bus socket, the emulated locks' flash) is in memory where the machine has
 //! `/dev/shm`: see [`bed_root`].
 
@@ -36,20 +36,20 @@ pub use lockhub::firmware::bluez::control::EmulatorProxy;
 use serde::Deserialize;
 
 /// The shared bus and emulator of this test binary.
-pub struct Bed {
+pub struct TestBed {
     /// The bus address.
     pub bus: String,
     /// The temporary directory holding the bus socket and the locks' state.
     pub dir: PathBuf,
-    commands: std::sync::Mutex<std::sync::mpsc::Sender<BedCommand>>,
+    commands: std::sync::Mutex<std::sync::mpsc::Sender<TestBedCommand>>,
     /// The running emulator's and bus daemon's process ids (they change when restarted).
     emulator_pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
     bus_pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
-/// A process of the bed stopped by SIGSTOP, as a hung one: its sockets take what is sent to
+/// A process of the test bed stopped by SIGSTOP, as a hung one: its sockets take what is sent to
 /// them, nothing answers. Continued when dropped, so that a failing test does not leave the
-/// binary's other tests a frozen bed.
+/// binary's other tests a frozen test bed.
 pub struct Frozen {
     pid: nix::unistd::Pid,
 }
@@ -87,7 +87,7 @@ impl Drop for Frozen {
 }
 
 /// What the thread owning the processes can be asked to do.
-enum BedCommand {
+enum TestBedCommand {
     /// Stop the emulator gracefully (it saves its locks), start it again, then answer.
     RestartEmulator(std::sync::mpsc::Sender<()>),
     /// Kill the dbus-daemon, start a new one on the same address, then restart the emulator
@@ -95,12 +95,12 @@ enum BedCommand {
     RestartBus(std::sync::mpsc::Sender<()>),
 }
 
-impl Bed {
+impl TestBed {
     /// Restarts `lockhub-lock serve` on the same bus and state directory, as a lock's power
     /// cycle or a crashed org.bluez service would; returns once the new one is ready.
     pub fn restart_emulator(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.commands.lock().unwrap().send(BedCommand::RestartEmulator(tx)).expect("test bed thread");
+        self.commands.lock().unwrap().send(TestBedCommand::RestartEmulator(tx)).expect("test bed thread");
         rx.recv().expect("emulator restarted");
     }
 
@@ -122,12 +122,12 @@ impl Bed {
     /// bus is gone: clients must connect again.
     pub fn restart_bus(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.commands.lock().unwrap().send(BedCommand::RestartBus(tx)).expect("test bed thread");
+        self.commands.lock().unwrap().send(TestBedCommand::RestartBus(tx)).expect("test bed thread");
         rx.recv().expect("bus restarted");
     }
 }
 
-static BED: OnceLock<Bed> = OnceLock::new();
+static TEST_BED: OnceLock<TestBed> = OnceLock::new();
 
 fn spawn_reaped(program: &str, args: &[&str], stderr: Stdio) -> std::process::Child {
     Command::new("setpriv")
@@ -151,7 +151,7 @@ fn first_line(child: &mut std::process::Child, what: &str) -> String {
 }
 
 /// Removes the directories of earlier test processes that are gone (a process cannot remove
-/// its own: the bed lives until the process exits).
+/// its own: the test bed lives until the process exits).
 fn sweep_stale_beds() {
     for root in [bed_root(), std::env::temp_dir()] {
         let Ok(entries) = std::fs::read_dir(root) else {
@@ -180,8 +180,8 @@ fn bed_root() -> PathBuf {
 }
 
 /// Starts the bus and the emulator on first use.
-pub fn bed() -> &'static Bed {
-    BED.get_or_init(|| {
+pub fn test_bed() -> &'static TestBed {
+    TEST_BED.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         let emulator_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let bus_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -235,17 +235,17 @@ pub fn bed() -> &'static Bed {
                 let (commands, requests) = std::sync::mpsc::channel();
                 tx.send((bus.clone(), dir.clone(), commands)).expect("test bed receiver");
                 // This thread holds the children (and the emulator's stdin) for the life of
-                // the process; the bed's sender is never dropped, so this waits forever.
+                // the process; the test bed's sender is never dropped, so this waits forever.
                 while let Ok(command) = requests.recv() {
                     match command {
-                        BedCommand::RestartEmulator(done) => {
+                        TestBedCommand::RestartEmulator(done) => {
                             // Closing its stdin stops it gracefully (it saves every lock).
                             drop(emulator.stdin.take());
                             let _ = emulator.wait();
                             emulator = start_emulator();
                             let _ = done.send(());
                         }
-                        BedCommand::RestartBus(done) => {
+                        TestBedCommand::RestartBus(done) => {
                             drop(emulator.stdin.take());
                             let _ = dbus.kill();
                             let _ = dbus.wait();
@@ -259,7 +259,7 @@ pub fn bed() -> &'static Bed {
                         }
                     }
                 }
-                // Only if the bed itself went away: take the processes down with it.
+                // Only if the test bed itself went away: take the processes down with it.
                 for mut child in [emulator, dbus] {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -267,16 +267,16 @@ pub fn bed() -> &'static Bed {
             })
             .expect("test bed thread");
         let (bus, dir, commands) = rx.recv().expect("the test bed failed to start");
-        // SAFETY: set once, while the bed is being created and before any bluer session exists
+        // SAFETY: set once, while the test bed is being created and before any bluer session exists
         // in this process; libdbus reads it when the first session connects.
         unsafe { std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus) };
-        Bed { bus, dir, commands: std::sync::Mutex::new(commands), emulator_pid, bus_pid }
+        TestBed { bus, dir, commands: std::sync::Mutex::new(commands), emulator_pid, bus_pid }
     })
 }
 
-/// A connection to the bed's bus (one per test: each test has its own runtime).
+/// A connection to the test bed's bus (one per test: each test has its own runtime).
 pub async fn bus() -> zbus::Connection {
-    zbus::connection::Builder::address(bed().bus.as_str()).build().await.expect("connecting to the test bus")
+    zbus::connection::Builder::address(test_bed().bus.as_str()).build().await.expect("connecting to the test bus")
 }
 
 /// The emulator's control interface.
@@ -314,9 +314,9 @@ pub async fn connects(ctl: &EmulatorProxy<'_>) -> usize {
     serde_json::from_str::<Connects>(&ctl.counters().await.unwrap()).unwrap().connects
 }
 
-/// Opens the BlueZ transport (on the bed's bus).
+/// Opens the BlueZ transport (on the test bed's bus).
 pub async fn transport() -> BluezTransport {
-    bed();
+    test_bed();
     BluezTransport::open(&lockhub::ble::BleConfig::default()).await.expect("opening the BlueZ transport")
 }
 

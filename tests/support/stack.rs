@@ -87,7 +87,7 @@ impl Stack {
     }
 
     pub async fn start_with(gw: &str, limits: PolicyLimits) -> Stack {
-        super::bed();
+        super::test_bed();
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
         let broker = Bundled::start(&pki);
@@ -131,7 +131,7 @@ impl Stack {
             CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
         let c = clock.clone();
         let clock: lockhub::gateway::statements::Clock = Arc::new(move || c.now());
-        super::bed();
+        super::test_bed();
         let radios = BluezTransport::open_radios(&ble()).await.expect("opening the BlueZ transport");
         let gateway: Arc<Gateway<BluezTransport>> =
             Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), radios, ble(), limits, clock);

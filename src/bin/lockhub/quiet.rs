@@ -20,14 +20,14 @@ pub const QUIET: Duration = Duration::from_secs(5);
 
 /// Decides, from the store's change count seen at each look, when a quiet spell has begun.
 #[derive(Debug, Default)]
-struct Spell {
+struct QuietDetector {
     /// The count at the previous look.
     seen: Option<u64>,
     /// The count when memory was last given back.
     given_back_at: Option<u64>,
 }
 
-impl Spell {
+impl QuietDetector {
     /// Takes the change count now; `true` when memory should be given back: the count has
     /// not moved for a whole interval, and nothing was given back since it last moved.
     fn look(&mut self, changes: u64) -> bool {
@@ -43,7 +43,7 @@ impl Spell {
 /// Looks at the store every [`QUIET`] and gives memory back when a quiet spell begins, until
 /// `stopped` turns true.
 pub async fn run(store: Arc<Mutex<Store>>, mut stopped: watch::Receiver<bool>) {
-    let mut spell = Spell::default();
+    let mut detector = QuietDetector::default();
     let mut tick = tokio::time::interval(QUIET);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -52,7 +52,7 @@ pub async fn run(store: Arc<Mutex<Store>>, mut stopped: watch::Receiver<bool>) {
             () = lockhub::stop::requested(&mut stopped) => return,
         }
         let changes = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).changes_so_far();
-        if spell.look(changes) {
+        if detector.look(changes) {
             give_back();
         }
     }
@@ -92,14 +92,14 @@ mod tests {
 
     #[test]
     fn memory_goes_back_once_per_quiet_spell() {
-        let mut spell = Spell::default();
-        assert!(!spell.look(10), "the first look has nothing to compare with");
-        assert!(!spell.look(12), "busy");
-        assert!(spell.look(12), "a whole interval without a change: give back");
-        assert!(!spell.look(12), "still the same spell: already given back");
-        assert!(!spell.look(12));
-        assert!(!spell.look(13), "busy again");
-        assert!(spell.look(13), "a new spell");
+        let mut detector = QuietDetector::default();
+        assert!(!detector.look(10), "the first look has nothing to compare with");
+        assert!(!detector.look(12), "busy");
+        assert!(detector.look(12), "a whole interval without a change: give back");
+        assert!(!detector.look(12), "still the same spell: already given back");
+        assert!(!detector.look(12));
+        assert!(!detector.look(13), "busy again");
+        assert!(detector.look(13), "a new spell");
     }
 
     /// KiB of this process's anonymous memory resident (heap and stacks).
