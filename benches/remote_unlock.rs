@@ -29,6 +29,7 @@ use lockhub::devcloud::pki::Pki;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::store::unix_now;
 use support::floor::{at, median, percentiles};
+use support::timing_log::{STAGES, StageRecord, strip_ansi};
 use tokio::sync::broadcast;
 
 const GW: &str = "gw-bench";
@@ -233,18 +234,6 @@ async fn wait_for(seen: &mut broadcast::Receiver<Seen>, want: impl Fn(&str, &ser
 }
 
 /// The stages `lockhub::timing` logs for each command, in order.
-const STAGES: [&str; 8] = ["opened", "noted", "decided", "taken", "lock_answered", "answered", "replied", "committed"];
-
-/// One command's record from `lockhub::timing`.
-#[derive(Clone, Debug, Default)]
-struct StageRecord {
-    id: String,
-    /// When the link received it, µs since the Unix epoch.
-    received_unix_us: Option<u64>,
-    /// When each of [`STAGES`] ended, µs since then.
-    ended: [Option<u64>; STAGES.len()],
-}
-
 /// The stage records of a daemon's log, as its lines come, and how many times it gave memory
 /// back while quiet; every other line passes through to stderr.
 #[derive(Clone)]
@@ -262,28 +251,14 @@ impl StageLog {
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let line = strip_ansi(&line);
-                if line.contains("handed back while quiet") {
+                if strip_ansi(&line).contains("handed back while quiet") {
                     given_back.send_modify(|n| *n += 1);
                     continue;
                 }
-                if !line.contains("command stages") {
-                    eprintln!("{line}");
+                let Some(record) = StageRecord::parse(&line) else {
+                    eprintln!("{}", strip_ansi(&line));
                     continue;
-                }
-                let mut record = StageRecord::default();
-                for (key, value) in line.split_whitespace().filter_map(|f| f.split_once('=')) {
-                    match key {
-                        // A string field is printed quoted.
-                        "command_id" => record.id = value.trim_matches('"').to_owned(),
-                        "received_unix_us" => record.received_unix_us = value.parse().ok(),
-                        _ => {
-                            if let Some(i) = key.strip_suffix("_us").and_then(|k| STAGES.iter().position(|s| *s == k)) {
-                                record.ended[i] = value.parse().ok();
-                            }
-                        }
-                    }
-                }
+                };
                 records.lock().unwrap().push(record);
             }
         });
@@ -303,25 +278,6 @@ impl StageLog {
 /// Now, µs since the Unix epoch (the clock the daemon's records share).
 fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
-}
-
-/// `line` without its terminal colour codes (the daemon's log lines carry them).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// "stage at p50 µs" for each stage the records reached.

@@ -47,7 +47,7 @@ async fn ten_locks_commanded_at_once_stay_within_the_budget_and_all_complete() {
         let key = pair(&*transport, &budget, &config, &gateway, id, &lock.address, &code).await.unwrap();
         clients.push(LockClient::new(
             Radios::single("hci0", transport.clone(), budget.clone()),
-            None,
+            0,
             config.clone(),
             gateway.clone(),
             id,

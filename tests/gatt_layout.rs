@@ -43,7 +43,7 @@ async fn a_lock_is_reconnected_by_its_known_handles_and_nothing_is_kept_of_locks
     assert!(listings.since_last().await >= 1, "and so does the next one after a failed pairing");
     let mut client = lockhub::ble::client::LockClient::new(
         lockhub::ble::radios::Radios::single("hci0", transport.clone(), budget.clone()),
-        None,
+        0,
         config.clone(),
         gateway.clone(),
         lock_id,

@@ -422,15 +422,8 @@ impl Hub {
     fn lock_round_trips(&self) -> Vec<Duration> {
         let mut trips = Vec::new();
         while let Ok(line) = self.log.try_recv() {
-            let line = without_colours(&line);
-            if !line.contains("command stages") {
-                continue;
-            }
-            let field = |name: &str| -> Option<u64> {
-                let at = line.find(&format!(" {name}="))? + name.len() + 2;
-                line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-            };
-            if let (Some(taken), Some(answered)) = (field("taken_us"), field("lock_answered_us")) {
+            let record = support::timing_log::StageRecord::parse(&line);
+            if let Some((taken, answered)) = record.and_then(|r| Some((r.ended("taken")?, r.ended("lock_answered")?))) {
                 trips.push(Duration::from_micros(answered.saturating_sub(taken)));
             }
         }
@@ -504,24 +497,6 @@ async fn adapter_address(name: &str) -> Result<String, String> {
 async fn set_powered(name: &str, on: bool) -> Result<(), String> {
     let session = bluer::Session::new().await.map_err(|e| e.to_string())?;
     session.adapter(name).map_err(|e| e.to_string())?.set_powered(on).await.map_err(|e| e.to_string())
-}
-
-/// `line` without its ANSI colour sequences.
-fn without_colours(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The median of `samples`, in milliseconds.

@@ -25,9 +25,8 @@ struct Live<L: super::LockLink> {
     session: LockSession<L>,
     _slot: Slot,
     last_used: Instant,
-    /// The adapter it goes through, and that adapter's budget (to make way on).
+    /// The adapter it goes through.
     radio: usize,
-    budget: ConnectionBudget,
 }
 
 /// The gateway's handle on one paired lock.
@@ -182,19 +181,19 @@ pub async fn pair<T: LockTransport>(
 }
 
 impl<T: LockTransport> LockClient<T> {
-    /// A client for a paired lock on the hub's adapters, at home on `home` (`None`: the
-    /// least loaded adapter); nothing connects until the first command.
+    /// A client for a paired lock on the hub's adapters, at home on `home` (an index into
+    /// them); nothing connects until the first command.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         radios: Radios<T>,
-        home: Option<usize>,
+        home: usize,
         config: BleConfig,
         gateway_id: GatewayId,
         lock_id: LockId,
         address: String,
         key: PairingKey,
     ) -> Self {
-        let home = Arc::new(AtomicUsize::new(radios.settle(home)));
+        let home = Arc::new(AtomicUsize::new(home));
         LockClient { radios, home, config, gateway_id, lock_id, address, key, live: None }
     }
 
@@ -215,7 +214,7 @@ impl<T: LockTransport> LockClient<T> {
     /// The budget of the live link's adapter, if a link is up: its owner makes way on it
     /// between jobs when another lock waits.
     pub fn link_budget(&self) -> Option<ConnectionBudget> {
-        self.live.as_ref().map(|l| l.budget.clone())
+        self.live.as_ref().map(|l| self.radios.get(l.radio).budget().clone())
     }
 
     /// The lock's id.
@@ -313,7 +312,6 @@ impl<T: LockTransport> LockClient<T> {
                         let (from, to) = (self.radios.get(home).name(), self.radios.get(index).name());
                         let why = failures.first().map(|(_, e)| e.to_string()).unwrap_or_default();
                         tracing::info!(lock_id = %self.lock_id, from, to, error = why, "the lock is reached through another adapter now");
-                        self.radios.move_home(home, index);
                         self.home.store(index, Ordering::Release);
                     }
                     self.live = Some(live);
@@ -364,13 +362,7 @@ async fn session_through<T: LockTransport>(
         Established::Session(session) => *session,
         Established::Paired(_) => unreachable!("a session purpose yields a session"),
     };
-    Ok(Live { session, _slot: slot, last_used: Instant::now(), radio: index, budget: radio.budget().clone() })
-}
-
-impl<T: LockTransport> Drop for LockClient<T> {
-    fn drop(&mut self) {
-        self.radios.leave(self.home());
-    }
+    Ok(Live { session, _slot: slot, last_used: Instant::now(), radio: index })
 }
 
 #[cfg(test)]
@@ -444,7 +436,7 @@ mod tests {
         let config = BleConfig { connect_attempts: 1, ..BleConfig::default() };
         let gateway = GatewayId::new("hub").unwrap();
         let key = PairingKey::from_bytes([9; 32]);
-        let client = LockClient::new(radios, Some(home), config, gateway, LockId([1; 8]), "AA:BB".into(), key);
+        let client = LockClient::new(radios, home, config, gateway, LockId([1; 8]), "AA:BB".into(), key);
         (client, asked)
     }
 
@@ -494,7 +486,7 @@ mod tests {
         let gateway = GatewayId::new("hub").unwrap();
         let config = BleConfig::default();
         let radios = Radios::single("hci0", transport, ConnectionBudget::new(1));
-        let mut client = LockClient::new(radios, None, config, gateway, LockId([1; 8]), "AA:BB".into(), key);
+        let mut client = LockClient::new(radios, 0, config, gateway, LockId([1; 8]), "AA:BB".into(), key);
         assert_eq!(client.call(Actor::Hub, Op::Status).await.unwrap_err(), off);
     }
 }

@@ -155,10 +155,7 @@ impl MemoryAdapter {
         if !on {
             let locks: Vec<_> = self.air.locks().values().cloned().collect();
             for lock in locks {
-                let through_me = lock.central().as_ref().is_some_and(|c| c.adapter == self.name).then_some(());
-                if through_me.is_some() {
-                    lock.drop_central(None);
-                }
+                self.drop_link_to(&lock);
             }
         }
     }
@@ -172,11 +169,17 @@ impl MemoryAdapter {
         } else {
             out.insert(address.to_owned());
             drop(out);
-            if let Some(lock) = self.air.locks().get(address).cloned()
-                && lock.central().as_ref().is_some_and(|c| c.adapter == self.name)
-            {
-                lock.drop_central(None);
+            if let Some(lock) = self.air.locks().get(address).cloned() {
+                self.drop_link_to(&lock);
             }
+        }
+    }
+
+    /// Ends `lock`'s link if it goes through this adapter.
+    fn drop_link_to(&self, lock: &AirLock) {
+        let through_me = lock.central().as_ref().is_some_and(|c| c.adapter == self.name);
+        if through_me {
+            lock.drop_central(None);
         }
     }
 
@@ -208,7 +211,9 @@ impl LockTransport for MemoryAdapter {
 
     /// What it hears, at once: in memory there is nothing to wait for.
     async fn scan(&self, _duration: Duration) -> Result<Vec<Advertisement>, BleError> {
-        self.heard()
+        let mut heard = self.heard()?;
+        Advertisement::sort_strongest_first(&mut heard);
+        Ok(heard)
     }
 
     async fn find(&self, address: &str, _timeout: Duration) -> Result<(), BleError> {

@@ -48,6 +48,11 @@ impl Advertisement {
         Some(Advertisement { address, tag: m.tag, rssi, pairing_mode: m.pairing_mode, new_events: m.new_events })
     }
 
+    /// Orders `ads` as a scan reports them: strongest first, then by address.
+    pub(crate) fn sort_strongest_first(ads: &mut [Advertisement]) {
+        ads.sort_by(|a, b| b.rssi.cmp(&a.rssi).then_with(|| a.address.cmp(&b.address)));
+    }
+
     /// Whether this is (by its tag) lock `lock_id`.
     pub fn is_of(&self, lock_id: LockId) -> bool {
         self.tag == LockTag::of(lock_id)

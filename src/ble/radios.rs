@@ -9,7 +9,6 @@
 //! out of its range); whichever adapter reached it becomes its new home.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -28,8 +27,6 @@ pub struct Radio<T> {
     name: String,
     transport: Arc<T>,
     budget: ConnectionBudget,
-    /// Locks whose home it is.
-    homes: AtomicUsize,
 }
 
 impl<T> Radio<T> {
@@ -46,11 +43,6 @@ impl<T> Radio<T> {
     /// Its links.
     pub fn budget(&self) -> &ConnectionBudget {
         &self.budget
-    }
-
-    /// How many locks it is home to.
-    pub fn homes(&self) -> usize {
-        self.homes.load(Ordering::Acquire)
     }
 }
 
@@ -73,19 +65,14 @@ impl<T> Radios<T> {
         assert!((1..=MAX_RADIOS).contains(&adapters.len()), "1 to {MAX_RADIOS} adapters, not {}", adapters.len());
         let radios = adapters
             .into_iter()
-            .map(|(name, transport)| Radio {
-                name,
-                transport,
-                budget: ConnectionBudget::new(max_links),
-                homes: AtomicUsize::new(0),
-            })
+            .map(|(name, transport)| Radio { name, transport, budget: ConnectionBudget::new(max_links) })
             .collect();
         Radios { radios }
     }
 
     /// One adapter with the given budget.
     pub fn single(name: impl Into<String>, transport: Arc<T>, budget: ConnectionBudget) -> Self {
-        let radio = Radio { name: name.into(), transport, budget, homes: AtomicUsize::new(0) };
+        let radio = Radio { name: name.into(), transport, budget };
         Radios { radios: Arc::new([radio]) }
     }
 
@@ -109,27 +96,20 @@ impl<T> Radios<T> {
         self.radios.iter()
     }
 
-    /// Makes `index` the home of one more lock (`None`: the adapter home to the fewest);
-    /// returns the home.
-    pub fn settle(&self, index: Option<usize>) -> usize {
-        let index = index.unwrap_or_else(|| {
-            (0..self.radios.len()).min_by_key(|&i| self.radios[i].homes()).expect("at least one adapter")
-        });
-        self.radios[index].homes.fetch_add(1, Ordering::AcqRel);
-        index
+    /// The adapter home to the fewest locks, given each lock's home (the first in the
+    /// configured order on a tie): where a lock with no home yet settles.
+    pub fn least_loaded(&self, homes: impl IntoIterator<Item = usize>) -> usize {
+        let counts = self.count_homes(homes);
+        (0..counts.len()).min_by_key(|&i| counts[i]).expect("at least one adapter")
     }
 
-    /// A lock's home moves from `from` to `to`.
-    pub fn move_home(&self, from: usize, to: usize) {
-        if from != to {
-            self.leave(from);
-            self.radios[to].homes.fetch_add(1, Ordering::AcqRel);
+    /// How many of `homes` (each lock's home) each adapter is home to, in the configured order.
+    pub fn count_homes(&self, homes: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        let mut counts = vec![0usize; self.radios.len()];
+        for home in homes {
+            counts[home] += 1;
         }
-    }
-
-    /// A lock whose home was `index` is gone (unbound, or its client dropped).
-    pub fn leave(&self, index: usize) {
-        let _ = self.radios[index].homes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        counts
     }
 
     /// The order in which a lock at home on `home` is tried: its home, then the others.
@@ -190,7 +170,7 @@ impl<T: LockTransport> Radios<T> {
             return Err(e);
         }
         let mut found: Vec<Advertisement> = heard.into_values().collect();
-        found.sort_by(|a, b| b.rssi.cmp(&a.rssi).then_with(|| a.address.cmp(&b.address)));
+        Advertisement::sort_strongest_first(&mut found);
         Ok(found)
     }
 
@@ -242,15 +222,16 @@ mod tests {
     }
 
     #[test]
-    fn locks_settle_on_the_least_loaded_adapter_unless_told() {
+    fn locks_settle_on_the_least_loaded_adapter() {
         let radios = three();
-        let homes: Vec<usize> = (0..6).map(|_| radios.settle(None)).collect();
+        let mut homes = Vec::new();
+        for _ in 0..6 {
+            homes.push(radios.least_loaded(homes.clone()));
+        }
         assert_eq!(homes, [0, 1, 2, 0, 1, 2], "spread evenly, in the configured order");
-        assert_eq!(radios.settle(Some(2)), 2, "the adapter that found a lock keeps it");
-        radios.move_home(2, 0);
-        assert_eq!(radios.iter().map(Radio::homes).collect::<Vec<_>>(), [3, 2, 2]);
-        radios.leave(1);
-        assert_eq!(radios.settle(None), 1);
+        homes[2] = 0;
+        assert_eq!(radios.count_homes(homes.clone()), [3, 2, 1]);
+        assert_eq!(radios.least_loaded(homes), 2);
         assert!(radios.iter().all(|r| r.budget().in_use() == 0), "each adapter has its own budget");
     }
 

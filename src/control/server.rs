@@ -384,9 +384,9 @@ impl<T: LockTransport> ControlServer<T> {
             "version": env!("CARGO_PKG_VERSION"),
             "cloud": cloud,
             "locks": self.gateway.lock_count(),
-            "adapters": self.gateway.radios().iter().map(|r| json!({
+            "adapters": self.gateway.radios().iter().zip(self.gateway.homes_per_adapter()).map(|(r, homes)| json!({
                 "name": r.name(),
-                "locks": r.homes(),
+                "locks": homes,
                 "links": r.budget().in_use(),
                 "max_links": r.budget().capacity(),
             })).collect::<Vec<_>>(),

@@ -221,6 +221,11 @@ impl<T: LockTransport> Gateway<T> {
         last_seq: u64,
         home: Option<usize>,
     ) {
+        // A lock with no home yet settles where the fewest locks live.
+        let home = home.unwrap_or_else(|| {
+            let locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.radios.least_loaded(locks.values().map(LockHandle::home))
+        });
         let client = LockClient::new(self.radios.clone(), home, self.ble.clone(), self.id.clone(), lock, address, key);
         let worker = LockWorker {
             client,
@@ -453,6 +458,12 @@ impl<T: LockTransport> Gateway<T> {
     pub fn adapters_of_locks(&self) -> HashMap<LockId, String> {
         let locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         locks.iter().map(|(lock, handle)| (*lock, self.radios.get(handle.home()).name().to_owned())).collect()
+    }
+
+    /// How many locks each adapter is home to, in the configured order.
+    pub fn homes_per_adapter(&self) -> Vec<usize> {
+        let locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.radios.count_homes(locks.values().map(LockHandle::home))
     }
 
     /// How many locks are paired (and have a task).

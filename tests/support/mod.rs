@@ -23,6 +23,7 @@ pub mod mosquitto;
 pub mod nats;
 pub mod small_fs;
 pub mod stack;
+pub mod timing_log;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -360,7 +361,7 @@ pub async fn paired_client(
         .await
         .expect("pairing");
     let radios = lockhub::ble::radios::Radios::single("hci0", transport, budget);
-    lockhub::ble::client::LockClient::new(radios, None, config, gateway, lock_id, lock.address.clone(), key)
+    lockhub::ble::client::LockClient::new(radios, 0, config, gateway, lock_id, lock.address.clone(), key)
 }
 
 /// Runs `command` with its standard output a pipe whose reader has already gone (`… | head

@@ -267,7 +267,7 @@ impl LockTransport for BluezTransport {
             seen.insert(ad.address.clone(), ad);
         }
         let mut found: Vec<Advertisement> = seen.into_values().collect();
-        found.sort_by(|a, b| b.rssi.cmp(&a.rssi).then_with(|| a.address.cmp(&b.address)));
+        Advertisement::sort_strongest_first(&mut found);
         Ok(found)
     }
 
