@@ -180,10 +180,11 @@ async fn serve(
     refresh: Option<Duration>,
     adapter_name: Option<&str>,
 ) -> anyhow::Error {
-    // Who serves org.bluez now: a bluetoothd restarted under us answers on the same paths,
-    // but knows nothing of our GATT application, so its coming is a reason to register again.
-    let bluez = match bluez_owner().await {
-        Ok(watch) => watch,
+    // Who serves org.bluez, watched from before we register: a bluetoothd restarted under us
+    // answers on the same paths, but knows nothing of our GATT application, so a new owner is
+    // a reason to register again.
+    let mut owner_changes = match bluez_owner_changes().await {
+        Ok(changes) => changes,
         Err(e) => return e,
     };
     let (session, adapter, _app) = match register(lock, central, subscriptions, adapter_name).await {
@@ -207,6 +208,7 @@ async fn serve(
         let woken = tokio::select! {
             now = tick.tick() => refresh.is_some_and(|every| now.duration_since(registered) >= every),
             () = wake.notified() => true,
+            _ = owner_changes.next() => return anyhow::anyhow!("bluetoothd restarted or went away"),
             event = adapters.next() => match event {
                 Some(bluer::SessionEvent::AdapterRemoved(name)) if name == adapter.name() => {
                     return anyhow::anyhow!("adapter {name} removed");
@@ -220,11 +222,6 @@ async fn serve(
             let _ = crate::outln!("STATE {}", format!("{state:?}").to_lowercase());
         }
         bolt = Some(state);
-        match bluez.0.get_name_owner(BLUEZ_NAME.try_into().expect("a valid bus name")).await {
-            Ok(owner) if owner == bluez.1 => {}
-            Ok(_) => return anyhow::anyhow!("bluetoothd restarted"),
-            Err(e) => return anyhow::Error::new(e).context("asking who serves org.bluez"),
-        }
         // A question BlueZ must answer: an error means it or the adapter went away.
         match adapter.is_powered().await {
             Ok(true) => {}
@@ -267,12 +264,12 @@ async fn serve(
 /// BlueZ's well-known name on the system bus.
 const BLUEZ_NAME: &str = "org.bluez";
 
-/// The bus daemon, and the unique name that owns [`BLUEZ_NAME`] now.
-async fn bluez_owner() -> Result<(zbus::fdo::DBusProxy<'static>, zbus::names::OwnedUniqueName), anyhow::Error> {
+/// The bus daemon's word each time [`BLUEZ_NAME`] changes owner (bluetoothd gone, or a new
+/// one started): a signal, where asking the owner at every tick cost a round trip each.
+async fn bluez_owner_changes() -> Result<zbus::fdo::NameOwnerChangedStream, anyhow::Error> {
     let bus = zbus::Connection::system().await?;
     let dbus = zbus::fdo::DBusProxy::new(&bus).await?;
-    let owner = dbus.get_name_owner(BLUEZ_NAME.try_into()?).await?;
-    Ok((dbus, owner))
+    Ok(dbus.receive_name_owner_changed_with_args(&[(0, BLUEZ_NAME)]).await?)
 }
 
 /// Opens a BlueZ session, powers the adapter and registers the GATT application.
