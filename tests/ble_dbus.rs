@@ -190,3 +190,22 @@ async fn a_connection_attempt_given_up_is_cancelled_and_the_next_one_connects() 
     let link = transport.connect(&lock.address).await.expect("the next attempt connects");
     link.close().await;
 }
+
+/// An adapter the configuration names but the system lacks is left out while another can be
+/// opened (the hub runs on those it has), by name or by address; with none, its error.
+#[tokio::test]
+async fn an_adapter_that_cannot_be_opened_is_left_out_while_another_can() {
+    test_bed();
+    let open = |adapters: &[&str]| {
+        let config = BleConfig { adapters: adapters.iter().map(|a| (*a).to_owned()).collect(), ..BleConfig::default() };
+        async move { lockhub::ble::bluez::BluezTransport::open_radios(&config).await }
+    };
+    let radios = open(&["hci7", "hci0"]).await.expect("hci0 is there");
+    assert_eq!(radios.iter().map(|r| r.name().to_owned()).collect::<Vec<_>>(), ["hci0"]);
+    // The emulator's one adapter, named by its address.
+    let radios = open(&["00:1B:DC:00:00:01", "00:00:00:00:00:07"]).await.expect("found by address");
+    assert_eq!(radios.iter().map(|r| r.name().to_owned()).collect::<Vec<_>>(), ["hci0"]);
+    let e = open(&["hci7", "hci8"]).await.expect_err("neither is there");
+    assert!(matches!(e, BleError::NoAdapter(_)), "{e}");
+    assert!(e.to_string().contains("hci7"), "the first one's error names it: {e}");
+}
