@@ -116,6 +116,13 @@ fn default_keep_alive() -> u64 {
     30
 }
 
+impl CloudSection {
+    /// Brokers and credentials, with the default keep-alive.
+    pub fn new(brokers: Vec<String>, ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        CloudSection { brokers, ca, cert, key, keep_alive_s: default_keep_alive() }
+    }
+}
+
 /// `[clock]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -360,6 +367,20 @@ impl Config {
             keys.push("control");
         }
         keys
+    }
+
+    /// A configuration with `[gateway]` and `[cloud]` as given and every other section at its
+    /// default (for a hub assembled in code: the demo's, a test's).
+    pub fn new(gateway: GatewaySection, cloud: CloudSection) -> Self {
+        Config {
+            gateway,
+            cloud,
+            ble: BleConfig::default(),
+            policy: PolicyLimits::default(),
+            clock: ClockSection::default(),
+            local: crate::local::config::LocalConfig::default(),
+            control: ControlSection::default(),
+        }
     }
 
     /// The gateway id (checked by `load`).

@@ -22,6 +22,7 @@ pub mod firmware;
 #[cfg(feature = "devtools")]
 pub mod fuzz_harness;
 pub mod gateway;
+pub mod hub;
 pub mod local;
 #[cfg(feature = "devtools")]
 pub mod memlink;

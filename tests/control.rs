@@ -13,10 +13,7 @@ use std::process::{Command, Output};
 
 use lockhub::auth::statement::Permission;
 use lockhub::ble::LockTransport;
-use lockhub::control::peer::AdminGroup;
-use lockhub::control::server::{ControlServer, bind};
 use support::stack::{Stack, claim_pair_grant};
-use tokio::sync::watch;
 
 fn lockhub(socket: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lockhub")).args(args).arg("--socket").arg(socket).output().unwrap()
@@ -46,38 +43,19 @@ async fn as_nobody(socket: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8(out.stderr).unwrap())
 }
 
-/// Serves `stack`'s control socket at `run`/control.sock, root's group as the admin group,
-/// reporting the store's deletions, until the returned sender is dropped (the handle ends then).
-fn serve_control(stack: &Stack, run: &Path) -> (std::path::PathBuf, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let socket = run.join("control.sock");
-    let group = AdminGroup::load("root");
-    let listener = bind(&socket, &group).unwrap();
-    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
-    let server =
-        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket)
-            .reporting_deletions(stack.log_debt.clone());
-    let (stop, stopped) = watch::channel(false);
-    let serving = tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
-    (socket, stop, serving)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_cli_over_the_control_socket() {
-    let stack = Stack::start("gw-admin").await;
     let run = tempfile::tempdir().unwrap();
     // Others may traverse the directory, so that the socket's own mode is what decides.
     std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let socket = run.path().join("control.sock");
+    let mut hub = Stack::prepare("gw-admin");
     // The admin group here is root's: `nobody` is outside it.
-    let group = AdminGroup::load("root");
-    let listener = bind(&socket, &group).unwrap();
+    hub.config.control.group = "root".into();
+    hub.config.control.socket = run.path().join("control.sock");
+    let stack = hub.start().await;
+    let socket = stack.hub.control_socket().to_owned();
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
-    let clock: lockhub::gateway::statements::Clock = std::sync::Arc::new(|| (lockhub::store::unix_now(), true));
-    let server =
-        ControlServer::new(stack.gateway.clone(), stack.store.clone(), stack.cloud.clone(), group, clock, &socket);
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(server.run(listener, stack.gateway.updates(), stopped));
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock], None).await;
     let lock = p.lock_id.to_string();
 
@@ -186,7 +164,6 @@ async fn the_admin_cli_over_the_control_socket() {
     db.execute("UPDATE audit SET outcome = 'ok', detail = 'nothing happened' WHERE seq = ?1", [seq]).unwrap();
     let (ok, out, _) = cli(&socket, &["audit", "--verify"]).await;
     assert!(!ok && out.starts_with(&format!("audit chain BROKEN at record {seq}")), "{out}");
-    stop.send(true).unwrap();
 }
 
 /// Every byte of the files the store keeps, joined, to search for what was deleted.
@@ -205,8 +182,7 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_left() {
     let stack = Stack::start("gw-held").await;
-    let run = tempfile::tempdir().unwrap();
-    let (socket, _stop, _serving) = serve_control(&stack, run.path());
+    let socket = stack.hub.control_socket().to_owned();
     let p = claim_pair_grant(&stack, &[Permission::Unlock], None).await;
     let lock = p.lock_id.to_string();
     let user_key = p.user.public().to_string();
@@ -294,14 +270,13 @@ async fn answer_on(stream: &mut tokio::net::UnixStream) -> serde_json::Value {
 /// A flood of connections that send nothing (a script gone wrong) takes at most
 /// `MAX_CONNECTIONS` of the daemon's descriptors: the next is answered `busy` at once instead
 /// of waiting out their 10 s, and once one of them goes the socket serves again. (And the
-/// server stops when its stop signal's sender is dropped.)
+/// server stops with the hub, connections open or not.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_silent_connections_is_answered_busy_and_the_socket_serves_on() {
     use lockhub::control::server::MAX_CONNECTIONS;
     use tokio::io::AsyncWriteExt;
     let stack = Stack::start("gw-flood").await;
-    let run = tempfile::tempdir().unwrap();
-    let (socket, stop, serving) = serve_control(&stack, run.path());
+    let socket = stack.hub.control_socket().to_owned();
 
     let mut silent = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
@@ -332,8 +307,9 @@ async fn a_flood_of_silent_connections_is_answered_busy_and_the_socket_serves_on
     .expect("never served again after a place was free");
     assert_eq!(served["ok"]["gateway"], "gw-flood", "{served}");
 
-    // Its owner gone without a word: the server stops (and removes its socket) all the same.
-    drop(stop);
-    tokio::time::timeout(support::stack::WAIT, serving).await.expect("still serving").unwrap();
+    // The hub stopped with connections still open: the server ends and removes its socket.
+    let stopped = stack.hub.stop().await;
+    assert!(stopped.link_closed, "{stopped:?}");
     assert!(!socket.exists());
+    drop(silent);
 }

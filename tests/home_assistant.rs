@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use lockhub::auth::statement::Permission;
 use lockhub::ble::LockTransport;
-use lockhub::local::bridge::LocalBridge;
 use lockhub::local::codes::hash_code;
 use lockhub::local::config::{LocalCodeEntry, LocalConfig, LocalMqtt};
 use lockhub::local::home_assistant::lock_state;
@@ -27,7 +26,7 @@ use lockhub::store::audit::AuditActor;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::Value;
 use support::stack::{Stack, claim_pair_grant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(60);
 const PREFIX: &str = "homeassistant";
@@ -195,9 +194,9 @@ fn every_bolt_state_has_its_home_assistant_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_lock() {
-    let stack = Stack::start("gw-ha").await;
+    let mut hub = Stack::prepare("gw-ha");
     let broker = HomeBroker::start(&[("lockhub", "hub-secret-1"), ("homeassistant", "ha-secret-2")]);
-    let password_file = stack.dir.path().join("local-mqtt.password");
+    let password_file = hub.dir.path().join("local-mqtt.password");
     std::fs::write(&password_file, "hub-secret-1\n").unwrap();
     let local = LocalConfig {
         mqtt: Some(LocalMqtt {
@@ -213,9 +212,8 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
         ..LocalConfig::default()
     };
     let mut ha = HomeAssistant::connect(broker.port, "ha-secret-2").await;
-    let bridge = LocalBridge::new(&local, stack.gateway.clone(), &stack.gw).unwrap();
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(bridge.run(stack.gateway.updates(), stack.cloud.clone(), stopped));
+    hub.config.local = local;
+    let stack = hub.start().await;
 
     // The gateway's own device, online, its cloud link up.
     let node = "gw-ha";
@@ -407,17 +405,17 @@ async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_for
     use lockhub::store::unix_now;
     use support::stack::assert_reply;
 
-    let stack = Stack::start("gw-hk").await;
+    let mut hub = Stack::prepare("gw-hk");
     let broker =
-        HomeBroker::start_with_tls(&[("lockhub", "hub-secret-3"), ("homeassistant", "ha-secret-4")], Some(&stack.pki));
-    let password_file = stack.dir.path().join("local-mqtt.password");
+        HomeBroker::start_with_tls(&[("lockhub", "hub-secret-3"), ("homeassistant", "ha-secret-4")], Some(&hub.pki));
+    let password_file = hub.dir.path().join("local-mqtt.password");
     std::fs::write(&password_file, "hub-secret-3\n").unwrap();
     let local = LocalConfig {
         mqtt: Some(LocalMqtt {
             host: "localhost".into(),
             port: broker.tls_port,
             tls: true,
-            ca: Some(stack.pki.ca_cert()),
+            ca: Some(hub.pki.ca_cert()),
             username: Some("lockhub".into()),
             password_file: Some(password_file),
         }),
@@ -425,9 +423,8 @@ async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_for
         ..LocalConfig::default()
     };
     let mut ha = HomeAssistant::connect(broker.port, "ha-secret-4").await;
-    let bridge = LocalBridge::new(&local, stack.gateway.clone(), &stack.gw).unwrap();
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(bridge.run(stack.gateway.updates(), stack.cloud.clone(), stopped));
+    hub.config.local = local;
+    let stack = hub.start().await;
     ha.until("the hub online through TLS", |ha| ha.text("lockhub/local/gw-hk/availability") == Some("online")).await;
 
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;

@@ -387,7 +387,7 @@ async fn next_connected(seen: &mut tokio::sync::broadcast::Receiver<Seen>, topic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_is_refused_across_a_gateway_restart() {
-    let mut stack = Stack::start("gw-restart").await;
+    let stack = Stack::start("gw-restart").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
     let first = Statement::Command(command(&stack.gw, p.lock_id, Operation::Lock, unix_now(), 30));
     let text = first.sign(&p.user.key);
@@ -406,7 +406,7 @@ async fn a_replay_is_refused_across_a_gateway_restart() {
         .unwrap();
     let mut restarted = p.app.watch();
     let mut answers = p.app.watch();
-    stack.restart_gateway().await;
+    let stack = stack.restart_gateway().await;
     let replies_topic = format!("lockhub/v1/{}/reply", stack.gw);
     loop {
         let msg =
@@ -486,9 +486,13 @@ async fn a_stopping_gateway_lets_go_of_its_locks() {
     assert_eq!(outcome.await.unwrap(), Err("unknown_lock".to_owned()));
     assert_eq!(stack.audit_outcomes("local.unlatch"), ["unknown_lock"]);
 
-    // Busy when told to stop: reading the lock's news, as after an advertisement.
-    stack.gateway.lock(p.lock_id).unwrap().sync();
+    // Busy when told to stop: reading the lock's news, as after an advertisement. And a handle
+    // to the lock's task still held elsewhere (a control-socket request, say) does not keep
+    // the task running.
+    let held = stack.gateway.lock(p.lock_id).unwrap();
+    held.sync();
     assert!(stack.gateway.stop_locks(WAIT).await, "every lock's task ended");
+    drop(held);
     for lock in [&p.lock.lock_id, &second.lock_id] {
         assert!(!support::report(&ctl, lock).await.connected, "the gateway still holds {lock}'s link");
     }
@@ -510,8 +514,7 @@ async fn two_gateways_on_one_broker_cannot_command_each_others_locks() {
     a.pki.issue_client("gw-b-iso").unwrap();
     let b_gw = GatewayId::new("gw-b-iso").unwrap();
     let b_dir = tempfile::tempdir().unwrap();
-    let b_state = tempfile::TempDir::new_in(b_dir.path()).unwrap();
-    let _b = Stack::run_gateway(&b_state, &a.pki, &a.broker, &b_gw, &a.clock, PolicyLimits::default()).await;
+    let _b = Stack::start_hub(&support::stack::config(b_dir.path(), &a.pki, &b_gw, a.broker.port), &a.clock).await;
     let p = claim_pair_grant(&a, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let ctl = support::control().await;
     let seq = support::report(&ctl, &p.lock.lock_id).await.status.last_seq;
@@ -740,4 +743,29 @@ async fn the_clock_jumping_ahead_and_back_neither_replays_nor_wedges() {
     assert_eq!(stack.audited("command.unlock", &["ok"]).await, ["ok"], "the unlock ran once");
     let expected = ["expired", "not_yet_valid", "ok"];
     assert_eq!(stack.audited("command.lock", &expected).await, expected);
+}
+
+/// A redelivery is answered before any check: after its command has expired, while the gateway
+/// remembers the id (until an hour past `exp`), it gets the stored reply and does not run
+/// again; once housekeeping has forgotten the id, it is judged afresh and is `expired`
+/// (docs/mqtt-api.md, "Before any check: a redelivery").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_redelivery_gets_the_stored_reply_until_its_id_is_forgotten() {
+    let stack = Stack::start("gw-late").await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
+    let first = Statement::Command(command(&stack.gw, p.lock_id, Operation::Unlock, unix_now(), 30));
+    let text = first.sign(&p.user.key);
+    let reply = p.app.send_text(first.id().as_str(), text.clone(), WAIT).await.unwrap();
+    assert_reply(&reply, Outcome::Ok, None);
+
+    // Two minutes on: expired, still remembered.
+    stack.clock.offset_s.store(120, Ordering::SeqCst);
+    assert_eq!(p.app.send_text(first.id().as_str(), text.clone(), WAIT).await.unwrap(), reply);
+
+    // Two hours on, after housekeeping: forgotten, so judged like a first delivery.
+    stack.clock.offset_s.store(7_200, Ordering::SeqCst);
+    lockhub::gateway::maintenance::tidy(&stack.store, stack.clock.now().0).unwrap();
+    let late = p.app.send_text(first.id().as_str(), text, WAIT).await.unwrap();
+    assert_reply(&late, Outcome::Refused, Some("expired"));
+    assert_eq!(stack.audited("command.unlock", &["ok", "expired"]).await, ["ok", "expired"], "it ran once");
 }

@@ -421,6 +421,14 @@ mod tests {
         fn remembers(&self, _: &str) -> bool {
             false
         }
+        async fn listen(
+            self: Arc<Self>,
+            _: Duration,
+            _: impl FnMut(&Advertisement) + Send,
+            mut shutdown: tokio::sync::watch::Receiver<bool>,
+        ) {
+            crate::stop::requested(&mut shutdown).await;
+        }
     }
 
     fn client(errors: [BleError; 2], home: usize) -> (LockClient<Failing>, Arc<Mutex<Vec<&'static str>>>) {

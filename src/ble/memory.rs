@@ -25,6 +25,9 @@ use crate::protocol::ids::LockId;
 /// The signal strength every in-memory lock is heard at.
 const RSSI: i16 = -50;
 
+/// How often an in-memory lock advertises (a lock's fast advertising interval).
+pub const ADVERTISING_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Where in-memory locks live; every adapter on it hears those in its range.
 #[derive(Debug, Default)]
 pub struct MemoryAir {
@@ -245,6 +248,28 @@ impl LockTransport for MemoryAdapter {
     }
 
     fn forget(&self, _address: &str) {}
+
+    /// Hears every lock in range once per [`ADVERTISING_INTERVAL`], as a discovery that
+    /// reports every advertisement does; nothing is heard while powered off.
+    async fn listen(
+        self: Arc<Self>,
+        _silence: Duration,
+        mut heard: impl FnMut(&Advertisement) + Send,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut interval = tokio::time::interval(ADVERTISING_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    for ad in self.heard().unwrap_or_default() {
+                        heard(&ad);
+                    }
+                }
+                () = crate::stop::requested(&mut shutdown) => return,
+            }
+        }
+    }
 
     fn remembers(&self, _address: &str) -> bool {
         false

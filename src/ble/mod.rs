@@ -179,6 +179,15 @@ pub trait LockTransport: Send + Sync + 'static {
     /// Whether the transport keeps anything about the lock at `address` (what connecting to
     /// it taught): false once forgotten.
     fn remembers(&self, address: &str) -> bool;
+    /// Listens for advertisements until `shutdown` turns true, handing each to `heard`, and
+    /// keeps listening through the stack's outages (said in the log). After `silence` without
+    /// an advertisement it checks that the stack under it still answers.
+    fn listen(
+        self: std::sync::Arc<Self>,
+        silence: Duration,
+        heard: impl FnMut(&Advertisement) + Send,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Transport settings, from the `[ble]` section of the configuration.

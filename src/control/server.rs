@@ -20,7 +20,7 @@ use crate::auth::keys::PublicKey;
 use crate::ble::LockTransport;
 use crate::cloud::link::LinkState;
 use crate::gateway::lock_worker::LockUpdate;
-use crate::gateway::statements::{Clock, Gateway};
+use crate::gateway::{Clock, Gateway};
 use crate::protocol::ids::LockId;
 use crate::protocol::message::LockStatus;
 use crate::store::audit::{AuditActor, AuditVerification};

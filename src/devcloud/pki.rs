@@ -162,6 +162,11 @@ impl Pki {
     pub fn client_key(&self, name: &str) -> PathBuf {
         self.dir.join("clients").join(format!("{name}.key"))
     }
+
+    /// The `[cloud]` section of gateway `name` (a client of this PKI) reaching `brokers`.
+    pub fn cloud_section(&self, name: &str, brokers: Vec<String>) -> crate::config::CloudSection {
+        crate::config::CloudSection::new(brokers, self.ca_cert(), self.client_cert(name), self.client_key(name))
+    }
 }
 
 #[cfg(test)]

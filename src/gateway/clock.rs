@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::statements::Clock;
+use super::Clock;
 use crate::store::unix_now;
 
 /// The system clock. While `require_sync` holds, it counts as synchronised from the first

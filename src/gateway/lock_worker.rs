@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use crate::auth::reason::Reason;
 use crate::ble::client::LockClient;
@@ -193,14 +193,15 @@ pub struct LockWorker<T: LockTransport> {
 
 impl<T: LockTransport> LockWorker<T> {
     /// Starts the task; it syncs with the lock first (clock, log, state). The task ends once
-    /// every handle is gone: after the jobs queued before, and after recording what they read,
-    /// it lets go of the lock.
-    pub fn spawn(self) -> (LockHandle, tokio::task::JoinHandle<()>) {
+    /// `stop` turns true or every handle is gone: it takes no new job then, finishes those
+    /// queued before, records what they read and lets go of the lock. (A handle someone still
+    /// holds does not keep it running.)
+    pub fn spawn(self, stop: watch::Receiver<bool>) -> (LockHandle, tokio::task::JoinHandle<()>) {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let home = self.client.home_index();
         let handle = LockHandle { jobs, sync_queued: Arc::new(AtomicBool::new(false)), home };
         handle.sync();
-        let task = tokio::spawn(self.run(queue, handle.sync_queued.clone()));
+        let task = tokio::spawn(self.run(queue, handle.sync_queued.clone(), stop));
         (handle, task)
     }
 
@@ -208,7 +209,13 @@ impl<T: LockTransport> LockWorker<T> {
         self.client.lock_id()
     }
 
-    async fn run(mut self, mut queue: mpsc::Receiver<Job>, sync_queued: Arc<AtomicBool>) {
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<Job>,
+        sync_queued: Arc<AtomicBool>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut closed = false;
         loop {
             self.report_lost_link().await;
             let idle = self.client.idle_deadline();
@@ -221,6 +228,12 @@ impl<T: LockTransport> LockWorker<T> {
                     Some(job) => job,
                     None => break,
                 },
+                // Told to stop: no new job; those already queued are still taken.
+                () = crate::stop::requested(&mut stop), if !closed => {
+                    queue.close();
+                    closed = true;
+                    continue;
+                }
                 // While a link is up, the lock may push events (a keypad, the thumb-turn), and
                 // the link may die (out of range, reboot): both are reported as they happen.
                 // Another lock waits for a link slot: an idle link makes way at once.

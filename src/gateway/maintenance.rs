@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::statements::Clock;
+use super::Clock;
 use crate::store::{Store, StoreError};
 
 /// How often the store is tidied.

@@ -1,8 +1,10 @@
-//! A gateway in process over the real stack, for tests that drive it through the bundled
-//! cloud: its store, cloud link, intake, core and radio watch, on the bundled broker (mutual
-//! TLS) and the test bus; and the usual start of a test — claimed, one lock paired with remote
-//! unlock on, a user granted.
+//! A hub in process over the real stack, for tests that drive it through the bundled cloud:
+//! the assembly `lockhub run` starts (`lockhub::hub`: store, cloud link, intake, core, radio
+//! watch, maintenance, control socket, local bridge when configured), on the bundled broker
+//! (mutual TLS) and the test bus; and the usual start of a test — claimed, one lock paired with
+//! remote unlock on, a user granted.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,17 +12,18 @@ use std::time::Duration;
 use lockhub::auth::statement::{Operation, Permission, Statement};
 use lockhub::ble::BleConfig;
 use lockhub::ble::bluez::BluezTransport;
-use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
+use lockhub::cloud::link::LinkState;
 use lockhub::cloud::reply::{Outcome, Reply};
+use lockhub::config::{Config, GatewaySection};
 use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, pair, remote_unlock};
 use lockhub::devcloud::pki::Pki;
-use lockhub::gateway::intake::{self, Intake};
+use lockhub::gateway::Gateway;
 use lockhub::gateway::policy::PolicyLimits;
-use lockhub::gateway::statements::Gateway;
+use lockhub::hub::{Hub, HubBuilder, TimeSource};
 use lockhub::protocol::ids::{GatewayId, LockId};
-use lockhub::store::checkpoint::{Checkpoints, LogDebt};
-use lockhub::store::{Store, StoreConfig, unix_now};
-use tokio::sync::{Notify, mpsc, watch};
+use lockhub::store::checkpoint::LogDebt;
+use lockhub::store::{Store, unix_now};
+use tokio::sync::watch;
 
 use super::bundled::Bundled;
 
@@ -44,15 +47,18 @@ pub struct Stack {
     pub pki: Pki,
     pub broker: Bundled,
     pub gw: GatewayId,
-    pub store: Arc<Mutex<Store>>,
+    /// The configuration the hub runs on (a restart runs on it again).
+    pub config: Config,
     pub clock: Arc<TestClock>,
-    pub limits: PolicyLimits,
-    pub stop: watch::Sender<bool>,
-    /// The running gateway's core.
+    /// The running hub, as `lockhub run` assembles it.
+    pub hub: Hub<BluezTransport>,
+    /// Its store.
+    pub store: Arc<Mutex<Store>>,
+    /// Its gateway core.
     pub gateway: Arc<Gateway<BluezTransport>>,
-    /// Its BLE transport.
+    /// Its (first) BLE transport.
     pub transport: Arc<BluezTransport>,
-    /// The cloud link's state.
+    /// Its cloud link's state.
     pub cloud: watch::Receiver<LinkState>,
     /// Outbox records the link has delivered (acknowledged and deleted), counted.
     pub delivered: watch::Receiver<u64>,
@@ -60,16 +66,15 @@ pub struct Stack {
     pub log_debt: watch::Receiver<LogDebt>,
 }
 
-/// What [`Stack::run_gateway`] started.
-pub struct Running {
-    pub store: Arc<Mutex<Store>>,
-    pub stop: watch::Sender<bool>,
-    pub gateway: Arc<Gateway<BluezTransport>>,
-    pub transport: Arc<BluezTransport>,
-    pub cloud: watch::Receiver<LinkState>,
-    /// Outbox records the link has delivered (acknowledged and deleted), counted.
-    pub delivered: watch::Receiver<u64>,
-    pub log_debt: watch::Receiver<LogDebt>,
+/// A stack whose hub has not started yet: change [`Prepared::config`] (local MQTT, the control
+/// socket's group, policy limits), then [`Prepared::start`].
+pub struct Prepared {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub broker: Bundled,
+    pub gw: GatewayId,
+    pub config: Config,
+    pub clock: Arc<TestClock>,
 }
 
 /// How long the radio watch of a test gateway hears nothing before asking whether the bus is
@@ -81,97 +86,85 @@ pub fn ble() -> BleConfig {
     BleConfig { connect_timeout_ms: 3_000, connect_attempts: 2, ..BleConfig::default() }
 }
 
+/// The configuration of a test hub `gw`: its state and control socket in `dir`, the bundled
+/// broker on `port` with `pki`'s credentials, the test BLE timings.
+pub fn config(dir: &Path, pki: &Pki, gw: &GatewayId, port: u16) -> Config {
+    let mut config = Config::new(
+        GatewaySection { id: gw.as_str().to_owned(), state_dir: dir.join("state") },
+        pki.cloud_section(gw.as_str(), vec![format!("mqtts://localhost:{port}")]),
+    );
+    config.ble = ble();
+    config.control.socket = dir.join("run").join("control.sock");
+    config
+}
+
 impl Stack {
     pub async fn start(gw: &str) -> Stack {
-        Self::start_with(gw, PolicyLimits::default()).await
+        Self::prepare(gw).start().await
     }
 
     pub async fn start_with(gw: &str, limits: PolicyLimits) -> Stack {
+        let mut prepared = Self::prepare(gw);
+        prepared.config.policy = limits;
+        prepared.start().await
+    }
+
+    /// The PKI, the bundled broker and a configuration, before the hub starts.
+    pub fn prepare(gw: &str) -> Prepared {
         super::test_bed();
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::init(&dir.path().join("pki"), &[gw]).unwrap();
         let broker = Bundled::start(&pki);
         let gw = GatewayId::new(gw).unwrap();
         let clock = Arc::new(TestClock { synced: AtomicBool::new(true), offset_s: AtomicI64::new(0) });
-        let Running { store, stop, gateway, transport, cloud, delivered, log_debt } =
-            Self::run_gateway(&dir, &pki, &broker, &gw, &clock, limits).await;
-        Stack { dir, pki, broker, gw, store, clock, limits, stop, gateway, transport, cloud, delivered, log_debt }
+        let config = config(dir.path(), &pki, &gw, broker.port);
+        Prepared { dir, pki, broker, gw, config, clock }
     }
 
-    /// Starts a gateway (store and its checkpointer, cloud link, intake, core, radio watch) on
-    /// the stack's state directory, wired as the daemon wires them.
-    pub async fn run_gateway(
-        dir: &tempfile::TempDir,
-        pki: &Pki,
-        broker: &Bundled,
-        gw: &GatewayId,
-        clock: &Arc<TestClock>,
-        limits: PolicyLimits,
-    ) -> Running {
-        let mut store =
-            Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) })
-                .unwrap();
-        store.transaction(|tx| tx.set_gateway_identity(gw, unix_now())).unwrap();
-        let checkpoints = Checkpoints::hand_off(&mut store).unwrap();
-        let log_debt = checkpoints.debt();
-        let store = Arc::new(Mutex::new(store));
-        let outbox_ready = Arc::new(Notify::new());
-        let config = CloudConfig {
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
-            ..CloudConfig::new(
-                vec![format!("mqtts://localhost:{}", broker.port)],
-                pki.ca_cert(),
-                pki.client_cert(gw.as_str()),
-                pki.client_key(gw.as_str()),
-            )
-        };
-        let (inbound_tx, inbound) = mpsc::channel(64);
-        let (link, mut reports) =
-            CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx).unwrap();
-        let c = clock.clone();
-        let clock: lockhub::gateway::statements::Clock = Arc::new(move || c.now());
+    /// Starts a hub of `config` on the test bus's BlueZ and `clock`, and waits for its cloud
+    /// link.
+    pub async fn start_hub(config: &Config, clock: &Arc<TestClock>) -> Hub<BluezTransport> {
         super::test_bed();
-        let radios = BluezTransport::open_radios(&ble()).await.expect("opening the BlueZ transport");
-        let gateway: Arc<Gateway<BluezTransport>> =
-            Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), radios, ble(), limits, clock);
-        gateway.send_replies_through(link.express_lane());
-        gateway.start_locks().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        tokio::spawn(checkpoints.run(stopped.clone()));
-        let (accepted_tx, accepted) = mpsc::channel(64);
-        tokio::spawn(intake::serve(
-            Intake::new(store.clone(), gw.clone(), outbox_ready.clone()),
-            inbound,
-            accepted_tx,
-            unix_now,
-        ));
-        tokio::spawn(gateway.clone().serve(accepted));
-        tokio::spawn(lockhub::gateway::radio_watch::watch_radios(gateway.clone(), BUS_CHECK, stopped.clone()));
-        let link = tokio::spawn(link.run(stopped.clone()));
-        reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
-        // Keep the link's task handle alive with the switch: stopping ends it.
-        tokio::spawn(async move {
-            let _ = link.await;
-        });
-        let transport = gateway.radios().get(0).transport().clone();
-        Running { store, stop, gateway, transport, cloud: reports.state, delivered: reports.delivered, log_debt }
+        let radios = BluezTransport::open_radios(&config.ble).await.expect("opening the BlueZ transport");
+        let c = clock.clone();
+        let time = TimeSource::Given(Arc::new(move || c.now()));
+        let hub = HubBuilder::new(config.clone(), radios, time)
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(2))
+            .bus_check(BUS_CHECK)
+            .start()
+            .await
+            .expect("starting the hub");
+        hub.cloud().wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
+        hub
     }
 
-    /// Stops the gateway and starts a new one on the same state directory (the store reopened
-    /// from disk), as a restart of the daemon would.
-    pub async fn restart_gateway(&mut self) {
-        // In the daemon's order: the locks' tasks let go of their locks first.
-        assert!(self.gateway.stop_locks(WAIT).await, "the locks' tasks did not end");
-        self.stop.send(true).unwrap();
-        let running = Self::run_gateway(&self.dir, &self.pki, &self.broker, &self.gw, &self.clock, self.limits).await;
-        self.store = running.store;
-        self.stop = running.stop;
-        self.gateway = running.gateway;
-        self.transport = running.transport;
-        self.cloud = running.cloud;
-        self.delivered = running.delivered;
-        self.log_debt = running.log_debt;
+    fn running(prepared: Prepared, hub: Hub<BluezTransport>) -> Stack {
+        let Prepared { dir, pki, broker, gw, config, clock } = prepared;
+        Stack {
+            store: hub.store().clone(),
+            gateway: hub.gateway().clone(),
+            transport: hub.gateway().radios().get(0).transport().clone(),
+            cloud: hub.cloud(),
+            delivered: hub.delivered(),
+            log_debt: hub.log_debt(),
+            dir,
+            pki,
+            broker,
+            gw,
+            config,
+            clock,
+            hub,
+        }
+    }
+
+    /// Stops the hub in order and starts a new one on the same configuration and state (the
+    /// store reopened from disk), as a restart of the daemon would.
+    pub async fn restart_gateway(self) -> Stack {
+        let Stack { dir, pki, broker, gw, config, clock, hub, .. } = self;
+        let stopped = hub.stop().await;
+        assert!(stopped.locks_released && stopped.commands_finished, "{stopped:?}");
+        let hub = Self::start_hub(&config, &clock).await;
+        Self::running(Prepared { dir, pki, broker, gw, config, clock }, hub)
     }
 
     pub async fn app(&self) -> AppClient {
@@ -238,6 +231,14 @@ impl Stack {
             .filter(|r| r.action.starts_with(action_prefix))
             .map(|r| r.outcome)
             .collect()
+    }
+}
+
+impl Prepared {
+    /// Starts the hub and waits for its cloud link.
+    pub async fn start(self) -> Stack {
+        let hub = Stack::start_hub(&self.config, &self.clock).await;
+        Stack::running(self, hub)
     }
 }
 

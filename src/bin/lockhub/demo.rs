@@ -3,33 +3,30 @@
 //! A private D-Bus bus (`dbus-daemon` started here in a temporary directory, or busd inside this
 //! process where no dbus-daemon is installed: `private_bus.rs`) carries the emulated locks'
 //! `org.bluez`; the bundled broker runs in this process with a fresh PKI and mutual TLS; the
-//! gateway is the real one (store, cloud link, intake, policy, per-lock tasks over bluer); the
-//! app stand-in signs statements with its own keys. Nothing listens beyond 127.0.0.1, nothing
-//! outlives the run.
+//! hub is the one `lockhub run` assembles (`lockhub::hub`: store, cloud link, intake, policy,
+//! per-lock tasks over bluer, control socket), on the private bus; the app stand-in signs
+//! statements with its own keys. Nothing listens beyond 127.0.0.1, nothing outlives the run.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lockhub::auth::statement::{Operation, Permission, Statement};
-use lockhub::ble::BleConfig;
 use lockhub::ble::bluez::BluezTransport;
-use lockhub::cloud::link::{CloudConfig, CloudLink, LinkState};
+use lockhub::cloud::link::LinkState;
 use lockhub::cloud::reply::{Outcome, Reply};
+use lockhub::config::{Config, GatewaySection};
 use lockhub::devcloud::app::{AppClient, AppKey, claim, command, grant, new_id, pair, remote_unlock};
 use lockhub::devcloud::broker::{Broker, BrokerConfig};
 use lockhub::devcloud::pki::Pki;
 use lockhub::firmware::bluez::control::EmulatorProxy;
 use lockhub::firmware::bluez::{BluezEmulator, LockSpec};
-use lockhub::gateway::intake::{self, Intake};
-use lockhub::gateway::policy::PolicyLimits;
-use lockhub::gateway::statements::{Clock, Gateway};
-use lockhub::protocol::ids::{GatewayId, LockId};
+use lockhub::hub::{HubBuilder, TimeSource};
+use lockhub::protocol::ids::LockId;
 use lockhub::protocol::message::{Actor, Op, Passcode};
 use lockhub::standard_streams::{self, OutputError};
-use lockhub::store::{Store, StoreConfig, unix_now};
-use tokio::sync::{Notify, mpsc, watch};
+use lockhub::store::unix_now;
+use tokio::sync::watch;
 
 use crate::private_bus::PrivateBus;
 
@@ -144,37 +141,19 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     tokio::spawn(broker.run(stopped.clone()));
     let broker_url = format!("mqtts://localhost:{port}");
 
-    // The gateway.
-    let gw = GatewayId::new(GATEWAY)?;
-    let mut store = Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.join("state")) })?;
-    store.transaction(|tx| tx.set_gateway_identity(&gw, unix_now()))?;
-    // Checkpoints off the commits, as the daemon takes them.
-    let checkpoints = lockhub::store::checkpoint::Checkpoints::hand_off(&mut store)?;
-    tokio::spawn(checkpoints.run(stopped.clone()));
-    let store = Arc::new(Mutex::new(store));
-    let outbox_ready = Arc::new(Notify::new());
-    let config =
-        CloudConfig::new(vec![broker_url.clone()], pki.ca_cert(), pki.client_cert(GATEWAY), pki.client_key(GATEWAY));
-    let (inbound_tx, inbound) = mpsc::channel(64);
-    let (link, mut reports) = CloudLink::new(config, gw.clone(), store.clone(), outbox_ready.clone(), inbound_tx)?;
-    // This machine's clock is taken as synchronised for the demo; the daemon checks.
-    let clock: Clock = Arc::new(|| (unix_now(), true));
-    let ble = BleConfig::default();
-    let radios = BluezTransport::open_radios(&ble).await.context("opening BlueZ on the private bus")?;
-    let gateway: Arc<Gateway<BluezTransport>> =
-        Gateway::new(gw.clone(), store.clone(), outbox_ready.clone(), radios, ble, PolicyLimits::default(), clock);
-    gateway.send_replies_through(link.express_lane());
-    gateway.start_locks()?;
-    let (accepted_tx, accepted) = mpsc::channel(64);
-    tokio::spawn(intake::serve(Intake::new(store.clone(), gw.clone(), outbox_ready), inbound, accepted_tx, unix_now));
-    tokio::spawn(gateway.clone().serve(accepted));
-    tokio::spawn(lockhub::gateway::radio_watch::watch_radios(
-        gateway.clone(),
-        lockhub::gateway::radio_watch::BUS_CHECK,
-        stopped.clone(),
-    ));
-    let link_task = tokio::spawn(link.run(stopped));
-    tokio::time::timeout(WAIT, reports.state.wait_for(|s| matches!(s, LinkState::Connected(_))))
+    // The gateway: the hub `lockhub run` assembles, on the private bus's BlueZ. This
+    // machine's clock is taken as synchronised for the demo; the daemon checks.
+    let mut config = Config::new(
+        GatewaySection { id: GATEWAY.into(), state_dir: dir.join("state") },
+        pki.cloud_section(GATEWAY, vec![broker_url.clone()]),
+    );
+    config.clock.require_sync = false;
+    config.control.socket = dir.join("control.sock");
+    let radios = BluezTransport::open_radios(&config.ble).await.context("opening BlueZ on the private bus")?;
+    let hub = HubBuilder::new(config, radios, TimeSource::System { synchronised: || false }).start().await?;
+    let gw = hub.id().clone();
+    let store = hub.store().clone();
+    tokio::time::timeout(WAIT, hub.cloud().wait_for(|s| matches!(s, LinkState::Connected(_))))
         .await
         .context("the gateway did not reach the broker")??;
 
@@ -183,7 +162,7 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     let bus_path = bus.trim_start_matches("unix:path=");
     t.say(format_args!("  bus      {}, private, at {bus_path}", private_bus.kind()));
     t.say(format_args!("  locks    {} emulated, serving org.bluez on that bus", lock_ids.len()));
-    t.say(format_args!("  gateway  {GATEWAY}: store, cloud link, policy, one task per lock over bluer"));
+    t.say(format_args!("  gateway  {GATEWAY}: the hub `lockhub run` starts, one task per lock over bluer"));
     t.say(format_args!("  app      owner and user keys made just now; statements signed as JWS (EdDSA)"));
     t.say(format_args!(""));
     t.say(format_args!("    {:<62} {:<44} {:>11}", "step", "result", "latency"));
@@ -236,7 +215,7 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     t.line("user locks remotely", &describe(&reply?), took);
 
     // A keypad unlock at the door, reported by the lock itself.
-    let handle = gateway.lock(lock).context("no task for the lock")?;
+    let handle = hub.gateway().lock(lock).context("no task for the lock")?;
     handle
         .execute(
             Op::AddPasscode { code: Passcode::new(KEYPAD_CODE)?, valid_from: None, valid_until: None },
@@ -288,9 +267,8 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     t.say(format_args!("audit chain: {verified}. The demo took {:.2} s.", total.elapsed().as_secs_f64()));
     // In the daemon's order: the locks' tasks let go of their locks before the locks go away
     // (a task still recording then would have its store work cancelled with the runtime).
-    gateway.stop_locks(Duration::from_secs(5)).await;
+    hub.stop().await;
     let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(3), link_task).await;
     emulator.shutdown().await;
     t.finish()
 }

@@ -74,7 +74,7 @@ fn run() -> Result<()> {
         }
         Command::ClaimCode { config } => {
             let c = lockhub::config::Config::load(&config)?;
-            let mut store = daemon::open_store(&c)?;
+            let mut store = lockhub::hub::open_store(&c)?;
             match lockhub::gateway::claim::claim_code(&mut store)? {
                 Some(code) => outln!("{}", code.as_str())?,
                 None => outln!("already claimed: the owner's key is pinned")?,

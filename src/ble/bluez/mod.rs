@@ -20,6 +20,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
 mod connection;
+mod listen;
 
 use self::connection::{BUS_SILENCE, Bluez, BluezConnection, bus_silent};
 use super::radios::Radios;
@@ -306,6 +307,15 @@ impl LockTransport for BluezTransport {
                 detail: format!("not seen in a scan within {timeout:?}"),
             }),
         }
+    }
+
+    async fn listen(
+        self: Arc<Self>,
+        silence: Duration,
+        heard: impl FnMut(&Advertisement) + Send,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        listen::listen(self, silence, heard, shutdown).await;
     }
 
     fn remembers(&self, address: &str) -> bool {
