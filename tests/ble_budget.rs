@@ -27,6 +27,7 @@ struct Counters {
 
 #[tokio::test]
 async fn ten_locks_commanded_at_once_stay_within_the_budget_and_all_complete() {
+    crate::needs!(Dbus);
     let _serial = SERIAL.lock().await;
     let ctl = control().await;
     let mut locks = Vec::new();
@@ -87,6 +88,7 @@ async fn ten_locks_commanded_at_once_stay_within_the_budget_and_all_complete() {
 
 #[tokio::test]
 async fn a_powered_off_adapter_is_reported_as_such() {
+    crate::needs!(Dbus);
     let _serial = SERIAL.lock().await;
     let ctl = control().await;
     let _ = transport().await;
@@ -104,6 +106,7 @@ async fn a_powered_off_adapter_is_reported_as_such() {
 /// (seen through real bluetoothd: 12 connections in 45 s and a command waiting 27 s).
 #[tokio::test]
 async fn a_run_of_calls_keeps_its_link_while_another_lock_waits() {
+    crate::needs!(Dbus);
     let _serial = SERIAL.lock().await;
     let ctl = control().await;
     let first = add_lock(&ctl, r#"{"motor_ms": 50}"#).await;

@@ -54,6 +54,7 @@ async fn settled(bus: &zbus::Connection, baseline: Footprint) -> Footprint {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_connect_disconnect_cycles_leave_no_growth() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);

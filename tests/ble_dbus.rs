@@ -25,6 +25,7 @@ async fn client_for(
 
 #[tokio::test]
 async fn discovers_five_locks_with_their_ids_and_rssi() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let mut expected = Vec::new();
     for i in 0..5i16 {
@@ -52,6 +53,7 @@ async fn discovers_five_locks_with_their_ids_and_rssi() {
 
 #[tokio::test]
 async fn pairs_and_unlocks_a_lock_whose_mtu_is_23() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"mtu": 23, "motor_ms": 50}"#).await;
     let transport = Arc::new(transport().await);
@@ -70,6 +72,7 @@ async fn pairs_and_unlocks_a_lock_whose_mtu_is_23() {
 
 #[tokio::test]
 async fn a_link_dropped_mid_command_is_link_lost_and_the_next_command_reconnects() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
@@ -91,6 +94,7 @@ async fn a_link_dropped_mid_command_is_link_lost_and_the_next_command_reconnects
 /// drain bound on every link the lock dropped).
 #[tokio::test]
 async fn a_link_the_lock_drops_closes_its_notification_socket() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = transport().await;
@@ -114,6 +118,7 @@ async fn a_link_the_lock_drops_closes_its_notification_socket() {
 
 #[tokio::test]
 async fn a_lock_out_of_range_is_unreachable_within_the_configured_timeout() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
@@ -141,6 +146,7 @@ async fn a_lock_out_of_range_is_unreachable_within_the_configured_timeout() {
 
 #[tokio::test]
 async fn an_idle_link_is_dropped_after_the_keep_alive_window() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);
@@ -159,6 +165,7 @@ async fn an_idle_link_is_dropped_after_the_keep_alive_window() {
 
 #[tokio::test]
 async fn an_unknown_address_is_not_found() {
+    crate::needs!(Dbus);
     let transport = transport().await;
     let err = transport.connect("C0:DE:AD:00:00:01").await.unwrap_err();
     assert_eq!(err.code(), "not_found", "{err}");
@@ -170,6 +177,7 @@ async fn an_unknown_address_is_not_found() {
 /// which once left a hub unable to reach a lock for some 40 s after one slow attempt.
 #[tokio::test]
 async fn a_connection_attempt_given_up_is_cancelled_and_the_next_one_connects() {
+    crate::needs!(Dbus);
     use futures::StreamExt;
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
@@ -195,6 +203,7 @@ async fn a_connection_attempt_given_up_is_cancelled_and_the_next_one_connects() 
 /// opened (the hub runs on those it has), by name or by address; with none, its error.
 #[tokio::test]
 async fn an_adapter_that_cannot_be_opened_is_left_out_while_another_can() {
+    crate::needs!(Dbus);
     test_bed();
     let open = |adapters: &[&str]| {
         let config = BleConfig { adapters: adapters.iter().map(|a| (*a).to_owned()).collect(), ..BleConfig::default() };

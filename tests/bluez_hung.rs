@@ -17,6 +17,7 @@ use support::stack::{Stack, WAIT, assert_reply, claim_pair_grant, next_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_bluez_is_named_in_the_reply_and_the_gateway_recovers_when_it_answers() {
+    crate::needs!(Dbus);
     let bed = support::test_bed();
     let stack = Stack::start("gw-hung").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;

@@ -39,6 +39,7 @@ async fn recovered(stack: &Stack, p: &Paired, op: Operation, what: &str) -> Opti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_recovers_from_link_drops_reboots_and_bluez_and_dbus_restarts() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-radio").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let ctl = support::control().await;

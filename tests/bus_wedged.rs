@@ -16,6 +16,7 @@ use support::stack::{Stack, assert_reply, claim_pair_grant, next_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_and_discovery_get_past_a_wedged_bus_connection() {
+    crate::needs!(Dbus);
     let bed = support::test_bed();
     let proxy = BusProxy::start(&bed.bus);
     // SAFETY: before any bluer session exists in this process (libdbus reads the address

@@ -222,6 +222,7 @@ async fn every_retained_message_arrives_before_the_apps_marker(kind: Kind) {
 /// missing messages, never a wait without end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_drops_the_apps_marker_ends_the_wait_with_its_own_error() {
+    crate::needs!(Mosquitto);
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let acl = format!(

@@ -138,6 +138,7 @@ async fn publish_events(pki: &Pki, port: u16, ids: &[usize]) -> (Vec<usize>, boo
 
 #[tokio::test]
 async fn a_full_event_store_ends_the_gateways_connection_and_loses_nothing_acknowledged() {
+    crate::needs!(Root);
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(dir.path(), &["gw-a"]).unwrap();
     let fs = support::small_fs::SmallFilesystem::mount("1m");

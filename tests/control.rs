@@ -45,6 +45,7 @@ async fn as_nobody(socket: &Path, args: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_cli_over_the_control_socket() {
+    crate::needs!(Dbus, Root);
     let run = tempfile::tempdir().unwrap();
     // Others may traverse the directory, so that the socket's own mode is what decides.
     std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -181,6 +182,7 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
 /// it is listed no more — and the checkpointer empties the log once the tool lets go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_left() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-held").await;
     let socket = stack.hub.control_socket().to_owned();
     let p = claim_pair_grant(&stack, &[Permission::Unlock], None).await;
@@ -237,6 +239,7 @@ async fn deletions_held_up_by_another_connection_still_happen_and_say_what_is_le
 /// are delivered, nothing of the lock is left in any file either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_its_retained_topics_are_cleared_no_file_names_the_unbound_lock() {
+    crate::needs!(Dbus);
     use lockhub::store::audit::AuditActor;
     let stack = Stack::start("gw-clear").await;
     let p = claim_pair_grant(&stack, &[Permission::Unlock], None).await;
@@ -273,6 +276,7 @@ async fn answer_on(stream: &mut tokio::net::UnixStream) -> serde_json::Value {
 /// server stops with the hub, connections open or not.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_silent_connections_is_answered_busy_and_the_socket_serves_on() {
+    crate::needs!(Dbus);
     use lockhub::control::server::MAX_CONNECTIONS;
     use tokio::io::AsyncWriteExt;
     let stack = Stack::start("gw-flood").await;

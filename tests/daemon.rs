@@ -41,6 +41,7 @@ fn broken(config: &Path, edit: impl Fn(&str) -> String) -> String {
 /// with nobody reading its errors, a plain failure; output to a full device, an error.
 #[test]
 fn every_printing_command_ends_quietly_when_its_reader_has_gone() {
+    crate::needs!(Mosquitto, Root);
     let dir = tempfile::tempdir().unwrap();
     let pki_dir = dir.path().join("pki");
     let pki = Pki::init(&pki_dir, &["gw-pipe"]).unwrap();
@@ -186,6 +187,7 @@ fn check_config_says_where_what_and_how_to_fix_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_runs_is_claimed_through_the_cloud_and_stops_cleanly() {
+    crate::needs!(Dbus, Root);
     let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = "gw-daemon";
@@ -448,6 +450,7 @@ fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on_sigterm() {
+    crate::needs!(Dbus, Root);
     use lockhub::auth::statement::Operation;
     use lockhub::devcloud::app::{command, pair, remote_unlock};
     use lockhub::protocol::ids::LockId;
@@ -597,6 +600,7 @@ async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_runs_without_any_privilege() {
+    crate::needs!(Dbus, Root);
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     // What the unit gives it: an unprivileged user, no capabilities at all (bounding set
     // included), no new privileges, umask 0077. Here the user is `nobody`.
@@ -645,6 +649,7 @@ async fn the_daemon_runs_without_any_privilege() {
 /// pipe here, is plain text: no colour codes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
+    crate::needs!(Dbus);
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     const WARNING: &str = "control socket: accept failed";
@@ -707,6 +712,7 @@ async fn out_of_descriptors_the_control_socket_pauses_and_then_serves_again() {
 /// warning and no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_paired_used_and_unbound_leaves_no_warning_in_the_log() {
+    crate::needs!(Dbus);
     use lockhub::auth::statement::Permission;
     use lockhub::devcloud::app::{claim, command, grant, pair, remote_unlock};
     use lockhub::protocol::ids::LockId;

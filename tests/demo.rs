@@ -10,6 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 /// out (a lock's task kept alive by a handle the story still held took 5 s once).
 #[test]
 fn the_demo_runs_the_whole_story_and_exits_0() {
+    crate::needs!(Dbus);
     let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_lockhub"));
     demo.arg("demo").env_remove("DBUS_SYSTEM_BUS_ADDRESS").env("LOCKHUB_LOG", "error,lockhub::hub=warn");
     let (stdout, stderr) = the_whole_story_told(demo);

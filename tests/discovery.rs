@@ -29,6 +29,7 @@ async fn heard(stream: &mut (impl futures::Stream<Item = Advertisement> + Unpin)
 
 #[tokio::test]
 async fn advertisements_after_the_first_ask_bluez_nothing_and_carry_what_changed() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = std::sync::Arc::new(transport().await);

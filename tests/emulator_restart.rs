@@ -13,6 +13,7 @@ use support::*;
 
 #[tokio::test]
 async fn pairings_and_lock_state_survive_an_emulator_restart() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0, "mtu": 23}"#).await;
     let transport = Arc::new(transport().await);

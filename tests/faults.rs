@@ -29,6 +29,7 @@ const MAX_SENDS: usize = 40;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_restarted_ten_times_during_remote_commands_each_runs_once_with_one_outcome() {
+    crate::needs!(Dbus);
     const COMMANDS: usize = 40;
     const RESTARTS: usize = 10;
     let limits = PolicyLimits { rate_commands: 1_000, ..PolicyLimits::default() };
@@ -119,6 +120,7 @@ async fn the_broker_restarted_ten_times_during_remote_commands_each_runs_once_wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_killed_during_a_burst_of_a_thousand_lock_events_delivers_each_once() {
+    crate::needs!(Dbus);
     use lockhub::devcloud::app::{AppClient, AppKey, claim, pair};
     use lockhub::devcloud::pki::Pki;
     use lockhub::protocol::ids::{GatewayId, LockId};
@@ -213,6 +215,7 @@ fn gaps(seqs: &std::collections::BTreeSet<u64>) -> String {
 
 #[test]
 fn a_full_filesystem_is_a_plain_error_loses_nothing_and_passes() {
+    crate::needs!(Root);
     use lockhub::store::{Store, StoreConfig, StoreError};
 
     let fs = SmallFilesystem::mount("1m");
@@ -260,6 +263,7 @@ fn a_full_filesystem_is_a_plain_error_loses_nothing_and_passes() {
 /// acknowledged.
 #[tokio::test]
 async fn a_refusal_the_full_store_cannot_record_is_left_unacknowledged() {
+    crate::needs!(Root);
     use lockhub::cloud::link::InboundCommand;
     use lockhub::gateway::intake::{self, Intake};
     use lockhub::protocol::ids::GatewayId;

@@ -18,6 +18,7 @@ const USER: Actor = Actor::Cloud(UserRef([0x0c; 8]));
 
 #[tokio::test]
 async fn a_lock_is_reconnected_by_its_known_handles_and_nothing_is_kept_of_locks_not_ours() {
+    crate::needs!(Dbus);
     let ctl = control().await;
     let lock = add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
     let transport = Arc::new(transport().await);

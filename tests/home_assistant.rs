@@ -88,7 +88,9 @@ impl HomeBroker {
         }
         std::fs::write(&conf, text).unwrap();
         let mut child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(support::tier::program("mosquitto").expect("mosquitto is installed (tier::ready)"))
+            .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -194,6 +196,7 @@ fn every_bolt_state_has_its_home_assistant_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_lock() {
+    crate::needs!(Dbus, Mosquitto);
     let mut hub = Stack::prepare("gw-ha");
     let broker = HomeBroker::start(&[("lockhub", "hub-secret-1"), ("homeassistant", "ha-secret-2")]);
     let password_file = hub.dir.path().join("local-mqtt.password");
@@ -399,6 +402,7 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
 /// commands; a user cannot give one; revoking it, or forgetting the user, removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_forgotten() {
+    crate::needs!(Dbus, Mosquitto);
     use lockhub::auth::statement::{Operation, Statement};
     use lockhub::cloud::reply::Outcome;
     use lockhub::devcloud::app::{command, local_code, revoke};

@@ -44,6 +44,7 @@ async fn send(app: &AppClient, statement: &Statement, key: &AppKey) -> lockhub::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_unlocks_cross_the_cluster_and_survive_the_death_of_the_gateways_node() {
+    crate::needs!(Dbus, Nats);
     let bed = support::test_bed();
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayId::new(GW).unwrap();

@@ -8,6 +8,8 @@
 //! Needs root (for chroot), debootstrap, cargo-deb, lintian and a Debian mirror; `.ci/run`
 //! installs the tools.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -127,13 +129,9 @@ fn base_image() -> &'static Path {
     })
 }
 
-fn is_root() -> bool {
-    String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim() == "0"
-}
-
 #[test]
 fn the_package_installs_runs_as_its_user_and_purges_to_nothing() {
-    assert!(is_root(), "installing a package into a test root needs root (chroot): run .ci/run, or cargo test as root");
+    crate::needs!(Debootstrap);
     let deb = package();
     let root = Root::new();
     let before = root.tree();

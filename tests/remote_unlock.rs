@@ -18,6 +18,7 @@ use support::stack::{Stack, WAIT, assert_reply, claim_pair_grant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-remote").await;
     let app = stack.app().await;
     let mut seen = app.watch();
@@ -152,6 +153,7 @@ fn other_day_than_today() -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outside_the_schedule_then_locked_out_after_repeated_refusals() {
+    crate::needs!(Dbus);
     let limits = PolicyLimits { lockout_failures: 3, ..PolicyLimits::default() };
     let stack = Stack::start_with("gw-schedule", limits).await;
     let schedule = lockhub::auth::statement::Schedule {
@@ -179,6 +181,7 @@ async fn outside_the_schedule_then_locked_out_after_repeated_refusals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_beyond_the_rate_limit_are_refused() {
+    crate::needs!(Dbus);
     let limits = PolicyLimits { rate_commands: 3, ..PolicyLimits::default() };
     let stack = Stack::start_with("gw-rate", limits).await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
@@ -197,6 +200,7 @@ async fn commands_beyond_the_rate_limit_are_refused() {
 /// and the gateway serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_garbage_is_counted_not_recorded_one_by_one() {
+    crate::needs!(Dbus);
     use lockhub::store::audit_budget::{BURST, SUMMARY_ACTION};
     let stack = Stack::start("gw-garbage").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
@@ -229,6 +233,7 @@ async fn a_flood_of_garbage_is_counted_not_recorded_one_by_one() {
 /// remembered as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strangers_statements_are_refused_without_being_remembered() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-stranger").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
     let stranger = stack.key("stranger");
@@ -258,6 +263,7 @@ async fn a_strangers_statements_are_refused_without_being_remembered() {
 /// key nobody granted as `unknown` — never a pseudonym of a stranger's key —, each claim once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_owner_statement_changes_nothing_and_the_audit_names_who_acted() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-owner-replay").await;
     let p = claim_pair_grant(&stack, &[Permission::Unlock, Permission::Remote], None).await;
     let now = unix_now();
@@ -304,6 +310,7 @@ async fn a_replayed_owner_statement_changes_nothing_and_the_audit_names_who_acte
 /// lock this gateway has not paired is `unknown_lock` — the user is known, the lock is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_owner_statement_and_a_command_for_an_unpaired_lock_are_refused_by_name() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-refused-by-name").await;
     let p = claim_pair_grant(&stack, &[Permission::Unlock, Permission::Unlatch, Permission::Remote], None).await;
     let yesterday = unix_now() - 2 * 86_400;
@@ -327,6 +334,7 @@ async fn an_expired_owner_statement_and_a_command_for_an_unpaired_lock_are_refus
 /// expiry ten years away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claims_id_is_remembered_two_hours_at_most() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-claims").await;
     let app = stack.app().await;
     let now = unix_now();
@@ -341,6 +349,7 @@ async fn a_claims_id_is_remembered_two_hours_at_most() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jam_and_an_unreachable_lock_are_reported_truthfully() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-faults").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let cmd = |op| Statement::Command(command(&stack.gw, p.lock_id, op, unix_now(), 30));
@@ -387,6 +396,7 @@ async fn next_connected(seen: &mut tokio::sync::broadcast::Receiver<Seen>, topic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_is_refused_across_a_gateway_restart() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-restart").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Remote], None).await;
     let first = Statement::Command(command(&stack.gw, p.lock_id, Operation::Lock, unix_now(), 30));
@@ -467,6 +477,7 @@ async fn a_replay_is_refused_across_a_gateway_restart() {
 /// and none starts afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_gateway_lets_go_of_its_locks() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-stopping").await;
     let p = claim_pair_grant(&stack, &[Permission::Unlock, Permission::Lock, Permission::Remote], None).await;
     assert_reply(&p.send(&stack, Operation::Unlock).await, Outcome::Ok, None);
@@ -509,6 +520,7 @@ async fn a_stopping_gateway_lets_go_of_its_locks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_on_one_broker_cannot_command_each_others_locks() {
+    crate::needs!(Dbus);
     // Gateway A as usual; gateway B on the same broker, with its own state.
     let a = Stack::start("gw-a-iso").await;
     a.pki.issue_client("gw-b-iso").unwrap();
@@ -563,6 +575,7 @@ async fn two_gateways_on_one_broker_cannot_command_each_others_locks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_locks_times_fifty_commands_get_one_outcome_each() {
+    crate::needs!(Dbus);
     const LOCKS: usize = 20;
     const PER_LOCK: usize = 50;
     let limits = PolicyLimits { rate_commands: 10_000, ..PolicyLimits::default() };
@@ -659,6 +672,7 @@ fn app_cli(stack: &Stack, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_command_line_claims_pairs_grants_and_unlocks() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-cli").await;
     let gw = stack.gw.to_string();
     let ok = |r: (bool, String, String)| {
@@ -708,6 +722,7 @@ async fn the_app_command_line_claims_pairs_grants_and_unlocks() {
 /// does not run again when the clock comes back; once the clock is right, commands work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clock_jumping_ahead_and_back_neither_replays_nor_wedges() {
+    crate::needs!(Dbus);
     use lockhub::gateway::maintenance::{SafeClock, tidy};
     use std::time::Instant;
 
@@ -751,6 +766,7 @@ async fn the_clock_jumping_ahead_and_back_neither_replays_nor_wedges() {
 /// (docs/mqtt-api.md, "Before any check: a redelivery").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_redelivery_gets_the_stored_reply_until_its_id_is_forgotten() {
+    crate::needs!(Dbus);
     let stack = Stack::start("gw-late").await;
     let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock, Permission::Remote], None).await;
     let first = Statement::Command(command(&stack.gw, p.lock_id, Operation::Unlock, unix_now(), 30));

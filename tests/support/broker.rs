@@ -75,6 +75,7 @@ macro_rules! on_both_brokers {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    $crate::needs!(Mosquitto);
                     super::$name($crate::support::broker::Kind::Mosquitto).await
                 }
             )*

@@ -23,6 +23,7 @@ pub mod mosquitto;
 pub mod nats;
 pub mod small_fs;
 pub mod stack;
+pub mod tier;
 pub mod timing_log;
 
 use std::io::{BufRead, BufReader};

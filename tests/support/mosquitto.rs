@@ -62,7 +62,7 @@ impl Mosquitto {
         // Exactly what `lockhub-cloud mosquitto-config` prints, plus logging for readiness.
         let mut config = MosquittoConfig::for_pki(pki, "127.0.0.1", port, dir.path().join("acl"));
         config.persistence_dir = persistent.then(|| dir.path().to_owned());
-        config.run_as_root = is_root();
+        config.run_as_root = super::tier::is_root();
         std::fs::write(&config.acl_file, acl.map_or_else(|| config.render_acl(), str::to_owned)).unwrap();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
@@ -94,7 +94,9 @@ impl Mosquitto {
 
     fn spawn(conf: &std::path::Path) -> Child {
         let mut child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", "mosquitto", "-c"])
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(super::tier::program("mosquitto").expect("mosquitto is installed (tier::ready)"))
+            .arg("-c")
             .arg(conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -114,10 +116,4 @@ impl Mosquitto {
         std::thread::spawn(move || for _ in lines {});
         child
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
 }

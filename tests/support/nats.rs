@@ -65,7 +65,9 @@ impl NatsCluster {
             let conf = dir.path().join(format!("{name}.conf"));
             std::fs::write(&conf, node.render()).unwrap();
             let mut child = Command::new("setpriv")
-                .args(["--pdeathsig", "KILL", "--", "nats-server", "-c"])
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(super::tier::program("nats-server").expect("nats-server is installed (tier::ready)"))
+                .arg("-c")
                 .arg(&conf)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -9,8 +9,7 @@ pub struct SmallFilesystem {
 impl SmallFilesystem {
     /// Mounts it (root only).
     pub fn mount(size: &str) -> Self {
-        let root = std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t"));
-        assert!(root, "mounting a small filesystem needs root: run .ci/run, or cargo test as root");
+        assert!(super::tier::is_root(), "mounting a small filesystem needs root: the test starts with needs!(Root)");
         let dir = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "lockhub-test"])
