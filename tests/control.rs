@@ -77,6 +77,7 @@ async fn the_admin_cli_over_the_control_socket() {
     assert!(ok);
     assert_eq!(locks[0]["lock"], lock.as_str());
     assert_eq!(locks[0]["adapter"], "hci0", "the adapter it goes through");
+    assert_eq!(locks[0]["reachable"], true, "just paired: reachable, whether or not its task has reported yet");
     let (ok, out, _) = cli(&socket, &["audit", "--limit", "100"]).await;
     assert!(ok && out.contains("lock.pair") && out.contains("gateway.claim"), "{out}");
     let (ok, out, _) = cli(&socket, &["audit", "--json"]).await;

@@ -582,6 +582,19 @@ async fn under_systemd_it_notifies_reloads_on_sighup_and_finishes_its_command_on
     assert_eq!(restart.map(|e| e["KEY"].as_str()), Some("cloud"), "{entries:#?}");
     let refused = entries.iter().find(|e| e.get("REASON").is_some_and(|r| r == "rate_limited"));
     assert_eq!(refused.map(|e| e["DECISION"].as_str()), Some("refused"), "{entries:#?}");
+    // The pairing is logged; no health line after it counts the lock away, not even while
+    // stopping, when the locks' tasks end first.
+    let paired = entries
+        .iter()
+        .position(|e| e.get("MESSAGE").is_some_and(|m| m == "lock paired"))
+        .unwrap_or_else(|| panic!("the pairing is not in the journal: {entries:#?}"));
+    assert_eq!(entries[paired]["LOCK_ID"], lock.lock_id);
+    let health: Vec<&str> = entries[paired..]
+        .iter()
+        .filter(|e| e.get("MESSAGE").is_some_and(|m| m == "health"))
+        .map(|e| e["STATUS"].as_str())
+        .collect();
+    assert!(!health.is_empty() && health.iter().all(|s| s.contains("1 lock(s) paired")), "{health:#?}");
     let mut written = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut written).unwrap();
     assert_eq!(written, "", "logged to stderr too");

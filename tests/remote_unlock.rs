@@ -295,10 +295,10 @@ async fn a_replayed_owner_statement_changes_nothing_and_the_audit_names_who_acte
         actors.sort();
         actors
     };
-    assert_eq!(actors("gateway.claim", "ok"), ["admin"], "the claim, audited once");
+    assert_eq!(actors("gateway.claim", "ok"), ["owner"], "the claim, audited once");
     assert_eq!(actors("gateway.claim", "claim_state"), ["unknown"], "the second claim, audited once");
-    assert_eq!(actors("statement", "replayed"), ["admin", "admin"], "the replayed grant and claim");
-    assert_eq!(actors("grant.add", "ok"), ["admin"], "the wider grant was not carried out");
+    assert_eq!(actors("statement", "replayed"), ["owner", "owner"], "the replayed grant and claim");
+    assert_eq!(actors("grant.add", "ok"), ["owner"], "the wider grant was not carried out");
     let user = actors("command.unlock", "ok");
     assert!(user.len() == 1 && user[0].starts_with("user:"), "{user:?}");
     assert_eq!(actors("command.unlatch", "not_granted"), user, "the same user, by the same pseudonym");

@@ -415,6 +415,18 @@ pub struct Refusal {
     pub detail: String,
 }
 
+/// The `jti` of an envelope that does not parse, when its second part still reads as claims
+/// naming one; nothing for one over the size bound.
+fn readable_id(text: &str) -> Option<StatementId> {
+    use base64::Engine;
+    if text.len() > super::jws::MAX_JWS_LEN {
+        return None;
+    }
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.split('.').nth(1)?).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    StatementId::new(claims.get("jti")?.as_str()?).ok()
+}
+
 fn claims<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
     serde_json::from_slice(payload).map_err(|e| e.to_string())
 }
@@ -423,8 +435,9 @@ fn claims<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
 /// lifetime rules that do not depend on the clock, and verify the signature.
 pub fn open(text: &str) -> Result<Signed, Refusal> {
     let refuse = |id, signer, reason, detail: String| Refusal { id, signer, reason, detail };
-    // Parsing checks no signature (`verify` below does): whatever it refuses is malformed.
-    let jws = Jws::parse(text).map_err(|e| refuse(None, None, Reason::Malformed, e.to_string()))?;
+    // Parsing checks no signature (`verify` below does): whatever it refuses is malformed, and
+    // answered when its claims still name an id (an `alg` other than EdDSA, say).
+    let jws = Jws::parse(text).map_err(|e| refuse(readable_id(text), None, Reason::Malformed, e.to_string()))?;
     let signer = Some(jws.signer);
     let statement = match jws.header.typ.as_str() {
         typ::CLAIM => claims(&jws.payload).map(Statement::Claim),
@@ -632,6 +645,24 @@ mod tests {
             let refusal = open(text).unwrap_err();
             assert_eq!(refusal.reason, Reason::Malformed, "{text:.20}: {refusal}");
             assert_eq!((refusal.id, refusal.signer), (None, None));
+        }
+    }
+
+    #[test]
+    fn an_envelope_that_does_not_parse_but_names_its_id_is_answered_by_that_id() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let signed = Statement::Command(command()).sign(&key);
+        let parts: Vec<&str> = signed.split('.').collect();
+        let kid = PublicKey::from(key.verifying_key()).to_base64();
+        let encode = |json: String| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, json);
+        for alg in ["none", "HS256"] {
+            let header = encode(format!(r#"{{"alg":"{alg}","typ":"lockhub.command","kid":"{kid}"}}"#));
+            for signature in [parts[2], ""] {
+                let refusal = open(&format!("{header}.{}.{signature}", parts[1])).unwrap_err();
+                assert_eq!(refusal.reason, Reason::Malformed, "{alg}: {refusal}");
+                assert_eq!(refusal.id.map(|id| id.as_str().to_owned()).as_deref(), Some("c-1"), "{alg}");
+                assert_eq!(refusal.signer, None, "nothing vouches for the key it names");
+            }
         }
     }
 

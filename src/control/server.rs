@@ -58,11 +58,19 @@ pub fn bind(path: &Path, group: &AdminGroup) -> std::io::Result<UnixListener> {
 }
 
 /// The latest of a lock, from its updates.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Latest {
     status: Option<LockStatus>,
     connected: bool,
     reachable: bool,
+}
+
+impl Default for Latest {
+    /// A lock nothing has been heard of yet (just paired, or its task still starting): not
+    /// connected, and reachable until an attempt to reach it fails, as its task assumes.
+    fn default() -> Self {
+        Latest { status: None, connected: false, reachable: true }
+    }
 }
 
 /// The control server of one gateway.

@@ -143,7 +143,7 @@ pub fn claim(store: &mut Store, signer: &PublicKey, claim: &Claim, now: i64) -> 
             at: now,
             action: "gateway.claim",
             outcome: outcome.err().map_or("ok", Reason::as_str),
-            actor: if outcome.is_ok() { AuditActor::Admin } else { AuditActor::Unknown },
+            actor: if outcome.is_ok() { AuditActor::Owner } else { AuditActor::Unknown },
             lock: None,
             detail: "",
         })?;

@@ -35,6 +35,7 @@ impl<T: LockTransport> Gateway<T> {
         };
         self.store().transaction(|tx| tx.add_lock(lock, &ad.address, &lock.to_string(), &key, now))?;
         self.start_lock(lock, ad.address.clone(), key, now, 0, Some(heard_by));
+        tracing::info!(lock_id = %lock, adapter = radio.name(), "lock paired");
         Ok(ok(id, "paired", now))
     }
 

@@ -229,7 +229,7 @@ impl<T: LockTransport> Gateway<T> {
             (Verdict::Claim, _) => unreachable!("only a claim is judged as one"),
         };
         // A claim was audited by `claim::claim`, in the transaction that pinned the owner.
-        let actor = if owner { AuditActor::Admin } else { AuditActor::User(signed.signer.as_bytes().to_vec()) };
+        let actor = if owner { AuditActor::Owner } else { AuditActor::User(signed.signer.as_bytes().to_vec()) };
         let actor = match (&signed.statement, reply.reason) {
             (Statement::Claim(_), _) if !replayed => None,
             (_, Some(Reason::UnknownKey)) => Some(AuditActor::Unknown),

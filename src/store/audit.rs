@@ -20,8 +20,11 @@ use crate::protocol::ids::LockId;
 pub enum AuditActor {
     /// The gateway itself.
     Hub,
-    /// The owner at the admin interface.
+    /// The hub's administrator at the control socket (root, the daemon's user or the admin
+    /// group), or the hub acting on the administrator's configuration.
     Admin,
+    /// The owner, by an owner-signed statement from the cloud (their key is pinned).
+    Owner,
     /// A known user, by public key (stored as its pseudonym).
     User(Vec<u8>),
     /// Someone the gateway does not know (an unknown key, a bad signature).
@@ -199,6 +202,7 @@ impl Tx<'_> {
         let actor = match &entry.actor {
             AuditActor::Hub => "hub".to_owned(),
             AuditActor::Admin => "admin".to_owned(),
+            AuditActor::Owner => "owner".to_owned(),
             AuditActor::Unknown => "unknown".to_owned(),
             AuditActor::User(pk) => self.user_pseudonym(pk)?,
         };

@@ -58,11 +58,10 @@ async fn serve(config_path: &Path, mut config: Config) -> Result<()> {
     let time = TimeSource::System { synchronised: kernel_synchronised };
     let hub = HubBuilder::new(config.clone(), radios, time).start().await?;
     tokio::spawn(crate::quiet::run(hub.store().clone(), hub.stopping()));
-    let (locks, clock) = (hub.gateway().clone(), hub.clock().clone());
+    let clock = hub.clock().clone();
     service::start(service::Health {
         link: hub.cloud(),
         brokers: hub.brokers(),
-        locks: Box::new(move || locks.lock_count()),
         clock_synchronised: Box::new(move || clock().1),
         store: hub.store().clone(),
     });

@@ -21,8 +21,6 @@ pub struct Health {
     pub link: watch::Receiver<LinkState>,
     /// How many brokers are configured.
     pub brokers: usize,
-    /// How many locks are paired.
-    pub locks: Box<dyn Fn() -> usize + Send + Sync>,
     /// Whether the clock is trusted for remote commands.
     pub clock_synchronised: Box<dyn Fn() -> bool + Send + Sync>,
     /// The store (for the outbox's length, and as the watchdog's liveness probe).
@@ -35,9 +33,11 @@ impl Health {
         let store = self.store.clone();
         let query = tokio::task::spawn_blocking(move || {
             let store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            Ok::<_, lockhub::store::StoreError>((store.outbox_len()?, !store.owner_keys()?.is_empty()))
+            // Paired locks as the store has them: while stopping, their tasks are gone first.
+            let paired = store.locks()?.len();
+            Ok::<_, lockhub::store::StoreError>((store.outbox_len()?, !store.owner_keys()?.is_empty(), paired))
         });
-        let (outbox, claimed) = match tokio::time::timeout(timeout, query).await {
+        let (outbox, claimed, paired) = match tokio::time::timeout(timeout, query).await {
             Ok(Ok(Ok(answer))) => answer,
             _ => return None,
         };
@@ -47,7 +47,7 @@ impl Health {
         };
         let clock = if (self.clock_synchronised)() { "clock synchronised" } else { "clock NOT synchronised" };
         let owner = if claimed { "" } else { "; not claimed yet (lockhub claim-code)" };
-        Some(format!("{cloud}; {} lock(s) paired; {outbox} report(s) queued; {clock}{owner}", (self.locks)()))
+        Some(format!("{cloud}; {paired} lock(s) paired; {outbox} report(s) queued; {clock}{owner}"))
     }
 }
 
