@@ -171,6 +171,10 @@ impl HomeAssistant {
         serde_json::from_slice(&self.latest[topic]).unwrap_or_else(|e| panic!("{topic}: {e}"))
     }
 
+    async fn subscribe(&self, filter: &str) {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    }
+
     async fn publish(&self, topic: &str, payload: &str) {
         self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_owned()).await.unwrap();
     }
@@ -244,9 +248,19 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
             .iter()
             .all(|t| ha.latest.contains_key(*t))
             && ha.text(&state).is_some()
-            && ha.json(&lock_config)["device"].get("sw_version").is_some()
+            && [&lock_config, &battery_config, &event_config, &door_config, &link_config]
+                .iter()
+                .all(|t| ha.json(t)["device"].get("sw_version").is_some())
     })
     .await;
+    // Every entity carries the whole device: whichever config Home Assistant reads first names
+    // the device (with identifiers alone it would be nameless, and its entities `none_…`).
+    for topic in [&battery_config, &event_config, &door_config, &link_config] {
+        assert_eq!(ha.json(topic)["device"], ha.json(&lock_config)["device"], "{topic}");
+    }
+    for key in ["name", "identifiers", "manufacturer", "model", "sw_version"] {
+        assert!(ha.json(&lock_config)["device"].get(key).is_some(), "the device's {key}");
+    }
     let lock = ha.json(&lock_config);
     assert_valid(&schema("ha-lock.json"), &lock_config, &lock);
     let sensor = schema("ha-sensor.json");
@@ -270,7 +284,9 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
         ("state_unlocking", "UNLOCKING"),
         ("state_jammed", "JAMMED"),
         ("availability_mode", "all"),
-        ("code_format", r"^\d{4,12}$"),
+        // Locking needs no code here (the default): the format takes none as well, as Home
+        // Assistant checks it on locking too.
+        ("code_format", r"^(\d{4,12})?$"),
     ] {
         assert_eq!(lock[key], value, "{key}");
     }
@@ -492,4 +508,142 @@ async fn owner_signed_local_codes_work_over_tls_until_revoked_or_the_user_is_for
     assert!(stack.gateway.local_codes(p.lock_id).unwrap().is_empty());
     ha.publish(&set, unlock).await;
     assert_eq!(reason(ha.next_on(&result).await), "wrong_code");
+}
+
+/// What a real Home Assistant core has of its MQTT entities, as the `test/ask` automation
+/// answers: their ids, names and states, sorted by id.
+#[derive(Debug, serde::Deserialize)]
+struct CoreView {
+    asked: String,
+    entities: Vec<String>,
+    names: Vec<Option<String>>,
+    states: Vec<String>,
+}
+
+impl CoreView {
+    fn get(&self, entity: &str) -> Option<(&str, Option<&str>)> {
+        let i = self.entities.iter().position(|e| e == entity)?;
+        Some((self.states[i].as_str(), self.names[i].as_deref()))
+    }
+}
+
+/// Asks the core for its view until `done` holds of it, asking again after each state change
+/// it reports (its statestream, `ha/…`) — events, not a timer.
+async fn core_until(ha: &mut HomeAssistant, what: &str, done: impl Fn(&CoreView) -> bool) -> CoreView {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for round in 0.. {
+        let asked = format!("{what} #{round}");
+        ha.publish("test/ask", &asked).await;
+        ha.until(&format!("the core's answer to {asked}"), |ha| {
+            ha.latest
+                .get("test/answer")
+                .and_then(|a| serde_json::from_slice::<CoreView>(a).ok())
+                .is_some_and(|v| v.asked == asked)
+        })
+        .await;
+        let view: CoreView = serde_json::from_slice(&ha.latest["test/answer"]).unwrap();
+        if done(&view) {
+            return view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "Home Assistant never had {what}: {view:#?}");
+        let changes = ha.count.iter().filter(|(t, _)| t.starts_with("ha/")).map(|(_, n)| n).sum::<usize>();
+        ha.until(&format!("a state change in Home Assistant, for {what}"), |ha| {
+            ha.count.iter().filter(|(t, _)| t.starts_with("ha/")).map(|(_, n)| n).sum::<usize>() > changes
+        })
+        .await;
+    }
+    unreachable!()
+}
+
+/// The home-assistant tier: a real Home Assistant core (PyPI `homeassistant`) on the local
+/// broker, not our reading of its discovery documentation. It names every entity of a paired
+/// lock after the lock (none `none_…`); its own service calls lock with no code, unlock with a
+/// code, and an unlock without one is refused by lockhub (`code_required`); unbinding removes
+/// every entity with no error in its log; and when the hub stops, the lock is unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_home_assistant_core_names_drives_and_forgets_the_lock() {
+    crate::needs!(Dbus, Mosquitto, HomeAssistant);
+    use support::ha_core::HomeAssistantCore;
+    let mut hub = Stack::prepare("gw-core");
+    let broker = HomeBroker::start(&[("lockhub", "hub-secret-5"), ("homeassistant", "ha-secret-6")]);
+    let password_file = hub.dir.path().join("local-mqtt.password");
+    std::fs::write(&password_file, "hub-secret-5\n").unwrap();
+    hub.config.local = LocalConfig {
+        mqtt: Some(LocalMqtt {
+            host: "127.0.0.1".into(),
+            port: Some(broker.port),
+            tls: false,
+            ca: None,
+            username: Some("lockhub".into()),
+            password_file: Some(password_file),
+        }),
+        codes: vec![LocalCodeEntry { user: "alice".into(), hash: hash_code("2468").unwrap() }],
+        ..LocalConfig::default()
+    };
+    let mut ha = HomeAssistant::connect(broker.port, "ha-secret-6").await;
+    ha.subscribe("ha/#").await;
+    ha.subscribe("test/answer").await;
+    let core = HomeAssistantCore::start(broker.port, "homeassistant", "ha-secret-6");
+    ha.until("Home Assistant's birth message", |ha| ha.text("homeassistant/status") == Some("online")).await;
+
+    let stack = hub.start().await;
+    let p = claim_pair_grant(&stack, &[Permission::Lock, Permission::Unlock], None).await;
+    let six = &p.lock.lock_id[..6];
+    let lock = format!("lock.lock_{six}");
+    let expected = [
+        (lock.clone(), format!("Lock {six}")),
+        (format!("sensor.lock_{six}_battery"), format!("Lock {six} Battery")),
+        (format!("binary_sensor.lock_{six}_connectivity"), format!("Lock {six} Connectivity")),
+        (format!("sensor.lock_{six}_last_event"), format!("Lock {six} Last event")),
+        (format!("binary_sensor.lock_{six}_door"), format!("Lock {six} Door")),
+        ("binary_sensor.lockhub_gw_core_cloud_link".to_owned(), "lockhub gw-core Cloud link".to_owned()),
+    ];
+    let view = core_until(&mut ha, "the lock's entities", |v| {
+        expected.iter().all(|(id, _)| v.get(id).is_some()) && v.get(&lock).is_some_and(|(s, _)| s == "locked")
+    })
+    .await;
+    for (id, name) in &expected {
+        assert_eq!(view.get(id).and_then(|(_, n)| n), Some(name.as_str()), "{id}: {view:#?}");
+    }
+    assert!(!view.entities.iter().any(|e| e.contains("none")), "a nameless device's entity: {view:#?}");
+
+    // Its own service calls, as its lock card's buttons make them.
+    let call = |action: &str, code: Option<&str>| {
+        let data = code.map_or(serde_json::json!({}), |c| serde_json::json!({ "code": c }));
+        serde_json::json!({ "action": action, "entity_id": lock, "data": data }).to_string()
+    };
+    let ctl = support::control().await;
+    ha.publish("test/call", &call("lock.unlock", Some("2468"))).await;
+    core_until(&mut ha, "the lock unlocked", |v| v.get(&lock).is_some_and(|(s, _)| s == "unlocked")).await;
+    assert_eq!(support::report(&ctl, &p.lock.lock_id).await.status.state, LockState::Unlocked);
+    ha.publish("test/call", &call("lock.lock", None)).await;
+    core_until(&mut ha, "the lock locked, with no code", |v| v.get(&lock).is_some_and(|(s, _)| s == "locked")).await;
+    let result = format!("lockhub/local/gw-core/{}/result", p.lock.lock_id);
+    ha.publish("test/call", &call("lock.unlock", None)).await;
+    let refused: Value = serde_json::from_slice(&ha.next_on(&result).await).unwrap();
+    assert_eq!((refused["result"].as_str(), refused["reason"].as_str()), (Some("refused"), Some("code_required")));
+    assert_eq!(support::report(&ctl, &p.lock.lock_id).await.status.state, LockState::Locked);
+
+    // Unbound: every entity of the lock goes, and nothing in Home Assistant's log complains of
+    // the empty retained messages that clear its topics.
+    assert_eq!(stack.gateway.unbind(p.lock_id, AuditActor::Admin).await.unwrap(), Some(true));
+    core_until(&mut ha, "the lock's entities gone", |v| !v.entities.iter().any(|e| e.contains(six))).await;
+    // A marker through the same automation after the clears: the core has read them all.
+    core_until(&mut ha, "a last answer", |_| true).await;
+    let log = core.log();
+    let complaints: Vec<&str> = log
+        .lines()
+        .filter(|l| (l.contains("ERROR") || l.contains("WARNING")) && (l.contains("mqtt") || l.contains("lock")))
+        .filter(|l| !l.contains("turbojpeg"))
+        .collect();
+    assert!(complaints.is_empty(), "Home Assistant complained:\n{}", complaints.join("\n"));
+
+    // The hub stops: its entities become unavailable (its last will / offline message).
+    let Stack { hub, .. } = stack;
+    hub.stop().await;
+    core_until(&mut ha, "the hub unavailable", |v| {
+        v.get("binary_sensor.lockhub_gw_core_cloud_link").is_some_and(|(s, _)| s == "unavailable")
+    })
+    .await;
+    core.stop();
 }

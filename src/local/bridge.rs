@@ -146,8 +146,8 @@ impl<T: LockTransport> LocalBridge<T> {
         o
     }
 
-    fn code_required(&self) -> bool {
-        !self.code_required.is_empty()
+    fn code_required(&self) -> &[LocalOperation] {
+        &self.code_required
     }
 
     /// Runs until `shutdown` turns true; then says `offline` and disconnects. `updates` must
@@ -378,7 +378,7 @@ impl LockView {
         LockView { name, info: None, status: None, connected: false, reachable: true, last_event: None }
     }
 
-    fn publications(&self, ha: &HomeAssistant, lock: LockId, code_required: bool) -> Vec<Retained> {
+    fn publications(&self, ha: &HomeAssistant, lock: LockId, code_required: &[LocalOperation]) -> Vec<Retained> {
         let description = LockDescription { lock, name: self.name.clone(), info: self.info };
         let mut out = ha.lock_discovery(&description, code_required);
         out.extend(ha.lock_states(lock, self.status.as_ref(), self.connected, self.reachable));
@@ -392,7 +392,7 @@ fn apply(
     ha: &HomeAssistant,
     locks: &mut HashMap<LockId, LockView>,
     update: LockUpdate,
-    code_required: bool,
+    code_required: &[LocalOperation],
 ) -> Vec<Retained> {
     match update {
         LockUpdate::Report { lock, epoch, status, connected, reachable, entries, info } => {

@@ -18,6 +18,7 @@
 
 use serde_json::{Value, json};
 
+use super::config::LocalOperation;
 use crate::cloud::lock_report::event_payload;
 use crate::protocol::gatt::LockInfo;
 use crate::protocol::ids::{GatewayId, LockId};
@@ -168,8 +169,8 @@ impl HomeAssistant {
     }
 
     /// A lock's discovery: five configs (four without a door sensor), retained.
-    /// `code_required` says whether any local operation needs a code.
-    pub fn lock_discovery(&self, lock: &LockDescription, code_required: bool) -> Vec<Retained> {
+    /// `code_required` lists the local operations that need a code.
+    pub fn lock_discovery(&self, lock: &LockDescription, code_required: &[LocalOperation]) -> Vec<Retained> {
         let id = lock.lock;
         let object = format!("{id}");
         let unique = |suffix: &str| format!("lockhub_{}_{id}{suffix}", self.node);
@@ -216,14 +217,22 @@ impl HomeAssistant {
             "optimistic": false,
             "availability": both,
             "availability_mode": "all",
-            "device": device,
+            "device": device.clone(),
             "origin": Self::origin(),
         });
         if lock.info.is_some_and(|i| i.capabilities.unlatch) {
             entity["payload_open"] = json!("OPEN");
         }
-        if code_required {
-            entity["code_format"] = json!(r"^\d{4,12}$");
+        if !code_required.is_empty() {
+            // Home Assistant checks the format on every operation, locking included, with an
+            // empty code when none was typed: unless every operation it can send needs a code,
+            // the format also takes none, so that those that need none go without.
+            let latch = lock.info.is_some_and(|i| i.capabilities.unlatch);
+            let every = [LocalOperation::Lock, LocalOperation::Unlock]
+                .into_iter()
+                .chain(latch.then_some(LocalOperation::Unlatch))
+                .all(|op| code_required.contains(&op));
+            entity["code_format"] = json!(if every { r"^\d{4,12}$" } else { r"^(\d{4,12})?$" });
             entity["command_template"] =
                 json!(r#"{"action":"{{ value }}"{% if code %},"code":"{{ code }}"{% endif %}}"#);
         }
@@ -241,7 +250,7 @@ impl HomeAssistant {
                     "state_topic": self.lock_topic(id, "battery"),
                     "availability": both,
                     "availability_mode": "all",
-                    "device": { "identifiers": [format!("lockhub_lock_{id}")] },
+                    "device": device,
                     "origin": Self::origin(),
                 }),
             ),
@@ -258,7 +267,7 @@ impl HomeAssistant {
                     "availability_topic": self.availability(),
                     "payload_available": ONLINE,
                     "payload_not_available": OFFLINE,
-                    "device": { "identifiers": [format!("lockhub_lock_{id}")] },
+                    "device": device,
                     "origin": Self::origin(),
                 }),
             ),
@@ -273,7 +282,7 @@ impl HomeAssistant {
                     "json_attributes_topic": self.lock_topic(id, "event"),
                     "availability": both,
                     "availability_mode": "all",
-                    "device": { "identifiers": [format!("lockhub_lock_{id}")] },
+                    "device": device,
                     "origin": Self::origin(),
                 }),
             ),
@@ -291,7 +300,7 @@ impl HomeAssistant {
                     "payload_off": "OFF",
                     "availability": both,
                     "availability_mode": "all",
-                    "device": { "identifiers": [format!("lockhub_lock_{id}")] },
+                    "device": device,
                     "origin": Self::origin(),
                 }),
             ));

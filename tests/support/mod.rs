@@ -19,6 +19,7 @@ pub mod bus_proxy;
 pub mod daemon;
 pub mod floor;
 pub mod guest;
+pub mod ha_core;
 pub mod mosquitto;
 pub mod nats;
 pub mod small_fs;

@@ -23,10 +23,13 @@ pub enum Tier {
     Debootstrap,
     /// qemu and the tools that build its guest, as root: the real Linux Bluetooth stack.
     Guest,
+    /// Python 3.13, and PyPI once: a real Home Assistant core (`support::ha_core`).
+    HomeAssistant,
 }
 
 /// Every tier, in the order the summary lists them.
-pub const ALL: [Tier; 6] = [Tier::Dbus, Tier::Mosquitto, Tier::Nats, Tier::Root, Tier::Debootstrap, Tier::Guest];
+pub const ALL: [Tier; 7] =
+    [Tier::Dbus, Tier::Mosquitto, Tier::Nats, Tier::HomeAssistant, Tier::Root, Tier::Debootstrap, Tier::Guest];
 
 /// Where a program is, looking in `PATH` and in the system's sbin directories (which a
 /// non-root user's `PATH` often leaves out, and where Debian puts `mosquitto`).
@@ -58,6 +61,7 @@ impl Tier {
             Tier::Root => "root",
             Tier::Debootstrap => "package",
             Tier::Guest => "real-bluez",
+            Tier::HomeAssistant => "home-assistant",
         }
     }
 
@@ -70,9 +74,13 @@ impl Tier {
             Tier::Root => &[],
             Tier::Debootstrap => &["debootstrap", "lintian", "cargo-deb"],
             Tier::Guest => &["qemu-system-x86_64", "debootstrap", "depmod", "cpio"],
+            Tier::HomeAssistant => &[],
         };
         let mut lacking: Vec<String> =
             programs.iter().filter(|p| program(p).is_none()).map(|p| p.to_string()).collect();
+        if self == Tier::HomeAssistant && super::ha_core::python().is_none() {
+            lacking.push("Python 3.13".into());
+        }
         if matches!(self, Tier::Root | Tier::Debootstrap | Tier::Guest) && !is_root() {
             lacking.push("root".into());
         }
@@ -90,6 +98,7 @@ impl Tier {
                 "apt-get install debootstrap lintian and cargo install cargo-deb, as root, with Debian's mirror reachable"
             }
             Tier::Guest => "apt-get install qemu-system-x86 debootstrap kmod cpio, as root",
+            Tier::HomeAssistant => "python3.13 on PATH or under ~/.pyenv, and PyPI reachable the first time",
         }
     }
 }
