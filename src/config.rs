@@ -160,8 +160,9 @@ impl Default for ControlSection {
 pub struct Config {
     /// `[gateway]`.
     pub gateway: GatewaySection,
-    /// `[cloud]`.
-    pub cloud: CloudSection,
+    /// `[cloud]`; without it the hub runs local only (Home Assistant, the control socket).
+    #[serde(default)]
+    pub cloud: Option<CloudSection>,
     /// `[ble]`.
     #[serde(default)]
     pub ble: BleConfig,
@@ -211,11 +212,16 @@ impl Config {
                 "1 to 32 characters of letters, digits, '.', '_' or '-' (your certificate's CN)".into(),
             )
         })?;
-        if self.cloud.brokers.is_empty() {
-            return Err(invalid("cloud.brokers", "at least one broker: brokers = [\"mqtts://host:8883\"]".into()));
-        }
-        for url in &self.cloud.brokers {
-            BrokerUrl::parse(url).map_err(|e| invalid("cloud.brokers", e.to_string()))?;
+        if let Some(cloud) = &self.cloud {
+            if cloud.brokers.is_empty() {
+                return Err(invalid(
+                    "cloud.brokers",
+                    "at least one broker: brokers = [\"mqtts://host:8883\"] (or no [cloud] section, for a hub without a cloud)".into(),
+                ));
+            }
+            for url in &cloud.brokers {
+                BrokerUrl::parse(url).map_err(|e| invalid("cloud.brokers", e.to_string()))?;
+            }
         }
         if self.ble.adapter.is_some() && !self.ble.adapters.is_empty() {
             return Err(invalid("ble.adapters", "set either adapter or adapters, not both".into()));
@@ -248,7 +254,7 @@ impl Config {
         // Windows and bounds a person would set; beyond them, arithmetic on times could
         // overflow (a lockout ending before it began), and a zero bound fails every attempt.
         let (ble, policy, local) = (&self.ble, &self.policy, &self.local);
-        let ranges: [(&'static str, i128, i128, i128, &str); 15] = [
+        let ranges: [(&'static str, i128, i128, i128, &str); 14] = [
             ("ble.connect_timeout_ms", ble.connect_timeout_ms.into(), 500, 120_000, "ms"),
             ("ble.command_timeout_ms", ble.command_timeout_ms.into(), 500, 120_000, "ms"),
             ("ble.resolve_timeout_ms", ble.resolve_timeout_ms.into(), 500, 120_000, "ms"),
@@ -263,8 +269,10 @@ impl Config {
             ("local.lockout_window_s", local.lockout_window_s.into(), 1, WEEK_S, "seconds"),
             ("local.lockout_s", local.lockout_s.into(), 1, WEEK_S, "seconds"),
             ("local.lockout_failures", local.lockout_failures.into(), 1, 1_000, "failures"),
-            ("cloud.keep_alive_s", self.cloud.keep_alive_s.into(), 5, 3_600, "seconds"),
         ];
+        let keep_alive =
+            self.cloud.as_ref().map(|c| ("cloud.keep_alive_s", c.keep_alive_s.into(), 5, 3_600, "seconds"));
+        let ranges = ranges.into_iter().chain(keep_alive);
         for (key, value, least, most, unit) in ranges {
             if !(least..=most).contains(&value) {
                 return Err(invalid(key, format!("{value} is out of range: {least} to {most} {unit}")));
@@ -307,24 +315,31 @@ impl Config {
             file: file.to_owned(),
             message,
         };
-        for (key, file) in [("cloud.ca", &self.cloud.ca), ("cloud.cert", &self.cloud.cert)] {
-            let pem = read_pem(file).map_err(|m| err(key, file, m))?;
-            let certs = rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>();
-            if !matches!(certs, Ok(c) if !c.is_empty()) {
-                return Err(err(key, file, "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        if let Some(cloud) = &self.cloud {
+            for (key, file) in [("cloud.ca", &cloud.ca), ("cloud.cert", &cloud.cert)] {
+                let pem = read_pem(file).map_err(|m| err(key, file, m))?;
+                let certs = rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>();
+                if !matches!(certs, Ok(c) if !c.is_empty()) {
+                    return Err(err(key, file, "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+                }
             }
-        }
-        let key = &self.cloud.key;
-        let mode = std::fs::metadata(key).map_err(|e| err("cloud.key", key, file_problem(&e)))?.permissions().mode();
-        if mode & 0o007 != 0 {
-            return Err(err(
-                "cloud.key",
-                key,
-                format!(
-                    "other users can read this private key (mode {:04o}): chmod 0640 it, owned by root and group lockhub",
-                    mode & 0o7777
-                ),
-            ));
+            let key = &cloud.key;
+            let mode =
+                std::fs::metadata(key).map_err(|e| err("cloud.key", key, file_problem(&e)))?.permissions().mode();
+            if mode & 0o007 != 0 {
+                return Err(err(
+                    "cloud.key",
+                    key,
+                    format!(
+                        "other users can read this private key (mode {:04o}): chmod 0640 it, owned by root and group lockhub",
+                        mode & 0o7777
+                    ),
+                ));
+            }
+            let pem = read_pem(key).map_err(|m| err("cloud.key", key, m))?;
+            if !matches!(rustls_pemfile::private_key(&mut pem.as_slice()), Ok(Some(_))) {
+                return Err(err("cloud.key", key, "holds no PEM private key (-----BEGIN PRIVATE KEY-----)".into()));
+            }
         }
         if let Some(password) = self.local.mqtt.as_ref().and_then(|m| m.password_file.as_ref()) {
             let meta =
@@ -339,10 +354,6 @@ impl Config {
         }
         if let Some(ca) = self.local.mqtt.as_ref().and_then(|m| m.ca.as_ref()) {
             read_pem(ca).map_err(|m| err("local.mqtt.ca", ca, m))?;
-        }
-        let pem = read_pem(key).map_err(|m| err("cloud.key", key, m))?;
-        if !matches!(rustls_pemfile::private_key(&mut pem.as_slice()), Ok(Some(_))) {
-            return Err(err("cloud.key", key, "holds no PEM private key (-----BEGIN PRIVATE KEY-----)".into()));
         }
         Ok(())
     }
@@ -374,7 +385,7 @@ impl Config {
     pub fn new(gateway: GatewaySection, cloud: CloudSection) -> Self {
         Config {
             gateway,
-            cloud,
+            cloud: Some(cloud),
             ble: BleConfig::default(),
             policy: PolicyLimits::default(),
             clock: ClockSection::default(),
@@ -388,17 +399,13 @@ impl Config {
         GatewayId::new(self.gateway.id.clone()).expect("checked when loaded")
     }
 
-    /// The cloud link's configuration.
-    pub fn cloud_config(&self) -> CloudConfig {
-        CloudConfig {
-            keep_alive: Duration::from_secs(self.cloud.keep_alive_s),
-            ..CloudConfig::new(
-                self.cloud.brokers.clone(),
-                self.cloud.ca.clone(),
-                self.cloud.cert.clone(),
-                self.cloud.key.clone(),
-            )
-        }
+    /// The cloud link's configuration, if the hub has a cloud.
+    pub fn cloud_config(&self) -> Option<CloudConfig> {
+        let cloud = self.cloud.as_ref()?;
+        Some(CloudConfig {
+            keep_alive: Duration::from_secs(cloud.keep_alive_s),
+            ..CloudConfig::new(cloud.brokers.clone(), cloud.ca.clone(), cloud.cert.clone(), cloud.key.clone())
+        })
     }
 }
 
@@ -455,7 +462,7 @@ rate_commands = 5
         assert_eq!(c.policy.rate_commands, 5);
         assert_eq!(c.policy.lockout_failures, PolicyLimits::default().lockout_failures);
         assert!(c.clock.require_sync);
-        assert_eq!(c.cloud_config().brokers.len(), 2);
+        assert_eq!(c.cloud_config().unwrap().brokers.len(), 2);
     }
 
     #[test]
@@ -536,5 +543,16 @@ rate_commands = 5
         }
         with("policy", "lockout_s = 604800").unwrap();
         with("ble", "keep_alive_ms = 0").unwrap();
+    }
+
+    #[test]
+    fn without_a_cloud_section_the_hub_runs_local_only() {
+        let text = "[gateway]\nid = \"gw-alone\"\nstate_dir = \"/tmp/lockhub\"\n";
+        let c = Config::parse(Path::new("/etc/lockhub/lockhub.toml"), text).unwrap();
+        assert!(c.cloud.is_none() && c.cloud_config().is_none());
+        c.check_files(Path::new("/etc/lockhub/lockhub.toml")).unwrap();
+        let empty = format!("{text}[cloud]\nbrokers = []\nca = \"/a\"\ncert = \"/b\"\nkey = \"/c\"\n");
+        let e = Config::parse(Path::new("x.toml"), &empty).unwrap_err().to_string();
+        assert!(e.contains("at least one broker") && e.contains("no [cloud] section"), "{e}");
     }
 }

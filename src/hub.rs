@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::ble::LockTransport;
 use crate::ble::radios::Radios;
-use crate::cloud::link::{CloudError, CloudLink, FLUSH_TIMEOUT, LinkState};
+use crate::cloud::link::{CloudError, CloudLink, FLUSH_TIMEOUT, InboundCommand, LinkReports, LinkState};
 use crate::config::Config;
 use crate::control::peer::AdminGroup;
 use crate::control::server::ControlServer;
@@ -191,18 +191,36 @@ impl<T: LockTransport> HubBuilder<T> {
         let mut store = open_store(&config)?;
         let checkpoints = Checkpoints::hand_off(&mut store)?;
         let log_debt = checkpoints.debt();
-        if let Some(code) = crate::gateway::claim::claim_code(&mut store)? {
-            tracing::info!(claim_code = code.as_str(), "this gateway has no owner yet: claim it with this code");
-        }
         let store = Arc::new(Mutex::new(store));
         let outbox_ready = Arc::new(Notify::new());
-        let mut cloud = config.cloud_config();
-        if let Some((first, longest)) = reconnect {
-            cloud.min_backoff = first;
-            cloud.max_backoff = longest;
-        }
-        let (inbound_tx, inbound) = mpsc::channel(64);
-        let (link, reports) = CloudLink::new(cloud, id.clone(), store.clone(), outbox_ready.clone(), inbound_tx)?;
+        let cloud = match config.cloud_config() {
+            Some(mut cloud) => {
+                if let Some(code) = crate::gateway::claim::claim_code(&mut store.lock().expect("not shared yet"))? {
+                    tracing::info!(
+                        claim_code = code.as_str(),
+                        "this gateway has no owner yet: claim it with this code"
+                    );
+                }
+                if let Some((first, longest)) = reconnect {
+                    cloud.min_backoff = first;
+                    cloud.max_backoff = longest;
+                }
+                let (inbound_tx, inbound) = mpsc::channel(64);
+                let (link, reports) =
+                    CloudLink::new(cloud, id.clone(), store.clone(), outbox_ready.clone(), inbound_tx)?;
+                CloudSide::Link { link: Box::new(link), inbound, reports }
+            }
+            None => {
+                tracing::info!(
+                    "no [cloud] in the configuration: this hub runs local only (Home Assistant, the control socket)"
+                );
+                CloudSide::None { state: watch::channel(LinkState::NotConfigured), delivered: watch::channel(0) }
+            }
+        };
+        let (cloud_state, delivered) = match &cloud {
+            CloudSide::Link { reports, .. } => (reports.state.clone(), reports.delivered.clone()),
+            CloudSide::None { state, delivered } => (state.1.clone(), delivered.1.clone()),
+        };
         let require_sync = Arc::new(AtomicBool::new(config.clock.require_sync));
         let clock = match time {
             TimeSource::System { synchronised } => system_clock(require_sync.clone(), synchronised),
@@ -220,37 +238,48 @@ impl<T: LockTransport> HubBuilder<T> {
             config.policy,
             clock.clone(),
         );
-        gateway.send_replies_through(link.express_lane());
+        if let CloudSide::Link { link, .. } = &cloud {
+            gateway.send_replies_through(link.express_lane());
+        }
         // The edges hear every lock update from the start: subscribed before the locks run.
         let local = match &config.local.mqtt {
             Some(_) => Some((LocalBridge::new(&config.local, gateway.clone(), &id)?, gateway.updates())),
             None => None,
         };
         let (control, control_listener, control_updates) =
-            control_server(&config, &gateway, &store, &reports.state, &clock)?;
+            control_server(&config, &gateway, &store, &cloud_state, &clock)?;
         let control = control.reporting_deletions(log_debt.clone());
         gateway.start_locks()?;
 
         let (stop, stopped) = watch::channel(false);
-        let (accepted_tx, accepted) = mpsc::channel(64);
-        let intake = Intake::new(store.clone(), id.clone(), outbox_ready);
         let (stop_intake, mut intake_stopped) = watch::channel(false);
-        tokio::spawn(async move {
-            // Dropping the intake drops its channels: deliveries not yet noted stay
-            // unacknowledged and come again after a restart; the gateway sees its input end.
-            tokio::select! {
-                () = intake::serve(intake, inbound, accepted_tx, unix_now) => {}
-                () = crate::stop::requested(&mut intake_stopped) => {}
+        let (statements, link, kept) = match cloud {
+            CloudSide::Link { link, inbound, .. } => {
+                let (accepted_tx, accepted) = mpsc::channel(64);
+                let intake = Intake::new(store.clone(), id.clone(), outbox_ready);
+                tokio::spawn(async move {
+                    // Dropping the intake drops its channels: deliveries not yet noted stay
+                    // unacknowledged and come again after a restart; the gateway sees its
+                    // input end.
+                    tokio::select! {
+                        () = intake::serve(intake, inbound, accepted_tx, unix_now) => {}
+                        () = crate::stop::requested(&mut intake_stopped) => {}
+                    }
+                });
+                let statements = tokio::spawn(gateway.clone().serve(accepted));
+                (Some(statements), tokio::spawn((*link).run(stopped.clone())), None)
             }
-        });
-        let statements = tokio::spawn(gateway.clone().serve(accepted));
+            CloudSide::None { state, delivered } => {
+                let emptied = tokio::spawn(empty_outbox(store.clone(), outbox_ready, delivered.0, stopped.clone()));
+                (None, emptied, Some(state.0))
+            }
+        };
         tokio::spawn(radio_watch::watch_radios(gateway.clone(), bus_check, stopped.clone()));
         let local =
-            local.map(|(bridge, updates)| tokio::spawn(bridge.run(updates, reports.state.clone(), stopped.clone())));
+            local.map(|(bridge, updates)| tokio::spawn(bridge.run(updates, cloud_state.clone(), stopped.clone())));
         let control = tokio::spawn(control.run(control_listener, control_updates, stopped.clone()));
         tokio::spawn(crate::gateway::maintenance::run(store.clone(), clock.clone(), stopped.clone()));
         tokio::spawn(checkpoints.run(stopped.clone()));
-        let link = tokio::spawn(link.run(stopped.clone()));
         tracing::info!(gateway = %id, "lockhub running");
         Ok(Hub {
             id,
@@ -258,10 +287,11 @@ impl<T: LockTransport> HubBuilder<T> {
             store,
             clock,
             require_sync,
-            cloud: reports.state,
-            delivered: reports.delivered,
+            cloud: cloud_state,
+            _no_cloud: kept,
+            delivered,
             log_debt,
-            brokers: config.cloud.brokers.len(),
+            brokers: config.cloud.as_ref().map_or(0, |c| c.brokers.len()),
             control_socket: config.control.socket.clone(),
             stop,
             stopped,
@@ -295,10 +325,62 @@ fn control_server<T: LockTransport>(
     Ok((server, listener, gateway.updates()))
 }
 
+/// The hub's side of the cloud: the link and what it receives, or nothing to talk to.
+enum CloudSide {
+    Link {
+        link: Box<CloudLink>,
+        inbound: mpsc::Receiver<InboundCommand>,
+        reports: LinkReports,
+    },
+    None {
+        state: (watch::Sender<LinkState>, watch::Receiver<LinkState>),
+        delivered: (watch::Sender<u64>, watch::Receiver<u64>),
+    },
+}
+
+/// Without a cloud, the outbox has no reader: what the gateway queues for one (its locks'
+/// events and states) is deleted as it comes, and counted in `delivered`, until `stopped`.
+async fn empty_outbox(
+    store: Arc<Mutex<Store>>,
+    ready: Arc<Notify>,
+    delivered: watch::Sender<u64>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let store = store.clone();
+        // A durable commit: on the blocking pool.
+        let emptied = tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut emptied = 0;
+            loop {
+                let ids: Vec<i64> = store.outbox_pending(256)?.iter().map(|r| r.id).collect();
+                if ids.is_empty() {
+                    return Ok::<_, StoreError>(emptied);
+                }
+                store.outbox_ack(&ids)?;
+                emptied += ids.len() as u64;
+            }
+        })
+        .await;
+        match emptied {
+            Ok(Ok(n)) if n > 0 => delivered.send_modify(|count| *count += n),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not empty the outbox (no cloud reads it)"),
+            Err(_) => return,
+        }
+        tokio::select! {
+            () = ready.notified() => {}
+            () = crate::stop::requested(&mut stopped) => return,
+        }
+    }
+}
+
 /// The tasks [`Hub::stop`] waits for.
 #[derive(Debug)]
 struct Tasks {
-    statements: JoinHandle<()>,
+    /// The gateway taking the cloud's statements (none without a cloud).
+    statements: Option<JoinHandle<()>>,
+    /// The cloud link, or what empties the outbox without one.
     link: JoinHandle<()>,
     local: Option<JoinHandle<()>>,
     control: JoinHandle<()>,
@@ -323,6 +405,8 @@ pub struct Hub<T: LockTransport> {
     clock: Clock,
     require_sync: Arc<AtomicBool>,
     cloud: watch::Receiver<LinkState>,
+    /// Without a cloud, the sender of its state (kept: its receivers would see it gone).
+    _no_cloud: Option<watch::Sender<LinkState>>,
     delivered: watch::Receiver<u64>,
     log_debt: watch::Receiver<LogDebt>,
     brokers: usize,
@@ -408,7 +492,10 @@ impl<T: LockTransport> Hub<T> {
             return Stopped { commands_finished: true, locks_released: true, link_closed: true };
         };
         let _ = self.stop_intake.send(true);
-        let commands_finished = tokio::time::timeout(FINISH_IN_FLIGHT, tasks.statements).await.is_ok();
+        let commands_finished = match tasks.statements {
+            Some(statements) => tokio::time::timeout(FINISH_IN_FLIGHT, statements).await.is_ok(),
+            None => true,
+        };
         if !commands_finished {
             tracing::warn!("commands still running after {FINISH_IN_FLIGHT:?}: stopping without their replies");
         }

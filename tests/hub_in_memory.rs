@@ -99,3 +99,60 @@ async fn the_assembled_hub_serves_in_memory_locks_with_no_dbus() {
     assert_eq!(lock.inspect(|fw, now| fw.status(now)).state, LockState::Unlocked);
     hub.stop().await;
 }
+
+/// A hub with no `[cloud]`: it runs local only. Paired and commanded through its own
+/// interfaces (the admin's pairing, a local command), it keeps nothing queued for a cloud
+/// that does not exist, and says so: its control socket's status, not "unreachable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_without_a_cloud_runs_local_only_and_queues_nothing() {
+    use lockhub::auth::local_code::CodeHolder;
+    use lockhub::protocol::message::Op;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), &["gw-alone"]).unwrap();
+    let gw = GatewayId::new("gw-alone").unwrap();
+    let mut config = support::stack::config(dir.path(), &pki, &gw, 1);
+    config.cloud = None;
+    let air = MemoryAir::new();
+    let lock_id = LockId([0x4e; 8]);
+    let state = PersistentState::factory_new(
+        lock_id,
+        Capabilities::default(),
+        Mechanics { motor_ms: 0, ..Mechanics::default() },
+        &mut OsRng,
+    );
+    let setup_code = state.identity.setup_code.expose().to_owned();
+    let address = air.add_lock(state, 185);
+    let adapter = Arc::new(MemoryAdapter::new(&air, "hci0"));
+    let radios = Radios::new(vec![("hci0".to_owned(), adapter.clone())], 3);
+    let time = TimeSource::Given(Arc::new(|| (unix_now(), true)));
+    let hub = HubBuilder::new(config, radios, time).start().await.expect("a hub without a cloud starts");
+    assert_eq!(*hub.cloud().borrow(), LinkState::NotConfigured);
+
+    let paired = hub.gateway().admin_pair(lock_id, &setup_code).await.unwrap();
+    assert_eq!(paired.result, Outcome::Ok, "{paired:?}");
+    let holder = CodeHolder::Named("hallway".into());
+    let unlocked = hub.gateway().local_command(lock_id, Op::Unlock, &holder, "a test").await.unwrap();
+    assert!(unlocked.is_ok(), "{unlocked:?}");
+    assert_eq!(air.lock(&address).unwrap().inspect(|fw, now| fw.status(now)).state, LockState::Unlocked);
+
+    // The lock's events and state were queued for a cloud, and emptied as they came.
+    let mut delivered = hub.delivered();
+    loop {
+        let queued = hub.store().lock().unwrap().outbox_len().unwrap();
+        if queued == 0 && *delivered.borrow_and_update() > 0 {
+            break;
+        }
+        tokio::time::timeout(WAIT, delivered.changed()).await.expect("the outbox was not emptied").unwrap();
+    }
+
+    let mut socket = tokio::net::UnixStream::connect(hub.control_socket()).await.unwrap();
+    socket.write_all(b"{\"cmd\":\"status\"}\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::io::BufReader::new(&mut socket).read_line(&mut answer).await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(status["ok"]["cloud"], serde_json::json!({ "connected": false, "configured": false }), "{status}");
+    let stopped = hub.stop().await;
+    assert!(stopped.commands_finished && stopped.locks_released && stopped.link_closed, "{stopped:?}");
+}

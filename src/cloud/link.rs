@@ -112,6 +112,8 @@ pub struct InboundCommand {
 /// What the link reports about itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkState {
+    /// No cloud is configured: the hub runs local only.
+    NotConfigured,
     /// Trying to connect.
     Connecting,
     /// Connected and subscribed to commands (to the broker at this index of the list).

@@ -386,6 +386,7 @@ impl<T: LockTransport> ControlServer<T> {
         let cloud = match *self.link.borrow() {
             LinkState::Connected(i) => json!({ "connected": true, "broker": i + 1 }),
             LinkState::Connecting => json!({ "connected": false }),
+            LinkState::NotConfigured => json!({ "connected": false, "configured": false }),
         };
         Ok(json!({
             "gateway": id.map(|g| g.to_string()),

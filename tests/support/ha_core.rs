@@ -18,25 +18,45 @@ use std::process::{Child, Command, Stdio};
 /// The Home Assistant release the tier runs (the newest for Python 3.13.0).
 pub const VERSION: &str = "2025.4.4";
 
-/// Its MQTT integration's client library, installed beside it (Home Assistant would otherwise
-/// install it at its first start).
-const PAHO: &str = "paho-mqtt==2.1.0";
+/// How long it may take to come up and connect to the broker: its first start in a fresh
+/// environment loads much of Home Assistant (about a minute on 2 cores).
+pub const START: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// A Python 3.13 to make the environment with: `python3.13` on `PATH`, or one of pyenv's.
+/// What Home Assistant 2025.4.4 installs at its first start for what the test loads (the MQTT
+/// integration's client, the frontend that everything else waits for, the login modules'):
+/// installed with it, so that it runs with `--skip-pip` and needs no network when it starts.
+const RUNTIME: [&str; 4] =
+    ["paho-mqtt==2.1.0", "home-assistant-frontend==20250411.0", "PyQRCode==1.2.1", "pyotp==2.8.0"];
+
+/// A Python 3.13 to make the environment with: one of pyenv's, or `python3.13` on `PATH` —
+/// whichever answers `--version` (pyenv's shim on `PATH` does not when another version is
+/// its global one).
 pub fn python() -> Option<PathBuf> {
-    if let Some(found) = super::tier::program("python3.13") {
-        return Some(found);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from)?;
-    let versions = std::fs::read_dir(home.join(".pyenv/versions")).ok()?;
-    let mut candidates: Vec<PathBuf> = versions
-        .flatten()
-        .filter(|v| v.file_name().to_string_lossy().starts_with("3.13"))
-        .map(|v| v.path().join("bin/python3.13"))
-        .filter(|p| p.is_file())
-        .collect();
-    candidates.sort();
-    candidates.pop()
+    static FOUND: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let mut candidates: Vec<PathBuf> = std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".pyenv/versions"))
+                .and_then(|dir| std::fs::read_dir(dir).ok())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|v| v.file_name().to_string_lossy().starts_with("3.13"))
+                .map(|v| v.path().join("bin/python3.13"))
+                .collect();
+            candidates.sort();
+            candidates.reverse();
+            candidates.extend(super::tier::program("python3.13"));
+            candidates.into_iter().find(|python| {
+                Command::new(python)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+        })
+        .clone()
 }
 
 /// The virtual environment, made on first use (one maker at a time, across test processes).
@@ -44,13 +64,15 @@ fn environment() -> PathBuf {
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let venv = target.join(format!("home-assistant-{VERSION}"));
     let made = venv.join(".made");
-    if made.exists() {
+    let recipe = RUNTIME.join(" ");
+    let ready = || std::fs::read_to_string(&made).is_ok_and(|r| r == recipe);
+    if ready() {
         return venv;
     }
     std::fs::create_dir_all(&target).unwrap();
     let lock = std::fs::File::create(target.join("home-assistant.lock")).unwrap();
     lock.lock().unwrap();
-    if made.exists() {
+    if ready() {
         return venv;
     }
     let python = python().expect("Python 3.13 (tier::ready checked)");
@@ -64,10 +86,10 @@ fn environment() -> PathBuf {
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .arg(format!("homeassistant=={VERSION}"))
-            .arg(PAHO),
+            .args(RUNTIME),
         "pip install homeassistant",
     );
-    std::fs::write(&made, VERSION).unwrap();
+    std::fs::write(&made, &recipe).unwrap();
     venv
 }
 

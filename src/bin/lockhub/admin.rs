@@ -104,6 +104,8 @@ pub fn show(request: &Request, value: &Value, json: bool, out: &mut impl Write) 
         Request::Status => {
             let cloud = if value["cloud"]["connected"] == true {
                 format!("connected (broker {})", value["cloud"]["broker"])
+            } else if value["cloud"]["configured"] == false {
+                "not configured: local only".into()
             } else {
                 "unreachable: working offline".into()
             };

@@ -56,13 +56,18 @@ pub fn run(config_path: &Path, socket: &Path, json: bool) -> Result<()> {
         }
     };
     if let Some(config) = &config {
-        checks.push(certificate("gateway certificate", &config.cloud.cert));
-        checks.push(certificate("cloud CA", &config.cloud.ca));
+        match &config.cloud {
+            Some(cloud) => {
+                checks.push(certificate("gateway certificate", &cloud.cert));
+                checks.push(certificate("cloud CA", &cloud.ca));
+            }
+            None => checks.push(ok("cloud", "not configured: this hub runs local only".to_owned())),
+        }
         checks.push(clock(config.clock.require_sync));
         checks.push(modes(config));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         checks.extend(runtime.block_on(bluez(config)));
-        for url in &config.cloud.brokers {
+        for url in config.cloud.iter().flat_map(|c| &c.brokers) {
             checks.push(runtime.block_on(broker(config, url)));
         }
         checks.push(store(config));
@@ -197,7 +202,8 @@ async fn broker(config: &Config, url: &str) -> Check {
         }
         Err(_) => return fail("broker", format!("{address}: no answer in 5 s"), "check the network and any firewall"),
     };
-    let tls = match lockhub::cloud::tls::client_config(&config.cloud.ca, &config.cloud.cert, &config.cloud.key) {
+    let Some(cloud) = &config.cloud else { return fail("broker", "no [cloud] configured", "add [cloud]") };
+    let tls = match lockhub::cloud::tls::client_config(&cloud.ca, &cloud.cert, &cloud.key) {
         Ok(tls) => tls,
         Err(e) => return fail("broker", e.to_string(), "fix the certificate files"),
     };

@@ -69,7 +69,12 @@ fn run() -> Result<()> {
         Command::CheckConfig { config } => {
             let c = lockhub::config::Config::load(&config)?;
             c.check_files(&config)?;
-            outln!("{}: ok (gateway {}, {} broker(s))", config.display(), c.gateway.id, c.cloud.brokers.len())?;
+            match &c.cloud {
+                Some(cloud) => {
+                    outln!("{}: ok (gateway {}, {} broker(s))", config.display(), c.gateway.id, cloud.brokers.len())?
+                }
+                None => outln!("{}: ok (gateway {}, no cloud: local only)", config.display(), c.gateway.id)?,
+            };
             Ok(())
         }
         Command::ClaimCode { config } => {

@@ -44,6 +44,7 @@ impl Health {
         let cloud = match *self.link.borrow() {
             LinkState::Connected(i) => format!("cloud connected (broker {} of {})", i + 1, self.brokers),
             LinkState::Connecting => "cloud unreachable, working offline".to_owned(),
+            LinkState::NotConfigured => "no cloud configured: local only".to_owned(),
         };
         let clock = if (self.clock_synchronised)() { "clock synchronised" } else { "clock NOT synchronised" };
         let owner = if claimed { "" } else { "; not claimed yet (lockhub claim-code)" };
