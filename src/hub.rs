@@ -191,16 +191,16 @@ impl<T: LockTransport> HubBuilder<T> {
         let mut store = open_store(&config)?;
         let checkpoints = Checkpoints::hand_off(&mut store)?;
         let log_debt = checkpoints.debt();
+        // An owner claims the gateway through the cloud: without one, there is no code to show.
+        if config.cloud.is_some()
+            && let Some(code) = crate::gateway::claim::claim_code(&mut store)?
+        {
+            tracing::info!(claim_code = code.as_str(), "this gateway has no owner yet: claim it with this code");
+        }
         let store = Arc::new(Mutex::new(store));
         let outbox_ready = Arc::new(Notify::new());
         let cloud = match config.cloud_config() {
             Some(mut cloud) => {
-                if let Some(code) = crate::gateway::claim::claim_code(&mut store.lock().expect("not shared yet"))? {
-                    tracing::info!(
-                        claim_code = code.as_str(),
-                        "this gateway has no owner yet: claim it with this code"
-                    );
-                }
                 if let Some((first, longest)) = reconnect {
                     cloud.min_backoff = first;
                     cloud.max_backoff = longest;
