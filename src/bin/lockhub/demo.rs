@@ -258,6 +258,19 @@ async fn script(dir: &Path, private_bus: &PrivateBus, locks: u8) -> Result<()> {
     let (reply, took) = timed(app.send(&cmd(Operation::Unlock), &stranger, WAIT)).await;
     t.line("someone with no grant", &describe(&reply?), took);
 
+    // Each reply leaves while its audit record commits: the chain is read once the last
+    // reply's outbox record is delivered (deleted after its commit), so that it holds them all.
+    let mut delivered = hub.delivered();
+    tokio::time::timeout(WAIT, async {
+        while store.lock().expect("store").outbox_len()? > 0 {
+            if delivered.changed().await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, lockhub::store::StoreError>(())
+    })
+    .await
+    .context("the last replies were not delivered")??;
     let verified = store.lock().expect("store").verify_audit()?;
     t.say(format_args!(""));
     let verified = match verified {
