@@ -15,9 +15,12 @@ use crate::store::audit::AuditActor;
 use crate::store::{AuditEntry, StoreError};
 
 impl<T: LockTransport> Gateway<T> {
-    /// Pairs `lock` with its setup code, for statement `id`; the reply says how it went.
-    pub(super) async fn pair(&self, id: &str, lock: LockId, code: &SetupCode) -> Result<Reply, StoreError> {
+    /// Pairs `lock` with the setup code `setup`, for statement `id`; the reply says how it went.
+    pub(super) async fn pair(&self, id: &str, lock: LockId, setup: &str) -> Result<Reply, StoreError> {
         let (now, _) = (self.clock)();
+        let Ok(code) = SetupCode::parse(setup) else {
+            return Ok(refused(id, Reason::Malformed, "the setup code is 8 digits", now));
+        };
         // Find the lock on the radio (it must be in pairing mode to accept), for as long as a
         // connection may take: a lock advertises every few hundred ms, but a scan hears it
         // only as often as the stack reports (under btvirt, once per scan restart, ~10 s).
@@ -28,7 +31,7 @@ impl<T: LockTransport> Gateway<T> {
             Err(e) => return Ok(failed(id, Reason::LockUnreachable, &format!("the lock was not seen: {e}"), now)),
         };
         let radio = self.radios.get(heard_by);
-        let paired = pair(&**radio.transport(), radio.budget(), &self.ble, &self.id, lock, &ad.address, code).await;
+        let paired = pair(&**radio.transport(), radio.budget(), &self.ble, &self.id, lock, &ad.address, &code).await;
         let key = match paired {
             Ok(key) => key,
             Err(e) => return Ok(failed(id, Reason::Failed, &format!("pairing failed: {e} ({})", e.code()), now)),
@@ -42,10 +45,7 @@ impl<T: LockTransport> Gateway<T> {
     /// Pairs a lock for the hub's administrator (the control socket) with the setup code on
     /// its label; audited as the admin's. The reply says how it went.
     pub async fn admin_pair(&self, lock: LockId, setup: &str) -> Result<Reply, StoreError> {
-        let reply = match SetupCode::parse(setup) {
-            Ok(code) => self.pair("admin", lock, &code).await?,
-            Err(_) => refused("admin", Reason::Malformed, "the setup code is 8 digits", (self.clock)().0),
-        };
+        let reply = self.pair("admin", lock, setup).await?;
         let outcome = reply.reason.map_or("ok", Reason::as_str);
         let detail = reply.detail.clone().unwrap_or_default();
         self.store().transaction(|tx| {

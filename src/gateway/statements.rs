@@ -33,7 +33,6 @@ use crate::cloud::link::InboundCommand;
 use crate::cloud::reply::Reply;
 use crate::protocol::ids::LockId;
 use crate::protocol::message::{Actor, Op};
-use crate::protocol::pairing::SetupCode;
 use crate::store::audit::AuditActor;
 use crate::store::{CommandSeen, Store, StoreError};
 
@@ -139,7 +138,14 @@ impl<T: LockTransport> Gateway<T> {
         let owner = owners.iter().any(|k| k.as_slice() == signed.signer.as_bytes());
         // A paired lock is one with a task: no store read for it on the command path.
         let lock_paired = lock.is_some_and(|lock| self.lock(lock).is_some());
-        let signer = self.signer_facts_of(&signed.signer, lock.filter(|_| lock_paired))?;
+        // What the store says of the signer: a command's judgement reads it all, and whether
+        // anyone else is a stranger reads whether they are known; an owner's other statements
+        // need none of it.
+        let signer = if owner && !matches!(statement, Statement::Command(_)) {
+            Arc::new(SignerFacts::default())
+        } else {
+            self.signer_facts_of(&signed.signer, lock.filter(|_| lock_paired))?
+        };
         // A stranger — anyone but an owner or a known user, signing anything but a claim of an
         // unclaimed gateway — has nothing of theirs remembered: a noted id stays until its
         // statement expires, and a stranger picks the expiry (a grant's may be years away), so
@@ -218,10 +224,7 @@ impl<T: LockTransport> Gateway<T> {
                 };
                 (reply, "gateway.claim".into())
             }
-            (Verdict::Carry(_), Statement::Pair(p)) => {
-                let code = SetupCode::parse(&p.setup).expect("decided well-formed");
-                (self.pair(id, p.lock, &code).await?, "lock.pair".into())
-            }
+            (Verdict::Carry(_), Statement::Pair(p)) => (self.pair(id, p.lock, &p.setup).await?, "lock.pair".into()),
             (Verdict::Carry(_), _) => {
                 let (reply, action) = self.apply(statement, &text, now)?;
                 (reply, action.to_owned())
