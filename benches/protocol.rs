@@ -8,7 +8,7 @@
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use lockhub::firmware::{Firmware, Mechanics, PersistentState};
 use lockhub::memlink::MemoryLink;
-use lockhub::protocol::fragment::{Reassembler, fragment};
+use lockhub::protocol::fragment::{Fragmenter, Reassembler};
 use lockhub::protocol::gatt::Capabilities;
 use lockhub::protocol::ids::{GatewayId, LockId};
 use lockhub::protocol::message::{Actor, Op, Request, UserRef};
@@ -98,13 +98,13 @@ fn bench_pieces(c: &mut Criterion) {
     });
     let frame = vec![0x5a; 1024];
     c.bench_function("fragment + reassemble 1 KiB at MTU 23", |b| {
-        let mut r = Reassembler::default();
+        let (mut sender, mut r) = (Fragmenter::new(20).unwrap(), Reassembler::default());
         b.iter(|| {
-            let mut out = None;
-            for f in fragment(&frame, 20).unwrap() {
+            let mut out = Vec::new();
+            for f in sender.cut(&frame).unwrap() {
                 out = r.push(&f, 0).unwrap();
             }
-            out.unwrap()
+            out.pop().unwrap()
         })
     });
 }

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
 use crate::firmware::{Firmware, Mechanics, Output, Pairing, PersistentState};
-use crate::protocol::fragment::{self, Reassembler};
+use crate::protocol::fragment::{self, Fragmenter, Reassembler};
 use crate::protocol::frame::Frame;
 use crate::protocol::gatt::{Capabilities, LockInfo, ManufacturerData};
 use crate::protocol::hub::HubConnection;
@@ -36,11 +36,13 @@ fn gateway() -> GatewayId {
 }
 
 /// Fragment reassembly: each chunk is one fragment, arriving 100 ms after the previous one.
+/// A reassembler that failed is replaced, as a new link would.
 pub fn reassembly(data: &[u8]) {
     let mut r = Reassembler::default();
     for (i, f) in chunks(data).enumerate() {
-        if let Ok(Some(frame)) = r.push(f, i as u64 * 100) {
-            assert!(frame.len() <= fragment::MAX_FRAME_LEN);
+        match r.push(f, i as u64 * 100) {
+            Ok(frames) => assert!(frames.iter().all(|frame| frame.len() <= fragment::MAX_FRAME_LEN)),
+            Err(_) => r = Reassembler::default(),
         }
     }
 }
@@ -108,13 +110,14 @@ pub fn firmware_requests(data: &[u8]) {
     let mut fw = fuzz_firmware(true);
     fw.connect(247, 0);
     let gw_nonce = [9u8; 16];
-    for f in fragment::fragment(&Frame::Hello { nonce: gw_nonce }.encode(), 244).expect("hello fits") {
+    let mut sender = Fragmenter::new(244).expect("a valid fragment size");
+    for f in sender.cut(&Frame::Hello { nonce: gw_nonce }.encode()).expect("hello fits") {
         fw.write(&f, 0);
     }
     let mut reply = Reassembler::default();
     let mut hello_reply = None;
     while let Some(Output::Notify(f)) = fw.poll_output(0) {
-        hello_reply = reply.push(&f, 0).ok().flatten().or(hello_reply);
+        hello_reply = reply.push(&f, 0).ok().and_then(|mut frames| frames.pop()).or(hello_reply);
     }
     let Some(Ok(Frame::HelloReply { nonce, .. })) = hello_reply.as_deref().map(Frame::parse) else {
         panic!("a paired lock answers a hello");
@@ -124,7 +127,7 @@ pub fn firmware_requests(data: &[u8]) {
     for (i, plaintext) in chunks(data).enumerate() {
         let now = i as u64 * 40;
         let Ok(sealed) = channel.seal(plaintext) else { return };
-        for f in fragment::fragment(&sealed, 244).expect("sealed chunk fits a frame") {
+        for f in sender.cut(&sealed).expect("sealed chunk fits a frame") {
             fw.write(&f, now);
         }
         fw.on_timeout(now);

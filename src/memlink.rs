@@ -258,15 +258,22 @@ impl MemoryLink {
                     let Some(conn) = self.conn.as_mut() else {
                         return Err(LinkError::NotConnected);
                     };
-                    match conn.on_notification(&f, self.now_ms) {
-                        Ok(Some(HubEvent::Event(e))) if !done(&HubEvent::Event(e)) => self.events.push(e),
-                        Ok(Some(ev)) if done(&ev) => return Ok(Some(ev)),
-                        Ok(_) => {}
-                        Err(e) => {
-                            // The gateway gives up on a broken connection: it disconnects.
-                            self.disconnect();
-                            return Err(e.into());
+                    let fed = conn.on_notification(&f, self.now_ms);
+                    let mut awaited = None;
+                    while let Some(ev) = conn.poll_event() {
+                        match ev {
+                            ev if awaited.is_none() && done(&ev) => awaited = Some(ev),
+                            HubEvent::Event(e) => self.events.push(e),
+                            _ => {}
                         }
+                    }
+                    if let Err(e) = fed {
+                        // The gateway gives up on a broken connection: it disconnects.
+                        self.disconnect();
+                        return Err(e.into());
+                    }
+                    if awaited.is_some() {
+                        return Ok(awaited);
                     }
                 }
             }

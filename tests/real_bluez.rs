@@ -72,7 +72,8 @@ fn host() -> ExitCode {
     }
     let image = support::guest::Image::prepare();
     let exe = std::env::current_exe().unwrap();
-    let log = std::env::var("LOCKHUB_GUEST_LOG").unwrap_or_else(|_| "warn,lockhub::timing=debug".into());
+    let log = std::env::var("LOCKHUB_GUEST_LOG")
+        .unwrap_or_else(|_| "warn,lockhub::timing=debug,lockhub::ble::session=debug".into());
     let console = image.boot(
         &[exe.to_str().unwrap()],
         &[
@@ -183,7 +184,7 @@ impl Stack {
         // A small ATT MTU on every link, so that frames are fragmented: 48 is the smallest
         // bluetoothd 5.66 can listen with (the kernel refuses an L2CAP MTU below it, and
         // bluetoothd then serves no adapter at all).
-        std::fs::write("/etc/bluetooth/main.conf", "[General]\n\n[GATT]\nExchangeMTU = 48\nChannels = 1\n").unwrap();
+        std::fs::write("/etc/bluetooth/main.conf", "[General]\n\n[GATT]\nExchangeMTU = 48\n").unwrap();
         let mut stack = Stack { btvirt: None, bluetoothd: None };
         stack.start_btvirt();
         stack.start_bluetoothd();
@@ -289,6 +290,9 @@ impl Peripheral {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
                 eprintln!("lock@{name}: {line}");
+                if line.starts_with("REORDERED ") {
+                    REORDERED_AT_LOCKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let _ = tx.send(line);
             }
         });
@@ -422,6 +426,9 @@ impl Hub {
     fn lock_round_trips(&self) -> Vec<Duration> {
         let mut trips = Vec::new();
         while let Ok(line) = self.log.try_recv() {
+            if line.contains("arrived out of order; put back") {
+                REORDERED_AT_HUB.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let record = support::timing_log::StageRecord::parse(&line);
             if let Some((taken, answered)) = record.and_then(|r| Some((r.ended("taken")?, r.ended("lock_answered")?))) {
                 trips.push(Duration::from_micros(answered.saturating_sub(taken)));
@@ -504,6 +511,11 @@ fn median_ms(samples: &mut [Duration]) -> f64 {
     samples.sort();
     samples[samples.len() / 2].as_secs_f64() * 1e3
 }
+
+/// Writes the locks' firmware took out of order ("REORDERED" lines), and notifications the
+/// hub did (its `lockhub::ble::session` log), over the whole run.
+static REORDERED_AT_LOCKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static REORDERED_AT_HUB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn scenario() -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
@@ -674,6 +686,11 @@ async fn scenario() -> Result<(), String> {
     } else {
         println!("NOTE the controllers' restart not run (LOCKHUB_REAL_BLUEZ_ALL=1 runs it)");
     }
+    // bluetoothd's three EATT bearers (its default) may deliver fragments out of order; how
+    // often they did, at either end, in this run (docs/protocol.md §3).
+    hub.lock_round_trips();
+    figure("fragments_reordered_at_locks", REORDERED_AT_LOCKS.load(std::sync::atomic::Ordering::Relaxed));
+    figure("fragments_reordered_at_hub", REORDERED_AT_HUB.load(std::sync::atomic::Ordering::Relaxed));
     Ok(())
 }
 

@@ -172,19 +172,32 @@ impl<L: LockLink> LockSession<L> {
     }
 
     /// Feeds one notification to the state machine: the awaited event, if this completed it
-    /// (a log entry pushed meanwhile is kept).
+    /// (a log entry pushed meanwhile is kept). An event that came before an error is still
+    /// taken: the error ends the link, and comes out at the next call.
     fn on_fragment(
         &mut self,
         fragment: &[u8],
         done: &mut impl FnMut(&HubEvent) -> bool,
     ) -> Result<Option<HubEvent>, BleError> {
         let now = self.now_ms();
-        match self.conn.on_notification(fragment, now)? {
-            Some(HubEvent::Event(e)) if !done(&HubEvent::Event(e)) => self.keep(e),
-            Some(event) if done(&event) => return Ok(Some(event)),
-            _ => {}
+        let out_of_order = self.conn.fragments_out_of_order();
+        let fed = self.conn.on_notification(fragment, now);
+        if self.conn.fragments_out_of_order() > out_of_order {
+            // Several EATT bearers at work (docs/protocol.md §3): worth seeing, not a fault.
+            tracing::debug!(total = self.conn.fragments_out_of_order(), "a fragment arrived out of order; put back");
         }
-        Ok(None)
+        let mut awaited = None;
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                event if awaited.is_none() && done(&event) => awaited = Some(event),
+                HubEvent::Event(e) => self.keep(e),
+                _ => {}
+            }
+        }
+        match (awaited, fed) {
+            (Some(event), _) => Ok(Some(event)),
+            (None, fed) => fed.map(|()| None).map_err(BleError::from),
+        }
     }
 
     /// At the deadline, what the lock had already sent: an answer that arrived at the same

@@ -29,6 +29,15 @@ const SAVE_DEBOUNCE: Duration = Duration::from_millis(200);
 pub trait Radio: Send + Sync + 'static {
     /// Sends one notification fragment to the connected central.
     fn notify(&self, fragment: Vec<u8>) -> impl Future<Output = ()> + Send;
+    /// Sends fragments the firmware queued together; a radio with several bearers may
+    /// deliver them in another order.
+    fn notify_burst(&self, fragments: Vec<Vec<u8>>) -> impl Future<Output = ()> + Send {
+        async move {
+            for fragment in fragments {
+                self.notify(fragment).await;
+            }
+        }
+    }
     /// Drops the connection.
     fn disconnect(&self) -> impl Future<Output = ()> + Send;
 }
@@ -177,11 +186,18 @@ impl HostedLock {
                 }
                 (outputs, fw.deadline())
             };
+            let mut burst = Vec::new();
             for o in outputs {
                 match o {
-                    Output::Notify(f) => radio.notify(f).await,
-                    Output::Disconnect => radio.disconnect().await,
+                    Output::Notify(f) => burst.push(f),
+                    Output::Disconnect => {
+                        radio.notify_burst(std::mem::take(&mut burst)).await;
+                        radio.disconnect().await;
+                    }
                 }
+            }
+            if !burst.is_empty() {
+                radio.notify_burst(burst).await;
             }
             if self.dirty.load(Ordering::Acquire) && save_at.is_none() {
                 save_at = Some(tokio::time::Instant::now() + SAVE_DEBOUNCE);

@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::fragment::{self, Reassembler};
+use crate::protocol::fragment::{self, Fragmenter, Reassembler};
 use crate::protocol::frame::{Frame, HelloRejectReason, NONCE_LEN, PairRejectReason};
 use crate::protocol::gatt::{Capabilities, LockInfo, ManufacturerData, PROTOCOL_VERSION};
 use crate::protocol::ids::{GatewayId, LockId};
@@ -172,7 +172,7 @@ enum Phase {
 }
 
 struct Link {
-    max_fragment: usize,
+    fragmenter: Fragmenter,
     reassembler: Reassembler,
     phase: Phase,
 }
@@ -338,7 +338,8 @@ impl Firmware {
         // Whatever was queued belonged to the previous connection.
         self.outbox.clear();
         let max_fragment = max_fragment.clamp(fragment::MIN_FRAGMENT_LEN, fragment::MAX_FRAGMENT_LEN);
-        self.link = Some(Link { max_fragment, reassembler: Reassembler::default(), phase: Phase::Idle });
+        let Ok(fragmenter) = Fragmenter::new(max_fragment) else { return };
+        self.link = Some(Link { fragmenter, reassembler: Reassembler::default(), phase: Phase::Idle });
     }
 
     /// The central went away.
@@ -346,22 +347,31 @@ impl Firmware {
         self.drop_link_quietly();
     }
 
+    /// How many fragments on the current link arrived out of order and were put back (see
+    /// [`Reassembler::out_of_order`]).
+    pub fn fragments_out_of_order(&self) -> u64 {
+        self.link.as_ref().map_or(0, |l| l.reassembler.out_of_order())
+    }
+
     /// A fragment was written to the write characteristic.
     pub fn write(&mut self, fragment: &[u8], now_ms: u64) {
         let Some(link) = self.link.as_mut() else { return };
-        match link.reassembler.push(fragment, now_ms) {
-            Err(_) => self.drop_link(),
-            Ok(None) => {}
-            Ok(Some(frame)) => {
-                if let Some(n) = self.faults.drop_link_after_frames.as_mut() {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.faults.drop_link_after_frames = None;
-                        self.drop_link();
-                        return;
-                    }
+        let Ok(frames) = link.reassembler.push(fragment, now_ms) else {
+            self.drop_link();
+            return;
+        };
+        for frame in frames {
+            if let Some(n) = self.faults.drop_link_after_frames.as_mut() {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.faults.drop_link_after_frames = None;
+                    self.drop_link();
+                    return;
                 }
-                self.on_frame(&frame, now_ms);
+            }
+            self.on_frame(&frame, now_ms);
+            if self.link.is_none() {
+                return;
             }
         }
     }
@@ -799,8 +809,8 @@ impl Firmware {
     }
 
     fn send_bytes(&mut self, frame: &[u8], now_ms: u64) {
-        let Some(link) = self.link.as_ref() else { return };
-        match fragment::fragment(frame, link.max_fragment) {
+        let Some(link) = self.link.as_mut() else { return };
+        match link.fragmenter.cut(frame) {
             Ok(frags) => frags.into_iter().for_each(|f| self.queue_output(Output::Notify(f), now_ms)),
             Err(_) => self.drop_link(),
         }

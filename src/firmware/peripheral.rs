@@ -341,8 +341,9 @@ fn application(
                                     let mut address = central.address.lock().expect("central poisoned");
                                     address.replace(req.device_address) != Some(req.device_address)
                                 };
-                                let connected = lock.input(|fw, now| {
+                                let (connected, reordered) = lock.input(|fw, now| {
                                     let connected = new_central || !fw.is_connected();
+                                    let out_of_order = if connected { 0 } else { fw.fragments_out_of_order() };
                                     if connected {
                                         // A new session: what is queued belonged to the last
                                         // one. bluetoothd sends a notification to a central
@@ -353,10 +354,14 @@ fn application(
                                         fw.connect_with_fragments(usize::from(req.mtu).saturating_sub(5), now);
                                     }
                                     fw.write(&value, now);
-                                    connected
+                                    (connected, fw.fragments_out_of_order() > out_of_order)
                                 });
                                 if connected {
                                     let _ = crate::outln!("LINK central={} mtu={}", req.device_address, req.mtu);
+                                }
+                                if reordered {
+                                    // Several EATT bearers at work (docs/protocol.md §3).
+                                    let _ = crate::outln!("REORDERED central={}", req.device_address);
                                 }
                                 Ok(())
                             }

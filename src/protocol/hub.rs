@@ -1,9 +1,9 @@
 //! The gateway's end of one LHP/1 connection, as a sans-IO state machine.
 //!
 //! The caller (the BLE transport, or the in-memory link in tests) feeds in every notification
-//! fragment with [`HubConnection::on_notification`], writes out whatever
-//! [`HubConnection::poll_transmit`] yields, and calls [`HubConnection::on_timeout`] at
-//! [`HubConnection::deadline`]. The first error of any kind closes the connection for good:
+//! fragment with [`HubConnection::on_notification`], takes what happened from
+//! [`HubConnection::poll_event`], writes out whatever [`HubConnection::poll_transmit`] yields,
+//! and calls [`HubConnection::on_timeout`] at [`HubConnection::deadline`]. The first error of any kind closes the connection for good:
 //! the caller disconnects and, if it wants, starts over on a new BLE connection.
 //!
 //! ```text
@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use rand_core::{CryptoRng, RngCore};
 use thiserror::Error;
 
-use super::fragment::{self, FragmentError, Reassembler};
+use super::fragment::{FragmentError, Fragmenter, Reassembler};
 use super::frame::{Frame, FrameError, HelloRejectReason, NONCE_LEN, PairRejectReason};
 use super::ids::{GatewayId, LockId};
 use super::message::{Actor, LockMessage, LogEntry, MessageError, Op, Request, Response};
@@ -113,10 +113,11 @@ impl State {
 pub struct HubConnection {
     gateway_id: GatewayId,
     lock_id: LockId,
-    max_fragment: usize,
     state: State,
+    fragmenter: Fragmenter,
     reassembler: Reassembler,
     transmit: VecDeque<Vec<u8>>,
+    events: VecDeque<HubEvent>,
     next_request_id: u32,
 }
 
@@ -124,7 +125,7 @@ impl std::fmt::Debug for HubConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubConnection")
             .field("lock_id", &self.lock_id)
-            .field("max_fragment", &self.max_fragment)
+            .field("max_fragment", &self.fragmenter.max_len())
             .field("state", &self.state.name())
             .finish_non_exhaustive()
     }
@@ -132,18 +133,16 @@ impl std::fmt::Debug for HubConnection {
 
 impl HubConnection {
     /// A fresh connection whose writes carry at most `max_fragment` bytes (ATT MTU − 3 on a
-    /// plain link, see [`fragment::max_fragment_len`]; less if the stack says so).
+    /// plain link, see [`super::fragment::max_fragment_len`]; less if the stack says so).
     pub fn new(gateway_id: GatewayId, lock_id: LockId, max_fragment: usize) -> Result<Self, ProtocolError> {
-        if !(fragment::MIN_FRAGMENT_LEN..=fragment::MAX_FRAGMENT_LEN).contains(&max_fragment) {
-            return Err(FragmentError::BadFragmentLen(max_fragment).into());
-        }
         Ok(HubConnection {
             gateway_id,
             lock_id,
-            max_fragment,
             state: State::Idle,
+            fragmenter: Fragmenter::new(max_fragment)?,
             reassembler: Reassembler::default(),
             transmit: VecDeque::new(),
+            events: VecDeque::new(),
             next_request_id: 1,
         })
     }
@@ -220,19 +219,32 @@ impl HubConnection {
         self.fail_on_err(r)
     }
 
-    /// Feeds one notification fragment from the lock.
-    pub fn on_notification(&mut self, fragment: &[u8], now_ms: u64) -> Result<Option<HubEvent>, ProtocolError> {
+    /// Feeds one notification fragment from the lock. What the frames it completes mean comes
+    /// out of [`HubConnection::poll_event`]; a fragment may complete none, or several that
+    /// arrived out of order. On an error, the events of frames taken before it still come out.
+    pub fn on_notification(&mut self, fragment: &[u8], now_ms: u64) -> Result<(), ProtocolError> {
         if self.is_closed() {
             return Err(ProtocolError::WrongState { action: "receive", state: "closed" });
         }
         let r = self.reassembler.push(fragment, now_ms).map_err(ProtocolError::from);
-        match self.fail_on_err(r)? {
-            None => Ok(None),
-            Some(frame) => {
-                let r = self.on_frame(&frame);
-                self.fail_on_err(r)
+        for frame in self.fail_on_err(r)? {
+            let r = self.on_frame(&frame);
+            if let Some(event) = self.fail_on_err(r)? {
+                self.events.push_back(event);
             }
         }
+        Ok(())
+    }
+
+    /// How many of the lock's fragments on this connection arrived out of order and were put
+    /// back (see [`Reassembler::out_of_order`]).
+    pub fn fragments_out_of_order(&self) -> u64 {
+        self.reassembler.out_of_order()
+    }
+
+    /// The next thing the lock's frames brought about, in the order the lock sent them.
+    pub fn poll_event(&mut self) -> Option<HubEvent> {
+        self.events.pop_front()
     }
 
     fn on_frame(&mut self, bytes: &[u8]) -> Result<Option<HubEvent>, ProtocolError> {
@@ -280,7 +292,7 @@ impl HubConnection {
     }
 
     fn queue(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
-        let frags = fragment::fragment(frame, self.max_fragment);
+        let frags = self.fragmenter.cut(frame);
         let frags = self.fail_on_err(frags.map_err(ProtocolError::from))?;
         self.transmit.extend(frags);
         Ok(())

@@ -203,11 +203,24 @@ impl Characteristic {
         let max = usize::from(self.mtu());
         tokio::spawn(async move {
             let mut buf = vec![0u8; max];
+            let mut next = vec![0u8; max];
             loop {
                 tokio::select! {
                     r = ours.recv(&mut buf) => match r {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => lock.host.input(|fw, now| fw.write(&buf[..n], now)),
+                        Ok(n) => {
+                            // Two writes queued together may leave on different EATT
+                            // bearers and arrive swapped (see `eatt_order`).
+                            let swapped = (lock.spec.eatt_bearers > 1)
+                                .then(|| ours.try_recv(&mut next).ok().filter(|&m| m > 0))
+                                .flatten();
+                            lock.host.input(|fw, now| {
+                                if let Some(m) = swapped {
+                                    fw.write(&next[..m], now);
+                                }
+                                fw.write(&buf[..n], now);
+                            });
+                        }
                     },
                     // The link went: the socket closes with it (the central's writes fail).
                     _ = link_gone.changed() => break,

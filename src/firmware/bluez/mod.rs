@@ -61,6 +61,11 @@ pub struct LockSpec {
     pub keypad: bool,
     /// Has a door sensor.
     pub door_sensor: bool,
+    /// Enhanced ATT bearers on its links, as bluetoothd's `[GATT] Channels` (1 to 5; 3 by
+    /// default, as there). With more than one, fragments sent back to back may leave on
+    /// different bearers and arrive in another order: the emulator swaps each pair queued
+    /// together, both ways, as bluetoothd 5.66 was seen to (docs/emulator.md).
+    pub eatt_bearers: u8,
 }
 
 impl Default for LockSpec {
@@ -75,6 +80,7 @@ impl Default for LockSpec {
             unlatch: true,
             keypad: true,
             door_sensor: true,
+            eatt_bearers: 3,
         }
     }
 }
@@ -253,6 +259,9 @@ impl Shared {
         if !(crate::protocol::fragment::MIN_MTU..=crate::protocol::fragment::MAX_MTU).contains(&spec.mtu) {
             return Err(EmulatorError::Spec(format!("MTU {} outside 23..=517", spec.mtu)));
         }
+        if !(1..=5).contains(&spec.eatt_bearers) {
+            return Err(EmulatorError::Spec(format!("{} EATT bearers: bluetoothd allows 1 to 5", spec.eatt_bearers)));
+        }
         let lock_id = if spec.lock_id.is_empty() {
             let mut id = [0u8; 8];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
@@ -423,11 +432,29 @@ impl Radio for LockRadio {
         }
     }
 
+    async fn notify_burst(&self, mut fragments: Vec<Vec<u8>>) {
+        if self.lock.upgrade().is_some_and(|lock| lock.spec.eatt_bearers > 1) {
+            eatt_order(&mut fragments);
+        }
+        for fragment in fragments {
+            self.notify(fragment).await;
+        }
+    }
+
     async fn disconnect(&self) {
         let Some(lock) = self.lock.upgrade() else { return };
         if let Some(shared) = lock.emulator.upgrade() {
             shared.disconnect(&lock).await;
         }
+    }
+}
+
+/// The order in which fragments queued together arrive over several EATT bearers, as
+/// bluetoothd 5.66 sends them: each one free takes the next, so neighbours may swap. The
+/// emulator swaps every pair, which keeps each fragment within one place of where it was sent.
+pub(super) fn eatt_order(fragments: &mut [Vec<u8>]) {
+    for pair in fragments.chunks_exact_mut(2) {
+        pair.swap(0, 1);
     }
 }
 
