@@ -24,8 +24,10 @@ pub mod fuzz_harness;
 pub mod gateway;
 pub mod hub;
 pub mod local;
+pub mod log_filter;
 #[cfg(feature = "devtools")]
 pub mod memlink;
+pub mod outside_text;
 pub mod protocol;
 pub mod standard_streams;
 pub mod stop;

@@ -95,6 +95,23 @@ fn every_printing_command_ends_quietly_when_its_reader_has_gone() {
     );
 }
 
+/// The daemon reads `RUST_LOG` as well as `LOCKHUB_LOG` (which wins), and says which one it
+/// could not use rather than dropping it in silence.
+#[test]
+fn the_log_level_comes_from_lockhub_log_or_rust_log_and_a_bad_one_is_named() {
+    let run = |vars: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lockhub"));
+        command.args(["run", "--config", "/nonexistent/lockhub.toml"]).env_remove("LOCKHUB_LOG").env_remove("RUST_LOG");
+        command.envs(vars.iter().copied());
+        String::from_utf8_lossy(&command.output().unwrap().stderr).into_owned()
+    };
+    let said = run(&[("RUST_LOG", "lockhub=loud")]);
+    assert!(said.contains("RUST_LOG is not a log directive"), "{said}");
+    let said = run(&[("RUST_LOG", "debug"), ("LOCKHUB_LOG", "lockhub=\x1b[2J")]);
+    assert!(said.contains("LOCKHUB_LOG is not a log directive") && !said.contains('\x1b'), "{said}");
+    assert!(!run(&[("RUST_LOG", "debug")]).contains("not a log directive"));
+}
+
 #[test]
 fn check_config_says_where_what_and_how_to_fix_it() {
     use std::os::unix::fs::PermissionsExt;

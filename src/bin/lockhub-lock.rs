@@ -70,10 +70,11 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCKHUB_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let log = lockhub::log_filter::choose("info");
+    tracing_subscriber::fmt().with_env_filter(log.filter).with_writer(std::io::stderr).init();
+    if let Some(warning) = log.warning {
+        tracing::warn!("{warning}");
+    }
     match Cli::parse().command {
         Command::Serve { bus, state_dir, locks, mtu, motor_ms, exit_with_stdin } => {
             serve(bus, state_dir, locks, mtu, motor_ms, exit_with_stdin).await

@@ -18,7 +18,7 @@ const DEFAULT_CONFIG: &str = "/etc/lockhub/lockhub.toml";
                   against the owner's signed grants and the local policy.\n\n\
                   Configuration: /etc/lockhub/lockhub.toml (see `lockhub check-config`). State: \
                   /var/lib/lockhub. Logs go to the journal when started by systemd \
-                  (`journalctl -u lockhub`); LOCKHUB_LOG sets the level (e.g. debug)."
+                  (`journalctl -u lockhub`); LOCKHUB_LOG, or RUST_LOG, sets the level (e.g. debug)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -13,10 +13,17 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber; `LOCKHUB_LOG` (an `EnvFilter` directive) overrides
-/// `default_filter`.
+/// Installs the global subscriber; `LOCKHUB_LOG`, else `RUST_LOG` (an `EnvFilter` directive)
+/// overrides `default_filter` ([`lockhub::log_filter`]).
 pub fn init(default_filter: &str) {
-    let filter = EnvFilter::try_from_env("LOCKHUB_LOG").unwrap_or_else(|_| default_filter.into());
+    let choice = lockhub::log_filter::choose(default_filter);
+    install(choice.filter);
+    if let Some(warning) = choice.warning {
+        tracing::warn!("{warning}");
+    }
+}
+
+fn install(filter: EnvFilter) {
     if stderr_is_journal() {
         // No field prefix: our field names (lock_id, command_id, decision, reason, ...) become
         // LOCK_ID, COMMAND_ID, DECISION, REASON, which `journalctl LOCK_ID=...` filters on.
