@@ -11,6 +11,7 @@ on_both_brokers!(
     the_outbox_is_delivered_and_deleted_only_once_acknowledged,
     status_is_online_then_offline_on_shutdown_and_by_last_will_on_a_crash,
     commands_arrive_and_oversized_ones_do_not_stop_the_link,
+    a_command_of_two_mib_is_refused_at_the_broker_and_the_link_goes_on,
     the_broker_restarted_while_events_flow_loses_nothing,
     gateway_killed_with_sigkill_turns_offline,
     malformed_oversized_and_wrong_schema_payloads_get_typed_errors,
@@ -48,9 +49,13 @@ fn rig(kind: Kind) -> Rig {
 }
 
 fn rig_with(kind: Kind, persistent_broker: bool) -> Rig {
+    rig_on(|pki| TestBroker::start(kind, pki, persistent_broker))
+}
+
+fn rig_on(broker: impl FnOnce(&Pki) -> TestBroker) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), &[GW]).unwrap();
-    let broker = TestBroker::start(kind, &pki, persistent_broker);
+    let broker = broker(&pki);
     let store =
         Store::open(StoreConfig { credentials_dir: None, ..StoreConfig::in_dir(&dir.path().join("state")) }).unwrap();
     Rig { _dir: dir, pki, broker, store: Arc::new(Mutex::new(store)), outbox_ready: Arc::new(Notify::new()) }
@@ -142,7 +147,7 @@ impl Rig {
         let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", port);
         o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
         // Big enough to send an oversized command on purpose.
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_max_packet_size(4 << 20, 4 << 20);
         o.set_clean_session(!persistent);
         let (client, mut eventloop) = AsyncClient::new(o, 64);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -400,6 +405,59 @@ async fn commands_arrive_and_oversized_ones_do_not_stop_the_link(kind: Kind) {
         }
     }
     assert!(matches!(*reports.state.borrow(), LinkState::Connected(_)), "the link kept serving");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// A 2 MiB command, far past any statement, on the brokers we configure: their limit
+/// (`MAX_BROKER_PACKET`, in what `lockhub-cloud` writes) refuses it at the door, its publisher
+/// is disconnected, and the hub never sees it: one connection, and the next command arrives.
+/// (Mosquitto had no limit: the hub's client failed on the size, reconnected and was handed the
+/// same message again, forever, the next command queued behind it.)
+async fn a_command_of_two_mib_is_refused_at_the_broker_and_the_link_goes_on(kind: Kind) {
+    two_mib_then_a_command(&rig(kind), false).await;
+}
+
+/// The same through a Mosquitto configured by someone else, with no packet limit: the message
+/// reaches the hub, which reads it, acknowledges it, audits it once and drops it; one
+/// connection, no loop, and the next command arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_of_two_mib_through_a_broker_without_a_limit_is_acknowledged_audited_once_and_dropped() {
+    crate::needs!(Mosquitto);
+    let rig = rig_on(|pki| TestBroker::Mosquitto(support::mosquitto::Mosquitto::start_without_packet_limit(pki)));
+    two_mib_then_a_command(&rig, true).await;
+}
+
+async fn two_mib_then_a_command(rig: &Rig, reaches_the_hub: bool) {
+    const TWO_MIB: usize = 2 << 20;
+    let (link, reports, mut commands) = rig.link();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(link.run(stopped));
+    reports.state.clone().wait_for(|s| matches!(s, LinkState::Connected(_))).await.unwrap();
+    let cmd_topic = format!("lockhub/v1/{GW}/cmd");
+    // The broker either acknowledges it (then it is queued for the hub ahead of what follows)
+    // or ends the publisher's connection.
+    let taken = support::broker::publish_once(&rig.pki, rig.broker.port(), &cmd_topic, vec![b'x'; TWO_MIB]).await;
+    assert_eq!(taken, reaches_the_hub, "a broker with a limit refuses 2 MiB, one without takes it");
+    let (relay, _seen) = rig.relay().await;
+    relay.publish(&cmd_topic, QoS::AtLeastOnce, false, b"after".to_vec()).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), commands.recv())
+        .await
+        .expect("the next command arrives")
+        .unwrap();
+    assert_eq!(next.payload, b"after", "nothing oversized reached the handler");
+    next.stored.send(()).unwrap();
+    let audited = rig
+        .store
+        .lock()
+        .unwrap()
+        .audit_records(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.action == "cloud.statement" && r.detail.starts_with(&format!("{TWO_MIB} bytes")))
+        .count();
+    assert_eq!(audited, usize::from(reaches_the_hub), "audited once where it arrived, nowhere else");
+    assert_eq!(*reports.connections.borrow(), 1, "the link was never lost");
     stop.send(true).unwrap();
     task.await.unwrap();
 }

@@ -123,6 +123,8 @@ impl HomeAssistant {
     async fn connect(port: u16, password: &str) -> Self {
         let mut options = MqttOptions::new("home-assistant", "127.0.0.1", port);
         options.set_credentials("homeassistant", password);
+        // Room to send oversized messages on purpose.
+        options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         client.subscribe(format!("{PREFIX}/#"), QoS::AtLeastOnce).await.unwrap();
         client.subscribe("lockhub/local/#", QoS::AtLeastOnce).await.unwrap();
@@ -204,6 +206,10 @@ fn every_bolt_state_has_its_home_assistant_value() {
     let states = [LockState::Locked, LockState::Unlocked, LockState::Locking, LockState::Unlocking, LockState::Jammed];
     let values: Vec<&str> = states.iter().map(|s| lock_state(*s)).collect();
     assert_eq!(values, ["LOCKED", "UNLOCKED", "LOCKING", "UNLOCKING", "JAMMED"]);
+}
+
+fn result_topic(id: &str) -> String {
+    format!("lockhub/local/gw-ha/{id}/result")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,6 +325,15 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
     let battery_state = format!("lockhub/local/gw-ha/{id}/battery");
     ha.until("the battery level", |ha| ha.text(&battery_state).is_some_and(|b| b.parse::<u8>().is_ok())).await;
 
+    // Anyone who may publish on the local broker leaves a 64 KiB retained message on
+    // Home Assistant's status topic and sends a 64 KiB command: the bridge, which gets the
+    // retained one again at every subscription, reads both and keeps serving (with rumqttc's
+    // 10 KiB default it dropped the connection, and every reconnection brought it back).
+    ha.client.publish("homeassistant/status", QoS::AtLeastOnce, true, vec![b'x'; 64 << 10]).await.unwrap();
+    ha.client.publish(&set, QoS::AtLeastOnce, false, vec![b'x'; 64 << 10]).await.unwrap();
+    let refused: Value = serde_json::from_slice(&ha.next_on(&result_topic(&id)).await).unwrap();
+    assert_eq!(refused["result"], "refused", "{refused}");
+
     // Local commands. Unlock needs a code: the right one opens, audited as alice's.
     let result = format!("lockhub/local/gw-ha/{id}/result");
     let answer = |payload: Vec<u8>| serde_json::from_slice::<Value>(&payload).unwrap();
@@ -381,6 +396,7 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
     assert_eq!(
         pairs,
         [
+            ("local.command", "malformed"),
             ("local.unlock", "ok"),
             ("local.lock", "ok"),
             ("local.unlock", "jammed"),

@@ -82,6 +82,13 @@ async fn remote_unlocks_cross_the_cluster_and_survive_the_death_of_the_gateways_
     let g = grant(&gw, user.public(), lock_id, perms, None, 1, unix_now());
     ok(send(&app, &Statement::Grant(g), &owner).await);
 
+    // A 2 MiB command, far past any statement. NATS 2.9 acknowledges the MQTT publish but
+    // keeps nothing over max_payload in JetStream, so the gateway never sees it; the commands
+    // below go through as before (seen with NATS 2.9.10).
+    let cmd_topic = format!("lockhub/v1/{GW}/cmd");
+    let taken = support::broker::publish_once(&pki, cluster.nodes[2].mqtt_port, &cmd_topic, vec![b'x'; 2 << 20]).await;
+    println!("NATS {} a 2 MiB command", if taken { "took" } else { "refused" });
+
     let mut n = 0usize;
     let mut next_command = || {
         n += 1;

@@ -40,6 +40,15 @@ pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Largest inbound command accepted; bigger ones are dropped unread.
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+/// The largest MQTT packet the brokers we configure carry: the bundled broker's default,
+/// `max_packet_size` in `lockhub-cloud mosquitto-config`, `max_payload` for NATS. Far above any
+/// command or event, so that a bigger one is refused at the broker, before any hub sees it.
+pub const MAX_BROKER_PACKET: usize = 256 * 1024;
+/// The largest packet the hub reads. A broker someone else configured may let a bigger
+/// command through than [`MAX_BROKER_PACKET`]: up to this size it is still read, acknowledged,
+/// audited and dropped; only a larger one costs the connection (and is named in the log).
+/// rumqttc reads a packet whole, so this also bounds what one message can make a hub hold.
+pub const MAX_READ_PACKET: usize = 16 * 1024 * 1024;
 
 /// Where the cloud is and how to reach it.
 #[derive(Clone, Debug)]
@@ -133,6 +142,7 @@ pub struct CloudLink {
     state: watch::Sender<LinkState>,
     delivered: watch::Sender<u64>,
     acknowledged: watch::Sender<u64>,
+    connections: watch::Sender<u64>,
     express: mpsc::Receiver<Express>,
     express_lane: ExpressLane,
 }
@@ -147,6 +157,9 @@ pub struct LinkReports {
     /// Outbox records the broker acknowledged since the link started, deleted yet or not: the
     /// difference from `delivered` is what waits for a deletion (or failed one).
     pub acknowledged: watch::Receiver<u64>,
+    /// How many times the link has come up (CONNACKs) since it started: more than the brokers
+    /// it went through means it was lost and made again.
+    pub connections: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for CloudLink {
@@ -219,6 +232,7 @@ impl CloudLink {
         let (state, state_rx) = watch::channel(LinkState::Connecting);
         let (delivered, delivered_rx) = watch::channel(0);
         let (acknowledged, acknowledged_rx) = watch::channel(0);
+        let (connections, connections_rx) = watch::channel(0);
         let topics = Topics::new(&gateway_id);
         let (express_lane, express) = super::express::lane();
         let link = CloudLink {
@@ -233,10 +247,17 @@ impl CloudLink {
             state,
             delivered,
             acknowledged,
+            connections,
             express,
             express_lane,
         };
-        Ok((link, LinkReports { state: state_rx, delivered: delivered_rx, acknowledged: acknowledged_rx }))
+        let reports = LinkReports {
+            state: state_rx,
+            delivered: delivered_rx,
+            acknowledged: acknowledged_rx,
+            connections: connections_rx,
+        };
+        Ok((link, reports))
     }
 
     /// The lane for publishes ahead of their outbox commit (take it before [`CloudLink::run`]).
@@ -252,9 +273,11 @@ impl CloudLink {
         // Packet ids cycle through rumqttc's window: make it far larger than ours, so that a new
         // publish never lands on an id still awaiting its PUBACK (rumqttc would stall on it).
         o.set_inflight(self.config.inflight.max(1).saturating_mul(4).max(16));
-        // rumqttc drops the connection on a packet over its limit: keep that far above our own
-        // command cap, which drops oversized commands without losing the connection.
-        o.set_max_packet_size(1024 * 1024, 256 * 1024);
+        // rumqttc drops the connection on a packet over its limit, and the broker hands the
+        // same QoS 1 message over again at every reconnection: read anything a broker may
+        // carry up to a bound, so that an oversized command is acknowledged, audited and
+        // dropped (`on_event`) rather than looped on.
+        o.set_max_packet_size(MAX_READ_PACKET, MAX_BROKER_PACKET);
         o.set_last_will(LastWill::new(self.topics.status(), offline_payload(), QoS::AtLeastOnce, true));
         o.set_transport(Transport::Tls(TlsConfiguration::Rustls(self.tls.clone())));
         o
@@ -286,6 +309,7 @@ impl CloudLink {
                             match &event {
                                 Event::Incoming(Incoming::ConnAck(ack)) => {
                                     connected = true;
+                                    self.connections.send_modify(|n| *n += 1);
                                     failures_here = 0;
                                     backoff = self.config.min_backoff;
                                     tracing::info!(broker = %broker.host, port = broker.port, session = ack.session_present, "cloud link up");
@@ -322,6 +346,20 @@ impl CloudLink {
                             let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
                             for event in stale {
                                 self.on_event(&client, &mut flight, event).await;
+                            }
+                            if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                                rumqttc::Error::PayloadSizeLimitExceeded(len),
+                            )) = &e
+                            {
+                                // Nothing read, nothing to acknowledge: the broker will hand it
+                                // over again. Only the broker's limit ends this.
+                                tracing::error!(
+                                    broker = %broker.host,
+                                    bytes = len,
+                                    "a message of {len} bytes waits at the broker for this hub, more than the \
+                                     {MAX_READ_PACKET} it reads: limit the broker's packet size to \
+                                     {MAX_BROKER_PACKET} bytes (docs/deployment.md); retrying with backoff"
+                                );
                             }
                             if connected || !logged_down {
                                 tracing::warn!(broker = %broker.host, error = %e, "cloud link down; reconnecting with backoff");
@@ -440,12 +478,12 @@ impl CloudLink {
             }
             Event::Incoming(Incoming::Publish(publish)) => {
                 if publish.topic != self.topics.commands() || publish.payload.len() > MAX_COMMAND_BYTES {
-                    tracing::warn!(topic = %publish.topic, bytes = publish.payload.len(), "dropping an unexpected or oversized message");
+                    let topic = crate::outside_text::Outside::new(&publish.topic);
+                    tracing::warn!(%topic, bytes = publish.payload.len(), "dropping an unexpected or oversized message");
                     // Unread, so nobody to answer; but the attempt is on the record.
                     let detail = format!(
-                        "{} bytes on {} (at most {MAX_COMMAND_BYTES} on the command topic)",
+                        "{} bytes on {topic} (at most {MAX_COMMAND_BYTES} on the command topic)",
                         publish.payload.len(),
-                        publish.topic
                     );
                     let store = self.store.clone();
                     let audited = tokio::task::spawn_blocking(move || {

@@ -25,6 +25,11 @@ pub struct MosquittoConfig {
     pub acl_file: PathBuf,
     /// Directory to keep sessions and queued messages across restarts; none: in memory.
     pub persistence_dir: Option<PathBuf>,
+    /// The largest MQTT packet the broker takes or sends, in bytes
+    /// ([`crate::cloud::link::MAX_BROKER_PACKET`] by default): a client that sends a bigger one
+    /// is disconnected, and it never reaches a hub. None: no limit (Mosquitto's own default),
+    /// as on a broker configured by someone else.
+    pub max_packet_size: Option<usize>,
     /// Run as root without dropping privileges (Mosquitto refuses otherwise when started as
     /// root with no `mosquitto` user; for test harnesses, not for production).
     pub run_as_root: bool,
@@ -41,6 +46,7 @@ impl MosquittoConfig {
             key_file: pki.broker_key(),
             acl_file,
             persistence_dir: None,
+            max_packet_size: Some(crate::cloud::link::MAX_BROKER_PACKET),
             run_as_root: false,
         }
     }
@@ -52,6 +58,11 @@ impl MosquittoConfig {
             out.push_str("user root\n");
         }
         out.push_str("per_listener_settings false\nallow_anonymous false\n");
+        if let Some(max) = self.max_packet_size {
+            // Without it, a QoS 1 message of any size is queued for a hub, which can only read
+            // so much: refused at the door, it never is.
+            out.push_str(&format!("max_packet_size {max}\n"));
+        }
         match &self.persistence_dir {
             Some(dir) => out
                 .push_str(&format!("persistence true\npersistence_location {}/\nautosave_interval 1\n", dir.display())),

@@ -93,6 +93,10 @@ impl NatsNode {
         );
         let _ = writeln!(out, "server_name: \"{}\"", self.name);
         let _ = writeln!(out, "listen: \"{}:{}\"", self.bind, self.client_port);
+        // The largest message a client may publish (the default is 1 MiB), as the other
+        // brokers' limit. NATS 2.9 acknowledges a bigger MQTT QoS 1 publish but stores
+        // nothing over it, so no hub is handed it (tests/nats_cluster.rs).
+        let _ = writeln!(out, "max_payload: {}", crate::cloud::link::MAX_BROKER_PACKET);
         let _ = writeln!(out, "jetstream {{\n  store_dir: \"{}\"\n}}", self.store_dir.display());
         let routes: Vec<String> = self.routes.iter().map(|r| format!("\"{r}\"")).collect();
         let _ = writeln!(

@@ -136,6 +136,12 @@ impl<T: LockTransport> LocalBridge<T> {
         let mut o = MqttOptions::new(&self.client_id, &self.mqtt.host, self.mqtt.port());
         o.set_keep_alive(Duration::from_secs(30));
         o.set_clean_session(true);
+        // rumqttc drops the connection on a packet over its limit (10 KiB by default), and a
+        // retained message on a topic the bridge subscribes to comes back at every new
+        // subscription: anyone who may publish `homeassistant/status` could keep the bridge
+        // reconnecting for good. Read up to the cloud link's bound; what is too big for a
+        // command is refused by the command parser, a status that is not "online" ignored.
+        o.set_max_packet_size(crate::cloud::link::MAX_READ_PACKET, crate::cloud::link::MAX_BROKER_PACKET);
         o.set_last_will(LastWill::new(self.ha.availability(), OFFLINE, QoS::AtLeastOnce, true));
         if let Some(user) = &self.mqtt.username {
             o.set_credentials(user, self.password.as_deref().map_or("", String::as_str));

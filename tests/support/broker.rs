@@ -59,6 +59,39 @@ impl TestBroker {
     }
 }
 
+/// Publishes `payload` to `topic` at QoS 1 as the relay, on a connection of its own, to the
+/// broker on `port`: whether the broker acknowledged it (true) or ended the connection instead
+/// (false), as a broker does with a packet over its limit.
+pub async fn publish_once(pki: &Pki, port: u16, topic: &str, payload: Vec<u8>) -> bool {
+    use lockhub::devcloud::pki::RELAY_IDENTITY;
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+    let tls = lockhub::cloud::tls::client_config(
+        &pki.ca_cert(),
+        &pki.client_cert(RELAY_IDENTITY),
+        &pki.client_key(RELAY_IDENTITY),
+    )
+    .unwrap();
+    let mut o = MqttOptions::new(RELAY_IDENTITY, "localhost", port);
+    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    // Room for the oversized packet on our side: the broker is what is tested.
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut eventloop) = AsyncClient::new(o, 4);
+    client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .expect("the broker answers or closes within 20 s");
+    let _ = client.try_disconnect();
+    outcome
+}
+
 /// Generates one `#[tokio::test]` per broker for each listed `async fn name(kind: Kind)`.
 #[macro_export]
 macro_rules! on_both_brokers {

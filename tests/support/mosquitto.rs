@@ -56,11 +56,22 @@ impl Mosquitto {
         Self::start_configured(pki, false, Some(acl))
     }
 
+    /// Starts Mosquitto as [`Mosquitto::start`] but with no packet size limit, as a broker
+    /// configured by someone else may be.
+    pub fn start_without_packet_limit(pki: &Pki) -> Self {
+        Self::start_edited(pki, false, None, |config| config.max_packet_size = None)
+    }
+
     fn start_configured(pki: &Pki, persistent: bool, acl: Option<&str>) -> Self {
+        Self::start_edited(pki, persistent, acl, |_| {})
+    }
+
+    fn start_edited(pki: &Pki, persistent: bool, acl: Option<&str>, edit: impl FnOnce(&mut MosquittoConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         // Exactly what `lockhub-cloud mosquitto-config` prints, plus logging for readiness.
         let mut config = MosquittoConfig::for_pki(pki, "127.0.0.1", port, dir.path().join("acl"));
+        edit(&mut config);
         config.persistence_dir = persistent.then(|| dir.path().to_owned());
         config.run_as_root = super::tier::is_root();
         std::fs::write(&config.acl_file, acl.map_or_else(|| config.render_acl(), str::to_owned)).unwrap();

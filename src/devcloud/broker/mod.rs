@@ -55,8 +55,8 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// The broker of a development PKI, with the default bounds: packets up to 1 MiB, 1,024
-    /// connections.
+    /// The broker of a development PKI, with the default bounds: packets up to
+    /// [`crate::cloud::link::MAX_BROKER_PACKET`] (256 KiB), 1,024 connections.
     pub fn from_pki(pki: &Pki, listen: SocketAddr, events_db: Option<PathBuf>) -> Self {
         BrokerConfig {
             listen,
@@ -65,7 +65,7 @@ impl BrokerConfig {
             key_file: pki.broker_key(),
             events_db,
             limits: Limits::default(),
-            max_packet: 1024 * 1024,
+            max_packet: crate::cloud::link::MAX_BROKER_PACKET,
             max_connections: 1024,
         }
     }
