@@ -254,7 +254,7 @@ impl Config {
         // Windows and bounds a person would set; beyond them, arithmetic on times could
         // overflow (a lockout ending before it began), and a zero bound fails every attempt.
         let (ble, policy, local) = (&self.ble, &self.policy, &self.local);
-        let ranges: [(&'static str, i128, i128, i128, &str); 14] = [
+        let ranges: [(&'static str, i128, i128, i128, &str); 15] = [
             ("ble.connect_timeout_ms", ble.connect_timeout_ms.into(), 500, 120_000, "ms"),
             ("ble.command_timeout_ms", ble.command_timeout_ms.into(), 500, 120_000, "ms"),
             ("ble.resolve_timeout_ms", ble.resolve_timeout_ms.into(), 500, 120_000, "ms"),
@@ -269,6 +269,7 @@ impl Config {
             ("local.lockout_window_s", local.lockout_window_s.into(), 1, WEEK_S, "seconds"),
             ("local.lockout_s", local.lockout_s.into(), 1, WEEK_S, "seconds"),
             ("local.lockout_failures", local.lockout_failures.into(), 1, 1_000, "failures"),
+            ("local.lockout_ceiling", local.lockout_ceiling.into(), 1, 10_000, "failures"),
         ];
         let keep_alive =
             self.cloud.as_ref().map(|c| ("cloud.keep_alive_s", c.keep_alive_s.into(), 5, 3_600, "seconds"));

@@ -380,6 +380,19 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
     ha.publish(&set, r#"{"action":"UNLOCK","code":"2468"}"#).await;
     assert_eq!(answer(ha.next_on(&result).await)["reason"], "locked_out");
     assert_eq!(ha.text(&state), Some("LOCKED"));
+    // The lockout is this lock's: alice's code still opens another lock meanwhile (all local
+    // control locked out, a guesser at one door shut every door).
+    let ctl = support::control().await;
+    let back = support::add_lock(&ctl, r#"{"motor_ms": 0}"#).await;
+    let back_id = lockhub::protocol::ids::LockId::parse(&back.lock_id).unwrap();
+    let paired = lockhub::devcloud::app::pair(&stack.gw, back_id, &back.setup_code, lockhub::store::unix_now());
+    let reply = p.app.send(&paired, &p.owner, WAIT).await.unwrap();
+    support::stack::assert_reply(&reply, lockhub::cloud::reply::Outcome::Ok, None);
+    let back_state = format!("lockhub/local/gw-ha/{back_id}/state");
+    ha.until("the second lock's state", |ha| ha.text(&back_state) == Some("LOCKED")).await;
+    ha.publish(&format!("lockhub/local/gw-ha/{back_id}/set"), r#"{"action":"UNLOCK","code":"2468"}"#).await;
+    let opened = answer(ha.next_on(&result_topic(&back_id.to_string())).await);
+    assert_eq!(opened["result"], "ok", "{opened}");
     ha.publish(&set, "BREAK IN").await;
     assert_eq!(answer(ha.next_on(&result).await)["reason"], "malformed");
     let audited: Vec<(String, String)> = {
@@ -406,6 +419,7 @@ async fn home_assistant_discovers_commands_with_codes_and_forgets_an_unbound_loc
             ("local.unlock", "wrong_code"),
             ("local.unlock", "wrong_code"),
             ("local.unlock", "locked_out"),
+            ("local.unlock", "ok"),
             ("local.command", "malformed"),
         ]
     );

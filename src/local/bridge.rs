@@ -17,7 +17,7 @@ use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 use zeroize::Zeroizing;
 
-use super::codes::{CodeBook, CodeCheck, CodeError};
+use super::codes::{Attempt, CodeBook, CodeCheck, CodeError};
 use super::command::LocalCommand;
 use super::config::{LocalConfig, LocalMqtt, LocalOperation};
 use super::home_assistant::{HomeAssistant, LockDescription, OFFLINE, ONLINE, Retained, lock_state};
@@ -366,7 +366,8 @@ impl<T: LockTransport> LocalBridge<T> {
         });
         // Argon2id takes tens of milliseconds on a Pi: off the async threads.
         tokio::task::spawn_blocking(move || {
-            codes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).check(code, unix_now(), &issued)
+            let attempt = Attempt { source: SOURCE, lock };
+            codes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).check(code, unix_now(), attempt, &issued)
         })
         .await
         .unwrap_or(CodeCheck::Wrong)

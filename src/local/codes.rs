@@ -6,10 +6,13 @@
 //! Only hashes are configured or stored; a code arrives, is checked against every hash that
 //! could open the lock (so the time taken does not tell how many users there are before the
 //! matching one) and is zeroized.
-//! Wrong codes count for local control as a whole, not per user: the code is what tells the
-//! users apart, so a guesser has no user to be counted against.
+//!
+//! Wrong codes count per source and lock, not per user: the code is what tells the users apart,
+//! so a guesser has no user to be counted against. A guesser at one lock locks out that lock
+//! from that source only (everyone else's way in stays open); one spreading guesses over locks
+//! meets a ceiling that locks all local control out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -18,6 +21,7 @@ use zeroize::Zeroizing;
 
 use super::config::{LocalCodeEntry, LocalConfig};
 use crate::auth::local_code::{CodeHolder, HashError, IssuedCode, validate_hash, well_formed};
+use crate::protocol::ids::LockId;
 
 /// Why a configured code entry is unusable.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -39,6 +43,14 @@ pub enum CodeError {
     /// A code to hash that is not 4 to 12 digits.
     #[error("a local code is 4 to 12 digits")]
     BadCode,
+    /// A ceiling below the lockout of one lock.
+    #[error("lockout_ceiling ({ceiling}) is below lockout_failures ({failures})")]
+    CeilingBelowFailures {
+        /// `lockout_ceiling`.
+        ceiling: u32,
+        /// `lockout_failures`.
+        failures: u32,
+    },
 }
 
 /// What checking a code found.
@@ -51,11 +63,52 @@ pub enum CodeCheck {
     },
     /// Nobody's code (it counts toward the lockout).
     Wrong,
-    /// Local control is locked out for this many more seconds; the code was not checked.
+    /// Codes for this lock from this source, or all local control, are locked out for this
+    /// many more seconds; the code was not checked.
     LockedOut {
         /// Seconds left.
         for_s: i64,
     },
+}
+
+/// Where a code was typed and for which lock: what wrong codes are counted against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Attempt {
+    /// The way in (`"local MQTT"`; each local interface names its own).
+    pub source: &'static str,
+    /// The lock commanded.
+    pub lock: LockId,
+}
+
+/// Wrong codes within the window, and a lockout.
+#[derive(Debug, Default)]
+struct Counter {
+    failures: VecDeque<i64>,
+    locked_until: i64,
+}
+
+impl Counter {
+    /// Counts a failure at `now`; true when it starts a lockout.
+    fn fail(&mut self, now: i64, window_s: i64, limit: usize, lockout_s: i64) -> bool {
+        self.forget_before(now.saturating_sub(window_s));
+        self.failures.push_back(now);
+        if self.failures.len() < limit {
+            return false;
+        }
+        self.failures.clear();
+        self.locked_until = now.saturating_add(lockout_s);
+        true
+    }
+
+    fn forget_before(&mut self, cutoff: i64) {
+        while self.failures.front().is_some_and(|t| *t <= cutoff) {
+            self.failures.pop_front();
+        }
+    }
+
+    fn locked_for(&self, now: i64) -> Option<i64> {
+        (self.locked_until > now).then(|| self.locked_until - now)
+    }
 }
 
 /// The Argon2id parameters for new hashes: 19 MiB, 2 passes, 1 lane (OWASP's minimum for
@@ -78,10 +131,13 @@ pub fn hash_code(code: &str) -> Result<String, CodeError> {
 pub struct CodeBook {
     entries: Vec<LocalCodeEntry>,
     lockout_failures: usize,
+    lockout_ceiling: usize,
     lockout_window_s: i64,
     lockout_s: i64,
-    failures: VecDeque<i64>,
-    locked_until: i64,
+    /// Per source and lock. Only keys with failures in the window or a lockout running are
+    /// kept, so there are never more than the ceiling's worth.
+    attempts: HashMap<Attempt, Counter>,
+    all: Counter,
 }
 
 impl CodeBook {
@@ -93,21 +149,35 @@ impl CodeBook {
                 return Err(CodeError::Duplicate { user: entry.user.clone() });
             }
         }
+        if config.lockout_ceiling < config.lockout_failures {
+            return Err(CodeError::CeilingBelowFailures {
+                ceiling: config.lockout_ceiling,
+                failures: config.lockout_failures,
+            });
+        }
         Ok(CodeBook {
             entries: config.codes.clone(),
             lockout_failures: config.lockout_failures.max(1) as usize,
+            lockout_ceiling: config.lockout_ceiling.max(1) as usize,
             lockout_window_s: config.lockout_window_s,
             lockout_s: config.lockout_s,
-            failures: VecDeque::new(),
-            locked_until: 0,
+            attempts: HashMap::new(),
+            all: Counter::default(),
         })
     }
 
-    /// Checks `code` at `now` (Unix seconds) against the configured codes and `issued`, the
-    /// codes statements gave for the lock commanded (valid now). A malformed code is a wrong one.
-    pub fn check(&mut self, code: Zeroizing<String>, now: i64, issued: &[IssuedCode]) -> CodeCheck {
-        if self.locked_until > now {
-            return CodeCheck::LockedOut { for_s: self.locked_until - now };
+    /// Checks `code` at `now` (Unix seconds), typed at `attempt`, against the configured codes
+    /// and `issued`, the codes statements gave for the lock commanded (valid now). A malformed
+    /// code is a wrong one.
+    pub fn check(&mut self, code: Zeroizing<String>, now: i64, attempt: Attempt, issued: &[IssuedCode]) -> CodeCheck {
+        let cutoff = now.saturating_sub(self.lockout_window_s);
+        self.attempts.retain(|_, c| {
+            c.forget_before(cutoff);
+            !c.failures.is_empty() || c.locked_until > now
+        });
+        let locked = [self.all.locked_for(now), self.attempts.get(&attempt).and_then(|c| c.locked_for(now))];
+        if let Some(for_s) = locked.into_iter().flatten().max() {
+            return CodeCheck::LockedOut { for_s };
         }
         let matches = |hash: &str| {
             // A stored hash that fails validation is skipped, never tried at any cost.
@@ -128,21 +198,22 @@ impl CodeBook {
                 }
             }
         }
-        match found {
-            Some(user) => CodeCheck::Accepted { user },
-            None => {
-                while self.failures.front().is_some_and(|t| *t <= now.saturating_sub(self.lockout_window_s)) {
-                    self.failures.pop_front();
-                }
-                self.failures.push_back(now);
-                if self.failures.len() >= self.lockout_failures {
-                    self.failures.clear();
-                    self.locked_until = now.saturating_add(self.lockout_s);
-                    tracing::warn!(for_s = self.lockout_s, "too many wrong local codes: local control locked out");
-                }
-                CodeCheck::Wrong
-            }
+        if let Some(user) = found {
+            return CodeCheck::Accepted { user };
         }
+        let (window, lockout) = (self.lockout_window_s, self.lockout_s);
+        if self.attempts.entry(attempt).or_default().fail(now, window, self.lockout_failures, lockout) {
+            tracing::warn!(
+                lock_id = %attempt.lock,
+                source = attempt.source,
+                for_s = lockout,
+                "too many wrong local codes for this lock: its local codes locked out"
+            );
+        }
+        if self.all.fail(now, window, self.lockout_ceiling, lockout) {
+            tracing::warn!(for_s = lockout, "too many wrong local codes over all locks: local control locked out");
+        }
+        CodeCheck::Wrong
     }
 }
 
@@ -157,6 +228,9 @@ mod tests {
         CodeBook::new(&LocalConfig { codes, lockout_failures: failures, ..LocalConfig::default() }).unwrap()
     }
 
+    const FRONT: Attempt = Attempt { source: "local MQTT", lock: LockId([1; 8]) };
+    const BACK: Attempt = Attempt { source: "local MQTT", lock: LockId([2; 8]) };
+
     fn code(s: &str) -> Zeroizing<String> {
         Zeroizing::new(s.into())
     }
@@ -168,8 +242,8 @@ mod tests {
     #[test]
     fn the_right_code_names_its_user_and_hashes_are_salted() {
         let mut book = book(&[("alice", "2468"), ("bob", "13579")], 5);
-        assert_eq!(book.check(code("13579"), 100, &[]), named("bob"));
-        assert_eq!(book.check(code("2468"), 100, &[]), named("alice"));
+        assert_eq!(book.check(code("13579"), 100, FRONT, &[]), named("bob"));
+        assert_eq!(book.check(code("2468"), 100, FRONT, &[]), named("alice"));
         assert_ne!(hash_code("2468").unwrap(), hash_code("2468").unwrap());
         assert!(hash_code("2468").unwrap().starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
     }
@@ -177,20 +251,54 @@ mod tests {
     #[test]
     fn wrong_codes_lock_local_control_out_for_a_while() {
         let mut book = book(&[("alice", "2468")], 3);
-        assert_eq!(book.check(code("0000"), 100, &[]), CodeCheck::Wrong);
-        assert_eq!(book.check(code("not digits"), 101, &[]), CodeCheck::Wrong);
-        assert_eq!(book.check(code("1111"), 102, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("0000"), 100, FRONT, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("not digits"), 101, FRONT, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("1111"), 102, FRONT, &[]), CodeCheck::Wrong);
         // Locked out: even the right code is not checked.
-        assert_eq!(book.check(code("2468"), 103, &[]), CodeCheck::LockedOut { for_s: 299 });
-        assert_eq!(book.check(code("2468"), 402, &[]), named("alice"));
+        assert_eq!(book.check(code("2468"), 103, FRONT, &[]), CodeCheck::LockedOut { for_s: 299 });
+        assert_eq!(book.check(code("2468"), 402, FRONT, &[]), named("alice"));
+    }
+
+    /// A guesser at one lock shuts that lock's codes only: the right code still opens another
+    /// lock meanwhile. Spreading guesses over locks meets the ceiling, and then all local
+    /// control waits out the lockout.
+    #[test]
+    fn a_lockout_is_per_lock_under_a_ceiling_over_all() {
+        let mut book = book(&[("alice", "2468")], 3);
+        for t in 100..103 {
+            assert_eq!(book.check(code("0000"), t, FRONT, &[]), CodeCheck::Wrong);
+        }
+        assert_eq!(book.check(code("2468"), 103, FRONT, &[]), CodeCheck::LockedOut { for_s: 299 });
+        assert_eq!(book.check(code("2468"), 103, BACK, &[]), named("alice"));
+        let other_source = Attempt { source: "control socket", ..FRONT };
+        assert_eq!(book.check(code("2468"), 103, other_source, &[]), named("alice"));
+        // Under a ceiling of 6, two wrong codes at each of three locks lock everything out.
+        let mut book = book_with_ceiling(3, 6);
+        let lock = |n: u8| Attempt { source: "local MQTT", lock: LockId([n; 8]) };
+        for (t, n) in (200..206).zip([1, 1, 2, 2, 3, 3]) {
+            assert_eq!(book.check(code("0000"), t, lock(n), &[]), CodeCheck::Wrong);
+        }
+        assert_eq!(book.check(code("2468"), 206, lock(9), &[]), CodeCheck::LockedOut { for_s: 299 });
+        assert_eq!(book.check(code("2468"), 505, lock(9), &[]), named("alice"));
+        // Only keys with failures in the window or a lockout running are kept.
+        assert!(book.attempts.len() <= 6, "{}", book.attempts.len());
+        let e = CodeBook::new(&LocalConfig { lockout_failures: 5, lockout_ceiling: 4, ..LocalConfig::default() });
+        assert_eq!(e.unwrap_err(), CodeError::CeilingBelowFailures { ceiling: 4, failures: 5 });
+    }
+
+    fn book_with_ceiling(failures: u32, ceiling: u32) -> CodeBook {
+        let codes = vec![LocalCodeEntry { user: "alice".into(), hash: hash_code("2468").unwrap() }];
+        let config =
+            LocalConfig { codes, lockout_failures: failures, lockout_ceiling: ceiling, ..LocalConfig::default() };
+        CodeBook::new(&config).unwrap()
     }
 
     #[test]
     fn old_failures_leave_the_window() {
         let mut book = book(&[("alice", "2468")], 2);
-        assert_eq!(book.check(code("0000"), 100, &[]), CodeCheck::Wrong);
-        assert_eq!(book.check(code("0000"), 100 + 601, &[]), CodeCheck::Wrong);
-        assert_eq!(book.check(code("2468"), 100 + 602, &[]), named("alice"));
+        assert_eq!(book.check(code("0000"), 100, FRONT, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("0000"), 100 + 601, FRONT, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("2468"), 100 + 602, FRONT, &[]), named("alice"));
     }
 
     #[test]
@@ -210,9 +318,12 @@ mod tests {
         let mut book = book(&[("alice", "2468")], 5);
         let carol = PublicKey::from_bytes([7; 32]);
         let issued = [IssuedCode { user: carol, hash: hash_code("97531").unwrap() }];
-        assert_eq!(book.check(code("97531"), 100, &issued), CodeCheck::Accepted { user: CodeHolder::Key(carol) });
-        assert_eq!(book.check(code("97531"), 100, &[]), CodeCheck::Wrong);
-        assert_eq!(book.check(code("2468"), 100, &issued), named("alice"));
+        assert_eq!(
+            book.check(code("97531"), 100, FRONT, &issued),
+            CodeCheck::Accepted { user: CodeHolder::Key(carol) }
+        );
+        assert_eq!(book.check(code("97531"), 100, FRONT, &[]), CodeCheck::Wrong);
+        assert_eq!(book.check(code("2468"), 100, FRONT, &issued), named("alice"));
 
         let costly = hash_code("2468").unwrap().replace("m=19456", "m=1048576");
         assert_eq!(validate_hash(&costly), Err(HashError::TooCostly));
@@ -223,6 +334,6 @@ mod tests {
         assert_eq!(validate_hash(&"x".repeat(300)), Err(HashError::NotArgon2id));
         // A costly hash that reached the store is never tried.
         let bad = [IssuedCode { user: carol, hash: costly }];
-        assert_eq!(book.check(code("2468"), 100, &bad), named("alice"));
+        assert_eq!(book.check(code("2468"), 100, FRONT, &bad), named("alice"));
     }
 }

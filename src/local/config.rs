@@ -38,8 +38,12 @@ pub struct LocalConfig {
     pub discovery_prefix: String,
     /// Operations that need a local code.
     pub code_required: Vec<LocalOperation>,
-    /// Wrong codes (within `lockout_window_s`) that lock local control out.
+    /// Wrong codes for one lock from one source (within `lockout_window_s`) that lock out the
+    /// codes for that lock from there.
     pub lockout_failures: u32,
+    /// Wrong codes over all locks and sources (within `lockout_window_s`) that lock out all
+    /// local control; at least `lockout_failures`.
+    pub lockout_ceiling: u32,
     /// The window wrong codes are counted in, in seconds.
     pub lockout_window_s: i64,
     /// How long local control stays locked out, in seconds.
@@ -55,6 +59,7 @@ impl Default for LocalConfig {
             discovery_prefix: "homeassistant".into(),
             code_required: vec![LocalOperation::Unlock, LocalOperation::Unlatch],
             lockout_failures: 5,
+            lockout_ceiling: 20,
             lockout_window_s: 600,
             lockout_s: 300,
             codes: Vec::new(),
