@@ -156,6 +156,12 @@ fn the_package_installs_runs_as_its_user_and_purges_to_nothing() {
     assert!(root.path("/etc/systemd/system/multi-user.target.wants/lockhub.service").is_symlink());
     // The unit as systemd reads it.
     root.sh(&format!("systemd-analyze verify --man=no {unit}"));
+    // Its exposure stays at most 1.5 (1.4 today), and a leak or a flood meets a wall.
+    root.sh(&format!("systemd-analyze security --offline=true --threshold=15 {unit}"));
+    let text = root.sh(&format!("cat {unit}"));
+    for directive in ["MemoryMax=128M", "TasksMax=48"] {
+        assert!(text.lines().any(|l| l == directive), "the unit lacks {directive}");
+    }
 
     // The user, without a login, and the groups.
     let user = root.sh("getent passwd lockhub");

@@ -23,6 +23,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::service;
 
+/// Threads in the blocking pool at most (see `run`); the unit's `TasksMax=48` counts them.
+const BLOCKING_THREADS: usize = 16;
 /// Whether the kernel says the clock is synchronised (`adjtimex(2)`, read-only).
 pub fn kernel_synchronised() -> bool {
     // SAFETY: adjtimex with `modes = 0` only reads the kernel's state into a zeroed struct we
@@ -46,7 +48,11 @@ pub fn run(config_path: &Path) -> Result<()> {
     // remote-unlock benchmark measured the daemon's CPU per command 15% lower (640 against
     // 740-790 µs) and a command's time inside the gateway ~60 µs shorter on one thread. The
     // work between hand-offs is tens of microseconds; nothing here needs a second core.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The blocking pool is bounded (tokio's default is 512 threads): its work mostly waits on
+    // the store's one connection, so more threads would only queue there, and the unit's
+    // TasksMax= must hold with room to spare.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().max_blocking_threads(BLOCKING_THREADS).enable_all().build()?;
     runtime.block_on(serve(config_path, config))
 }
 
