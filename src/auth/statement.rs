@@ -427,8 +427,19 @@ fn readable_id(text: &str) -> Option<StatementId> {
     StatementId::new(claims.get("jti")?.as_str()?).ok()
 }
 
-fn claims<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(payload).map_err(|e| e.to_string())
+/// The claims of a statement of type `typ`. serde's messages quote the input (an unknown field's
+/// name, a value that is not a variant): the refusal says what kind of fault and where instead,
+/// so that no reply, log line or audit record carries a sender's bytes.
+fn claims<T: serde::de::DeserializeOwned>(typ: &str, payload: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(payload).map_err(|e| {
+        let kind = match e.classify() {
+            serde_json::error::Category::Io => "unreadable",
+            serde_json::error::Category::Syntax => "not JSON",
+            serde_json::error::Category::Eof => "cut short",
+            serde_json::error::Category::Data => "not the claims its schema allows",
+        };
+        format!("the {typ} claims are {kind} (at byte {} of line {}); see docs/schemas", e.column(), e.line())
+    })
 }
 
 /// Opens an envelope: parse, decode the claims its `typ` announces (strictly), check the
@@ -440,14 +451,14 @@ pub fn open(text: &str) -> Result<Signed, Refusal> {
     let jws = Jws::parse(text).map_err(|e| refuse(readable_id(text), None, Reason::Malformed, e.to_string()))?;
     let signer = Some(jws.signer);
     let statement = match jws.header.typ.as_str() {
-        typ::CLAIM => claims(&jws.payload).map(Statement::Claim),
-        typ::PAIR => claims(&jws.payload).map(Statement::Pair),
-        typ::GRANT => claims(&jws.payload).map(Statement::Grant),
-        typ::REVOKE => claims(&jws.payload).map(Statement::Revoke),
-        typ::POLICY => claims(&jws.payload).map(Statement::Policy),
-        typ::COMMAND => claims(&jws.payload).map(Statement::Command),
-        typ::LOCAL_CODE => claims(&jws.payload).map(Statement::LocalCode),
-        _ => Err(format!("unknown statement type {:?}", jws.header.typ.chars().take(32).collect::<String>())),
+        typ::CLAIM => claims(typ::CLAIM, &jws.payload).map(Statement::Claim),
+        typ::PAIR => claims(typ::PAIR, &jws.payload).map(Statement::Pair),
+        typ::GRANT => claims(typ::GRANT, &jws.payload).map(Statement::Grant),
+        typ::REVOKE => claims(typ::REVOKE, &jws.payload).map(Statement::Revoke),
+        typ::POLICY => claims(typ::POLICY, &jws.payload).map(Statement::Policy),
+        typ::COMMAND => claims(typ::COMMAND, &jws.payload).map(Statement::Command),
+        typ::LOCAL_CODE => claims(typ::LOCAL_CODE, &jws.payload).map(Statement::LocalCode),
+        _ => Err("an unknown statement type (docs/mqtt-api.md lists them)".to_owned()),
     };
     let statement = statement.map_err(|detail| {
         // The id, if the payload has a readable one, to address the refusal to.
@@ -504,6 +515,32 @@ mod tests {
             exp: 1_030,
             nonce: "AAAAAAAAAAAAAAAAAAAAAA".into(),
         }
+    }
+
+    /// A refusal says what is wrong without quoting the sender: no field name, variant or type
+    /// of theirs reaches the reply, the log or the audit record (serde's own messages did).
+    #[test]
+    fn refusals_quote_no_bytes_of_the_sender() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let evil = "\u{1b}[2J\nFAKE LOG LINE evil";
+        let mut claims = serde_json::to_value(command()).unwrap();
+        claims[evil] = serde_json::json!(1);
+        let extra = super::super::jws::sign(typ::COMMAND, claims.to_string().as_bytes(), &key);
+        let mut claims = serde_json::to_value(command()).unwrap();
+        claims["op"] = serde_json::json!(evil);
+        let variant = super::super::jws::sign(typ::COMMAND, claims.to_string().as_bytes(), &key);
+        let typ = super::super::jws::sign(evil, b"{}", &key);
+        for text in [extra, variant, typ] {
+            let refusal = open(&text).unwrap_err();
+            assert_eq!(refusal.reason, Reason::Malformed);
+            assert!(
+                !refusal.detail.contains("evil") && !refusal.detail.chars().any(char::is_control),
+                "{}",
+                refusal.detail
+            );
+        }
+        let refusal = open(&super::super::jws::sign(typ::COMMAND, b"{\"jti\":", &key)).unwrap_err();
+        assert!(refusal.detail.starts_with("the lockhub.command claims are cut short"), "{}", refusal.detail);
     }
 
     #[test]
