@@ -177,6 +177,46 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// A user who sent commands and is then forgotten is named in no file of the store: not by
+/// their key raw, in base64 or in hex. (A remembered command id was `<key in base64>:<jti>`,
+/// kept until the command's expiry; a grant's id for as long as the grant.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_user_who_sent_commands_is_named_in_no_file() {
+    crate::needs!(Dbus);
+    use base64::Engine;
+    use lockhub::devcloud::app::command;
+    let stack = Stack::start("gw-forget").await;
+    let socket = stack.hub.control_socket().to_owned();
+    let p = claim_pair_grant(&stack, &[Permission::Unlock, Permission::Lock, Permission::Remote], None).await;
+    for op in [lockhub::auth::statement::Operation::Unlock, lockhub::auth::statement::Operation::Lock] {
+        let statement = lockhub::auth::statement::Statement::Command(command(
+            &stack.gw,
+            p.lock_id,
+            op,
+            lockhub::store::unix_now(),
+            30,
+        ));
+        let reply = p.app.send(&statement, &p.user, support::stack::WAIT).await.unwrap();
+        support::stack::assert_reply(&reply, lockhub::cloud::reply::Outcome::Ok, None);
+    }
+    let key = p.user.public();
+    let (ok, _, err) = cli(&socket, &["forget-user", &key.to_string(), "--yes"]).await;
+    assert!(ok, "{err}");
+    let mut debt = stack.log_debt.clone();
+    tokio::time::timeout(support::stack::WAIT, debt.wait_for(|d| !d.outstanding())).await.unwrap().unwrap();
+    let files = store_bytes(&stack.dir.path().join("state"));
+    let raw = key.as_bytes();
+    let forms = [
+        ("raw", raw.to_vec()),
+        ("base64url", key.to_string().into_bytes()),
+        ("base64", base64::engine::general_purpose::STANDARD.encode(raw).into_bytes()),
+        ("hex", raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes()),
+    ];
+    for (form, needle) in forms {
+        assert!(!holds(&files, &needle), "the forgotten user's key ({form}) is still in the store's files");
+    }
+}
+
 /// An unbind and a forget-user whose compaction another connection holds up (a tool left
 /// open on the database): the admin is told that the deleted rows are still in the log, yet
 /// the lock is unbound everywhere — the transport forgot it, its retained state is cleared,

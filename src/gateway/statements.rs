@@ -131,7 +131,6 @@ impl<T: LockTransport> Gateway<T> {
     async fn try_handle(&self, accepted: Accepted) -> Result<(), StoreError> {
         let Accepted { signed, text, digest, delivery, mut timing } = accepted;
         let statement = &signed.statement;
-        let key = format!("{}:{}", signed.signer, statement.id());
         let lock = lock_of(statement);
         let (_, exp) = statement.validity();
         let owners = self.facts.owners(&self.store)?;
@@ -161,15 +160,18 @@ impl<T: LockTransport> Gateway<T> {
             _ => exp,
         }
         .saturating_add(REMEMBER_AFTER_EXPIRY_S);
-        let seen = if stranger {
-            CommandSeen::New
+        // A stranger's id is not remembered (above), so it needs no key of theirs either.
+        let (key, seen) = if stranger {
+            (String::new(), CommandSeen::New)
         } else {
             self.store().transaction(|tx| {
+                // Keyed for a known user: forget-user leaves no row naming their key.
+                let (key, digest) = tx.seen_key(&signed.signer, statement.id().as_str(), &digest)?;
                 let seen = tx.note_command(&key, lock, remember_until, &digest)?;
                 if let CommandSeen::Duplicate(Some(reply)) = &seen {
                     tx.append_outbox(None, &self.topics.replies(), reply, false, (self.clock)().0)?;
                 }
-                Ok(seen)
+                Ok((key, seen))
             })?
         };
         timing.mark(Stage::Noted);

@@ -9,6 +9,7 @@
 use hmac::{Hmac, Mac};
 use rusqlite::{OptionalExtension, params};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use super::audit_budget::{Admission, SUMMARY_ACTION};
 use super::seal::Place;
@@ -147,15 +148,23 @@ fn anchor(tx: &rusqlite::Connection) -> Result<(i64, Vec<u8>), StoreError> {
 }
 
 impl Tx<'_> {
-    fn user_pseudonym(&self, public_key: &[u8]) -> Result<String, StoreError> {
+    /// A known user's pseudonym key: what names them in the audit chain and keys their remembered
+    /// statement ids. forget-user deletes it, and with it every link to their key.
+    pub(super) fn user_pseudonym_key(&self, public_key: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let sealed: Option<Vec<u8>> = self
             .tx
             .prepare_cached("SELECT pseudonym_key FROM users WHERE public_key = ?1")?
             .query_row([public_key], |r| r.get(0))
             .optional()?;
-        let Some(sealed) = sealed else { return Ok("user:unknown".into()) };
-        let key = self.sealer.open(Place { table: "users", column: "pseudonym_key", row: public_key }, &sealed)?;
-        Ok(pseudonym("user", &key, public_key))
+        let Some(sealed) = sealed else { return Ok(None) };
+        Ok(Some(self.sealer.open(Place { table: "users", column: "pseudonym_key", row: public_key }, &sealed)?))
+    }
+
+    fn user_pseudonym(&self, public_key: &[u8]) -> Result<String, StoreError> {
+        Ok(match self.user_pseudonym_key(public_key)? {
+            Some(key) => pseudonym("user", &key, public_key),
+            None => "user:unknown".into(),
+        })
     }
 
     pub(super) fn lock_pseudonym(&self, lock: LockId) -> Result<String, StoreError> {

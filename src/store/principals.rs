@@ -5,8 +5,12 @@
 use rusqlite::{OptionalExtension, params};
 use zeroize::Zeroizing;
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
 use super::seal::Place;
 use super::{Store, StoreError, Tx};
+use crate::auth::keys::PublicKey;
 use crate::protocol::ids::{GatewayId, LockId};
 
 /// A grant as stored: its id, whom it is for, and the signed statement, unsealed.
@@ -235,6 +239,25 @@ impl Tx<'_> {
             params![command_id, lock_row, expires_at],
         )?;
         Ok(None)
+    }
+
+    /// The id a statement is remembered by, and its digest as stored. For a known user both
+    /// are keyed with their pseudonym key — the id is their audit pseudonym and the statement's
+    /// `jti`, the digest an HMAC of it — so that once forget-user has deleted that key, nothing
+    /// remembered names their public key or lets anyone who holds it confirm a row is theirs.
+    /// Anyone else (an owner, the first claimant) is remembered by their key in base64, which
+    /// the owners table holds anyway.
+    pub fn seen_key(&self, signer: &PublicKey, jti: &str, digest: &[u8]) -> Result<(String, Vec<u8>), StoreError> {
+        match self.user_pseudonym_key(signer.as_bytes())? {
+            Some(key) => {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
+                mac.update(b"lockhub seen statement digest\0");
+                mac.update(digest);
+                let id = format!("{}:{jti}", super::audit::pseudonym("user", &key, signer.as_bytes()));
+                Ok((id, mac.finalize().into_bytes().to_vec()))
+            }
+            None => Ok((format!("{signer}:{jti}"), digest.to_vec())),
+        }
     }
 
     /// Notes a command (or statement) id with a digest of its bytes: `New` the first time;
