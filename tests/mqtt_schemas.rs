@@ -109,7 +109,7 @@ fn replies_match_their_schema() {
     use lockhub::auth::reason::Reason;
     use lockhub::cloud::reply::{Outcome, Reply};
     let reply = schema("reply.json");
-    let ok = Reply { id: "c-1".into(), result: Outcome::Ok, reason: None, detail: None, at: 5 };
+    let ok = Reply { id: "c-1".into(), result: Outcome::Ok, reason: None, detail: None, at: 5, actor: None };
     let mut samples = vec![ok];
     for reason in [Reason::Malformed, Reason::BadSignature, Reason::WrongGateway, Reason::ClockUnsynchronised] {
         samples.push(Reply::refused("c-2", reason, &"x".repeat(500), 5));

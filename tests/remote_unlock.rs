@@ -5,6 +5,8 @@
 
 mod support;
 
+use sha2::Digest;
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -66,6 +68,12 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
     let reply = app.send_text(first.id().as_str(), text.clone(), WAIT).await.unwrap();
     assert_reply(&reply, Outcome::Ok, None);
     assert_eq!(reply.detail.as_deref(), Some("unlocked"));
+    // The reply tells the user how the lock's log and the events name them: keyed by the
+    // gateway, not the start of SHA-256 of their key that anyone holding it could compute.
+    let actor = reply.actor.clone().expect("a user's command's reply names its actor");
+    let unkeyed: String =
+        sha2::Sha256::digest(user.public().as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(actor.len() == 16 && actor != unkeyed, "{actor}");
     let status = support::report(&ctl, &lock.lock_id).await.status;
     assert_eq!(status.state, lockhub::protocol::message::LockState::Unlocked);
 
@@ -82,6 +90,7 @@ async fn claim_pair_grant_and_unlock_remotely_with_every_refusal_on_the_way() {
         };
         if msg.topic == events_topic && json["kind"] == "state_changed" && json["state"] == "unlocked" {
             assert_eq!(json["actor"]["kind"], "cloud", "{json}");
+            assert_eq!(json["actor"]["user"], actor.as_str(), "the event names the user as the reply said: {json}");
             saw_event = true;
         }
         if msg.topic == state_topic && json["state"] == "unlocked" {

@@ -51,7 +51,8 @@ enum WireActor {
     Keypad { slot: u16 },
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex, as user references appear in events and replies.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

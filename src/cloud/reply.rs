@@ -47,6 +47,11 @@ pub struct Reply {
     pub detail: Option<String>,
     /// When the gateway decided (Unix seconds, its clock).
     pub at: i64,
+    /// On a user's command that was carried out (or tried): how that user appears in the
+    /// lock's log and in this gateway's events (`{"cloud":{"user":…}}`), 16 hex digits keyed by
+    /// the gateway, so that an app learns which events are its user's. Never on an owner's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 impl Reply {
@@ -58,6 +63,7 @@ impl Reply {
             reason: Some(reason),
             detail: Some(detail.chars().take(MAX_DETAIL_CHARS).collect()),
             at,
+            actor: None,
         }
     }
 

@@ -129,6 +129,7 @@ impl<T: LockTransport> Gateway<T> {
                 reason: Some(Reason::Failed),
                 detail: Some("interrupted by a gateway restart; the lock's events tell whether it ran".into()),
                 at: now,
+                actor: None,
             };
             let record =
                 self.replies.record(&key, &reply, "command.interrupted", Some(AuditActor::Hub), None, true, None);

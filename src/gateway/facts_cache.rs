@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::policy::{GrantFacts, LockPolicy};
 use crate::protocol::ids::LockId;
+use crate::protocol::message::UserRef;
 use crate::store::{PrincipalsVersion, Store, StoreError};
 
 /// Signer-and-lock entries kept at most; when full the memory is emptied (a miss only costs
@@ -28,6 +29,9 @@ pub struct SignerFacts {
     pub grants: Vec<GrantFacts>,
     /// The lock's policy (the default when none was set).
     pub policy: LockPolicy,
+    /// How the signer appears in the lock's log and in events, if known
+    /// ([`crate::store::Store::user_lock_ref`]).
+    pub lock_ref: Option<UserRef>,
 }
 
 /// The cache; see the module documentation.

@@ -3,12 +3,12 @@
 
 use super::core::Gateway;
 use super::lock_worker::Failure;
-use super::user_refs::{local_user_ref, user_ref};
+use super::user_refs::local_user_ref;
 use crate::auth::local_code::CodeHolder;
 use crate::auth::reason::Reason;
 use crate::ble::LockTransport;
 use crate::protocol::ids::LockId;
-use crate::protocol::message::{Actor, LockStatus, Op};
+use crate::protocol::message::{Actor, LockStatus, Op, UserRef};
 use crate::store::audit::AuditActor;
 use crate::store::{AuditEntry, StoreError};
 
@@ -38,7 +38,12 @@ impl<T: LockTransport> Gateway<T> {
         // configured name is the hub owner's label.
         let (actor, user_ref) = match user {
             CodeHolder::Named(name) => (AuditActor::User(format!("local:{name}").into_bytes()), local_user_ref(name)),
-            CodeHolder::Key(key) => (AuditActor::User(key.as_bytes().to_vec()), user_ref(key)),
+            CodeHolder::Key(key) => {
+                // The same keyed reference as their remote commands (an owner-given code names
+                // a known user; one forgotten since reads as nobody).
+                let reference = self.store().user_lock_ref(key.as_bytes())?.map_or(UserRef([0; 8]), UserRef);
+                (AuditActor::User(key.as_bytes().to_vec()), reference)
+            }
         };
         let outcome = match self.lock(lock) {
             None if *self.stopping.borrow() => {

@@ -170,7 +170,7 @@ fn record_outcome(store: &Mutex<Store>, r: OutcomeRecord) -> Result<(), StoreErr
 }
 
 pub(super) fn ok(id: &str, detail: &str, at: i64) -> Reply {
-    Reply { id: id.to_owned(), result: Outcome::Ok, reason: None, detail: Some(detail.to_owned()), at }
+    Reply { id: id.to_owned(), result: Outcome::Ok, reason: None, detail: Some(detail.to_owned()), at, actor: None }
 }
 
 pub(super) fn refused(id: &str, reason: Reason, detail: &str, at: i64) -> Reply {

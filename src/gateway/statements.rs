@@ -24,7 +24,6 @@ use super::lock_worker::{Executed, Failure};
 use super::policy::{Facts, GrantFacts, Role};
 use super::replies::{Pending, failed, ok, refused};
 use super::timing::{Stage, Timing};
-use super::user_refs::user_ref;
 use crate::auth::keys::PublicKey;
 use crate::auth::reason::Reason;
 use crate::auth::statement::{Command, Grant, Operation, Signed, Statement, open};
@@ -32,7 +31,7 @@ use crate::ble::LockTransport;
 use crate::cloud::link::InboundCommand;
 use crate::cloud::reply::Reply;
 use crate::protocol::ids::LockId;
-use crate::protocol::message::{Actor, Op};
+use crate::protocol::message::{Actor, Op, UserRef};
 use crate::store::audit::AuditActor;
 use crate::store::{CommandSeen, Store, StoreError};
 
@@ -215,7 +214,11 @@ impl<T: LockTransport> Gateway<T> {
                 (refused(id, denial.reason, &denial.detail, now), refused_action(statement, denial.reason))
             }
             (Verdict::Carry(role), Statement::Command(command)) => {
-                let (reply, p) = self.run_command(&signed.signer, command, role, &mut timing).await?;
+                let (mut reply, p) = self.run_command(signer.lock_ref, command, role, &mut timing).await?;
+                // The user learns how the lock's log and the events name them.
+                if role != Role::Owner {
+                    reply.actor = signer.lock_ref.map(|r| crate::cloud::lock_report::hex(&r.0));
+                }
                 pending = p;
                 (reply, format!("command.{}", command.op.as_str()))
             }
@@ -280,7 +283,8 @@ impl<T: LockTransport> Gateway<T> {
             })
             .collect();
         let policy = store.policy(Some(lock))?.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
-        Ok(SignerFacts { known_user: store.user_known(signer.as_bytes())?, grants, policy })
+        let lock_ref = store.user_lock_ref(signer.as_bytes())?.map(UserRef);
+        Ok(SignerFacts { known_user: lock_ref.is_some(), grants, policy, lock_ref })
     }
 
     /// The grant a stored statement holds, if its signature holds (checked once per text).
@@ -301,7 +305,7 @@ impl<T: LockTransport> Gateway<T> {
     /// Runs an allowed command on the lock's task, within the command's deadline.
     async fn run_command(
         &self,
-        signer: &PublicKey,
+        signer: Option<UserRef>,
         command: &Command,
         role: Role,
         timing: &mut Timing,
@@ -312,7 +316,12 @@ impl<T: LockTransport> Gateway<T> {
         let Some(handle) = self.lock(command.lock) else {
             return Ok((refused(id, Reason::UnknownLock, "the lock is not paired", now), None));
         };
-        let actor = if role == Role::Owner { Actor::Admin } else { Actor::Cloud(user_ref(signer)) };
+        // A user's command is carried out only when the gateway knows them, so they have a
+        // reference; the all-zero one would say "someone unknown" in the lock's log.
+        let actor = match role {
+            Role::Owner => Actor::Admin,
+            _ => Actor::Cloud(signer.unwrap_or(UserRef([0; 8]))),
+        };
         // The reply must come before the command's deadline.
         let left = Duration::from_secs(command.exp.saturating_sub(now).max(1) as u64);
         let executed = match tokio::time::timeout(left, handle.execute(op_of(command.op), actor)).await {

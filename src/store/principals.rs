@@ -395,6 +395,25 @@ impl Store {
         Ok(stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?)
     }
 
+    /// How a known user appears in a lock's own log and in the events the gateway publishes:
+    /// 8 bytes of HMAC-SHA256 under their pseudonym key, which forget-user deletes. Anyone
+    /// holding their public key cannot compute it, and after forget-user nobody can link it to
+    /// them. `None` for a key the gateway does not know.
+    pub fn user_lock_ref(&self, public_key: &[u8]) -> Result<Option<[u8; 8]>, StoreError> {
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT pseudonym_key FROM users WHERE public_key = ?1")?
+            .query_row([public_key], |r| r.get(0))
+            .optional()?;
+        let Some(sealed) = sealed else { return Ok(None) };
+        let key = self.sealer.open(Place { table: "users", column: "pseudonym_key", row: public_key }, &sealed)?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
+        mac.update(b"lockhub lock log user reference\0");
+        mac.update(public_key);
+        let tag = mac.finalize().into_bytes();
+        Ok(Some(tag[..8].try_into().expect("8 bytes")))
+    }
+
     /// Whether a user key is known (has been granted something).
     pub fn user_known(&self, public_key: &[u8]) -> Result<bool, StoreError> {
         Ok(self
