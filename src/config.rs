@@ -538,6 +538,7 @@ rate_commands = 5
             ("ble", "connect_attempts = 0", "ble.connect_attempts"),
             ("local", "lockout_s = 9223372036854775807", "local.lockout_s"),
             ("local", "lockout_failures = 0", "local.lockout_failures"),
+            ("local", "lockout_ceiling = 0", "local.lockout_ceiling"),
         ] {
             let e = with(section, line).unwrap_err();
             assert!(e.contains(&format!("{key}: ")) && e.contains("is out of range"), "{line}: {e}");

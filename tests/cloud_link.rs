@@ -180,6 +180,12 @@ impl Rig {
     }
 }
 
+/// The audit records of statements the link or the intake refused, in order.
+fn statement_audits(rig: &Rig) -> Vec<lockhub::store::audit::AuditRecord> {
+    let records = rig.store.lock().unwrap().audit_records(0, 100).unwrap();
+    records.into_iter().filter(|r| r.action == "cloud.statement").collect()
+}
+
 async fn next_on(rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>, topic_suffix: &str) -> Vec<u8> {
     loop {
         let (topic, payload, _) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
@@ -447,15 +453,8 @@ async fn two_mib_then_a_command(rig: &Rig, reaches_the_hub: bool) {
         .unwrap();
     assert_eq!(next.payload, b"after", "nothing oversized reached the handler");
     next.stored.send(()).unwrap();
-    let audited = rig
-        .store
-        .lock()
-        .unwrap()
-        .audit_records(0, 100)
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.action == "cloud.statement" && r.detail.starts_with(&format!("{TWO_MIB} bytes")))
-        .count();
+    let audited =
+        statement_audits(rig).into_iter().filter(|r| r.detail.starts_with(&format!("{TWO_MIB} bytes"))).count();
     assert_eq!(audited, usize::from(reaches_the_hub), "audited once where it arrived, nowhere else");
     assert_eq!(*reports.connections.borrow(), 1, "the link was never lost");
     stop.send(true).unwrap();
@@ -525,16 +524,7 @@ async fn malformed_oversized_and_wrong_schema_payloads_get_typed_errors(kind: Ki
     let good = tokio::time::timeout(Duration::from_secs(20), accepted.recv()).await.unwrap().unwrap();
     assert_eq!(good.signed.statement.id().as_str(), "good");
     good.delivery.stored.send(()).unwrap();
-    let outcomes: Vec<String> = rig
-        .store
-        .lock()
-        .unwrap()
-        .audit_records(0, 100)
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.action == "cloud.statement")
-        .map(|r| r.outcome)
-        .collect();
+    let outcomes: Vec<String> = statement_audits(&rig).into_iter().map(|r| r.outcome).collect();
     assert_eq!(
         outcomes,
         ["malformed", "malformed", "malformed", "malformed", "bad_signature", "wrong_gateway"],

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::audit_budget::{Admission, SUMMARY_ACTION};
-use super::seal::Place;
+use super::seal::{Place, Sealer};
 use super::{Store, StoreError, Tx};
 use crate::protocol::ids::LockId;
 
@@ -122,6 +122,30 @@ pub(super) fn pseudonym(prefix: &str, key: &[u8], id: &[u8]) -> String {
     s
 }
 
+/// A known user's pseudonym key: what names them in the audit chain, in the locks' logs and in
+/// their remembered statement ids. forget-user deletes it, and with it every link to their key.
+/// `None` for a key the gateway does not know.
+pub(super) fn user_pseudonym_key(
+    conn: &rusqlite::Connection,
+    sealer: &Sealer,
+    public_key: &[u8],
+) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+    let sealed: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT pseudonym_key FROM users WHERE public_key = ?1")?
+        .query_row([public_key], |r| r.get(0))
+        .optional()?;
+    let Some(sealed) = sealed else { return Ok(None) };
+    Ok(Some(sealer.open(Place { table: "users", column: "pseudonym_key", row: public_key }, &sealed)?))
+}
+
+/// HMAC-SHA256 under `key` of `label` (which keeps each use of a key apart) and `data`.
+pub(super) fn keyed_tag(key: &[u8], label: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(label);
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
 /// The columns [`record_from_row`] reads, in its order.
 const RECORD_COLUMNS: &str = "seq, at, action, outcome, actor, subject, detail";
 
@@ -148,16 +172,9 @@ fn anchor(tx: &rusqlite::Connection) -> Result<(i64, Vec<u8>), StoreError> {
 }
 
 impl Tx<'_> {
-    /// A known user's pseudonym key: what names them in the audit chain and keys their remembered
-    /// statement ids. forget-user deletes it, and with it every link to their key.
+    /// [`user_pseudonym_key`] inside this transaction.
     pub(super) fn user_pseudonym_key(&self, public_key: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
-        let sealed: Option<Vec<u8>> = self
-            .tx
-            .prepare_cached("SELECT pseudonym_key FROM users WHERE public_key = ?1")?
-            .query_row([public_key], |r| r.get(0))
-            .optional()?;
-        let Some(sealed) = sealed else { return Ok(None) };
-        Ok(Some(self.sealer.open(Place { table: "users", column: "pseudonym_key", row: public_key }, &sealed)?))
+        user_pseudonym_key(&self.tx, self.sealer, public_key)
     }
 
     fn user_pseudonym(&self, public_key: &[u8]) -> Result<String, StoreError> {

@@ -5,9 +5,6 @@
 use rusqlite::{OptionalExtension, params};
 use zeroize::Zeroizing;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use super::seal::Place;
 use super::{Store, StoreError, Tx};
 use crate::auth::keys::PublicKey;
@@ -250,11 +247,8 @@ impl Tx<'_> {
     pub fn seen_key(&self, signer: &PublicKey, jti: &str, digest: &[u8]) -> Result<(String, Vec<u8>), StoreError> {
         match self.user_pseudonym_key(signer.as_bytes())? {
             Some(key) => {
-                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
-                mac.update(b"lockhub seen statement digest\0");
-                mac.update(digest);
                 let id = format!("{}:{jti}", super::audit::pseudonym("user", &key, signer.as_bytes()));
-                Ok((id, mac.finalize().into_bytes().to_vec()))
+                Ok((id, super::audit::keyed_tag(&key, b"lockhub seen statement digest\0", digest).to_vec()))
             }
             None => Ok((format!("{signer}:{jti}"), digest.to_vec())),
         }
@@ -400,17 +394,10 @@ impl Store {
     /// holding their public key cannot compute it, and after forget-user nobody can link it to
     /// them. `None` for a key the gateway does not know.
     pub fn user_lock_ref(&self, public_key: &[u8]) -> Result<Option<[u8; 8]>, StoreError> {
-        let sealed: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT pseudonym_key FROM users WHERE public_key = ?1")?
-            .query_row([public_key], |r| r.get(0))
-            .optional()?;
-        let Some(sealed) = sealed else { return Ok(None) };
-        let key = self.sealer.open(Place { table: "users", column: "pseudonym_key", row: public_key }, &sealed)?;
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key length");
-        mac.update(b"lockhub lock log user reference\0");
-        mac.update(public_key);
-        let tag = mac.finalize().into_bytes();
+        let Some(key) = super::audit::user_pseudonym_key(&self.conn, &self.sealer, public_key)? else {
+            return Ok(None);
+        };
+        let tag = super::audit::keyed_tag(&key, b"lockhub lock log user reference\0", public_key);
         Ok(Some(tag[..8].try_into().expect("8 bytes")))
     }
 
